@@ -1,0 +1,91 @@
+"""Constants of the spherefmt package format, mirroring ``spec/FORMAT.md`` section by section.
+
+``tests/test_spec.py`` parses the spec's tables and checks that every value here agrees.
+Retired numbers are commented out, never reused.
+"""
+
+from __future__ import annotations
+
+# --- 1. Identity ----------------------------------------------------------------------------
+FORMAT_NAME = "spherefmt"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+#: Key of the root group attribute that holds the package header.
+ROOT_ATTR = "spherefmt"
+
+# --- 2. Layout (paths inside the Zarr v3 hierarchy) -----------------------------------------
+CORE_GROUP = "core"
+SPHERE_GROUP = "sphere"
+ROUTER_GROUP = "router"
+SHELL_GROUP_FMT = "d{depth}"  # sphere/d<depth>
+NEURONS_ARRAY = "neurons"  # sphere/d<depth>/neurons  (layers, P, M, K, F)
+INDEX_ARRAY = "index"  # sphere/d<depth>/index    (layers, P, M, K) int32, -1 = padding
+PARENT_ARRAY = "parent"  # sphere/d<depth>/parent   (layers, P, M, K) int32, -1 = none
+INDEX_DTYPE = "int32"
+PADDING_INDEX = -1
+
+# --- 3. Limits ------------------------------------------------------------------------------
+MAX_PARALLELS = 180
+MAX_MERIDIANS = 360
+MAX_DEPTH = 10
+EARTH_GRATICULE = (180, 360)
+#: A safetensors JSON header larger than this is refused (same bound as the reference reader).
+MAX_SAFETENSORS_HEADER = 100_000_000
+#: Tensors of more dimensions than this are refused on import.
+MAX_NDIM = 16
+#: Root header JSON larger than this is refused on open.
+MAX_HEADER_JSON = 64_000_000
+
+# --- 4. Data types: name (safetensors spelling) -> (zarr storage dtype, item size) ----------
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("uint16", 2),  # raw bfloat16 words: Zarr v3 has no bfloat16 (zarr-specs #130)
+    "F8_E4M3": ("uint8", 1),  # raw float8 bytes
+    "F8_E5M2": ("uint8", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+#: Floating dtypes whose FFN tensors may be placed on the sphere.
+SPHERE_DTYPES = ("F64", "F32", "F16", "BF16")
+
+# --- 5. Codecs ------------------------------------------------------------------------------
+CODEC_DEFAULT = "default"  # bytes -> numcodecs.shuffle(itemsize) -> zstd(level 1) -> crc32c
+CODEC_NONE = "none"  # bytes -> crc32c
+CODEC_PRESETS = (CODEC_DEFAULT, CODEC_NONE)
+ZSTD_LEVEL = 1
+#: Each byte plane of a compressed sphere chunk spans at least this many bytes so that zstd's
+#: 128 KiB blocks never mix the compressible exponent plane with the noisy mantissa plane.
+MIN_PLANE_BYTES = 128 * 1024
+#: Core tensors are chunked along axis 0 to about this many uncompressed bytes.
+CORE_CHUNK_BYTES = 4 * 1024 * 1024
+
+# --- 6. Architectures and neuron row layouts -------------------------------------------------
+ARCH_GPT2 = "gpt2"
+ARCH_LLAMA = "llama"
+ARCH_GENERIC = "generic"
+ARCHITECTURES = (ARCH_GPT2, ARCH_LLAMA, ARCH_GENERIC)
+#: field name -> (role, axis of the neuron index in the source tensor)
+GPT2_FIELDS = (("w_in", "mlp.c_fc.weight", 1), ("b_in", "mlp.c_fc.bias", 0), ("w_out", "mlp.c_proj.weight", 0))
+LLAMA_FIELDS = (
+    ("gate", "mlp.gate_proj.weight", 0),
+    ("up", "mlp.up_proj.weight", 0),
+    ("down", "mlp.down_proj.weight", 1),
+)
+
+# --- 7. Placement ----------------------------------------------------------------------------
+PLACEMENT_POLICY = "lightning-pca-balanced"
+PLACEMENT_VERSION = 1
+DEFAULT_BEND = 0.5  # weight of a neuron's own direction against its tree parent's
+
+# --- 8. Package states -----------------------------------------------------------------------
+STATE_WRITING = "writing"
+STATE_COMPLETE = "complete"

@@ -1,0 +1,109 @@
+"""Data types: the safetensors spelling, the Zarr storage dtype, and framework views.
+
+Packages store every tensor as its *storage* array (bfloat16 and float8 as raw words, since
+Zarr v3 has no such types) and record the original dtype.  Users get real dtypes back: numpy
+arrays use ``ml_dtypes`` for bfloat16/float8, torch tensors their native dtypes; the bytes are
+never converted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .constants import DTYPES
+from .errors import FormatError
+
+__all__ = ["storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+
+_NUMPY_USER = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_FROM_NUMPY = {np.dtype(v[0]): k for k, v in DTYPES.items() if k not in ("BF16", "U16", "F8_E4M3", "F8_E5M2", "U8")}
+_FROM_NUMPY.update({v: k for k, v in _NUMPY_USER.items()})
+_FROM_NUMPY[np.dtype("uint16")] = "U16"
+_FROM_NUMPY[np.dtype("uint8")] = "U8"
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """Zarr storage dtype for a safetensors dtype name."""
+    return np.dtype(DTYPES[dtype][0])
+
+
+def numpy_view(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """View a storage array with its real numpy dtype (no copy)."""
+    user = _NUMPY_USER.get(dtype)
+    return arr.view(user) if user is not None else arr
+
+
+def from_numpy(arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """Return ``(dtype name, storage array)`` for a numpy array (ml_dtypes types included)."""
+    name = _FROM_NUMPY.get(arr.dtype)
+    if name is None:
+        raise FormatError(f"numpy dtype {arr.dtype} has no safetensors equivalent")
+    arr = np.ascontiguousarray(arr)
+    return name, arr.view(storage_dtype(name))
+
+
+def _torch_table() -> dict[Any, str]:
+    import torch
+
+    table = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    for tname, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                        ("uint32", "U32"), ("uint64", "U64")):
+        if hasattr(torch, tname):
+            table[getattr(torch, tname)] = name
+    return table
+
+
+def from_torch(t: Any) -> tuple[str, np.ndarray]:
+    """Return ``(dtype name, storage array)`` for a torch tensor, bytes unchanged."""
+    import torch
+
+    name = _torch_table().get(t.dtype)
+    if name is None:
+        raise FormatError(f"torch dtype {t.dtype} is not supported")
+    t = t.detach().to("cpu").contiguous()
+    item = DTYPES[name][1]
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[item]
+    raw = t.view(ints).numpy() if t.dtype != torch.bool else t.numpy()
+    return name, raw.view(storage_dtype(name))
+
+
+def to_torch(arr: np.ndarray, dtype: str) -> Any:
+    """A torch tensor with the real dtype over the bytes of a storage array."""
+    import torch
+
+    inv = {v: k for k, v in _torch_table().items()}
+    want = inv.get(dtype)
+    if want is None:
+        raise FormatError(f"dtype {dtype} has no torch equivalent in this torch build")
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:  # torch lacks from_numpy for uint16..64
+        arr = arr.view(f"int{arr.dtype.itemsize * 8}")
+    t = torch.from_numpy(arr)
+    return t.view(want) if t.dtype != want else t
+
+
+def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Values of a floating storage array as float32 (for placement arithmetic only)."""
+    if dtype == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("F32", "F16", "F64"):
+        return arr.astype(np.float32)
+    raise FormatError(f"dtype {dtype} cannot be placed on the sphere")

@@ -1,0 +1,50 @@
+"""The one exception hierarchy of spherefmt.
+
+Every error spherefmt raises on purpose derives from :class:`SpherefmtError` and from the
+builtin that callers already catch, so ``except ValueError`` keeps working for format
+violations and ``except KeyError`` for a missing expert.  Messages are one line and name the
+file or object and the problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SpherefmtError",
+    "FormatError",
+    "PackageExistsError",
+    "ReadOnlyError",
+    "ExpertNotFoundError",
+    "BackendUnavailableError",
+    "BudgetExceededError",
+]
+
+
+class SpherefmtError(Exception):
+    """Root of every error spherefmt raises on purpose."""
+
+
+class FormatError(SpherefmtError, ValueError):
+    """Input or package bytes violate a format (spherefmt, safetensors, torch, zarr metadata)."""
+
+
+class PackageExistsError(SpherefmtError, FileExistsError):
+    """The destination already holds a package (or other data) and overwrite was not asked."""
+
+
+class ReadOnlyError(SpherefmtError, PermissionError):
+    """A write was attempted on a package opened read-only, or on a read-only container."""
+
+
+class ExpertNotFoundError(SpherefmtError, KeyError):
+    """No expert (or tensor) with that address exists in the package."""
+
+    def __str__(self) -> str:  # KeyError would quote the message; keep it one plain line
+        return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(SpherefmtError, ImportError):
+    """A compute backend (or optional dependency) cannot start here; carries the install hint."""
+
+
+class BudgetExceededError(SpherefmtError, MemoryError):
+    """A memory budget cannot hold what was asked of it."""

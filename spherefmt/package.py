@@ -1,0 +1,785 @@
+"""Packages: writing (``save``) and reading (``open``) the sphere format of ``spec/FORMAT.md``."""
+
+from __future__ import annotations
+
+import math
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import Shuffle
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from . import constants as C
+from .arch import Field, Layout, detect, rows_from_tensors, tensors_from_rows
+from .dtypes import numpy_view, storage_dtype, to_float32, to_torch
+from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
+from .placement import (
+    Grid,
+    assign,
+    bend,
+    check_grid,
+    default_grid,
+    layer_shells,
+    own_directions,
+    parse_graticule,
+    tree_parents,
+)
+from .safetensors_io import TensorInfo, check_dtype, check_shape
+from .sources import TensorSource, open_source
+from .storage import open_group, open_store, prepare_destination, root_attrs
+
+__all__ = ["save", "open", "Package", "Expert", "is_package", "PackageSource"]
+
+# numcodecs.shuffle is a numcodecs codec registered with zarr, readable by any zarr-python;
+# zarr warns that other implementations may lack it, which we document in the spec instead.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
+
+
+def core_key(name: str) -> str:
+    """Zarr path of a core tensor: the name percent-encoded so it is one safe node name."""
+    q = quote(name, safe="._-")
+    if q.startswith((".", "__")):  # '.', '..' and '__*' are not valid zarr node names
+        q = f"%{ord(q[0]):02X}{q[1:]}"
+    return f"{C.CORE_GROUP}/{q}"
+
+
+def file_key(name: str) -> str:
+    return "files/" + core_key(name).split("/", 1)[1]
+
+
+def shell_path(depth: int) -> str:
+    return f"{C.SPHERE_GROUP}/{C.SHELL_GROUP_FMT.format(depth=depth)}"
+
+
+def _compressors(codec: str, itemsize: int) -> list[Any]:
+    if codec == C.CODEC_NONE:
+        return [Crc32cCodec()]
+    chain: list[Any] = [Shuffle(elementsize=itemsize)] if itemsize > 1 else []
+    return [*chain, ZstdCodec(level=C.ZSTD_LEVEL), Crc32cCodec()]
+
+
+def _core_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    row = max(1, math.prod(shape[1:]) * itemsize)
+    return (max(1, min(shape[0], C.CORE_CHUNK_BYTES // row)), *(max(1, s) for s in shape[1:]))
+
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # -0.0 chunks must be stored: bit-exact, not fill
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+def save(
+    src: Any,
+    dst: Any,
+    *,
+    config: Mapping[str, Any] | None = None,
+    graticule: str | tuple[int, int] | None = None,
+    depth: int | None = None,
+    codec: str = C.CODEC_DEFAULT,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> str:
+    """Convert a model to a sphere package.
+
+    Parameters
+    ----------
+    src
+        A state dict (numpy arrays or torch tensors), a ``.safetensors`` file, a torch
+        ``.pt``/``.bin`` file, a Hugging Face folder, or another package.
+    dst
+        Package location: a directory, a ``.zip`` path, an fsspec URL or a zarr ``Store``.
+    config
+        The model's ``config.json`` as a dict (overrides one found beside ``src``).
+    graticule
+        ``"PxM"``, ``"earth"`` or ``(P, M)``; default adapts to the model (``spec/FORMAT.md``).
+    depth
+        Number of depth shells, ``1..10``; default ``min(10, layers)``.
+    codec
+        ``"default"`` (shuffle + zstd + crc32c) or ``"none"`` (crc32c only).
+    overwrite
+        Replace a package already at ``dst``.  Anything that is not a package is never replaced.
+    metadata
+        Extra string-to-string metadata, merged over the source's.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    str
+        Where the package was written.
+
+    Raises
+    ------
+    FormatError
+        Malformed input, or parameters out of range.
+    PackageExistsError
+        ``dst`` is taken.
+
+    Examples
+    --------
+    >>> import numpy as np, spherefmt
+    >>> spherefmt.save({"w": np.ones(3, np.float32)}, "memory://doc-example")
+    'memory://doc-example'
+    """
+    if codec not in C.CODEC_PRESETS:
+        raise FormatError(f"codec {codec!r}: expected one of {', '.join(C.CODEC_PRESETS)}")
+    with open_source(src) as source:
+        if config is not None:
+            source.config = dict(config)
+        infos = {name: source.info(name) for name in source.keys()}
+        layout = detect(infos, source.config, source.where)
+        if layout.warning:
+            warnings.warn(layout.warning, stacklevel=2)
+        grid = None
+        if layout.arch != C.ARCH_GENERIC:
+            n_layers = len(layout.layers)
+            auto = default_grid(max(layout.neurons), layout.row_width, C.DTYPES[layout.dtype][1], n_layers)
+            if graticule is None:
+                p, m = auto.parallels, auto.meridians
+            elif isinstance(graticule, str):
+                p, m = parse_graticule(graticule)
+            else:
+                p, m = (int(graticule[0]), int(graticule[1]))
+            d = auto.depth if depth is None else int(depth)
+            check_grid(p, m, d, n_layers)
+            grid = Grid(p, m, d)
+        elif graticule is not None or depth is not None:
+            warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
+        dest = prepare_destination(dst, overwrite)
+        try:
+            _write(source, infos, layout, grid, codec, dest.store, metadata, progress)
+            dest.finish()
+        except BaseException:
+            dest.abort()
+            raise
+        return dest.where
+
+
+def _header(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None,
+            codec: str, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    ffn = layout.ffn_tensors()
+    h: dict[str, Any] = {
+        "format": C.FORMAT_NAME,
+        "version": C.FORMAT_VERSION,
+        "state": C.STATE_WRITING,
+        "architecture": layout.arch,
+        "config": source.config,
+        "metadata": {**source.metadata, **(metadata or {})},
+        "files": sorted(source.files),
+        "codec": codec,
+        "tensors": [
+            {"name": n, "dtype": i.dtype, "shape": list(i.shape), "where": "sphere" if n in ffn else "core"}
+            for n, i in infos.items()
+        ],
+        "warning": layout.warning,
+    }
+    if grid is not None:
+        shells = layer_shells(len(layout.layers), grid.depth)
+        h.update({
+            "graticule": [grid.parallels, grid.meridians],
+            "depth": grid.depth,
+            "layer_depth": shells,
+            "shells": [
+                {"depth": s, "layers": [lay for lay, sh in enumerate(shells) if sh == s],
+                 "capacity": math.ceil(max(n for n, sh in zip(layout.neurons, shells, strict=True) if sh == s)
+                                       / grid.cells)}
+                for s in range(grid.depth)
+            ],
+            "neuron_layout": {"dtype": layout.dtype, "row_width": layout.row_width,
+                              "fields": [f.to_json() for f in layout.fields],
+                              "in_field": layout.in_field, "out_field": layout.out_field},
+            "layers": [{"neurons": n, "tensors": t} for n, t in zip(layout.neurons, layout.layers, strict=True)],
+            "placement": {"policy": C.PLACEMENT_POLICY, "version": C.PLACEMENT_VERSION, "bend": C.DEFAULT_BEND},
+        })
+    return h
+
+
+def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None, codec: str,
+           store: Any, metadata: Mapping[str, str] | None, progress: bool) -> None:
+    header = _header(source, infos, layout, grid, codec, metadata)
+    root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header})
+    total = sum(i.nbytes for i in infos.values())
+    with _progress(total, "convert", progress) as bar:
+        for name, blob in sorted(source.files.items()):
+            arr = root.create_array(file_key(name), shape=(len(blob),), dtype="uint8", chunks=(max(1, len(blob)),),
+                                    compressors=_compressors(codec, 1), fill_value=0, config=_ARRAY_CONFIG,
+                                    attributes={"name": name})
+            arr[...] = np.frombuffer(blob, dtype=np.uint8)
+        ffn = layout.ffn_tensors()
+        for name, info in infos.items():
+            if name in ffn:
+                continue
+            data = source.read(name)
+            _check_read(data, info, source.where)
+            st = storage_dtype(info.dtype)
+            arr = root.create_array(core_key(name), shape=info.shape, dtype=st, chunks=_core_chunks(info.shape, st.itemsize),
+                                    compressors=_compressors(codec, st.itemsize), fill_value=0, config=_ARRAY_CONFIG,
+                                    attributes={"name": name, "dtype": info.dtype})
+            arr[...] = data
+            bar.update(info.nbytes)
+        if grid is not None:
+            _write_sphere(source, infos, layout, grid, codec, root, header, bar)
+    header["state"] = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
+    root.update_attributes({C.ROOT_ATTR: header})
+
+
+def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
+    if data.shape != info.shape or data.dtype != storage_dtype(info.dtype):
+        raise FormatError(f"{where}: tensor {info.name!r} read as {data.dtype}{list(data.shape)}, "
+                          f"expected {info.dtype}{list(info.shape)}")
+
+
+def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
+                  root: zarr.Group, header: dict[str, Any], bar: Any) -> None:
+    p, m, cells = grid.parallels, grid.meridians, grid.cells
+    st = storage_dtype(layout.dtype)
+    f = layout.row_width
+    sl = layout.slices()
+    prev_out = prev_dirs = None
+    for shell in sorted(header["shells"], key=lambda s: s["layers"][0]):
+        depth, layers, k = shell["depth"], shell["layers"], shell["capacity"]
+        g = root.require_group(shell_path(depth))
+        neurons = g.create_array(
+            C.NEURONS_ARRAY, shape=(len(layers), p, m, k, f), dtype=st, chunks=(1, 1, 1, k, f),
+            shards=(len(layers), 1, 1, k, f), compressors=_compressors(codec, st.itemsize), fill_value=0,
+            config=_ARRAY_CONFIG, dimension_names=("layer", "lat", "lon", "slot", "row"),
+            attributes={"dtype": layout.dtype, "layers": layers})
+        index = np.full((len(layers), cells, k), C.PADDING_INDEX, dtype=np.int32)
+        parent = np.full_like(index, C.PADDING_INDEX)
+        for t, layer in enumerate(layers):
+            tensors = {}
+            for name in layout.layers[layer].values():
+                tensors[name] = source.read(name)
+                _check_read(tensors[name], infos[name], source.where)
+            rows = rows_from_tensors(layout, tensors, layer)
+            del tensors
+            w_in = to_float32(rows[:, sl[layout.in_field]], layout.dtype)
+            own = own_directions(w_in)
+            if prev_out is None:
+                dirs, par = own, np.full(rows.shape[0], C.PADDING_INDEX, dtype=np.int32)
+            else:
+                par = tree_parents(prev_out, w_in)
+                dirs = bend(own, prev_dirs[par], C.DEFAULT_BEND)
+            cell = assign(dirs, p, m, capacity=k)
+            order = np.lexsort((np.arange(rows.shape[0]), cell))  # by cell, then original index
+            sorted_cells = cell[order]
+            first = np.searchsorted(sorted_cells, np.arange(cells))
+            slot = np.arange(rows.shape[0]) - first[sorted_cells]
+            block = np.zeros((cells, k, f), dtype=st)
+            block[sorted_cells, slot] = rows[order]
+            index[t, sorted_cells, slot] = order
+            parent[t, sorted_cells, slot] = par[order]
+            neurons[t] = block.reshape(p, m, k, f)
+            prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
+            prev_dirs = dirs
+            bar.update(rows.nbytes)
+        for name, data in ((C.INDEX_ARRAY, index), (C.PARENT_ARRAY, parent)):
+            g.create_array(name, shape=(len(layers), p, m, k), dtype=C.INDEX_DTYPE, chunks=(len(layers), p, m, k),
+                           compressors=_compressors(codec, 4), fill_value=C.PADDING_INDEX, config=_ARRAY_CONFIG,
+                           dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _req(h: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    v = h.get(key)
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ is int):
+        raise FormatError(f"{where}: package header field {key!r} is missing or malformed")
+    return v
+
+
+def _validate_header(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Check the root header of an untrusted package; return it."""
+    h = (attrs or {}).get(C.ROOT_ATTR)
+    if not isinstance(h, dict) or h.get("format") != C.FORMAT_NAME:
+        raise FormatError(f"{where}: not a spherefmt package (no '{C.ROOT_ATTR}' root attribute)")
+    version = _req(h, "version", int, where)
+    if version > C.FORMAT_VERSION:
+        raise FormatError(f"{where}: package format version {version} is newer than this spherefmt supports "
+                          f"({C.FORMAT_VERSION}); upgrade spherefmt")
+    if version not in C.SUPPORTED_VERSIONS:
+        raise FormatError(f"{where}: package format version {version} is not supported")
+    if h.get("state") != C.STATE_COMPLETE:
+        raise FormatError(f"{where}: package is incomplete (state {h.get('state')!r}): its conversion was interrupted")
+    arch = _req(h, "architecture", str, where)
+    if arch not in C.ARCHITECTURES:
+        raise FormatError(f"{where}: unknown architecture {arch!r}")
+    if _req(h, "codec", str, where) not in C.CODEC_PRESETS:
+        raise FormatError(f"{where}: unknown codec preset {h['codec']!r}")
+    seen = set()
+    for t in _req(h, "tensors", list, where):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"] or t["name"] in seen:
+            raise FormatError(f"{where}: malformed or duplicate tensor entry")
+        seen.add(t["name"])
+        check_dtype(t.get("dtype"), f"{where}: tensor {t['name']!r}")
+        t["shape"] = list(check_shape(t.get("shape"), f"{where}: tensor {t['name']!r}"))
+        if t.get("where") not in ("core", "sphere"):
+            raise FormatError(f"{where}: tensor {t['name']!r} has no valid 'where'")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in _req(h, "metadata", dict, where).items()):
+        raise FormatError(f"{where}: metadata must map strings to strings")
+    if arch == C.ARCH_GENERIC:
+        if any(t["where"] == "sphere" for t in h["tensors"]):
+            raise FormatError(f"{where}: a generic package cannot hold sphere tensors")
+        return h
+    p, m = _req(h, "graticule", list, where) if len(h.get("graticule") or []) == 2 else (0, 0)
+    d = _req(h, "depth", int, where)
+    if not all(isinstance(x, int) for x in (p, m)):
+        raise FormatError(f"{where}: graticule must be two integers")
+    try:
+        check_grid(p, m, d)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    layers = _req(h, "layers", list, where)
+    ld = _req(h, "layer_depth", list, where)
+    if len(ld) != len(layers) or not all(isinstance(x, int) and 0 <= x < d for x in ld):
+        raise FormatError(f"{where}: layer_depth must give a shell 0..{d - 1} for each of {len(layers)} layers")
+    nl = _req(h, "neuron_layout", dict, where)
+    check_dtype(nl.get("dtype"), f"{where}: neuron_layout")
+    fields = nl.get("fields")
+    if not isinstance(fields, list) or not fields:
+        raise FormatError(f"{where}: neuron_layout.fields malformed")
+    for fd in fields:
+        if not (isinstance(fd, dict) and isinstance(fd.get("name"), str) and isinstance(fd.get("width"), int)
+                and isinstance(fd.get("axis"), int) and fd["width"] >= 0):
+            raise FormatError(f"{where}: neuron_layout field {fd!r} malformed")
+    if sum(fd["width"] for fd in fields) != nl.get("row_width"):
+        raise FormatError(f"{where}: neuron_layout.row_width disagrees with its fields")
+    names = {fd["name"] for fd in fields}
+    tensors = {t["name"]: t for t in h["tensors"]}
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or not isinstance(layer.get("neurons"), int) or layer["neurons"] < 1 \
+                or not isinstance(layer.get("tensors"), dict) or set(layer["tensors"]) != names:
+            raise FormatError(f"{where}: layer {i} entry malformed")
+        for tname in layer["tensors"].values():
+            if tensors.get(tname, {}).get("where") != "sphere":
+                raise FormatError(f"{where}: layer {i} names tensor {tname!r} that is not a sphere tensor")
+    shells = _req(h, "shells", list, where)
+    if sorted(s.get("depth") for s in shells if isinstance(s, dict)) != list(range(d)):
+        raise FormatError(f"{where}: shells must list depths 0..{d - 1} once each")
+    for s in shells:
+        want = [i for i, x in enumerate(ld) if x == s["depth"]]
+        if s.get("layers") != want or not isinstance(s.get("capacity"), int) or s["capacity"] < 1 \
+                or s["capacity"] * p * m < max((layers[i]["neurons"] for i in want), default=0):
+            raise FormatError(f"{where}: shell {s['depth']} disagrees with layer_depth or is too small")
+    return h
+
+
+@dataclass
+class Expert:
+    """One expert ``(lat, lon, depth)``: its neuron rows for every layer of its shell.
+
+    Attributes
+    ----------
+    neurons
+        ``(layers, K, F)`` rows in the original dtype (bfloat16 via ``ml_dtypes``); padding
+        slots are exact zeros.
+    index
+        ``(layers, K)`` original neuron index of each slot, ``-1`` for padding.
+    parent
+        ``(layers, K)`` lightning-tree parent (neuron index in the previous layer), ``-1`` none.
+    layers
+        Global layer index of each row block.
+    fields
+        Field name -> column slice of a row (``w_in``, ``b_in``, ``w_out`` / ``gate``, ``up``, ``down``).
+    """
+
+    lat: int
+    lon: int
+    depth: int
+    layers: tuple[int, ...]
+    neurons: np.ndarray
+    index: np.ndarray
+    parent: np.ndarray
+    fields: dict[str, slice]
+
+    def field(self, name: str) -> np.ndarray:
+        """The ``(layers, K, width)`` view of one field."""
+        return self.neurons[..., self.fields[name]]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Real (non-padding) neurons per layer."""
+        return (self.index >= 0).sum(axis=1)
+
+
+class Package:
+    """An open sphere package.  Use :func:`spherefmt.open` to get one.
+
+    Reads are lazy: opening reads only the root header; a tensor, a layer or an expert is read
+    when asked for.  One expert is one storage object.
+    """
+
+    def __init__(self, store: Any, mode: str, where: str, kind: str) -> None:
+        self.where, self.mode, self.kind = where, mode, kind
+        self._store = store
+        self._header = _validate_header(root_attrs(store, where), where)
+        self._group = open_group(store, "r" if mode == "r" else "r+", where)
+        self._tensors = {t["name"]: t for t in self._header["tensors"]}
+        self._arrays: dict[str, zarr.Array] = {}
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows_cache: tuple[int, np.ndarray] | None = None
+        if self.architecture != C.ARCH_GENERIC:
+            h = self._header
+            self._fields = [Field(f["name"], f.get("suffix", ""), f["axis"], f["width"]) for f in h["neuron_layout"]["fields"]]
+            self._layout = Layout(arch=self.architecture, dtype=h["neuron_layout"]["dtype"], fields=self._fields,
+                                  layers=[lay["tensors"] for lay in h["layers"]],
+                                  neurons=[lay["neurons"] for lay in h["layers"]])
+            self._owner = {tn: (i, fn) for i, lay in enumerate(h["layers"]) for fn, tn in lay["tensors"].items()}
+            self._shells = {s["depth"]: s for s in h["shells"]}
+
+    # --- header views ---------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the package header (``spec/FORMAT.md`` section 3)."""
+        import copy
+
+        return copy.deepcopy(self._header)
+
+    @property
+    def architecture(self) -> str:
+        return self._header["architecture"]
+
+    @property
+    def graticule(self) -> tuple[int, int] | None:
+        g = self._header.get("graticule")
+        return (g[0], g[1]) if g else None
+
+    @property
+    def depth(self) -> int:
+        return int(self._header.get("depth") or 0)
+
+    @property
+    def layer_depth(self) -> list[int]:
+        return list(self._header.get("layer_depth") or [])
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self._header.get("config")
+
+    def keys(self) -> list[str]:
+        """Tensor names in the source's order."""
+        return list(self._tensors)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        t = self._entry(name)
+        return TensorInfo(name, t["dtype"], tuple(t["shape"]))
+
+    def experts(self) -> Iterator[tuple[int, int, int]]:
+        """Every expert address ``(lat, lon, depth)``."""
+        if self.graticule is None:
+            return
+        p, m = self.graticule
+        for d in range(self.depth):
+            for lat in range(p):
+                for lon in range(m):
+                    yield lat, lon, d
+
+    # --- arrays ---------------------------------------------------------------------------
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            try:
+                arr = self._group[path]
+            except KeyError:
+                raise FormatError(f"{self.where}: array {path!r} is missing") from None
+            except (ValueError, TypeError) as e:
+                raise FormatError(f"{self.where}: array {path!r} has malformed metadata ({str(e)[:120]})") from None
+            if not isinstance(arr, zarr.Array):
+                raise FormatError(f"{self.where}: {path!r} is not an array")
+            self._arrays[path] = arr
+        return arr
+
+    def _read(self, arr: zarr.Array, sel: Any, what: str) -> np.ndarray:
+        try:
+            return np.asarray(arr[sel])
+        except SpherefmtError:
+            raise
+        except Exception as e:  # checksum failures, truncated objects, codec errors
+            raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        t = self._tensors.get(name)
+        if t is None:
+            raise ExpertNotFoundError(f"{self.where}: no tensor {name!r}")
+        return t
+
+    def _shell_arrays(self, depth: int) -> tuple[zarr.Array, np.ndarray, np.ndarray]:
+        s = self._shells[depth]
+        p, m = self.graticule  # type: ignore[misc]
+        shape = (len(s["layers"]), p, m, s["capacity"])
+        neurons = self._array(f"{shell_path(depth)}/{C.NEURONS_ARRAY}")
+        want = (*shape, self._header["neuron_layout"]["row_width"])
+        if neurons.shape != want or neurons.dtype != storage_dtype(self._layout.dtype):
+            raise FormatError(f"{self.where}: {shell_path(depth)}/neurons is {neurons.dtype}{neurons.shape}, "
+                              f"header says {want}")
+        if depth not in self._index:
+            pair = []
+            for name in (C.INDEX_ARRAY, C.PARENT_ARRAY):
+                arr = self._array(f"{shell_path(depth)}/{name}")
+                if arr.shape != shape or arr.dtype != np.int32:
+                    raise FormatError(f"{self.where}: {shell_path(depth)}/{name} is {arr.dtype}{arr.shape}, want int32{shape}")
+                pair.append(self._read(arr, Ellipsis, f"{shell_path(depth)}/{name}"))
+            self._check_index(depth, pair[0])
+            self._index[depth] = (pair[0], pair[1])
+        return neurons, *self._index[depth]
+
+    def _check_index(self, depth: int, index: np.ndarray) -> None:
+        for t, layer in enumerate(self._shells[depth]["layers"]):
+            n = self._layout.neurons[layer]
+            real = index[t][index[t] >= 0]
+            if real.size != n or (real >= n).any() or np.unique(real).size != n:
+                raise FormatError(f"{self.where}: {shell_path(depth)}/index layer {layer} is not a permutation of {n} neurons")
+            if (index[t] < C.PADDING_INDEX).any():
+                raise FormatError(f"{self.where}: {shell_path(depth)}/index has values below -1")
+
+    def _check_address(self, lat: int, lon: int, depth: int) -> None:
+        g = self.graticule
+        if g is None:
+            raise ExpertNotFoundError(f"{self.where}: package has no sphere (architecture {self.architecture})")
+        if not (0 <= lat < g[0] and 0 <= lon < g[1] and 0 <= depth < self.depth):
+            raise ExpertNotFoundError(f"{self.where}: no expert ({lat}, {lon}, {depth}) in a {g[0]}x{g[1]}x{self.depth} sphere")
+
+    # --- reading --------------------------------------------------------------------------
+    def expert(self, lat: int, lon: int, depth: int, *, layer: int | None = None) -> Expert:
+        """Read expert ``(lat, lon, depth)`` (one storage object), or one layer of it.
+
+        Raises
+        ------
+        ExpertNotFoundError
+            The address is outside the sphere, or ``layer`` is not in this depth shell.
+        """
+        self._check_address(lat, lon, depth)
+        neurons, index, parent = self._shell_arrays(depth)
+        layers = tuple(self._shells[depth]["layers"])
+        if layer is None:
+            sel: Any = slice(None)
+        else:
+            if layer not in layers:
+                raise ExpertNotFoundError(f"{self.where}: layer {layer} is not in depth shell {depth} (layers {list(layers)})")
+            sel = slice(layers.index(layer), layers.index(layer) + 1)
+            layers = (layer,)
+        rows = self._read(neurons, (sel, lat, lon), f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons")
+        return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
+                      parent[sel, lat, lon].copy(), self._layout.slices())
+
+    def layer_rows(self, layer: int) -> np.ndarray:
+        """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
+        if self._rows_cache and self._rows_cache[0] == layer:
+            return self._rows_cache[1]
+        depth = self.layer_depth[layer]
+        neurons, index, _ = self._shell_arrays(depth)
+        t = self._shells[depth]["layers"].index(layer)
+        block = self._read(neurons, t, f"layer {layer} of {shell_path(depth)}/neurons")
+        idx = index[t]
+        rows = np.empty((self._layout.neurons[layer], block.shape[-1]), dtype=block.dtype)
+        mask = idx >= 0
+        rows[idx[mask]] = block[mask]
+        self._rows_cache = (layer, rows)
+        return rows
+
+    def _storage(self, name: str) -> np.ndarray:
+        t = self._entry(name)
+        shape = tuple(t["shape"])
+        if t["where"] == "core":
+            arr = self._array(core_key(name))
+            if arr.shape != shape or arr.dtype != storage_dtype(t["dtype"]):
+                raise FormatError(f"{self.where}: {core_key(name)} is {arr.dtype}{arr.shape}, header says "
+                                  f"{t['dtype']}{list(shape)}")
+            return self._read(arr, Ellipsis, core_key(name))
+        layer, _ = self._owner[name]
+        rows = self.layer_rows(layer)
+        shapes = {n: self._tensors[n]["shape"] for n in self._layout.layers[layer].values()}
+        return tensors_from_rows(self._layout, rows, layer, shapes)[name]
+
+    def tensor(self, name: str, framework: str = "numpy") -> Any:
+        """One tensor with its original name, shape, dtype and bytes.
+
+        Parameters
+        ----------
+        name
+            Original tensor name.
+        framework
+            ``"numpy"`` (bfloat16 as ``ml_dtypes.bfloat16``) or ``"torch"``.
+        """
+        arr = self._storage(name)
+        dtype = self._tensors[name]["dtype"]
+        if framework == "numpy":
+            return numpy_view(arr, dtype)
+        if framework in ("torch", "pt"):
+            return to_torch(arr, dtype)
+        raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
+
+    def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
+        """Every tensor, in the source's order."""
+        return {name: self.tensor(name, framework) for name in self._tensors}
+
+    def file(self, name: str) -> bytes:
+        """A side file carried from the source (e.g. ``tokenizer.json``)."""
+        if name not in self._header.get("files", []):
+            raise ExpertNotFoundError(f"{self.where}: no side file {name!r}")
+        return self._read(self._array(file_key(name)), Ellipsis, file_key(name)).tobytes()
+
+    # --- writing --------------------------------------------------------------------------
+    def write_expert(self, lat: int, lon: int, depth: int, neurons: Any, *, layer: int | None = None) -> None:
+        """Replace the neuron rows of one expert in place (only its storage object is rewritten).
+
+        Parameters
+        ----------
+        neurons
+            ``(layers, K, F)`` rows (``(K, F)`` with ``layer``) in the package's dtype, as numpy
+            (bfloat16 via ``ml_dtypes`` or raw uint16 words) or torch.  Padding slots must stay
+            exact zeros.
+
+        Raises
+        ------
+        ReadOnlyError
+            The package was opened with mode ``"r"``.
+        FormatError
+            Wrong shape or dtype, or non-zero padding.
+        """
+        if self.mode != "r+":
+            raise ReadOnlyError(f"{self.where}: opened read-only; use spherefmt.open(..., mode='r+')")
+        self._check_address(lat, lon, depth)
+        arr, index, _ = self._shell_arrays(depth)
+        layers = self._shells[depth]["layers"]
+        if layer is not None:
+            if layer not in layers:
+                raise ExpertNotFoundError(f"{self.where}: layer {layer} is not in depth shell {depth}")
+            t = layers.index(layer)
+            sel: Any = slice(t, t + 1)
+        else:
+            sel = slice(None)
+        data = _as_storage(neurons, self._layout.dtype)
+        want = arr.shape[3:] if layer is not None else (len(layers), *arr.shape[3:])
+        if data.shape != tuple(want):
+            raise FormatError(f"{self.where}: expert ({lat}, {lon}, {depth}) needs rows of shape {tuple(want)}, got {data.shape}")
+        data = data.reshape((-1, *arr.shape[3:]))
+        pad = index[sel, lat, lon] < 0
+        if data[pad].any():
+            raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
+        arr[sel, lat, lon] = data
+        self._rows_cache = None
+
+    def close(self) -> None:
+        """Release the store."""
+        self._arrays.clear()
+        self._rows_cache = None
+        try:
+            self._store.close()
+        except Exception:  # noqa: BLE001 - closing must not mask the caller's error
+            pass
+
+    def __enter__(self) -> Package:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        g = self.graticule
+        sphere = f", graticule={g[0]}x{g[1]}, depth={self.depth}" if g else ""
+        return f"<spherefmt.Package {self.where!r} {self.architecture}{sphere}, {len(self._tensors)} tensors>"
+
+    # --- sizes ----------------------------------------------------------------------------
+    def stored_bytes(self, prefix: str = "") -> int:
+        """Bytes the package occupies in its store (under ``prefix``)."""
+        store = self._group.store
+
+        async def total() -> int:
+            n = 0
+            async for key in store.list_prefix(prefix):
+                n += await store.getsize(key)
+            return n
+
+        return sync(total())
+
+    def object_bytes(self, key: str) -> int:
+        return sync(self._group.store.getsize(key))
+
+    def shard_key(self, lat: int, lon: int, depth: int) -> str:
+        """The storage key of expert ``(lat, lon, depth)`` (one object)."""
+        return f"{shell_path(depth)}/{C.NEURONS_ARRAY}/c/0/{lat}/{lon}/0/0"
+
+
+def _as_storage(data: Any, dtype: str) -> np.ndarray:
+    if type(data).__module__.startswith("torch"):
+        from .dtypes import from_torch
+
+        name, arr = from_torch(data)
+        if name != dtype:
+            raise FormatError(f"rows are {name}, the package holds {dtype}")
+        return arr
+    arr = np.asarray(data)
+    st = storage_dtype(dtype)
+    if arr.dtype == st or arr.dtype == numpy_view(np.zeros(0, st), dtype).dtype:
+        return np.ascontiguousarray(arr).view(st)
+    raise FormatError(f"rows are {arr.dtype}, the package holds {dtype}")
+
+
+def open(url: Any, mode: str = "r") -> Package:  # noqa: A001 - the safetensors-style verb
+    """Open a package.
+
+    Parameters
+    ----------
+    url
+        A package directory, a ``.zip``, an fsspec URL (``memory://``, ``file://``, ``s3://``)
+        or a zarr ``Store``.
+    mode
+        ``"r"`` (read) or ``"r+"`` (read and modify experts in place).
+
+    Raises
+    ------
+    FormatError
+        Not a package, an incomplete one, a newer format version, or malformed metadata.
+    """
+    store, where, kind = open_store(url, mode)
+    return Package(store, mode, where, kind)
+
+
+def is_package(url: Any) -> bool:
+    """True when ``url`` holds a spherefmt package."""
+    from .storage import is_package as _is
+
+    return _is(url)
+
+
+class PackageSource(TensorSource):
+    """A package as a conversion source (to re-place it with other parameters)."""
+
+    def __init__(self, url: Any) -> None:
+        self.pkg = open(url)
+        self.where = self.pkg.where
+        self.config = self.pkg.config
+        self.metadata = dict(self.pkg.metadata["metadata"])
+        self.files = {n: self.pkg.file(n) for n in self.pkg.metadata.get("files", [])}
+
+    def keys(self) -> list[str]:
+        return self.pkg.keys()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.pkg.tensor_info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.pkg._storage(name)
+
+    def close(self) -> None:
+        self.pkg.close()
+
+

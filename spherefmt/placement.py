@@ -1,0 +1,184 @@
+"""Placement: where each FFN neuron sits on the sphere, and which expert holds it.
+
+Policy ``lightning-pca-balanced`` version 1 (normative description in ``spec/FORMAT.md``):
+
+1. *Own direction* of a neuron: the top three principal directions of its layer's input
+   weights (subspace iteration from a fixed seed, float64), the neuron's projection normalised
+   onto the unit sphere.
+2. *Lightning tree*: the parent of neuron ``j`` of layer ``l > 0`` is the neuron ``i`` of layer
+   ``l - 1`` it is most strongly wired to, ``argmax_i |w_out[l-1, i] . w_in[l, j]|``.
+3. Layer ``l > 0`` frames are rotated onto the parents' directions (orthogonal Procrustes), and a
+   neuron's direction is its own direction bent toward its parent's:
+   ``normalize(bend * own + (1 - bend) * parent)``.
+4. *Balanced assignment*: cells of the graticule hold at most ``K = ceil(N / (P * M))``
+   neurons; neurons are placed greedily, most confident first, each in the nearest cell with
+   room.  Slots inside a cell follow the original neuron order.
+
+Everything is deterministic for a given model and parameters (stable sorts, fixed seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .constants import EARTH_GRATICULE, MAX_DEPTH, MAX_MERIDIANS, MAX_PARALLELS, MIN_PLANE_BYTES
+from .errors import FormatError
+
+__all__ = ["Grid", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
+           "bend", "assign", "cell_centers"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    parallels: int
+    meridians: int
+    depth: int
+
+    @property
+    def cells(self) -> int:
+        return self.parallels * self.meridians
+
+
+def parse_graticule(text: str) -> tuple[int, int]:
+    """Parse ``"18x36"`` or ``"earth"`` into ``(P, M)``; raise :class:`FormatError` otherwise."""
+    t = text.strip().lower()
+    if t == "earth":
+        return EARTH_GRATICULE
+    parts = t.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise FormatError(f"graticule {text!r}: expected PxM (e.g. 18x36) or 'earth'")
+    p, m = int(parts[0]), int(parts[1])
+    check_grid(p, m, 1)
+    return p, m
+
+
+def check_grid(p: int, m: int, d: int, n_layers: int | None = None) -> None:
+    if not (1 <= p <= MAX_PARALLELS and 1 <= m <= MAX_MERIDIANS):
+        raise FormatError(f"graticule {p}x{m}: parallels must be 1..{MAX_PARALLELS}, meridians 1..{MAX_MERIDIANS}")
+    if not 1 <= d <= MAX_DEPTH:
+        raise FormatError(f"depth {d}: must be 1..{MAX_DEPTH}")
+    if n_layers is not None and d > n_layers:
+        raise FormatError(f"depth {d}: the model has only {n_layers} layers")
+
+
+def default_grid(n_neurons: int, row_width: int, itemsize: int, n_layers: int) -> Grid:
+    """The default graticule and depth for a model (the rule written in ``spec/FORMAT.md``).
+
+    A cell of one layer (one inner chunk) must hold at least ``MIN_PLANE_BYTES * itemsize``
+    bytes so that compression works as well as on large chunks; the graticule is the largest
+    ``P x 2P`` (Earth's aspect) with no more cells than that allows, capped at Earth's 180x360.
+    Depth is ``min(10, layers)``.
+    """
+    k_min = max(1, math.ceil(MIN_PLANE_BYTES / row_width))  # each byte plane >= MIN_PLANE_BYTES
+    max_cells = max(1, n_neurons // k_min)
+    p = max(1, min(MAX_PARALLELS, math.isqrt(max_cells // 2)))
+    m = 2 * p if 2 * p * p <= max_cells else p
+    return Grid(p, min(m, MAX_MERIDIANS), max(1, min(MAX_DEPTH, n_layers)))
+
+
+def layer_shells(n_layers: int, depth: int) -> list[int]:
+    """Depth shell of every layer: proportional, the first layers deepest (shell D-1), the last
+    layers at the surface (shell 0), every shell non-empty."""
+    return [depth - 1 - (layer * depth) // n_layers for layer in range(n_layers)]
+
+
+def _top3(x: np.ndarray) -> np.ndarray:
+    """Projections of the rows of ``x`` (N, d) on their top three principal directions."""
+    x = x.astype(np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    n, d = x.shape
+    k = min(3, d)
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((d, k))
+    for _ in range(24):  # subspace iteration: converges on the top-k subspace
+        v, _ = np.linalg.qr(x.T @ (x @ v))
+    # order by explained variance, fix each sign by its largest entry (deterministic frame)
+    e = x @ v
+    order = np.argsort(-np.einsum("ij,ij->j", e, e), kind="stable")
+    v = v[:, order]
+    signs = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(k)])
+    signs[signs == 0] = 1
+    e = x @ (v * signs)
+    if k < 3:
+        e = np.concatenate([e, np.zeros((n, 3 - k))], axis=1)
+    return e
+
+
+def _normalize(v: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    bad = norm[:, 0] < 1e-12
+    out = v / np.where(norm < 1e-12, 1.0, norm)
+    if bad.any():
+        out[bad] = fallback[bad] if fallback is not None else np.array([0.0, 0.0, 1.0])
+    return out
+
+
+def own_directions(w_in_rows: np.ndarray) -> np.ndarray:
+    """Unit directions (N, 3) of a layer's neurons from their input weight rows (N, d)."""
+    return _normalize(_top3(w_in_rows))
+
+
+def tree_parents(prev_out_rows: np.ndarray, w_in_rows: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Lightning-tree parent of each neuron: ``argmax_i |prev_out[i] . w_in[j]|`` (int32)."""
+    a = prev_out_rows.astype(np.float32)
+    out = np.empty(w_in_rows.shape[0], dtype=np.int32)
+    for s in range(0, w_in_rows.shape[0], block):
+        scores = np.abs(a @ w_in_rows[s : s + block].astype(np.float32).T)  # (N_prev, b)
+        out[s : s + block] = np.argmax(scores, axis=0)
+    return out
+
+
+def bend(own: np.ndarray, parent_dirs: np.ndarray, weight: float) -> np.ndarray:
+    """Rotate the layer's frame onto its parents, then bend each own direction toward its parent."""
+    # orthogonal Procrustes: R minimising sum ||R own_j - parent_j||^2 (reflections allowed,
+    # since principal directions have no intrinsic sign)
+    u, _, vt = np.linalg.svd(parent_dirs.T @ own)
+    rotated = own @ (u @ vt).T
+    return _normalize(weight * rotated + (1.0 - weight) * parent_dirs, fallback=parent_dirs)
+
+
+def cell_centers(p: int, m: int) -> np.ndarray:
+    """Unit vectors (P*M, 3) of the cell centres, flat id ``lat * M + lon``; lat 0 is the
+    northernmost band, lon 0 starts at -180 degrees."""
+    lat = np.deg2rad(90.0 - (np.arange(p) + 0.5) * 180.0 / p)
+    lon = np.deg2rad(-180.0 + (np.arange(m) + 0.5) * 360.0 / m)
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1).reshape(-1, 3)
+
+
+def assign(dirs: np.ndarray, p: int, m: int, capacity: int | None = None, candidates: int = 32) -> np.ndarray:
+    """Balanced assignment of directions to cells.
+
+    Returns the flat cell id of every neuron; no cell receives more than
+    ``capacity`` (default ``ceil(N / (P * M))``) neurons.
+    """
+    n = dirs.shape[0]
+    c = p * m
+    k = capacity or math.ceil(n / c)
+    if k * c < n:
+        raise FormatError(f"{n} neurons do not fit {c} cells of {k}")
+    centers = cell_centers(p, m)
+    top = min(candidates, c)
+    cand = np.empty((n, top), dtype=np.int64)
+    best = np.empty(n)
+    for s in range(0, n, 256):
+        sc = dirs[s : s + 256] @ centers.T  # cosine similarity
+        idx = np.argsort(-sc, axis=1, kind="stable")[:, :top]
+        cand[s : s + 256] = idx
+        best[s : s + 256] = np.take_along_axis(sc, idx[:, :1], axis=1)[:, 0]
+    counts = np.zeros(c, dtype=np.int64)
+    cell = np.empty(n, dtype=np.int64)
+    for j in np.argsort(-best, kind="stable"):
+        for cc in cand[j]:
+            if counts[cc] < k:
+                break
+        else:  # all nearby cells full: nearest cell with room anywhere
+            sc = centers @ dirs[j]
+            sc[counts >= k] = -np.inf
+            cc = int(np.argmax(sc))
+        cell[j] = cc
+        counts[cc] += 1
+    return cell

@@ -1,0 +1,193 @@
+"""Where packages live: zarr stores for a directory, a ``.zip`` or any fsspec URL.
+
+Reading goes through zarr's own stores.  Writing a *new* package is staged so that an
+interrupted conversion never leaves something that looks complete and never destroys what the
+user had: local directories and zips are written beside the destination and moved into place
+last; object stores (``memory://``, ``s3://``...) are written in place with the package's state
+marked ``writing`` until the very last write flips it to ``complete``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zarr
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ZipStore
+
+from .constants import MAX_HEADER_JSON, ROOT_ATTR
+from .errors import FormatError, PackageExistsError, ReadOnlyError
+
+__all__ = ["open_store", "Destination", "prepare_destination", "root_attrs", "is_package"]
+
+
+def _kind(url: str) -> str:
+    if "://" in url and not url.startswith("file://"):
+        return "fsspec"
+    return "zip" if url.endswith(".zip") else "dir"
+
+
+def _local(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def open_store(url: Any, mode: str = "r") -> tuple[Store, str, str]:
+    """Open an existing package's store; returns ``(store, where, kind)``."""
+    if mode not in ("r", "r+"):
+        raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+    ro = mode == "r"
+    if isinstance(url, Store):
+        return url, type(url).__name__, "store"
+    url = os.fspath(url)
+    kind = _kind(url)
+    if kind == "fsspec":
+        return FsspecStore.from_url(url, read_only=ro), url, kind
+    path = _local(url)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such package")
+    if kind == "zip":
+        if not ro:
+            raise ReadOnlyError(f"{path}: zip packages are read-only; convert to a directory or .vhd to modify")
+        if not zipfile.is_zipfile(path):
+            raise FormatError(f"{path}: not a zip file")
+        return ZipStore(path, mode="r"), path, kind
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: not a package directory")
+    return LocalStore(path, read_only=ro), path, kind
+
+
+def root_attrs(store: Store, where: str) -> dict[str, Any] | None:
+    """The root group's attributes, read and checked as untrusted JSON; ``None`` if absent."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    try:
+        buf = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
+    except (OSError, KeyError) as e:
+        raise FormatError(f"{where}: cannot read zarr.json ({e})") from None
+    if buf is None:
+        return None
+    raw = buf.to_bytes()
+    if len(raw) > MAX_HEADER_JSON:
+        raise FormatError(f"{where}: zarr.json of {len(raw)} bytes exceeds the {MAX_HEADER_JSON}-byte limit")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{where}: zarr.json is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        raise FormatError(f"{where}: zarr.json is not a Zarr v3 group")
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise FormatError(f"{where}: zarr.json attributes are not an object")
+    return attrs
+
+
+def is_package(url: Any) -> bool:
+    """True when ``url`` holds a spherefmt package (complete or not)."""
+    try:
+        if not isinstance(url, Store):
+            u = os.fspath(url)
+            if _kind(u) != "fsspec":
+                p = _local(u)
+                if not (os.path.isdir(p) or (p.endswith(".zip") and zipfile.is_zipfile(p))):
+                    return False
+        store, where, _ = open_store(url, "r")
+        attrs = root_attrs(store, where)
+    except (FormatError, OSError, ValueError):
+        return False
+    return bool(attrs) and ROOT_ATTR in attrs
+
+
+@dataclass
+class Destination:
+    """A store to write a new package into, and how to put it in place."""
+
+    store: Store
+    where: str
+    finish: Callable[[], None]
+    abort: Callable[[], None]
+    kind: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _zip_dir(folder: Path, dst: Path) -> None:
+    """Pack a staged directory into a zip, deterministically (sorted names, fixed times)."""
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                info = zipfile.ZipInfo(p.relative_to(folder).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with open(p, "rb") as src, z.open(info, "w", force_zip64=True) as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+
+def prepare_destination(dst: Any, overwrite: bool) -> Destination:
+    """Check ``dst`` and return a :class:`Destination` to write into.
+
+    Raises
+    ------
+    PackageExistsError
+        ``dst`` holds a package and ``overwrite`` is false, or holds anything else (never
+        replaced, even with ``overwrite``).
+    """
+    if isinstance(dst, Store):
+        return Destination(dst, type(dst).__name__, lambda: None, lambda: None, "store")
+    url = os.fspath(dst)
+    kind = _kind(url)
+    if kind == "fsspec":
+        store = FsspecStore.from_url(url, read_only=False)
+        if sync(store.exists("zarr.json")):
+            if not (overwrite and is_package(url)):
+                raise PackageExistsError(f"{url}: already holds a {'package' if is_package(url) else 'Zarr store'}; "
+                                         "pass --overwrite to replace a package")
+            sync(store.delete_dir(""))
+        return Destination(store, url, lambda: None, lambda: None, kind)
+    path = Path(_local(url))
+    if path.exists():
+        pkg = is_package(path)
+        empty_dir = path.is_dir() and not any(path.iterdir())
+        if pkg and not overwrite:
+            raise PackageExistsError(f"{path}: already holds a package; pass --overwrite to replace it")
+        if not pkg and not empty_dir:
+            raise PackageExistsError(f"{path}: exists and is not a spherefmt package; refusing to replace it")
+    if not path.parent.exists():
+        raise FormatError(f"{path.parent}: no such directory")
+    stage = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    if stage.exists():
+        shutil.rmtree(stage)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+
+    def finish() -> None:
+        if kind == "zip":
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.zip")
+            _zip_dir(stage, tmp)
+            os.replace(tmp, path)  # atomic on one filesystem
+            shutil.rmtree(stage)
+            return
+        if path.exists():
+            os.rename(path, old)
+        os.rename(stage, path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def abort() -> None:
+        shutil.rmtree(stage, ignore_errors=True)
+        for leftover in path.parent.glob(f".{path.name}.partial-{os.getpid()}*"):
+            if leftover.is_file():
+                leftover.unlink()
+
+    return Destination(LocalStore(stage, read_only=False), str(path), finish, abort, kind)
+
+
+def open_group(store: Store, mode: str, where: str) -> zarr.Group:
+    try:
+        return zarr.open_group(store, mode=mode)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+        raise FormatError(f"{where}: not a readable Zarr v3 group ({type(e).__name__}: {str(e)[:160]})") from None
