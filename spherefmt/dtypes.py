@@ -16,7 +16,7 @@ import numpy as np
 from .constants import DTYPES
 from .errors import FormatError
 
-__all__ = ["storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+__all__ = ["_contig", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
 
 _NUMPY_USER = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -27,6 +27,11 @@ _FROM_NUMPY = {np.dtype(v[0]): k for k, v in DTYPES.items() if k not in ("BF16",
 _FROM_NUMPY.update({v: k for k, v in _NUMPY_USER.items()})
 _FROM_NUMPY[np.dtype("uint16")] = "U16"
 _FROM_NUMPY[np.dtype("uint8")] = "U8"
+
+
+def _contig(arr: np.ndarray) -> np.ndarray:
+    """C-contiguous array of the same shape (``np.ascontiguousarray`` turns 0-d into 1-d)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def storage_dtype(dtype: str) -> np.dtype:
@@ -45,7 +50,7 @@ def from_numpy(arr: np.ndarray) -> tuple[str, np.ndarray]:
     name = _FROM_NUMPY.get(arr.dtype)
     if name is None:
         raise FormatError(f"numpy dtype {arr.dtype} has no safetensors equivalent")
-    arr = np.ascontiguousarray(arr)
+    arr = _contig(arr)
     return name, arr.view(storage_dtype(name))
 
 
@@ -93,7 +98,7 @@ def to_torch(arr: np.ndarray, dtype: str) -> Any:
     want = inv.get(dtype)
     if want is None:
         raise FormatError(f"dtype {dtype} has no torch equivalent in this torch build")
-    arr = np.ascontiguousarray(arr)
+    arr = _contig(arr)
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:  # torch lacks from_numpy for uint16..64
         arr = arr.view(f"int{arr.dtype.itemsize * 8}")
     t = torch.from_numpy(arr)

@@ -19,7 +19,7 @@ from zarr.core.sync import sync
 
 from . import constants as C
 from .arch import Field, Layout, detect, rows_from_tensors, tensors_from_rows
-from .dtypes import numpy_view, storage_dtype, to_float32, to_torch
+from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
 from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
 from .placement import (
     Grid,
@@ -602,7 +602,8 @@ class Package:
             if arr.shape != shape or arr.dtype != storage_dtype(t["dtype"]):
                 raise FormatError(f"{self.where}: {core_key(name)} is {arr.dtype}{arr.shape}, header says "
                                   f"{t['dtype']}{list(shape)}")
-            return self._read(arr, Ellipsis, core_key(name))
+            data = self._read(arr, Ellipsis, core_key(name))
+            return data.reshape(shape)  # zarr returns 0-d arrays as shape (1,)
         layer, _ = self._owner[name]
         rows = self.layer_rows(layer)
         shapes = {n: self._tensors[n]["shape"] for n in self._layout.layers[layer].values()}
@@ -729,7 +730,7 @@ def _as_storage(data: Any, dtype: str) -> np.ndarray:
     arr = np.asarray(data)
     st = storage_dtype(dtype)
     if arr.dtype == st or arr.dtype == numpy_view(np.zeros(0, st), dtype).dtype:
-        return np.ascontiguousarray(arr).view(st)
+        return _contig(arr).view(st)
     raise FormatError(f"rows are {arr.dtype}, the package holds {dtype}")
 
 

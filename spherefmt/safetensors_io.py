@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .constants import DTYPES, MAX_NDIM, MAX_SAFETENSORS_HEADER
+from .dtypes import _contig
 from .errors import FormatError
 
 __all__ = ["TensorInfo", "SafetensorsFile", "write_safetensors"]
@@ -211,7 +212,7 @@ def write_safetensors(
             f.write(struct.pack("<Q", len(hb)))
             f.write(hb)
             for t in infos:
-                arr = np.ascontiguousarray(get(t.name))
+                arr = _contig(get(t.name))
                 if arr.nbytes != t.nbytes:
                     raise FormatError(f"{path}: tensor {t.name!r} has {arr.nbytes} bytes, header says {t.nbytes}")
                 f.write(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")

@@ -58,7 +58,7 @@ def open_store(url: Any, mode: str = "r") -> tuple[Store, str, str]:
             raise ReadOnlyError(f"{path}: zip packages are read-only; convert to a directory or .vhd to modify")
         if not zipfile.is_zipfile(path):
             raise FormatError(f"{path}: not a zip file")
-        return ZipStore(path, mode="r"), path, kind
+        return sync(ZipStore.open(path, mode="r")), path, kind
     if not os.path.isdir(path):
         raise FormatError(f"{path}: not a package directory")
     return LocalStore(path, read_only=ro), path, kind
