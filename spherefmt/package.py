@@ -257,7 +257,8 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
         neurons = g.create_array(
             C.NEURONS_ARRAY, shape=(len(layers), p, m, k, f), dtype=st, chunks=(1, 1, 1, k, f),
             shards=(len(layers), 1, 1, k, f), compressors=_compressors(codec, st.itemsize), fill_value=0,
-            config=_ARRAY_CONFIG, dimension_names=("layer", "lat", "lon", "slot", "row"),
+            # experts with no neurons (common on fine graticules) are not stored at all
+            config={"write_empty_chunks": False}, dimension_names=("layer", "lat", "lon", "slot", "row"),
             attributes={"dtype": layout.dtype, "layers": layers})
         index = np.full((len(layers), cells, k), C.PADDING_INDEX, dtype=np.int32)
         parent = np.full_like(index, C.PADDING_INDEX)
@@ -284,7 +285,15 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             block[sorted_cells, slot] = rows[order]
             index[t, sorted_cells, slot] = order
             parent[t, sorted_cells, slot] = par[order]
-            neurons[t] = block.reshape(p, m, k, f)
+            # zarr drops chunks that compare equal to the fill value; a float chunk of -0.0 would
+            # compare equal to 0 and come back as +0.0, so such layers keep every chunk.
+            exact = st.kind != "f" or not np.signbit(block[block == 0]).any()
+            target = neurons if exact else neurons.with_config(_ARRAY_CONFIG)
+            occupied = np.unique(sorted_cells)
+            if occupied.size == cells:
+                target[t] = block.reshape(p, m, k, f)
+            else:  # sparse (fine graticules): touch only the occupied cells' shards
+                _cells_io(target, t, occupied, m, block[occupied])
             prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
             prev_dirs = dirs
             bar.update(rows.nbytes)
@@ -292,6 +301,22 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             g.create_array(name, shape=(len(layers), p, m, k), dtype=C.INDEX_DTYPE, chunks=(len(layers), p, m, k),
                            compressors=_compressors(codec, 4), fill_value=C.PADDING_INDEX, config=_ARRAY_CONFIG,
                            dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
+
+
+def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray | None = None) -> Any:
+    """Write ``blocks`` into (or, without blocks, read) layer ``t`` of the given flat cells,
+    concurrently in one event-loop round: zarr handles each cell's shard independently."""
+    import asyncio
+
+    aa = arr.async_array
+
+    async def run() -> Any:
+        if blocks is None:
+            return await asyncio.gather(*(aa.getitem((t, int(c) // m, int(c) % m)) for c in cells))
+        return await asyncio.gather(*(aa.setitem((t, int(c) // m, int(c) % m), b) for c, b in zip(cells, blocks, strict=True)))
+
+    out = sync(run())
+    return None if blocks is not None else np.stack([np.asarray(x) for x in out]) if len(out) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,8 +611,18 @@ class Package:
         depth = self.layer_depth[layer]
         neurons, index, _ = self._shell_arrays(depth)
         t = self._shells[depth]["layers"].index(layer)
-        block = self._read(neurons, t, f"layer {layer} of {shell_path(depth)}/neurons")
-        idx = index[t]
+        p, m = self.graticule  # type: ignore[misc]
+        idx = index[t].reshape(p * m, -1)
+        occupied = np.flatnonzero((idx >= 0).any(axis=1))
+        what = f"layer {layer} of {shell_path(depth)}/neurons"
+        if occupied.size == p * m:
+            block = self._read(neurons, t, what).reshape(p * m, idx.shape[1], -1)[occupied]
+        else:  # sparse: read only the occupied cells
+            try:
+                block = _cells_io(neurons, t, occupied, m)
+            except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
+                raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
+        idx = idx[occupied]
         rows = np.empty((self._layout.neurons[layer], block.shape[-1]), dtype=block.dtype)
         mask = idx >= 0
         rows[idx[mask]] = block[mask]
