@@ -1,0 +1,256 @@
+"""Malformed inputs get a one-line FormatError naming the file; nothing the user had is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import spherefmt
+from spherefmt.errors import FormatError, PackageExistsError
+from spherefmt.sources import TensorSource
+from spherefmt.testing import save_hf_folder
+
+from .conftest import model
+
+
+def _st(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+    return path
+
+
+def _one_line(e: pytest.ExceptionInfo, path: object) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg, msg
+
+
+@pytest.mark.parametrize(
+    "header,data,match",
+    [
+        (b"", b"", "truncated"),  # replaced below by a 3-byte file
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "outside"),
+        ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12 bytes"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8, "bad shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
+        (b"[1, 2]", b"", "not a JSON object"),
+        (b"{not json", b"", "not valid JSON"),
+        ({"__metadata__": {"a": 1}}, b"", "__metadata__"),
+    ],
+)
+def test_malformed_safetensors(tmp_path, header, data, match):
+    p = tmp_path / "bad.safetensors"
+    if header == b"":
+        p.write_bytes(b"\x01\x02\x03")
+    else:
+        _st(p, header, data)
+    with pytest.raises(FormatError, match=match) as e:
+        spherefmt.save(p, tmp_path / "out.sphere")
+    _one_line(e, p)
+    assert not (tmp_path / "out.sphere").exists()
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.safetensors"]
+
+
+def test_header_length_beyond_file(tmp_path):
+    p = tmp_path / "big.safetensors"
+    p.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(FormatError, match="exceeds") as e:
+        spherefmt.save(p, tmp_path / "o.sphere")
+    _one_line(e, p)
+    p.write_bytes(struct.pack("<Q", 5000) + b"{}")
+    with pytest.raises(FormatError, match="truncated safetensors header"):
+        spherefmt.save(p, tmp_path / "o.sphere")
+
+
+def test_config_tensor_mismatch(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    for key, value, match in [("n_layer", 5, "tensors have 3"), ("n_embd", 48, "hidden size"), ("n_inner", 64, "FFN size")]:
+        folder = save_hf_folder(tmp_path / f"hf-{key}", sd, {**cfg, key: value})
+        with pytest.raises(FormatError, match=match) as e:
+            spherefmt.save(folder, tmp_path / "o.sphere")
+        _one_line(e, folder)
+    bad = dict(sd)
+    bad["transformer.h.1.mlp.c_proj.weight"] = bad["transformer.h.1.mlp.c_proj.weight"][:, :16].copy()
+    with pytest.raises(FormatError, match="layer 1 FFN shapes disagree"):
+        spherefmt.save(bad, tmp_path / "o.sphere", config=cfg)
+    assert not (tmp_path / "o.sphere").exists()
+
+
+def test_torch_file_with_arbitrary_object_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"w": torch.zeros(2), "x": Boom()}, p)
+    with pytest.raises(FormatError, match="not a loadable torch state dict") as e:
+        spherefmt.save(p, tmp_path / "o.sphere")
+    _one_line(e, p)
+    assert not (tmp_path / "pwned").exists()
+    p2 = tmp_path / "plain.pkl.bin"
+    p2.write_bytes(pickle.dumps({"w": [1, 2]}))
+    with pytest.raises(FormatError):
+        spherefmt.save(p2, tmp_path / "o.sphere")
+
+
+def test_sharded_index_cannot_escape_folder(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    folder = save_hf_folder(tmp_path / "hf", sd, cfg, shards=2)
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(idx["weight_map"]))
+    idx["weight_map"][first] = "../../etc/passwd"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(FormatError, match="plain file name"):
+        spherefmt.save(folder, tmp_path / "o.sphere")
+
+
+def test_existing_package_refused_and_untouched(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
+    snapshot = {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+    sd2, _ = model("gpt2", "F32", seed=1)
+    with pytest.raises(PackageExistsError, match="--overwrite") as e:
+        spherefmt.save(sd2, url, config=cfg)
+    _one_line(e, url)
+    assert snapshot == {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+    spherefmt.save(sd2, url, config=cfg, overwrite=True)
+    assert spherefmt.open(url).tensor("transformer.wte.weight").tobytes() == sd2["transformer.wte.weight"].tobytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sphere"]  # no staging leftovers
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(PackageExistsError, match="not a spherefmt package"):
+        spherefmt.save(sd, other, config=cfg, overwrite=True)
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+class _Failing(TensorSource):
+    """A source that dies after some tensors: an interrupted conversion."""
+
+    def __init__(self, sd, cfg, after):
+        from spherefmt.sources import MappingSource
+
+        self.inner, self.config, self.after, self.n = MappingSource(sd), cfg, after, 0
+        self.where = "<failing>"
+
+    def keys(self):
+        return self.inner.keys()
+
+    def info(self, name):
+        return self.inner.info(name)
+
+    def read(self, name):
+        self.n += 1
+        if self.n > self.after:
+            raise KeyboardInterrupt
+        return self.inner.read(name)
+
+
+@pytest.mark.parametrize("after", [3, 30])
+def test_interrupted_conversion_leaves_nothing_complete(tmp_path, after):
+    sd, cfg = model("gpt2", "F32")
+    old = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
+    before = {p: p.read_bytes() for p in Path(old).rglob("*") if p.is_file()}
+    with pytest.raises(KeyboardInterrupt):
+        spherefmt.save(_Failing(sd, cfg, after), old, overwrite=True)
+    assert before == {p: p.read_bytes() for p in Path(old).rglob("*") if p.is_file()}  # old package intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sphere"]
+    # object stores are written in place: the package stays marked 'writing' and open refuses it
+    url = f"memory://interrupted-{tmp_path.name}-{after}"
+    with pytest.raises(KeyboardInterrupt):
+        spherefmt.save(_Failing(sd, cfg, after), url)
+    with pytest.raises(FormatError, match="incomplete") as e:
+        spherefmt.open(url)
+    _one_line(e, url)
+
+
+def _edit_header(url: str, fn) -> None:
+    p = Path(url) / "zarr.json"
+    meta = json.loads(p.read_text())
+    fn(meta["attributes"]["spherefmt"])
+    p.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda h: h.update(version=2), "newer than this spherefmt supports"),
+        (lambda h: h.update(format="other"), "not a spherefmt package"),
+        (lambda h: h.update(graticule=[500, 2]), "parallels must be"),
+        (lambda h: h.update(depth=11), "depth 11"),
+        (lambda h: h["tensors"][0].update(dtype="F128"), "unknown dtype"),
+        (lambda h: h["tensors"][0].update(shape="x"), "shape"),
+        (lambda h: h.update(layer_depth=[0]), "layer_depth"),
+        (lambda h: h["shells"][0].update(capacity=1), "too small"),
+        (lambda h: h["neuron_layout"].update(row_width=3), "row_width"),
+        (lambda h: h.update(architecture="rwkv"), "unknown architecture"),
+    ],
+)
+def test_malformed_package_header(tmp_path, edit, match):
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x2", depth=2)
+    _edit_header(url, edit)
+    with pytest.raises(FormatError, match=match) as e:
+        spherefmt.open(url)
+    _one_line(e, url)
+
+
+def test_corrupt_chunk_and_bad_index(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x2", depth=2)
+    pkg = spherefmt.open(url)
+    shard = Path(url) / pkg.shard_key(1, 1, 0)
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"expert \(1, 1, 0\)") as e:
+        spherefmt.open(url).expert(1, 1, 0)
+    _one_line(e, url)
+    g = zarr.open_group(url, mode="r+")
+    idx = g["sphere/d1/index"][...]
+    idx[0, 0, 0, 0] = idx[0, 0, 0, 1]  # a duplicated neuron index
+    g["sphere/d1/index"][...] = idx
+    with pytest.raises(FormatError, match="not a permutation"):
+        spherefmt.open(url).expert(0, 0, 1)
+
+
+def test_core_array_shape_disagrees_with_header(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
+    g = zarr.open_group(url, mode="r+")
+    g.create_array("core/transformer.wte.weight", shape=(2, 2), dtype="float32", overwrite=True)
+    with pytest.raises(FormatError, match="header says"):
+        spherefmt.open(url).tensor("transformer.wte.weight")
+
+
+def test_not_a_package(tmp_path):
+    for target, match in [(tmp_path / "missing", "no such package"), (tmp_path, "not a spherefmt package")]:
+        with pytest.raises(FormatError, match=match):
+            spherefmt.open(target)
+    f = tmp_path / "x.zip"
+    f.write_bytes(b"not a zip")
+    with pytest.raises(FormatError, match="not a zip"):
+        spherefmt.open(f)
+    np.save(tmp_path / "a.npy", np.zeros(2))
+    with pytest.raises(FormatError, match="unknown model file type"):
+        spherefmt.save(tmp_path / "a.npy", tmp_path / "o.sphere")
+
+
+def test_bad_parameters(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    for kw, match in [({"graticule": "0x3"}, "parallels"), ({"graticule": "181x2"}, "parallels"),
+                      ({"graticule": "axb"}, "expected PxM"), ({"depth": 11}, "depth 11"),
+                      ({"depth": 4}, "only 3 layers"), ({"codec": "lz4"}, "codec")]:
+        with pytest.raises(FormatError, match=match):
+            spherefmt.save(sd, tmp_path / "o.sphere", config=cfg, **kw)
+    assert not (tmp_path / "o.sphere").exists()

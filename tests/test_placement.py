@@ -1,0 +1,91 @@
+"""Placement: balanced, complete, deterministic, following the documented rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import spherefmt
+from spherefmt.placement import assign, cell_centers, default_grid, layer_shells, own_directions, tree_parents
+
+from .conftest import model
+
+
+@pytest.mark.parametrize("n,p,m", [(100, 3, 4), (3072, 4, 8), (50, 10, 20), (7, 1, 1)])
+def test_assignment_is_balanced_and_complete(n, p, m):
+    rng = np.random.default_rng(n)
+    dirs = rng.standard_normal((n, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    cell = assign(dirs, p, m)
+    k = math.ceil(n / (p * m))
+    counts = np.bincount(cell, minlength=p * m)
+    assert counts.sum() == n and counts.max() <= k
+    assert np.array_equal(cell, assign(dirs, p, m))
+
+
+def test_assignment_prefers_nearby_cells():
+    # directions clustered around 6 cell centres land in those cells
+    p, m = 2, 3
+    centres = cell_centers(p, m)
+    rng = np.random.default_rng(0)
+    dirs = np.repeat(centres, 10, axis=0) + rng.normal(0, 0.05, (60, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    assert np.array_equal(assign(dirs, p, m), np.repeat(np.arange(6), 10))
+
+
+def test_default_grid_rule():
+    assert default_grid(3072, 1537, 2, 12) == spherefmt.placement.Grid(4, 8, 10)  # GPT-2 small
+    g = default_grid(6400, 3201, 2, 48)  # gpt2-xl
+    assert (g.parallels, g.meridians, g.depth) == (8, 16, 10)
+    assert math.ceil(6400 / g.cells) * 3201 >= 131072  # each byte plane >= 128 KiB
+    assert default_grid(16, 9, 4, 1) == spherefmt.placement.Grid(1, 1, 1)
+    assert default_grid(10**6, 1, 1, 100).parallels == 180
+
+
+@pytest.mark.parametrize("layers,depth", [(12, 10), (3, 2), (48, 10), (5, 5), (7, 1)])
+def test_layer_shells_proportional(layers, depth):
+    shells = layer_shells(layers, depth)
+    assert shells[0] == depth - 1 and shells[-1] == 0
+    assert sorted(set(shells)) == list(range(depth))
+    assert all(a >= b for a, b in zip(shells, shells[1:], strict=False))  # outward like lightning
+    sizes = np.bincount(shells)
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_tree_parent_is_the_strongest_wire():
+    rng = np.random.default_rng(0)
+    prev_out = rng.standard_normal((20, 8))
+    w_in = rng.standard_normal((30, 8))
+    par = tree_parents(prev_out, w_in, block=7)
+    assert np.array_equal(par, np.argmax(np.abs(prev_out @ w_in.T), axis=0))
+
+
+def test_own_directions_group_similar_neurons():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 16)) * 5
+    w_in = np.repeat(base, 20, axis=0) + rng.normal(0, 0.1, (60, 16))
+    d = own_directions(w_in)
+    assert np.allclose(np.linalg.norm(d, axis=1), 1)
+    cos = d @ d.T
+    same = np.repeat(np.arange(3), 20)
+    assert cos[same[:, None] == same[None, :]].min() > 0.9
+
+
+def test_package_records_tree_and_index(tmp_path):
+    sd, cfg = model("llama", "F32")
+    pkg = spherefmt.open(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x2", depth=3))
+    h = pkg.metadata
+    assert h["layer_depth"] == [2, 1, 0]
+    for lat, lon, d in pkg.experts():
+        e = pkg.expert(lat, lon, d)
+        layer = e.layers[0]
+        real = e.index[0] >= 0
+        if layer == 0:
+            assert (e.parent[0] == -1).all()
+            continue
+        gate = sd[f"model.layers.{layer}.mlp.gate_proj.weight"].astype(np.float64)
+        down = sd[f"model.layers.{layer - 1}.mlp.down_proj.weight"].astype(np.float64)
+        want = np.argmax(np.abs(down.T @ gate.T), axis=0)
+        assert np.array_equal(e.parent[0][real], want[e.index[0][real]])
