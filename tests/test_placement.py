@@ -41,7 +41,7 @@ def test_default_grid_rule():
     assert (g.parallels, g.meridians, g.depth) == (8, 16, 10)
     assert math.ceil(6400 / g.cells) * 3201 >= 131072  # each byte plane >= 128 KiB
     assert default_grid(16, 9, 4, 1) == spherefmt.placement.Grid(1, 1, 1)
-    assert default_grid(10**6, 1, 1, 100).parallels == 180
+    assert default_grid(10**6, 10**6, 2, 100) == spherefmt.placement.Grid(180, 360, 10)
 
 
 @pytest.mark.parametrize("layers,depth", [(12, 10), (3, 2), (48, 10), (5, 5), (7, 1)])
