@@ -323,85 +323,114 @@ def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.nda
 # Reading
 
 
-def _req(h: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _get(h: Mapping[str, Any], key: str, typ: type, where: str) -> Any:
     v = h.get(key)
-    if not isinstance(v, typ) or (isinstance(v, bool) and typ is int):
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
         raise FormatError(f"{where}: package header field {key!r} is missing or malformed")
     return v
 
 
+def _ints(v: Any, n: int | None = None) -> bool:
+    return isinstance(v, list) and (n is None or len(v) == n) and all(_is_int(x) for x in v)
+
+
 def _validate_header(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """Check the root header of an untrusted package; return it."""
-    h = (attrs or {}).get(C.ROOT_ATTR)
+    """Check the root header of an untrusted package (``spec/FORMAT.md`` section 3); return it."""
+    h = (attrs or {}).get(C.ROOT_ATTR) if isinstance(attrs, Mapping) else None
     if not isinstance(h, dict) or h.get("format") != C.FORMAT_NAME:
         raise FormatError(f"{where}: not a spherefmt package (no '{C.ROOT_ATTR}' root attribute)")
-    version = _req(h, "version", int, where)
+    version = _get(h, "version", int, where)
     if version > C.FORMAT_VERSION:
         raise FormatError(f"{where}: package format version {version} is newer than this spherefmt supports "
                           f"({C.FORMAT_VERSION}); upgrade spherefmt")
     if version not in C.SUPPORTED_VERSIONS:
         raise FormatError(f"{where}: package format version {version} is not supported")
     if h.get("state") != C.STATE_COMPLETE:
-        raise FormatError(f"{where}: package is incomplete (state {h.get('state')!r}): its conversion was interrupted")
-    arch = _req(h, "architecture", str, where)
+        raise FormatError(f"{where}: package is incomplete (state {str(h.get('state'))[:20]!r}): "
+                          "its conversion was interrupted")
+    arch = _get(h, "architecture", str, where)
     if arch not in C.ARCHITECTURES:
-        raise FormatError(f"{where}: unknown architecture {arch!r}")
-    if _req(h, "codec", str, where) not in C.CODEC_PRESETS:
-        raise FormatError(f"{where}: unknown codec preset {h['codec']!r}")
-    seen = set()
-    for t in _req(h, "tensors", list, where):
+        raise FormatError(f"{where}: unknown architecture {arch[:40]!r}")
+    if _get(h, "codec", str, where) not in C.CODEC_PRESETS:
+        raise FormatError(f"{where}: unknown codec preset {h['codec'][:40]!r}")
+    if h.get("config") is not None and not isinstance(h["config"], dict):
+        raise FormatError(f"{where}: config must be an object or null")
+    files = h.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise FormatError(f"{where}: files must be a list of names")
+    seen: set[str] = set()
+    for t in _get(h, "tensors", list, where):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"] or t["name"] in seen:
             raise FormatError(f"{where}: malformed or duplicate tensor entry")
         seen.add(t["name"])
-        check_dtype(t.get("dtype"), f"{where}: tensor {t['name']!r}")
-        t["shape"] = list(check_shape(t.get("shape"), f"{where}: tensor {t['name']!r}"))
+        check_dtype(t.get("dtype"), f"{where}: tensor {t['name'][:80]!r}")
+        t["shape"] = list(check_shape(t.get("shape"), f"{where}: tensor {t['name'][:80]!r}"))
         if t.get("where") not in ("core", "sphere"):
-            raise FormatError(f"{where}: tensor {t['name']!r} has no valid 'where'")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in _req(h, "metadata", dict, where).items()):
+            raise FormatError(f"{where}: tensor {t['name'][:80]!r} has no valid 'where'")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in _get(h, "metadata", dict, where).items()):
         raise FormatError(f"{where}: metadata must map strings to strings")
     if arch == C.ARCH_GENERIC:
         if any(t["where"] == "sphere" for t in h["tensors"]):
             raise FormatError(f"{where}: a generic package cannot hold sphere tensors")
         return h
-    p, m = _req(h, "graticule", list, where) if len(h.get("graticule") or []) == 2 else (0, 0)
-    d = _req(h, "depth", int, where)
-    if not all(isinstance(x, int) for x in (p, m)):
+    if not _ints(h.get("graticule"), 2):
         raise FormatError(f"{where}: graticule must be two integers")
+    p, m = h["graticule"]
+    d = _get(h, "depth", int, where)
     try:
         check_grid(p, m, d)
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
-    layers = _req(h, "layers", list, where)
-    ld = _req(h, "layer_depth", list, where)
-    if len(ld) != len(layers) or not all(isinstance(x, int) and 0 <= x < d for x in ld):
+    layers = _get(h, "layers", list, where)
+    ld = h.get("layer_depth")
+    if not _ints(ld, len(layers)) or not all(0 <= x < d for x in ld):
         raise FormatError(f"{where}: layer_depth must give a shell 0..{d - 1} for each of {len(layers)} layers")
-    nl = _req(h, "neuron_layout", dict, where)
+    nl = _get(h, "neuron_layout", dict, where)
     check_dtype(nl.get("dtype"), f"{where}: neuron_layout")
+    if nl["dtype"] not in C.SPHERE_DTYPES:
+        raise FormatError(f"{where}: neuron_layout dtype {nl['dtype']} cannot be on the sphere")
     fields = nl.get("fields")
     if not isinstance(fields, list) or not fields:
         raise FormatError(f"{where}: neuron_layout.fields malformed")
     for fd in fields:
-        if not (isinstance(fd, dict) and isinstance(fd.get("name"), str) and isinstance(fd.get("width"), int)
-                and isinstance(fd.get("axis"), int) and fd["width"] >= 0):
-            raise FormatError(f"{where}: neuron_layout field {fd!r} malformed")
-    if sum(fd["width"] for fd in fields) != nl.get("row_width"):
+        if not (isinstance(fd, dict) and isinstance(fd.get("name"), str) and _is_int(fd.get("width"))
+                and _is_int(fd.get("axis")) and fd["width"] >= 0 and 0 <= fd["axis"] < C.MAX_NDIM):
+            raise FormatError(f"{where}: neuron_layout field {str(fd)[:80]} malformed")
+    names = [fd["name"] for fd in fields]
+    if len(set(names)) != len(names) or nl.get("in_field") not in names or nl.get("out_field") not in names:
+        raise FormatError(f"{where}: neuron_layout field names are duplicated or in/out fields unknown")
+    if sum(fd["width"] for fd in fields) != nl.get("row_width") or not _is_int(nl.get("row_width")):
         raise FormatError(f"{where}: neuron_layout.row_width disagrees with its fields")
-    names = {fd["name"] for fd in fields}
     tensors = {t["name"]: t for t in h["tensors"]}
+    owned: set[str] = set()
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not isinstance(layer.get("neurons"), int) or layer["neurons"] < 1 \
-                or not isinstance(layer.get("tensors"), dict) or set(layer["tensors"]) != names:
+        lt = layer.get("tensors") if isinstance(layer, dict) else None
+        if not (isinstance(layer, dict) and _is_int(layer.get("neurons")) and layer["neurons"] >= 1
+                and isinstance(lt, dict) and set(lt) == set(names) and all(isinstance(v, str) for v in lt.values())):
             raise FormatError(f"{where}: layer {i} entry malformed")
-        for tname in layer["tensors"].values():
-            if tensors.get(tname, {}).get("where") != "sphere":
-                raise FormatError(f"{where}: layer {i} names tensor {tname!r} that is not a sphere tensor")
-    shells = _req(h, "shells", list, where)
-    if sorted(s.get("depth") for s in shells if isinstance(s, dict)) != list(range(d)):
+        for fd in fields:
+            t = tensors.get(lt[fd["name"]])
+            if t is None or t["where"] != "sphere" or t["name"] in owned or t["dtype"] != nl["dtype"]:
+                raise FormatError(f"{where}: layer {i} field {fd['name']!r} names a missing, shared or mistyped tensor")
+            owned.add(t["name"])
+            shp = t["shape"]
+            if fd["axis"] >= len(shp) or shp[fd["axis"]] != layer["neurons"] \
+                    or math.prod(shp) != layer["neurons"] * fd["width"]:
+                raise FormatError(f"{where}: layer {i} tensor {t['name'][:80]!r} shape {shp} disagrees with its field")
+    if owned != {t["name"] for t in h["tensors"] if t["where"] == "sphere"}:
+        raise FormatError(f"{where}: some sphere tensors belong to no layer")
+    shells = _get(h, "shells", list, where)
+    if len(shells) != d or not all(isinstance(s, dict) and _is_int(s.get("depth")) for s in shells) \
+            or sorted(s["depth"] for s in shells) != list(range(d)):
         raise FormatError(f"{where}: shells must list depths 0..{d - 1} once each")
     for s in shells:
         want = [i for i, x in enumerate(ld) if x == s["depth"]]
-        if s.get("layers") != want or not isinstance(s.get("capacity"), int) or s["capacity"] < 1 \
-                or s["capacity"] * p * m < max((layers[i]["neurons"] for i in want), default=0):
+        if s.get("layers") != want or not want or not _is_int(s.get("capacity")) or s["capacity"] < 1 \
+                or s["capacity"] * p * m < max(layers[i]["neurons"] for i in want):
             raise FormatError(f"{where}: shell {s['depth']} disagrees with layer_depth or is too small")
     return h
 
