@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:
+#   make demo   - set up .venv, make a small GPT-2, convert it, print `sphere info`, read an expert back
+#   make test   - set up .venv and run the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.spherefmt-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first, so the torch extra resolves to it (not a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m spherefmt.demo --out demo-out
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/bench_format.py
+
+clean:
+	rm -rf demo-out build dist *.egg-info

@@ -1,0 +1,83 @@
+"""The demo behind ``make demo``: make a small GPT-2, convert it, inspect it, read an expert back.
+
+The model is made here (random N(0, 0.02) weights with the real GPT-2 layout, bfloat16, saved as
+a Hugging Face folder); nothing is downloaded.  Each step runs the ``sphere`` command and prints
+it, so the output doubles as a tutorial.
+
+    python -m spherefmt.demo [--out demo-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _sphere(*args: str) -> str:
+    cmd = [sys.executable, "-m", "spherefmt.cli", *args]
+    print(f"\n$ sphere {shlex.join(args)}", flush=True)
+    r = subprocess.run(cmd, text=True, capture_output=True)
+    sys.stdout.write(r.stdout)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        raise SystemExit(r.returncode)
+    return r.stdout
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="demo-out", help="working folder (default: demo-out)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+
+    import spherefmt
+    from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
+
+    cfg = gpt2_config(n_layer=6, n_embd=256, n_head=8, vocab_size=8192, n_positions=512)
+    src = out / "gpt2-6x256"
+    if not (src / "config.json").exists():
+        print(f"making a GPT-2 (6 layers, width 256, bf16, random weights) in {src}/")
+        save_hf_folder(src, make_gpt2(cfg, "BF16", seed=0), cfg, shards=2)
+    pkg = out / "gpt2-6x256.sphere"
+    _sphere("convert", str(src), str(pkg), "--graticule", "4x8", "--depth", "3", "--overwrite", "-q")
+    _sphere("info", str(pkg))
+    _sphere("cell", str(pkg), "1", "5", "0")
+
+    print("\n# load -> use -> release one expert from Python")
+    with spherefmt.open(pkg) as p:
+        t0 = time.perf_counter()
+        e = p.expert(1, 5, 0)
+        ms = (time.perf_counter() - t0) * 1e3
+        x = np.random.default_rng(0).standard_normal(cfg["n_embd"]).astype(np.float32)
+        w_in = e.field("w_in")[0].astype(np.float32)  # (K, d) for the expert's first layer
+        h = w_in @ x + e.field("b_in")[0, :, 0].astype(np.float32)
+        print(f"expert (1, 5, 0): layers {list(e.layers)}, {int(e.counts.sum())} neurons, read in {ms:.1f} ms; "
+              f"first layer pre-activations [{', '.join(f'{v:+.3f}' for v in h[:4])}, ...]")
+        del e
+    back = out / "roundtrip.safetensors"
+    _sphere("export", str(pkg), str(back), "--overwrite", "-q")
+    from safetensors import safe_open
+
+    import torch
+
+    same, n = True, 0
+    with safe_open(str(back), framework="pt") as f:
+        for shard in sorted(src.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as g:
+                for k in g.keys():
+                    same &= torch.equal(f.get_tensor(k).view(torch.int16), g.get_tensor(k).view(torch.int16))
+                    n += 1
+    print(f"\nexport is bit-exact against the source ({n} tensors): {same}")
+    if not same:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
