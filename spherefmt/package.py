@@ -20,6 +20,7 @@ from zarr.core.sync import sync
 from . import constants as C
 from .arch import Field, Layout, detect, rows_from_tensors, tensors_from_rows
 from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
+from .fastpath import ChunkError, FastArray, open_arrays, read_many
 from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
 from .placement import (
     Grid,
@@ -489,6 +490,7 @@ class Package:
         self._arrays: dict[str, zarr.Array] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rows_cache: tuple[int, np.ndarray] | None = None
+        self._shell_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         if self.architecture != C.ARCH_GENERIC:
             h = self._header
             self._fields = [Field(f["name"], f.get("suffix", ""), f["axis"], f["width"]) for f in h["neuron_layout"]["fields"]]
@@ -562,6 +564,8 @@ class Package:
 
     def _read(self, arr: zarr.Array, sel: Any, what: str) -> np.ndarray:
         try:
+            if sel is Ellipsis and (fa := FastArray.maybe(arr)) is not None:
+                return fa.read_all()
             return np.asarray(arr[sel])
         except SpherefmtError:
             raise
@@ -629,32 +633,55 @@ class Package:
                 raise ExpertNotFoundError(f"{self.where}: layer {layer} is not in depth shell {depth} (layers {list(layers)})")
             sel = slice(layers.index(layer), layers.index(layer) + 1)
             layers = (layer,)
-        rows = self._read(neurons, (sel, lat, lon), f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons")
+        what = f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons"
+        fa = FastArray.maybe(neurons) if layer is None else None
+        if fa is not None:  # the whole shard: one object, decoded here
+            try:
+                rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
+            except (ChunkError, ValueError, RuntimeError) as e:
+                raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
+        else:  # one layer: zarr reads just that inner chunk's byte range
+            rows = self._read(neurons, (sel, lat, lon), what)
         return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
                       parent[sel, lat, lon].copy(), self._layout.slices())
+
+    def _shell_block(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Occupied flat cells of a shell and their decoded experts ``(cells, layers, K, F)``;
+        the last shell read is kept, so reading a shell's layers one by one reads it once."""
+        if self._shell_cache is not None and self._shell_cache[0] == depth:
+            return self._shell_cache[1], self._shell_cache[2]
+        self._shell_cache = None
+        neurons, index, _ = self._shell_arrays(depth)
+        p, m = self.graticule  # type: ignore[misc]
+        n_layers, k = index.shape[0], index.shape[3]
+        occupied = np.flatnonzero((index.reshape(n_layers, p * m, k) >= 0).any(axis=(0, 2)))
+        what = f"{shell_path(depth)}/neurons"
+        fa = FastArray.maybe(neurons)
+        try:
+            if fa is not None:
+                objs = fa.read_objects([(0, int(c) // m, int(c) % m, 0, 0) for c in occupied])
+                block = np.stack(objs).reshape(len(occupied), n_layers, k, -1)
+            else:
+                block = np.asarray(neurons[...]).reshape(n_layers, p * m, k, -1)[:, occupied].transpose(1, 0, 2, 3)
+        except SpherefmtError:
+            raise
+        except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
+            raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
+        self._shell_cache = (depth, occupied, block)
+        return occupied, block
 
     def layer_rows(self, layer: int) -> np.ndarray:
         """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
         if self._rows_cache and self._rows_cache[0] == layer:
             return self._rows_cache[1]
         depth = self.layer_depth[layer]
-        neurons, index, _ = self._shell_arrays(depth)
+        _, index, _ = self._shell_arrays(depth)
+        occupied, block = self._shell_block(depth)
         t = self._shells[depth]["layers"].index(layer)
-        p, m = self.graticule  # type: ignore[misc]
-        idx = index[t].reshape(p * m, -1)
-        occupied = np.flatnonzero((idx >= 0).any(axis=1))
-        what = f"layer {layer} of {shell_path(depth)}/neurons"
-        if occupied.size == p * m:
-            block = self._read(neurons, t, what).reshape(p * m, idx.shape[1], -1)[occupied]
-        else:  # sparse: read only the occupied cells
-            try:
-                block = _cells_io(neurons, t, occupied, m)
-            except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
-                raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
-        idx = idx[occupied]
+        idx = index[t].reshape(-1, index.shape[3])[occupied]
         rows = np.empty((self._layout.neurons[layer], block.shape[-1]), dtype=block.dtype)
         mask = idx >= 0
-        rows[idx[mask]] = block[mask]
+        rows[idx[mask]] = block[:, t][mask]
         self._rows_cache = (layer, rows)
         return rows
 
@@ -692,8 +719,39 @@ class Package:
         raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
 
     def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
-        """Every tensor, in the source's order."""
-        return {name: self.tensor(name, framework) for name in self._tensors}
+        """Every tensor, in the source's order.
+
+        Core tensors are fetched in one concurrent round of reads and decoded on all cores;
+        sphere tensors are rebuilt shell by shell, each shell read once.
+        """
+        if framework not in ("numpy", "torch", "pt"):
+            raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
+        core = self._bulk_core([n for n, t in self._tensors.items() if t["where"] == "core"])
+        out = {}
+        for name, t in self._tensors.items():
+            arr = core.pop(name) if name in core else self._storage(name)
+            out[name] = numpy_view(arr, t["dtype"]) if framework == "numpy" else to_torch(arr, t["dtype"])
+        self._shell_cache = self._rows_cache = None
+        return out
+
+    def _bulk_core(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Core tensors read together (metadata in one round, chunks in another)."""
+        paths = [core_key(n) for n in names]
+        fast, fast_names = [], []
+        for name, path, arr in zip(names, paths, open_arrays(self._group.store, paths), strict=True):
+            if isinstance(arr, Exception):
+                continue  # the per-tensor path reports it with the usual message
+            self._arrays[path] = arr
+            t = self._tensors[name]
+            if arr.shape != tuple(t["shape"]) or arr.dtype != storage_dtype(t["dtype"]):
+                continue
+            if (fa := FastArray.maybe(arr)) is not None:
+                fast.append(fa)
+                fast_names.append(name)
+        try:
+            return dict(zip(fast_names, read_many(fast), strict=True)) if fast else {}
+        except (ChunkError, ValueError, RuntimeError) as e:
+            raise FormatError(f"{self.where}: cannot read core tensors ({e})") from None
 
     def file(self, name: str) -> bytes:
         """A side file carried from the source (e.g. ``tokenizer.json``)."""
@@ -740,12 +798,12 @@ class Package:
         if data[pad].any():
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
         arr[sel, lat, lon] = data
-        self._rows_cache = None
+        self._rows_cache = self._shell_cache = None
 
     def close(self) -> None:
         """Release the store."""
         self._arrays.clear()
-        self._rows_cache = None
+        self._rows_cache = self._shell_cache = None
         try:
             self._store.close()
         except Exception:  # noqa: BLE001 - closing must not mask the caller's error
