@@ -554,6 +554,8 @@ class Package:
             try:
                 arr = self._group[path]
             except KeyError:
+                if sync(self._group.store.exists(f"{path}/zarr.json")):
+                    raise FormatError(f"{self.where}: array {path!r} has malformed metadata") from None
                 raise FormatError(f"{self.where}: array {path!r} is missing") from None
             except (ValueError, TypeError) as e:
                 raise FormatError(f"{self.where}: array {path!r} has malformed metadata ({str(e)[:120]})") from None

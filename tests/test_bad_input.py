@@ -254,3 +254,22 @@ def test_bad_parameters(tmp_path):
         with pytest.raises(FormatError, match=match):
             spherefmt.save(sd, tmp_path / "o.sphere", config=cfg, **kw)
     assert not (tmp_path / "o.sphere").exists()
+
+
+def test_malformed_zarr_metadata(tmp_path):
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
+    meta = Path(url) / "core" / "transformer.wte.weight" / "zarr.json"
+    meta.write_text('{"zarr_format": 3, "node_type": "array", "shape": "nope"}')
+    pkg = spherefmt.open(url)
+    with pytest.raises(FormatError, match="malformed metadata") as e:
+        pkg.tensor("transformer.wte.weight")
+    _one_line(e, url)
+    with pytest.raises(FormatError, match="malformed metadata"):
+        pkg.state_dict()
+    (Path(url) / "zarr.json").write_text("{garbage")
+    with pytest.raises(FormatError, match="zarr.json is not valid JSON"):
+        spherefmt.open(url)
+    (Path(url) / "zarr.json").write_text('{"zarr_format": 2}')
+    with pytest.raises(FormatError, match="not a Zarr v3 group"):
+        spherefmt.open(url)

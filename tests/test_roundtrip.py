@@ -127,3 +127,19 @@ def test_expert_contents_match_source(tmp_path):
         assert sorted(idx) == list(range(128)), layer
     one = pkg.expert(1, 1, 0, layer=2)
     assert one.layers == (2,) and one.neurons.shape[0] == 1
+
+
+def test_file_url_and_zarr_store_object(tmp_path):
+    from zarr.storage import MemoryStore
+
+    sd, cfg = model("llama", "BF16")
+    url = spherefmt.save(sd, f"file://{tmp_path}/f.sphere", config=cfg)
+    pkg = spherefmt.open(url)
+    assert (tmp_path / "f.sphere" / "zarr.json").exists()
+    store = MemoryStore()
+    spherefmt.save(sd, store, config=cfg)
+    for p in (pkg, spherefmt.open(store)):
+        sd2 = p.state_dict()
+        assert list(sd2) == list(sd)
+        for k, v in sd.items():
+            assert same_bytes(sd2[k], v), k
