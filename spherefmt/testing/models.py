@@ -65,7 +65,7 @@ def make_gpt2(config: dict[str, Any] | None = None, dtype: str = "F32", seed: in
         sd[p + "mlp.c_proj.bias"] = _rand(rng, (d,), dtype)
     sd["transformer.ln_f.weight"] = np.ones(d, _NP[dtype])
     sd["transformer.ln_f.bias"] = np.zeros(d, _NP[dtype])
-    sd["lm_head.weight"] = sd["transformer.wte.weight"].copy()
+    # lm_head.weight is tied to wte, and save_pretrained leaves tied copies out (124M for GPT-2 small)
     return sd
 
 
