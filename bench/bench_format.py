@@ -314,8 +314,30 @@ def machine() -> dict[str, Any]:
         "spherefmt": spherefmt.__version__, "zarr": zarr.__version__, "numpy": numpy.__version__,
         "torch": torch.__version__, "safetensors": safetensors.__version__,
         "torch_threads": torch.get_num_threads(),
-        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+                        if k in os.environ},
+        "loadavg_at_start": _loadavg(),
+        "git": _git(),
     }
+
+
+def _git() -> dict[str, Any] | None:
+    """The commit measured (spherefmt is installed editable from this checkout) and local edits."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "spherefmt"], cwd=REPO, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": head.stdout.strip(), "spherefmt_uncommitted_changes": bool(dirty.stdout.strip())}
+
+
+def _loadavg() -> str | None:
+    """``/proc/loadavg``: other work on the machine during the run makes timings noisy."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -335,7 +357,7 @@ def bench_dtype(dtype: str, cfg: dict[str, Any], tmp: Path, args: argparse.Names
     save_hf_folder(hf, sd, gpt2_config(**cfg))
     params = int(sum(a.size for a in sd.values()))
     big = max(sd, key=lambda k: sd[k].nbytes)
-    res["model"] = {"params_incl_untied_lm_head": params, "tensors": len(sd),
+    res["model"] = {"params": params, "tensors": len(sd),
                     "largest_tensor": {"name": big, "shape": list(sd[big].shape), "bytes": int(sd[big].nbytes)},
                     "make_s": round(time.perf_counter() - t0, 2)}
     del sd
@@ -460,7 +482,9 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
         f"spherefmt format benchmark - {doc['model']['label']} ({m['date']}; {m['cpu_model']}, {m['nproc']} CPUs, "
-        f"{m['mem_gib']} GiB; Python {m['python']}, torch {m['torch']}, zarr {m['zarr']}, numpy {m['numpy']})",
+        f"{m['mem_gib']} GiB; Python {m['python']}, torch {m['torch']}, zarr {m['zarr']}, numpy {m['numpy']}; "
+        f"spherefmt @ {((m.get('git') or {}).get('commit') or '?')[:7]}; "
+        f"loadavg at start {(m['loadavg_at_start'] or '?').split(' ')[0]}, at end {(doc['loadavg_at_end'] or '?').split(' ')[0]})",
         "",
         "Conversion, size, one-expert read:",
         "",
@@ -533,8 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([".venv/bin/python", "bench/bench_format.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
         "model": {"label": "GPT-2-small shape, random N(0, 0.02) weights" if not args.quick else "quick GPT-2 (tiny)",
-                  "config": cfg, "source": "spherefmt.testing.make_gpt2 + save_hf_folder (one model.safetensors; "
-                                            "lm_head.weight stored as an untied copy of wte)"},
+                  "config": cfg, "source": "spherefmt.testing.make_gpt2 + save_hf_folder (one model.safetensors)"},
         "settings": {"runs": args.runs, "experts": args.experts, "codecs": list(CODECS),
                      "graticule": "default", "depth": "default",
                      "cold": "sync; echo 3 > /proc/sys/vm/drop_caches before each cold run" if cold_ok is None else None,
@@ -547,11 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for dtype in args.dtypes.split(","):
             doc["results"][dtype] = bench_dtype(dtype, cfg, tmp, args, cold_ok, log)
+            doc["results"][dtype]["loadavg_after"] = _loadavg()
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     doc["goals"] = goals(doc["results"])
     doc["total_s"] = round(time.perf_counter() - t_start, 1)
+    doc["loadavg_at_end"] = _loadavg()
+    doc["git_at_end"] = _git()
+    if doc["git_at_end"] != doc["machine"]["git"]:
+        log("warning: the checkout changed during the run; the figures may mix two versions")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     log(f"wrote {out}")
