@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from .constants import ARCH_GENERIC, ARCH_GPT2, ARCH_LLAMA, GPT2_FIELDS, LLAMA_F
 from .errors import FormatError
 from .safetensors_io import TensorInfo
 
-__all__ = ["Field", "Layout", "detect", "rows_from_tensors", "tensors_from_rows"]
+__all__ = ["Field", "Layout", "detect", "rows_from_tensors"]
 
 LLAMA_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
                      "internlm2", "yi", "deepseek", "smollm"}
@@ -159,16 +159,3 @@ def rows_from_tensors(layout: Layout, tensors: Mapping[str, np.ndarray], layer: 
         t = tensors[layout.layers[layer][f.name]]
         parts.append(np.moveaxis(t, f.axis, 0).reshape(n, f.width))
     return np.concatenate(parts, axis=1)
-
-
-def tensors_from_rows(layout: Layout, rows: np.ndarray, layer: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`rows_from_tensors`: field tensors (contiguous, original shapes)."""
-    out = {}
-    sl = layout.slices()
-    for f in layout.fields:
-        name = layout.layers[layer][f.name]
-        shape = tuple(shapes[name])
-        moved = (shape[f.axis],) + tuple(s for i, s in enumerate(shape) if i != f.axis)
-        block = rows[:, sl[f.name]].reshape(moved)
-        out[name] = np.ascontiguousarray(np.moveaxis(block, 0, f.axis))
-    return out

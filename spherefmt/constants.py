@@ -62,11 +62,16 @@ CODEC_DEFAULT = "default"  # bytes -> numcodecs.shuffle(itemsize) -> zstd(level 
 CODEC_NONE = "none"  # bytes -> crc32c
 CODEC_PRESETS = (CODEC_DEFAULT, CODEC_NONE)
 ZSTD_LEVEL = 1
-#: Each byte plane of a compressed sphere chunk spans at least this many bytes so that zstd's
-#: 128 KiB blocks never mix the compressible exponent plane with the noisy mantissa plane.
+#: zstd codes its input in blocks of this many bytes, one entropy table per block.
+ZSTD_BLOCK = 128 * 1024
+#: Default graticules keep each byte plane of a cell-layer chunk at least one zstd block long...
 MIN_PLANE_BYTES = 128 * 1024
+#: ...and at most this fraction of the chunk in the block where the two planes meet.
+MAX_PLANE_WASTE = 0.025
 #: Core tensors are chunked along axis 0 to about this many uncompressed bytes.
 CORE_CHUNK_BYTES = 4 * 1024 * 1024
+#: Conversion writes large core tensors in slabs of this many chunks (bounded memory).
+CORE_SLAB_CHUNKS = 4
 
 # --- 6. Architectures and neuron row layouts -------------------------------------------------
 ARCH_GPT2 = "gpt2"

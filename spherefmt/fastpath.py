@@ -117,14 +117,15 @@ class FastArray:
     def _decode_chunk(self, blob: Any, what: str) -> np.ndarray:
         return self._decode(_verified(blob, what), what)
 
-    def _decode_shard(self, blob: Any, what: str) -> np.ndarray:
+    def _decode_shard(self, blob: Any, what: str, out: np.ndarray | None = None) -> np.ndarray:
         grid = tuple(o // i for o, i in zip(self.outer_shape, self.inner_shape, strict=True))
         n = math.prod(grid)
         mv = memoryview(blob)
         if len(mv) < 16 * n + 4:
             raise ChunkError(f"{what}: shard of {len(mv)} bytes is too short for its index")
         index = np.frombuffer(_verified(mv[len(mv) - 16 * n - 4 :], what + " (shard index)"), "<u8").reshape(n, 2)
-        out = np.empty(self.outer_shape, dtype=self.dtype)
+        if out is None:
+            out = np.empty(self.outer_shape, dtype=self.dtype)
         body = len(mv) - 16 * n - 4
         for flat, coords in enumerate(product(*(range(g) for g in grid))):
             off, size = int(index[flat, 0]), int(index[flat, 1])
@@ -141,20 +142,32 @@ class FastArray:
     def key(self, coords: Sequence[int]) -> str:
         return f"{self.path}/c/" + "/".join(map(str, coords)) if coords else f"{self.path}/c"
 
-    def decode_object(self, blob: Any, key: str) -> np.ndarray:
-        """One fetched object (``None`` if absent) decoded to the outer chunk shape."""
+    def decode_object(self, blob: Any, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One fetched object (``None`` if absent) decoded to the outer chunk shape (into ``out``
+        when given, which must have that shape)."""
         if blob is None:
-            return np.full(self.outer_shape, self.fill, dtype=self.dtype)
+            if out is None:
+                return np.full(self.outer_shape, self.fill, dtype=self.dtype)
+            out[...] = self.fill
+            return out
         raw = blob.as_numpy_array().view(np.uint8)
-        return self._decode_shard(raw, key) if self.sharded else self._decode_chunk(raw, key)
+        if self.sharded:
+            return self._decode_shard(raw, key, out)
+        block = self._decode_chunk(raw, key)
+        if out is None:
+            return block
+        out[...] = block
+        return out
 
-    def read_objects(self, coords: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Read and decode whole objects (chunks, or shards when sharded) at the given grid coords."""
+    def read_objects(self, coords: Sequence[Sequence[int]], out: np.ndarray | None = None) -> list[np.ndarray]:
+        """Read and decode whole objects (chunks, or shards when sharded) at the given grid coords;
+        with ``out`` of shape ``(len(coords), *outer_shape)`` they are decoded in place."""
         keys = [self.key(c) for c in coords]
         blobs = _fetch(self.store, keys)
+        outs = [None] * len(keys) if out is None else list(out)
         if len(keys) == 1:
-            return [self.decode_object(blobs[0], keys[0])]
-        return list(_decode_pool().map(self.decode_object, blobs, keys))
+            return [self.decode_object(blobs[0], keys[0], outs[0])]
+        return list(_decode_pool().map(self.decode_object, blobs, keys, outs))
 
     def read_all(self) -> np.ndarray:
         """The whole array."""

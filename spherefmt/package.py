@@ -18,7 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import constants as C
-from .arch import Field, Layout, detect, rows_from_tensors, tensors_from_rows
+from .arch import Field, Layout, detect, rows_from_tensors
 from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
 from .fastpath import ChunkError, FastArray, open_arrays, read_many
 from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
@@ -225,14 +225,26 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
         for name, info in infos.items():
             if name in ffn:
                 continue
-            data = source.read(name)
-            _check_read(data, info, source.where)
             st = storage_dtype(info.dtype)
-            arr = root.create_array(core_key(name), shape=info.shape, dtype=st, chunks=_core_chunks(info.shape, st.itemsize),
+            chunks = _core_chunks(info.shape, st.itemsize)
+            arr = root.create_array(core_key(name), shape=info.shape, dtype=st, chunks=chunks,
                                     compressors=_compressors(codec, st.itemsize), fill_value=0, config=_ARRAY_CONFIG,
                                     attributes={"name": name, "dtype": info.dtype})
-            arr[...] = data
-            bar.update(info.nbytes)
+            if not info.shape or info.shape[0] == 0:
+                data = source.read(name)
+                _check_read(data, info, source.where)
+                if data.size:
+                    arr[...] = data
+                bar.update(info.nbytes)
+                continue
+            # large tensors go in slabs of whole chunks, read by row range: memory stays bounded
+            step = chunks[0] * C.CORE_SLAB_CHUNKS
+            for start in range(0, info.shape[0], step):
+                stop = min(start + step, info.shape[0])
+                data = source.read_rows(name, start, stop)
+                _check_read(data, TensorInfo(name, info.dtype, (stop - start, *info.shape[1:])), source.where)
+                arr[start:stop] = data
+                bar.update(data.nbytes)
         if grid is not None:
             _write_sphere(source, infos, layout, grid, codec, root, header, bar)
     header["state"] = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
@@ -489,7 +501,7 @@ class Package:
         self._tensors = {t["name"]: t for t in self._header["tensors"]}
         self._arrays: dict[str, zarr.Array] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._rows_cache: tuple[int, np.ndarray] | None = None
+        self._rows_cache: tuple[int, dict[str, np.ndarray]] | None = None
         self._shell_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         if self.architecture != C.ARCH_GENERIC:
             h = self._header
@@ -661,8 +673,9 @@ class Package:
         fa = FastArray.maybe(neurons)
         try:
             if fa is not None:
-                objs = fa.read_objects([(0, int(c) // m, int(c) % m, 0, 0) for c in occupied])
-                block = np.stack(objs).reshape(len(occupied), n_layers, k, -1)
+                block = np.empty((len(occupied), *fa.outer_shape), dtype=fa.dtype)
+                fa.read_objects([(0, int(c) // m, int(c) % m, 0, 0) for c in occupied], out=block)
+                block = block.reshape(len(occupied), n_layers, k, -1)
             else:
                 block = np.asarray(neurons[...]).reshape(n_layers, p * m, k, -1)[:, occupied].transpose(1, 0, 2, 3)
         except SpherefmtError:
@@ -672,20 +685,39 @@ class Package:
         self._shell_cache = (depth, occupied, block)
         return occupied, block
 
-    def layer_rows(self, layer: int) -> np.ndarray:
-        """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
-        if self._rows_cache and self._rows_cache[0] == layer:
-            return self._rows_cache[1]
+    def _layer_gather(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shell's decoded rows of ``layer`` as a flat ``(cells * K, F)`` array, and for each
+        original neuron its position in it."""
         depth = self.layer_depth[layer]
         _, index, _ = self._shell_arrays(depth)
         occupied, block = self._shell_block(depth)
         t = self._shells[depth]["layers"].index(layer)
-        idx = index[t].reshape(-1, index.shape[3])[occupied]
-        rows = np.empty((self._layout.neurons[layer], block.shape[-1]), dtype=block.dtype)
-        mask = idx >= 0
-        rows[idx[mask]] = block[:, t][mask]
-        self._rows_cache = (layer, rows)
-        return rows
+        idx = index[t].reshape(-1, index.shape[3])[occupied].reshape(-1)
+        pos = np.empty(self._layout.neurons[layer], dtype=np.intp)
+        real = np.flatnonzero(idx >= 0)
+        pos[idx[real]] = real  # index was checked to be a permutation on load
+        return block[:, t].reshape(-1, block.shape[-1]), pos
+
+    def layer_rows(self, layer: int) -> np.ndarray:
+        """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
+        flat, pos = self._layer_gather(layer)
+        return flat[pos]
+
+    def _layer_tensors(self, layer: int) -> dict[str, np.ndarray]:
+        """Every FFN tensor of a layer rebuilt from the sphere (one gather per field); the last
+        layer is kept so that reading its tensors one by one rebuilds them once."""
+        if self._rows_cache and self._rows_cache[0] == layer:
+            return self._rows_cache[1]
+        flat, pos = self._layer_gather(layer)
+        out = {}
+        for f, sl in zip(self._layout.fields, self._layout.slices().values(), strict=True):
+            name = self._layout.layers[layer][f.name]
+            shape = tuple(self._tensors[name]["shape"])
+            moved = (shape[f.axis],) + tuple(s for i, s in enumerate(shape) if i != f.axis)
+            rows = flat[pos, sl].reshape(moved)  # one gather, neuron-major
+            out[name] = rows if f.axis == 0 else np.ascontiguousarray(np.moveaxis(rows, 0, f.axis))
+        self._rows_cache = (layer, out)
+        return out
 
     def _storage(self, name: str) -> np.ndarray:
         t = self._entry(name)
@@ -698,9 +730,7 @@ class Package:
             data = self._read(arr, Ellipsis, core_key(name))
             return data.reshape(shape)  # zarr returns 0-d arrays as shape (1,)
         layer, _ = self._owner[name]
-        rows = self.layer_rows(layer)
-        shapes = {n: self._tensors[n]["shape"] for n in self._layout.layers[layer].values()}
-        return tensors_from_rows(self._layout, rows, layer, shapes)[name]
+        return self._layer_tensors(layer)[name]
 
     def tensor(self, name: str, framework: str = "numpy") -> Any:
         """One tensor with its original name, shape, dtype and bytes.

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import EARTH_GRATICULE, MAX_DEPTH, MAX_MERIDIANS, MAX_PARALLELS, MIN_PLANE_BYTES
+from .constants import (
+    EARTH_GRATICULE,
+    MAX_DEPTH,
+    MAX_MERIDIANS,
+    MAX_PARALLELS,
+    MAX_PLANE_WASTE,
+    MIN_PLANE_BYTES,
+    ZSTD_BLOCK,
+)
 from .errors import FormatError
 
 __all__ = ["Grid", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
@@ -64,19 +72,44 @@ def check_grid(p: int, m: int, d: int, n_layers: int | None = None) -> None:
         raise FormatError(f"depth {d}: the model has only {n_layers} layers")
 
 
-def default_grid(n_neurons: int, row_width: int, itemsize: int, n_layers: int) -> Grid:
-    """The default graticule and depth for a model (the rule written in ``spec/FORMAT.md``).
+def plane_waste(capacity: int, row_width: int, itemsize: int) -> float:
+    """Fraction of a cell-layer chunk's bytes that share a zstd block with the other byte plane.
 
-    A cell of one layer (one inner chunk) must hold at least ``MIN_PLANE_BYTES * itemsize``
-    bytes so that compression works as well as on large chunks; the graticule is the largest
-    ``P x 2P`` (Earth's aspect) with no more cells than that allows, capped at Earth's 180x360.
-    Depth is ``min(10, layers)``.
+    After the byte shuffle a chunk is its low-byte plane (mantissa: noise) followed by its
+    high-byte plane (sign and exponent: compressible), each ``capacity * row_width`` bytes.  zstd
+    codes 128 KiB blocks with one entropy table each, so the block where the planes meet
+    compresses like noise.  The smaller this fraction, the closer a chunk gets to the ratio of
+    very large chunks.
     """
-    k_min = max(1, math.ceil(MIN_PLANE_BYTES / row_width))  # each byte plane >= MIN_PLANE_BYTES
-    max_cells = max(1, n_neurons // k_min)
-    p = max(1, min(MAX_PARALLELS, math.isqrt(max_cells // 2)))
-    m = 2 * p if 2 * p * p <= max_cells else p
-    return Grid(p, min(m, MAX_MERIDIANS), max(1, min(MAX_DEPTH, n_layers)))
+    if itemsize == 1:
+        return 0.0
+    plane = capacity * row_width
+    r = plane % ZSTD_BLOCK
+    return min(r, ZSTD_BLOCK - r) / (plane * itemsize)
+
+
+def default_grid(n_neurons: int, row_width: int, itemsize: int, n_layers: int) -> Grid:
+    """The default graticule and depth for a model (the rule written in ``spec/FORMAT.md`` 7).
+
+    The graticule is the ``P x 2P`` (Earth's aspect, at most 180x360) with the most cells such
+    that one cell of one layer (one inner chunk) holds at least ``MIN_PLANE_BYTES`` per byte
+    plane and at most ``MAX_PLANE_WASTE`` of its bytes in the block where the planes meet; if
+    no graticule meets the second condition, the one with the most cells meeting the first;
+    ``1 x 1`` for models too small for either.  Depth is ``min(10, layers)``.
+    """
+    depth = max(1, min(MAX_DEPTH, n_layers))
+    fallback = None
+    for p in range(MAX_PARALLELS, 0, -1):
+        m = min(2 * p, MAX_MERIDIANS)
+        if p * m > n_neurons:
+            continue
+        k = math.ceil(n_neurons / (p * m))
+        if k * row_width < MIN_PLANE_BYTES:
+            continue
+        if plane_waste(k, row_width, itemsize) <= MAX_PLANE_WASTE:
+            return Grid(p, m, depth)
+        fallback = fallback or Grid(p, m, depth)
+    return fallback or Grid(1, 1, depth)
 
 
 def layer_shells(n_layers: int, depth: int) -> list[int]:

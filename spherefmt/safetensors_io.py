@@ -145,14 +145,22 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self._entries[name][0]
 
-    def read(self, name: str) -> np.ndarray:
-        """Read one tensor as its storage array (bfloat16 as uint16 words), a fresh copy."""
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Read one tensor (or rows ``start:stop`` of axis 0) as its storage array (bfloat16 as
+        uint16 words), a fresh copy."""
         info, begin = self._entries[name]
         storage = np.dtype(DTYPES[info.dtype][0])
-        out = np.empty(info.shape, dtype=storage)
+        shape = info.shape
+        if start is not None and shape:
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            row = math.prod(shape[1:]) * storage.itemsize
+            begin += start * row
+            shape = (max(0, stop - start), *shape[1:])
+        out = np.empty(shape, dtype=storage)
+        nbytes = out.nbytes
         buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
         got = 0
-        while got < info.nbytes:
+        while got < nbytes:
             k = os.preadv(self._fh.fileno(), [buf[got:]], self._data_start + begin + got)
             if k <= 0:
                 raise FormatError(f"{self.path}: tensor {name!r}: file ended while reading")

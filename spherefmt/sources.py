@@ -50,6 +50,11 @@ class TensorSource(ABC):
     @abstractmethod
     def read(self, name: str) -> np.ndarray: ...
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (axis 0) of a tensor; sources that can read a byte range override
+        this so that large tensors never sit whole in memory."""
+        return self.read(name)[start:stop]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files held open."""
 
@@ -91,6 +96,9 @@ class SafetensorsSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         return self._owner[name].read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._owner[name].read(name, start, stop)
 
     def close(self) -> None:
         for f in self._files:

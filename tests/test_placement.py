@@ -36,12 +36,22 @@ def test_assignment_prefers_nearby_cells():
 
 
 def test_default_grid_rule():
-    assert default_grid(3072, 1537, 2, 12) == spherefmt.placement.Grid(4, 8, 10)  # GPT-2 small
-    g = default_grid(6400, 3201, 2, 48)  # gpt2-xl
-    assert (g.parallels, g.meridians, g.depth) == (8, 16, 10)
-    assert math.ceil(6400 / g.cells) * 3201 >= 131072  # each byte plane >= 128 KiB
-    assert default_grid(16, 9, 4, 1) == spherefmt.placement.Grid(1, 1, 1)
-    assert default_grid(10**6, 10**6, 2, 100) == spherefmt.placement.Grid(180, 360, 10)
+    from spherefmt.constants import MAX_PLANE_WASTE, MIN_PLANE_BYTES
+    from spherefmt.placement import Grid, plane_waste
+
+    assert default_grid(3072, 1537, 2, 12) == Grid(3, 6, 10)  # GPT-2 small, as the spec says
+    for n, f, item, layers in [(3072, 1537, 2, 12), (6400, 3201, 2, 48), (11008, 12288, 2, 32), (4096, 2049, 4, 24)]:
+        g = default_grid(n, f, item, layers)
+        k = math.ceil(n / g.cells)
+        assert g.meridians == 2 * g.parallels and g.depth == min(10, layers)
+        assert k * f >= MIN_PLANE_BYTES and plane_waste(k, f, item) <= MAX_PLANE_WASTE
+        # no 2:1 graticule with more cells meets both conditions
+        for p in range(g.parallels + 1, 181):
+            kk = math.ceil(n / (2 * p * p)) if 2 * p * p <= n else 0
+            assert not kk or kk * f < MIN_PLANE_BYTES or plane_waste(kk, f, item) > MAX_PLANE_WASTE
+    assert default_grid(16, 9, 4, 1) == Grid(1, 1, 1)
+    assert default_grid(10**6, 10**6, 2, 100) == Grid(180, 360, 10)
+    assert plane_waste(96, 1537, 2) > 0.05 > plane_waste(171, 1537, 2)
 
 
 @pytest.mark.parametrize("layers,depth", [(12, 10), (3, 2), (48, 10), (5, 5), (7, 1)])

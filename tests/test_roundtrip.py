@@ -143,3 +143,20 @@ def test_file_url_and_zarr_store_object(tmp_path):
         assert list(sd2) == list(sd)
         for k, v in sd.items():
             assert same_bytes(sd2[k], v), k
+
+
+def test_large_core_tensors_are_written_in_slabs(tmp_path, monkeypatch):
+    from spherefmt import constants
+    from spherefmt.safetensors_io import SafetensorsFile
+
+    sd, cfg = model("gpt2", "BF16")
+    folder = save_hf_folder(tmp_path / "hf", sd, cfg)
+    with SafetensorsFile(folder / "model.safetensors") as f:
+        full = f.read("transformer.wte.weight")
+        assert f.read("transformer.wte.weight", 5, 17).tobytes() == full[5:17].tobytes()
+        assert f.read("transformer.wte.weight", 70, 999).tobytes() == full[70:].tobytes()
+    monkeypatch.setattr(constants, "CORE_CHUNK_BYTES", 640)  # 10 rows of wte per chunk, 40 per slab
+    pkg = spherefmt.open(spherefmt.save(folder, tmp_path / "m.sphere"))
+    assert pkg._array("core/transformer.wte.weight").chunks == (10, 32)
+    for k, v in sd.items():
+        assert same_bytes(pkg.tensor(k), v), k
