@@ -163,27 +163,39 @@ class FastArray:
         """Read and decode whole objects (chunks, or shards when sharded) at the given grid coords;
         with ``out`` of shape ``(len(coords), *outer_shape)`` they are decoded in place."""
         keys = [self.key(c) for c in coords]
-        blobs = _fetch(self.store, keys)
-        outs = [None] * len(keys) if out is None else list(out)
-        if len(keys) == 1:
-            return [self.decode_object(blobs[0], keys[0], outs[0])]
-        return list(_decode_pool().map(self.decode_object, blobs, keys, outs))
+        outs: list[Any] = [None] * len(keys) if out is None else list(out)
+
+        def decode(i: int, blob: Any) -> None:
+            outs[i] = self.decode_object(blob, keys[i], outs[i])
+
+        _fetch_decode(self.store, keys, decode)
+        return outs
 
     def read_all(self) -> np.ndarray:
         """The whole array."""
         return read_many([self])[0]
 
 
-def _fetch(store: Any, keys: Sequence[str]) -> list[Any]:
-    """Every key in one concurrent round through the zarr store (``None`` for absent keys)."""
+def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
+    """Fetch every key concurrently through the zarr store and call ``decode(i, blob)`` (blob
+    ``None`` for an absent key) on the decode pool as soon as each object arrives, so that
+    reading and decoding overlap."""
     if not keys:
-        return []
+        return
     proto = default_buffer_prototype()
+    if len(keys) == 1:  # one object (an expert): decoding here beats a thread hand-off
+        decode(0, sync(store.get(keys[0], prototype=proto)))
+        return
+    pool = _decode_pool()
 
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(store.get(k, prototype=proto) for k in keys))
+    async def one(i: int, key: str) -> None:
+        blob = await store.get(key, prototype=proto)
+        await asyncio.get_running_loop().run_in_executor(pool, decode, i, blob)
 
-    return sync(fetch())
+    async def run() -> None:
+        await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+
+    sync(run())
 
 
 def _decode_pool() -> Any:
@@ -239,19 +251,16 @@ def read_many(arrays: Sequence[FastArray]) -> list[np.ndarray]:
         coords = list(product(*(range(g) for g in grid))) if shape else [()]
         plans.append((fa, shape, coords, len(keys), np.empty(shape, dtype=fa.dtype)))
         keys.extend(fa.key(c) for c in coords)
-    blobs = _fetch(arrays[0].store, keys) if keys else []
+    where = [(fa, shape, c, out) for fa, shape, coords, _, out in plans for c in coords]
 
-    def place(fa: FastArray, shape: tuple[int, ...], c: tuple[int, ...], i: int, out: np.ndarray) -> None:
-        block = fa.decode_object(blobs[i], keys[i])
+    def place(i: int, blob: Any) -> None:
+        fa, shape, c, out = where[i]
+        block = fa.decode_object(blob, keys[i])
         if not shape:
             out[()] = block.reshape(-1)[0]
             return
         sel = tuple(slice(j * o, min((j + 1) * o, s)) for j, o, s in zip(c, fa.outer_shape, shape, strict=True))
         out[sel] = block[tuple(slice(0, s.stop - s.start) for s in sel)]
 
-    pool = _decode_pool()
-    futures = [pool.submit(place, fa, shape, c, start + i, out)
-               for fa, shape, coords, start, out in plans for i, c in enumerate(coords)]
-    for f in futures:
-        f.result()
+    _fetch_decode(arrays[0].store if arrays else None, keys, place)
     return [plan[4] for plan in plans]
