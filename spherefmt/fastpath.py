@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import mmap
-import os
 from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
@@ -186,7 +184,7 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
     reading and decoding overlap."""
     if not keys:
         return
-    if isinstance(store, LocalStore):  # map the files: no read copy, no event-loop round trips
+    if isinstance(store, LocalStore):  # plain file reads on the decode pool: no event-loop round trips
         root = Path(store.root)
 
         def mapped(i: int) -> None:
@@ -196,9 +194,8 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
                 decode(i, None)
                 return
             with f:
-                size = os.fstat(f.fileno()).st_size
-                blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            decode(i, blob)  # decoders copy out of the map; it closes when the last view goes
+                blob = f.read()  # one large sequential read beats mmap page faults when cold
+            decode(i, blob)
 
         if len(keys) == 1:
             mapped(0)
