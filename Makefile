@@ -6,9 +6,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spherefmt-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-deps demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Debian tools the tests check our files against (qemu-img reads and writes VHD); installed
+# when missing and running as root (CI), otherwise named.
+SYSTEM_TOOLS := qemu-img:qemu-utils fsck.vfat:dosfstools
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
