@@ -1,0 +1,301 @@
+"""Files inside a VHD: an MBR partition with a FAT32 filesystem, as an fsspec filesystem.
+
+Layout of a package image: a dynamic VHD; sector 0 an MBR with one partition (type 0x0C,
+FAT32 LBA) from sector 2048 to the end; a FAT32 filesystem in it (written here: pyfatfs's own
+``mkfs`` makes images it cannot reopen); the Zarr store as ordinary files at the root.  Windows
+and Linux mount this without extra drivers.
+
+File operations go through pyfatfs (a maintained pure-Python FAT implementation) over a file
+object that maps onto the VHD's virtual disk, so only the sectors that are touched are read,
+and a new VHD block is allocated only when one is first written.  :class:`VHDFileSystem` is an
+fsspec filesystem (protocol ``vhd``) over those files: zarr opens the store through it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import warnings
+from typing import Any
+
+from fsspec.spec import AbstractFileSystem
+
+from .errors import FormatError, ReadOnlyError
+from .vhd import SECTOR, VHDImage, create_vhd
+
+__all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
+
+PARTITION_START = 2048  # sectors: 1 MiB alignment, as every partitioning tool does
+RESERVED = 32
+CLUSTER = 32 * 1024
+FAT32_MIN_CLUSTERS = 65525
+
+
+class DiskFile(io.RawIOBase):
+    """A seekable binary file over a VHD's virtual disk (what pyfatfs reads and writes)."""
+
+    def __init__(self, vhd: VHDImage) -> None:
+        self.vhd, self._pos = vhd, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self.vhd.mode == "r+"
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self.vhd.size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.vhd.size - self._pos))
+        b[:n] = self.vhd.read(self._pos, n)
+        self._pos += n
+        return n
+
+    def write(self, b: Any) -> int:
+        data = memoryview(b).cast("B")
+        self.vhd.write(self._pos, data)
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:  # pyfatfs closes the file object it was given; the VHD stays ours
+        pass
+
+
+def _fat_layout(sectors: int) -> tuple[int, int, int]:
+    """(sectors per cluster, FAT sectors, cluster count) for a FAT32 volume of ``sectors``."""
+    spc = CLUSTER // SECTOR
+    fat = 1
+    for _ in range(16):  # fixed point: the FATs must cover the clusters left after them
+        clusters = (sectors - RESERVED - 2 * fat) // spc
+        need = -(-(clusters + 2) * 4 // SECTOR)
+        if need == fat:
+            break
+        fat = need
+    clusters = (sectors - RESERVED - 2 * fat) // spc
+    if clusters < FAT32_MIN_CLUSTERS:
+        raise FormatError(f"a FAT32 volume needs at least {FAT32_MIN_CLUSTERS} clusters of {CLUSTER} bytes; "
+                          f"make the image larger (--vhd-size)")
+    return spc, fat, clusters
+
+
+def format_disk(vhd: VHDImage) -> None:
+    """Write an MBR with one FAT32 partition and an empty FAT32 filesystem to a blank VHD."""
+    total = vhd.size // SECTOR
+    part = total - PARTITION_START
+    spc, fat, clusters = _fat_layout(part)
+    mbr = bytearray(SECTOR)
+    mbr[440:444] = struct.pack("<I", 0x53504852)  # disk signature "SPHR"
+    # status, CHS first (unused: LBA), type 0x0C FAT32 LBA, CHS last, LBA start, sectors
+    mbr[446:462] = struct.pack("<B3sB3sII", 0x00, b"\xfe\xff\xff", 0x0C, b"\xfe\xff\xff", PARTITION_START, part)
+    mbr[510:512] = b"\x55\xaa"
+    vhd.write(0, bytes(mbr))
+    vol = b"NO NAME    "  # a label here needs a matching volume entry in the root directory
+    bpb = struct.pack("<3s8sHBHBHHBHHHIIIHHIHH12sBBBI11s8s", b"\xeb\x58\x90", b"MSWIN4.1", SECTOR, spc, RESERVED, 2,
+                      0, 0, 0xF8, 0, 63, 255, PARTITION_START, part, fat, 0, 0, 2, 1, 6, b"\0" * 12, 0x80, 0, 0x29,
+                      0x53504852, vol, b"FAT32   ")
+    boot = bytearray(SECTOR)
+    boot[: len(bpb)] = bpb
+    boot[510:512] = b"\x55\xaa"
+    fsinfo = bytearray(SECTOR)
+    fsinfo[0:4] = struct.pack("<I", 0x41615252)
+    fsinfo[484:492] = struct.pack("<II", 0x61417272, clusters - 1)  # root dir takes cluster 2
+    fsinfo[492:496] = struct.pack("<I", 3)
+    fsinfo[508:512] = b"\x00\x00\x55\xaa"
+    base = PARTITION_START * SECTOR
+    for at in (0, 6):  # boot sector + FSInfo, and their backups at sector 6
+        vhd.write(base + at * SECTOR, bytes(boot))
+        vhd.write(base + (at + 1) * SECTOR, bytes(fsinfo))
+    fat0 = struct.pack("<III", 0x0FFFFFF8, 0x0FFFFFFF, 0x0FFFFFFF)  # media, reserved, root dir (end of chain)
+    for i in range(2):
+        vhd.write(base + (RESERVED + i * fat) * SECTOR, fat0)
+    # the root directory cluster is already zero (unallocated blocks read as zeros)
+
+
+def _fix_fsinfo(vhd: VHDImage) -> None:
+    """Set FSInfo's free-cluster count from the FAT (pyfatfs leaves it stale; fsck would complain)."""
+    import numpy as np
+
+    base = PARTITION_START * SECTOR
+    boot = vhd.read(base, SECTOR)
+    spc, reserved, fat = boot[13], struct.unpack_from("<H", boot, 14)[0], struct.unpack_from("<I", boot, 36)[0]
+    part = struct.unpack_from("<I", boot, 32)[0]
+    clusters = (part - reserved - 2 * fat) // spc
+    table = np.frombuffer(vhd.read(base + reserved * SECTOR, (clusters + 2) * 4), "<u4") & 0x0FFFFFFF
+    free = int((table[2:] == 0).sum())
+    nxt = int(np.argmax(table[2:] == 0)) + 2 if free else 0xFFFFFFFF
+    for at in (1, 7):
+        vhd.write(base + at * SECTOR + 488, struct.pack("<II", free, nxt))
+
+
+def create_package_image(path: str | os.PathLike[str], size: int) -> int:
+    """Create a dynamic VHD of (at least) ``size`` bytes holding an empty FAT32 partition."""
+    real = create_vhd(path, size)
+    with VHDImage(path, "r+") as v:
+        format_disk(v)
+        v.flush()
+    return real
+
+
+class VHDFileSystem(AbstractFileSystem):
+    """fsspec filesystem over the files inside a package VHD (protocol ``vhd``).
+
+    Parameters
+    ----------
+    fo
+        Path of the ``.vhd`` file.
+    mode
+        ``"r"`` or ``"r+"``.  One writer at a time: ``"r+"`` takes an exclusive lock on the
+        image file and a second writer gets :class:`ReadOnlyError` at once.
+    """
+
+    protocol = "vhd"
+    cachable = False
+    root_marker = "/"
+
+    def __init__(self, fo: str, mode: str = "r", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.image_path, self.mode = os.fspath(fo), mode
+        self._vhd = VHDImage(self.image_path, mode)
+        self._lockf = None
+        if mode == "r+":
+            import fcntl
+
+            self._lockf = open(self.image_path, "rb")  # noqa: SIM115 - held for the writer's lifetime
+            try:
+                fcntl.flock(self._lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lockf.close()
+                self._vhd.close()
+                raise ReadOnlyError(f"{self.image_path}: another process is writing this package") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pyfatfs imports fs, which warns about pkg_resources
+            from pyfatfs.PyFatFS import PyFatBytesIOFS
+        try:
+            self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=PARTITION_START * SECTOR, lazy_load=True)
+        except Exception as e:  # noqa: BLE001 - pyfatfs raises many kinds on a bad filesystem
+            self.close()
+            raise FormatError(f"{self.image_path}: no readable FAT32 filesystem at sector {PARTITION_START} "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+        self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        path = path.split("://", 1)[-1] if "://" in path else path
+        return "/" + path.strip("/")
+
+    # -- the hooks fsspec builds everything else on ---------------------------------------
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        path = self._strip_protocol(path)
+        with self._io:
+            if not self._fat.exists(path):
+                raise FileNotFoundError(path)
+            if not self._fat.isdir(path):
+                return [self.info(path)] if detail else [path]
+            names = self._fat.listdir(path)
+        out = [self.info(f"{path.rstrip('/')}/{n}") for n in names]
+        return out if detail else [o["name"] for o in out]
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        path = self._strip_protocol(path)
+        with self._io:
+            if not self._fat.exists(path):
+                raise FileNotFoundError(path)
+            isdir = self._fat.isdir(path)
+            size = 0 if isdir else self._fat.getsize(path)
+        return {"name": path, "size": size, "type": "directory" if isdir else "file"}
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        path = self._strip_protocol(path)
+        with self._io:
+            if not self._fat.exists(path) or self._fat.isdir(path):
+                raise FileNotFoundError(path)
+            with self._fat.openbin(path, "r") as f:
+                size = self._fat.getsize(path)
+                s = 0 if start is None else (start if start >= 0 else max(0, size + start))
+                e = size if end is None else (end if end >= 0 else max(0, size + end))
+                f.seek(s)
+                return f.read(max(0, min(e, size) - s))
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        """Write a whole file: new bytes go to a temporary name that replaces the old file only
+        when complete, so a reader or a crash never sees half of it."""
+        if self.mode != "r+":
+            raise ReadOnlyError(f"{self.image_path}: opened read-only")
+        path = self._strip_protocol(path)
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/{name}.~tmp"
+        with self._io:
+            self._fat.makedirs(parent or "/", recreate=True)
+            with self._fat.openbin(tmp, "w") as f:
+                f.write(bytes(value))
+            if self._fat.exists(path):
+                self._fat.remove(path)
+            self._fat.move(tmp, path)
+            self._fat.fs.flush_fat()  # the file's clusters are on disk before anything else
+
+    def rm_file(self, path: str) -> None:
+        path = self._strip_protocol(path)
+        with self._io:
+            if self._fat.exists(path):
+                self._fat.remove(path)
+
+    def _rm(self, path: str) -> None:
+        self.rm_file(path)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        with self._io:
+            self._fat.makedirs(self._strip_protocol(path), recreate=True)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.mkdir(path)
+
+    def rmdir(self, path: str) -> None:
+        with self._io:
+            self._fat.removedir(self._strip_protocol(path))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if "r" in mode:
+            return io.BytesIO(self.cat_file(path))
+        fs = self
+
+        class _Writer(io.BytesIO):
+            def close(self) -> None:
+                if not self.closed:
+                    fs.pipe_file(path, self.getvalue())
+                super().close()
+
+        return _Writer()
+
+    def flush(self) -> None:
+        """Make everything written durable and the filesystem consistent (FSInfo counts)."""
+        if self.mode == "r+":
+            with self._io:
+                _fix_fsinfo(self._vhd)
+                self._vhd.flush()
+
+    def close(self) -> None:
+        fat = getattr(self, "_fat", None)
+        if fat is not None:
+            with self._io:
+                if self.mode == "r+":
+                    fat.close()  # pyfatfs writes its FAT and marks the volume clean
+                self._fat = None
+                if self.mode == "r+":
+                    _fix_fsinfo(self._vhd)
+                    self._vhd.flush()
+        if getattr(self, "_vhd", None) is not None:
+            self._vhd.close()
+            self._vhd = None
+        if self._lockf is not None:
+            self._lockf.close()
+            self._lockf = None
