@@ -12,7 +12,7 @@ setup: $(STAMP) system-deps
 
 # Debian tools the tests check our files against (qemu-img reads and writes VHD); installed
 # when missing and running as root (CI), otherwise named.
-SYSTEM_TOOLS := qemu-img:qemu-utils fsck.vfat:dosfstools
+SYSTEM_TOOLS := qemu-img:qemu-utils fsck.vfat:dosfstools mcopy:mtools
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, so the torch extra resolves to it (not a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev]'
+	$(PY) -m pip install -q -e '.[torch,dev,vhd]'
 	touch $(STAMP)
 
 demo: setup

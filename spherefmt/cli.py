@@ -35,6 +35,22 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def parse_size(text: str) -> int:
+    """``"16G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units); FormatError otherwise."""
+    from .errors import FormatError
+
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if mult > 1 else t
+    try:
+        value = float(num)
+    except ValueError:
+        raise FormatError(f"size {text!r}: expected a number with an optional K, M, G or T suffix") from None
+    if not 0 < value * mult < 1 << 50:
+        raise FormatError(f"size {text!r} is out of range")
+    return int(value * mult)
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -105,16 +121,21 @@ def cli() -> None:
 @click.option("--codec", type=click.Choice(C.CODEC_PRESETS), default=C.CODEC_DEFAULT, show_default=True,
               help="default: shuffle + zstd(1) + crc32c; none: crc32c only.")
 @click.option("--overwrite", is_flag=True, help="Replace a package already at DST (never anything else).")
+@click.option("--vhd-size", metavar="SIZE", help="Virtual size of a .vhd DST, e.g. 64G (default: the larger of 4G "
+              "and 8x the model; the file only holds what is written).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
-def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool, quiet: bool) -> None:
+def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool,
+            vhd_size: str | None, quiet: bool) -> None:
     """Convert a model (SRC: HF folder, .safetensors, .pt/.bin, or a package) into a package at DST
-    (a directory, a .zip, or an fsspec URL such as memory:// or s3://)."""
+    (a directory, a .zip, a .vhd disk image, or an fsspec URL such as memory:// or s3://)."""
     from .package import save
 
+    size = parse_size(vhd_size) if vhd_size else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        where = save(src, dst, graticule=graticule, depth=depth, codec=codec, overwrite=overwrite, progress=not quiet)
+        where = save(src, dst, graticule=graticule, depth=depth, codec=codec, overwrite=overwrite, progress=not quiet,
+                     vhd_size=size)
     for w in caught:
         if issubclass(w.category, UserWarning) and "Numcodecs" not in str(w.message):
             click.echo(f"sphere: warning: {w.message}", err=True)

@@ -35,7 +35,7 @@ from .placement import (
 )
 from .safetensors_io import TensorInfo, check_dtype, check_shape
 from .sources import TensorSource, open_source
-from .storage import open_group, open_store, prepare_destination, root_attrs
+from .storage import close_store, open_group, open_store, prepare_destination, root_attrs
 
 __all__ = ["save", "open", "Package", "Expert", "is_package", "PackageSource"]
 
@@ -94,6 +94,7 @@ def save(
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
     progress: bool = False,
+    vhd_size: int | None = None,
 ) -> str:
     """Convert a model to a sphere package.
 
@@ -118,6 +119,9 @@ def save(
         Extra string-to-string metadata, merged over the source's.
     progress
         Show a progress bar.
+    vhd_size
+        Virtual size in bytes of a new ``.vhd`` package (default: the larger of 4 GiB and 8x
+        the model's raw size; the file on disk is about the size of the content).
 
     Returns
     -------
@@ -161,7 +165,7 @@ def save(
             grid = Grid(p, m, d)
         elif graticule is not None or depth is not None:
             warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
-        dest = prepare_destination(dst, overwrite)
+        dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()))
         try:
             _write(source, infos, layout, grid, codec, dest.store, metadata, progress)
             dest.finish()
@@ -836,10 +840,8 @@ class Package:
         """Release the store."""
         self._arrays.clear()
         self._rows_cache = self._shell_cache = None
-        try:
-            self._store.close()
-        except Exception:  # noqa: BLE001 - closing must not mask the caller's error
-            pass
+        if self.kind != "store":  # a Store the caller passed in stays the caller's
+            close_store(self._store)
 
     def __enter__(self) -> Package:
         return self

@@ -26,13 +26,48 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from .constants import MAX_HEADER_JSON, ROOT_ATTR
 from .errors import FormatError, PackageExistsError, ReadOnlyError
 
-__all__ = ["open_store", "Destination", "prepare_destination", "root_attrs", "is_package"]
+#: Virtual size of a new package VHD unless given: the larger of this and VHD_SIZE_FACTOR times
+#: the model's raw bytes (dynamic images only occupy what is written).
+DEFAULT_VHD_SIZE = 4 * 1024**3
+VHD_SIZE_FACTOR = 8
+
+__all__ = ["open_store", "close_store", "Destination", "prepare_destination", "root_attrs", "is_package"]
 
 
 def _kind(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return "fsspec"
+    if url.endswith(".vhd"):
+        return "vhd"
     return "zip" if url.endswith(".zip") else "dir"
+
+
+def _vhd_store(path: str, mode: str, durable: bool = True) -> Store:
+    """A zarr store over the files inside a package VHD (see :mod:`spherefmt.vhdfs`)."""
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    from .vhdfs import VHDFileSystem
+
+    try:
+        import pyfatfs  # noqa: F401
+    except ImportError:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{path}: VHD packages need pyfatfs: pip install 'spherefmt[vhd]'") from None
+    fs = VHDFileSystem(path, mode, durable=durable)
+    return FsspecStore(AsyncFileSystemWrapper(fs, asynchronous=True), path="/", read_only=mode == "r")
+
+
+def close_store(store: Store) -> None:
+    """Close a store and, for VHD packages, the image under it."""
+    from .vhdfs import VHDFileSystem
+
+    fs = getattr(getattr(store, "fs", None), "sync_fs", None)
+    try:
+        store.close()
+    finally:
+        if isinstance(fs, VHDFileSystem):
+            fs.close()
 
 
 def _local(url: str) -> str:
@@ -53,6 +88,8 @@ def open_store(url: Any, mode: str = "r") -> tuple[Store, str, str]:
     path = _local(url)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such package")
+    if kind == "vhd":
+        return _vhd_store(path, mode), path, kind
     if kind == "zip":
         if not ro:
             raise ReadOnlyError(f"{path}: zip packages are read-only; convert to a directory or .vhd to modify")
@@ -96,10 +133,15 @@ def is_package(url: Any) -> bool:
             u = os.fspath(url)
             if _kind(u) != "fsspec":
                 p = _local(u)
-                if not (os.path.isdir(p) or (p.endswith(".zip") and zipfile.is_zipfile(p))):
+                if not (os.path.isdir(p) or (p.endswith(".zip") and zipfile.is_zipfile(p))
+                        or (p.endswith(".vhd") and os.path.isfile(p))):
                     return False
         store, where, _ = open_store(url, "r")
-        attrs = root_attrs(store, where)
+        try:
+            attrs = root_attrs(store, where)
+        finally:
+            if not isinstance(url, Store):
+                close_store(store)
     except (FormatError, OSError, ValueError):
         return False
     return bool(attrs) and ROOT_ATTR in attrs
@@ -128,7 +170,7 @@ def _zip_dir(folder: Path, dst: Path) -> None:
                     shutil.copyfileobj(src, out, 1 << 20)
 
 
-def prepare_destination(dst: Any, overwrite: bool) -> Destination:
+def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, content_bytes: int = 0) -> Destination:
     """Check ``dst`` and return a :class:`Destination` to write into.
 
     Raises
@@ -159,6 +201,28 @@ def prepare_destination(dst: Any, overwrite: bool) -> Destination:
             raise PackageExistsError(f"{path}: exists and is not a spherefmt package; refusing to replace it")
     if not path.parent.exists():
         raise FormatError(f"{path.parent}: no such directory")
+    if kind == "vhd":
+        from .vhdfs import create_package_image
+
+        image = path.with_name(f".{path.name}.partial-{os.getpid()}.vhd")
+        create_package_image(image, vhd_size or max(DEFAULT_VHD_SIZE, VHD_SIZE_FACTOR * content_bytes))
+        try:
+            store = _vhd_store(str(image), "r+", durable=False)
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
+
+        def finish_vhd() -> None:
+            close_store(store)
+            os.replace(image, path)  # atomic: the old package stays whole until this moment
+
+        def abort_vhd() -> None:
+            try:
+                close_store(store)
+            finally:
+                image.unlink(missing_ok=True)
+
+        return Destination(store, str(path), finish_vhd, abort_vhd, kind)
     stage = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if stage.exists():
         shutil.rmtree(stage)

@@ -139,10 +139,17 @@ def _fix_fsinfo(vhd: VHDImage) -> None:
 
 def create_package_image(path: str | os.PathLike[str], size: int) -> int:
     """Create a dynamic VHD of (at least) ``size`` bytes holding an empty FAT32 partition."""
+    from .vhd import disk_size
+
+    _fat_layout(disk_size(size) // SECTOR - PARTITION_START)  # too small: refuse before any file exists
     real = create_vhd(path, size)
-    with VHDImage(path, "r+") as v:
-        format_disk(v)
-        v.flush()
+    try:
+        with VHDImage(path, "r+") as v:
+            format_disk(v)
+            v.flush()
+    except BaseException:
+        os.unlink(path)
+        raise
     return real
 
 
@@ -156,15 +163,18 @@ class VHDFileSystem(AbstractFileSystem):
     mode
         ``"r"`` or ``"r+"``.  One writer at a time: ``"r+"`` takes an exclusive lock on the
         image file and a second writer gets :class:`ReadOnlyError` at once.
+    durable
+        Write the FAT after every file (in-place edits).  A new package being staged skips
+        this and writes it once when closed: it only becomes visible, atomically, after that.
     """
 
     protocol = "vhd"
     cachable = False
     root_marker = "/"
 
-    def __init__(self, fo: str, mode: str = "r", **kwargs: Any) -> None:
+    def __init__(self, fo: str, mode: str = "r", durable: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.image_path, self.mode = os.fspath(fo), mode
+        self.image_path, self.mode, self.durable = os.fspath(fo), mode, durable
         self._vhd = VHDImage(self.image_path, mode)
         self._lockf = None
         if mode == "r+":
@@ -241,16 +251,33 @@ class VHDFileSystem(AbstractFileSystem):
             if self._fat.exists(path):
                 self._fat.remove(path)
             self._fat.move(tmp, path)
-            self._fat.fs.flush_fat()  # the file's clusters are on disk before anything else
+            if self.durable:  # in-place edits: the FAT reaches the disk with each file
+                self._fat.fs.flush_fat()
 
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
         with self._io:
-            if self._fat.exists(path):
+            if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
 
     def _rm(self, path: str) -> None:
         self.rm_file(path)
+
+    def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
+        for p in [path] if isinstance(path, str) else path:
+            p = self._strip_protocol(p)
+            with self._io:
+                if not self._fat.exists(p):
+                    continue
+                if not self._fat.isdir(p):
+                    self._fat.remove(p)
+                elif recursive:
+                    for name in self._fat.listdir(p):  # the root itself cannot go; its contents can
+                        child = f"{p.rstrip('/')}/{name}"
+                        (self._fat.removetree if self._fat.isdir(child) else self._fat.remove)(child)
+                    if p != "/":
+                        self._fat.removedir(p)
+                    self._fat.fs.flush_fat()
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         with self._io:

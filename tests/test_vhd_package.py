@@ -1,0 +1,126 @@
+"""Packages inside a VHD: every API and CLI command works on a .vhd path; the image is a real
+vpc image with a FAT32 partition that qemu-img, fsck.vfat and mtools accept, and plain zarr
+reads the store copied out of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import spherefmt
+from spherefmt.errors import ReadOnlyError
+from spherefmt.testing import save_hf_folder
+from spherefmt.vhdfs import PARTITION_START, VHDFileSystem
+
+from .conftest import model, same_bytes
+
+TOOLS = ("qemu-img", "fsck.vfat", "mcopy")
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="needs qemu-utils, dosfstools and mtools")
+
+
+def sphere(*args):
+    return subprocess.run([sys.executable, "-m", "spherefmt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def vhd_pkg(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vhd")
+    sd, cfg = model("gpt2", "BF16")
+    folder = save_hf_folder(tmp / "hf", sd, cfg)
+    pkg = tmp / "model.vhd"
+    r = sphere("convert", str(folder), str(pkg), "--graticule", "2x3", "--depth", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    return pkg, sd, tmp
+
+
+def test_cli_and_api_on_vhd(vhd_pkg):
+    pkg, sd, tmp = vhd_pkg
+    info = json.loads(sphere("info", str(pkg), "--json").stdout)
+    assert info["architecture"] == "gpt2" and info["graticule"] == [2, 3] and info["experts"] == 12
+    cell = json.loads(sphere("cell", str(pkg), "1", "2", "0", "--json").stdout)
+    assert cell["expert"] == [1, 2, 0] and cell["stored_bytes"] > 0
+    out = tmp / "back.safetensors"
+    assert sphere("export", str(pkg), str(out), "-q").returncode == 0
+    back = spherefmt.open(spherefmt.save(out, tmp / "back.sphere", config=json.loads((tmp / "hf" / "config.json").read_text())))
+    with spherefmt.open(pkg) as p:
+        for k, v in sd.items():
+            assert same_bytes(p.tensor(k), v) and same_bytes(back.tensor(k), v), k
+
+
+def test_image_is_real_vpc_with_clean_fat32_and_plain_zarr_reads_it(vhd_pkg):
+    pkg, sd, tmp = vhd_pkg
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(pkg)], capture_output=True, text=True,
+                                     check=True).stdout)
+    assert info["format"] == "vpc" and info["virtual-size"] >= 4 * 1024**3
+    assert os.path.getsize(pkg) < 32 * 1024**2  # the file holds the content, not the virtual size
+    raw = tmp / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(pkg), str(raw)], check=True)
+    part = tmp / "part.raw"
+    with open(raw, "rb") as src, open(part, "wb") as dst:
+        assert src.read(512)[510:512] == b"\x55\xaa"
+        src.seek(PARTITION_START * 512)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    raw.unlink()
+    fsck = subprocess.run(["fsck.vfat", "-n", str(part)], capture_output=True, text=True)
+    assert fsck.returncode == 0 and "wrong" not in fsck.stdout.lower(), fsck.stdout
+    out = tmp / "copied"
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mcopy", "-s", "-n", "-i", str(part), "::/", str(out)], check=True, env=env, capture_output=True)
+    part.unlink()
+    store = out if (out / "zarr.json").exists() else next(p.parent for p in out.rglob("zarr.json") if p.parent.parent == out)
+    g = zarr.open_group(str(store), mode="r")  # plain zarr, files copied out by another FAT implementation
+    for name, entry in ((t["name"], t) for t in g.attrs["spherefmt"]["tensors"] if t["where"] == "core"):
+        arr = g[spherefmt.package.core_key(name)][...]
+        assert arr.tobytes() == sd[name].tobytes(), name
+    assert g["sphere/d0/neurons"].shape[1:3] == (2, 3)
+
+
+def test_write_expert_in_vhd_changes_only_that_expert(vhd_pkg, tmp_path):
+    pkg, _, _ = vhd_pkg
+    copy = tmp_path / "m.vhd"
+    shutil.copy(pkg, copy)
+
+    def digests():
+        fs = VHDFileSystem(str(copy))
+        try:
+            return {p: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
+        finally:
+            fs.close()
+
+    before = digests()
+    with spherefmt.open(copy, "r+") as p:
+        e = p.expert(0, 1, 1)
+        new = e.neurons.copy()
+        new[e.index >= 0] = np.asarray(1.5, dtype=new.dtype)
+        p.write_expert(0, 1, 1, new)
+        key = "/" + p.shard_key(0, 1, 1)
+        with pytest.raises(ReadOnlyError, match="another process is writing"):
+            spherefmt.open(copy, "r+")
+    after = digests()
+    assert {k for k in after if after[k] != before.get(k)} == {key}
+    with spherefmt.open(copy) as p:
+        assert p.expert(0, 1, 1).neurons.tobytes() == new.tobytes()
+    fsck_ok = subprocess.run(f"qemu-img convert -f vpc -O raw {copy} {tmp_path}/d.raw && "
+                             f"dd if={tmp_path}/d.raw of={tmp_path}/p.raw bs=1M skip=1 status=none && "
+                             f"fsck.vfat -n {tmp_path}/p.raw", shell=True, capture_output=True, text=True)
+    assert fsck_ok.returncode == 0, fsck_ok.stdout + fsck_ok.stderr
+
+
+def test_vhd_destination_rules(vhd_pkg, tmp_path):
+    pkg, sd, _ = vhd_pkg
+    r = sphere("convert", str(pkg), str(pkg))
+    assert r.returncode == 2 and "already holds a package" in r.stderr
+    r = sphere("convert", str(pkg), str(tmp_path / "x.vhd"), "--vhd-size", "lots")
+    assert r.returncode == 2 and "size 'lots'" in r.stderr
+    r = sphere("convert", str(pkg), str(tmp_path / "small.vhd"), "--vhd-size", "100M", "-q")
+    assert r.returncode == 2 and "FAT32 volume needs" in r.stderr and "--vhd-size" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
