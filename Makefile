@@ -10,23 +10,10 @@ STAMP := $(VENV)/.spherefmt-installed
 
 setup: $(STAMP) system-deps
 
-# Debian tools the tests check our files against (qemu-img reads and writes VHD); installed
-# when missing and running as root (CI), otherwise named.
-SYSTEM_TOOLS := qemu-img:qemu-utils fsck.vfat:dosfstools mcopy:mtools
+# Debian tools the tests check our files against (qemu-img, fsck.vfat, mtools, libguestfs);
+# installed when missing and running as root (CI), otherwise named.
 system-deps:
-	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; fi
-
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch first, so the torch extra resolves to it (not a multi-GB CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev,vhd]'
-	touch $(STAMP)
+	@bash .ci/system-deps.sh
 
 demo: setup
 	$(PY) -m spherefmt.demo --out demo-out

@@ -230,6 +230,33 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, quiet: bool) -> None:
     click.echo(f"wrote {export(pkg, dst, progress=not quiet)}")
 
 
+@cli.command(name="mount")
+@click.argument("pkg")
+@click.argument("directory")
+@click.option("--rw", is_flag=True, help="Mount read-write (default read-only).")
+@_user_errors
+def mount_cmd(pkg: str, directory: str, rw: bool) -> None:
+    """Mount the files inside PKG (a .vhd package) on DIRECTORY with libguestfs (guestmount).
+
+    Windows mounts the same file natively: Disk Management > Attach VHD, or in PowerShell
+    `Mount-DiskImage -ImagePath C:\\path\\model.vhd`."""
+    from .mount import mount
+
+    mount(pkg, directory, rw=rw)
+    click.echo(f"mounted {pkg} on {directory} ({'read-write' if rw else 'read-only'}); `sphere unmount {directory}` "
+               "releases it")
+
+
+@cli.command(name="unmount")
+@click.argument("directory")
+@_user_errors
+def unmount_cmd(directory: str) -> None:
+    """Unmount a DIRECTORY mounted by `sphere mount`."""
+    from .mount import unmount
+
+    unmount(directory)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sphere`` command."""
     cli.main(args=argv, prog_name="sphere")

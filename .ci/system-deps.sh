@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat and
+# mtools (FAT32), libguestfs (a real kernel mounts our images). Installed when missing and
+# running as root (CI); otherwise named. A package is missing when its witness file is absent.
+set -u
+need=""
+witness() { [ -e "$1" ] || command -v "$1" >/dev/null 2>&1 || need="$need $2"; }
+witness qemu-img qemu-utils
+witness /usr/sbin/fsck.vfat dosfstools
+witness mcopy mtools
+witness guestmount libguestfs-tools
+witness /usr/lib/python3/dist-packages/guestfs.py python3-guestfs
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need="$need linux-image-amd64"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing:$need"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+else
+  echo "please install:$need (sudo apt-get install$need); tests that need them are skipped"
+fi
+exit 0

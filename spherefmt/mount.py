@@ -1,0 +1,115 @@
+"""Mount package VHDs for people: libguestfs (``guestmount``) on Linux; Windows mounts the
+same file natively (Disk Management, or ``Mount-DiskImage -ImagePath X.vhd`` in PowerShell).
+
+libguestfs starts a small appliance VM; where KVM is not usable it must run under TCG
+(``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``), which :func:`guest_env` detects.  It is slow to
+start (about 12-20 s without KVM) and is only for people and checks, never the read path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from .errors import BackendUnavailableError, SpherefmtError
+
+__all__ = ["guest_env", "kvm_usable", "mount", "unmount", "open_guestfs", "INSTALL_HINT"]
+
+INSTALL_HINT = "install libguestfs: sudo apt-get install libguestfs-tools python3-guestfs linux-image-amd64"
+PARTITION = "/dev/sda1"
+
+
+def kvm_usable() -> bool:
+    """Whether a VM can really be created (``/dev/kvm`` may open yet refuse KVM_CREATE_VM)."""
+    import fcntl
+
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
+        os.close(vm)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def guest_env(tcg: bool = False) -> dict[str, str]:
+    """Environment for libguestfs: the direct backend, and TCG when asked or when KVM is absent."""
+    env = dict(os.environ)
+    env.setdefault("LIBGUESTFS_BACKEND", "direct")
+    if tcg or not kvm_usable():
+        env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+    return env
+
+
+def _attempts() -> list[bool]:
+    """TCG flags to try: KVM first where it may work, then TCG (KVM can open and create a VM
+    yet fail inside the appliance, as on these CI machines)."""
+    return [True] if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") == "force_tcg" or not kvm_usable() else [False, True]
+
+
+def mount(pkg: str, directory: str, *, rw: bool = False) -> None:
+    """Mount the filesystem inside ``pkg`` (a package .vhd) on ``directory`` with guestmount."""
+    if shutil.which("guestmount") is None:
+        raise BackendUnavailableError(f"guestmount not found: {INSTALL_HINT}")
+    if not os.path.isfile(pkg):
+        raise SpherefmtError(f"{pkg}: no such file")
+    if not os.path.isdir(directory):
+        raise SpherefmtError(f"{directory}: not a directory")
+    cmd = ["guestmount", "--format=vpc", "-a", pkg, "-m", PARTITION, *([] if rw else ["--ro"]), directory]
+    for tcg in _attempts():
+        r = subprocess.run(cmd, env=guest_env(tcg), capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["guestmount failed"])[-1]
+        raise SpherefmtError(f"{pkg}: cannot mount: {last}")
+
+
+def unmount(directory: str) -> None:
+    """Unmount a directory mounted by :func:`mount` (waits for the image to be released)."""
+    if shutil.which("guestunmount") is None:
+        raise BackendUnavailableError(f"guestunmount not found: {INSTALL_HINT}")
+    r = subprocess.run(["guestunmount", directory], capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["guestunmount failed"])[-1]
+        raise SpherefmtError(f"{directory}: cannot unmount: {last}")
+
+
+def open_guestfs(pkg: str, readonly: bool = True) -> Any:
+    """A launched ``guestfs.GuestFS`` handle with the package's filesystem mounted at ``/``.
+
+    The Debian bindings are built for the system Python; their folder is added to ``sys.path``
+    when the running interpreter cannot import them directly.
+    """
+    try:
+        import guestfs
+    except ImportError:
+        if "/usr/lib/python3/dist-packages" not in sys.path:
+            sys.path.append("/usr/lib/python3/dist-packages")
+        try:
+            import guestfs
+        except ImportError:
+            raise BackendUnavailableError(f"the guestfs Python module is missing: {INSTALL_HINT}") from None
+    for tcg in _attempts():
+        for k, v in guest_env(tcg).items():
+            if k.startswith("LIBGUESTFS"):
+                os.environ[k] = v
+        g = guestfs.GuestFS(python_return_dict=True)
+        g.add_drive_opts(pkg, format="vpc", readonly=1 if readonly else 0)
+        try:
+            g.launch()
+            break
+        except RuntimeError:
+            g.close()
+            if tcg:
+                raise
+    (g.mount_ro if readonly else g.mount)(PARTITION, "/")
+    return g
