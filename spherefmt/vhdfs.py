@@ -71,28 +71,24 @@ class DiskFile(io.RawIOBase):
         pass
 
 
-def _fat_layout(sectors: int) -> tuple[int, int, int]:
-    """(sectors per cluster, FAT sectors, cluster count) for a FAT32 volume of ``sectors``."""
+def _fat_layout(sectors: int) -> tuple[int, int, int, int]:
+    """(sectors per cluster, FAT sectors, cluster count, volume sectors) for FAT32 in at most
+    ``sectors``.  The volume is sized so that the FAT has exactly one entry per cluster: some
+    FAT implementations (pyfatfs among them) size the volume from the FAT and would otherwise
+    allocate clusters past its end."""
     spc = CLUSTER // SECTOR
-    fat = 1
-    for _ in range(16):  # fixed point: the FATs must cover the clusters left after them
-        clusters = (sectors - RESERVED - 2 * fat) // spc
-        need = -(-(clusters + 2) * 4 // SECTOR)
-        if need == fat:
-            break
-        fat = need
-    clusters = (sectors - RESERVED - 2 * fat) // spc
+    per_fat_sector = SECTOR // 4
+    fat = (sectors - RESERVED + 2 * spc) // (2 + per_fat_sector * spc)
+    clusters = fat * per_fat_sector - 2
     if clusters < FAT32_MIN_CLUSTERS:
         raise FormatError(f"a FAT32 volume needs at least {FAT32_MIN_CLUSTERS} clusters of {CLUSTER} bytes; "
                           f"make the image larger (--vhd-size)")
-    return spc, fat, clusters
+    return spc, fat, clusters, RESERVED + 2 * fat + clusters * spc
 
 
 def format_disk(vhd: VHDImage) -> None:
     """Write an MBR with one FAT32 partition and an empty FAT32 filesystem to a blank VHD."""
-    total = vhd.size // SECTOR
-    part = total - PARTITION_START
-    spc, fat, clusters = _fat_layout(part)
+    spc, fat, clusters, part = _fat_layout(vhd.size // SECTOR - PARTITION_START)
     mbr = bytearray(SECTOR)
     mbr[440:444] = struct.pack("<I", 0x53504852)  # disk signature "SPHR"
     # status, CHS first (unused: LBA), type 0x0C FAT32 LBA, CHS last, LBA start, sectors
@@ -243,14 +239,26 @@ class VHDFileSystem(AbstractFileSystem):
             raise ReadOnlyError(f"{self.image_path}: opened read-only")
         path = self._strip_protocol(path)
         parent, name = path.rsplit("/", 1)
-        tmp = f"{parent}/{name}.~tmp"
         with self._io:
-            self._fat.makedirs(parent or "/", recreate=True)
-            with self._fat.openbin(tmp, "w") as f:
-                f.write(bytes(value))
-            if self._fat.exists(path):
+            # a new file is written in place (until it is complete no directory names it as
+            # done: zarr writes metadata last); an existing one goes through a temporary file.
+            # pyfatfs has no rename, so that move is a copy: a known cost of in-place edits.
+            tmp = f"{parent}/{name}.~tmp" if self._fat.exists(path) else path
+            try:
+                self._fat.makedirs(parent or "/", recreate=True)
+                with self._fat.openbin(tmp, "w") as f:
+                    f.write(bytes(value))
+            except Exception as e:  # noqa: BLE001 - pyfatfs signals a full volume in several ways
+                if self._fat.exists(tmp):
+                    self._fat.remove(tmp)  # the old file, if any, is untouched
+                full = "free" in str(e).lower() or "space" in str(e).lower()
+                if full:
+                    raise OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger "
+                                      "image: sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE") from None
+                raise
+            if tmp != path:
                 self._fat.remove(path)
-            self._fat.move(tmp, path)
+                self._fat.move(tmp, path)
             if self.durable:  # in-place edits: the FAT reaches the disk with each file
                 self._fat.fs.flush_fat()
 

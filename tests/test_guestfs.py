@@ -27,7 +27,7 @@ def pkg(tmp_path_factory):
     return str(path)
 
 
-def test_libguestfs_reads_the_same_bytes(pkg):
+def test_libguestfs_reads_the_same_bytes(pkg, tmp_path):
     from spherefmt.mount import open_guestfs
 
     g = open_guestfs(pkg)
@@ -42,8 +42,18 @@ def test_libguestfs_reads_the_same_bytes(pkg):
                 assert g.read_file(f) == fs.cat_file(f), f
         finally:
             fs.close()
+        out = tmp_path / "out"
+        out.mkdir()
+        g.copy_out("/", str(out))  # the whole store, copied out by the Linux kernel's vfat driver
     finally:
         g.close()
+    import zarr
+
+    root = zarr.open_group(str(out), mode="r")  # plain zarr, no spherefmt
+    sd, _ = model("llama", "BF16")
+    for t in root.attrs["spherefmt"]["tensors"]:
+        if t["where"] == "core":
+            assert root[spherefmt.package.core_key(t["name"])][...].tobytes() == sd[t["name"]].tobytes()
 
 
 def test_sphere_mount_and_unmount(pkg, tmp_path):
