@@ -320,20 +320,17 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
                            dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
 
 
-def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray | None = None) -> Any:
-    """Write ``blocks`` into (or, without blocks, read) layer ``t`` of the given flat cells,
-    concurrently in one event-loop round: zarr handles each cell's shard independently."""
+def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray) -> None:
+    """Write ``blocks`` into layer ``t`` of the given flat cells, concurrently in one event-loop
+    round: zarr handles each cell's shard independently."""
     import asyncio
 
     aa = arr.async_array
 
-    async def run() -> Any:
-        if blocks is None:
-            return await asyncio.gather(*(aa.getitem((t, int(c) // m, int(c) % m)) for c in cells))
-        return await asyncio.gather(*(aa.setitem((t, int(c) // m, int(c) % m), b) for c, b in zip(cells, blocks, strict=True)))
+    async def run() -> None:
+        await asyncio.gather(*(aa.setitem((t, int(c) // m, int(c) % m), b) for c, b in zip(cells, blocks, strict=True)))
 
-    out = sync(run())
-    return None if blocks is not None else np.stack([np.asarray(x) for x in out]) if len(out) else None
+    sync(run())
 
 
 # --------------------------------------------------------------------------------------------

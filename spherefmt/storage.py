@@ -14,7 +14,7 @@ import os
 import shutil
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,6 @@ class Destination:
     finish: Callable[[], None]
     abort: Callable[[], None]
     kind: str
-    notes: list[str] = field(default_factory=list)
 
 
 def _zip_dir(folder: Path, dst: Path) -> None:
