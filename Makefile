@@ -15,6 +15,14 @@ setup: $(STAMP) system-deps
 system-deps:
 	@bash .ci/system-deps.sh
 
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first, so the torch extra resolves to it (not a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,dev,vhd]'
+	touch $(STAMP)
+
 demo: setup
 	$(PY) -m spherefmt.demo --out demo-out
 
