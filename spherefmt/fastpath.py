@@ -178,29 +178,53 @@ class FastArray:
         return read_many([self])[0]
 
 
+def _direct_reader(store: Any) -> Any:
+    """A blocking ``key -> bytes | None`` for stores whose objects can be read without zarr's
+    event loop: local directories (one sequential read per file, faster than mmap when cold)
+    and package VHDs (extent-mapped reads through the BAT)."""
+    if isinstance(store, LocalStore):
+        root = Path(store.root)
+
+        def read_file(key: str) -> bytes | None:
+            try:
+                with open(root / key, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        return read_file
+    from .vhdfs import VHDFileSystem
+
+    fs = getattr(getattr(store, "fs", None), "sync_fs", None)
+    if isinstance(fs, VHDFileSystem):
+        prefix = "/" + str(getattr(store, "path", "")).strip("/")
+
+        def read_vhd(key: str) -> bytes | None:
+            try:
+                return fs.cat_file(f"{prefix.rstrip('/')}/{key}")
+            except FileNotFoundError:
+                return None
+
+        return read_vhd
+    return None
+
+
 def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
     """Fetch every key concurrently through the zarr store and call ``decode(i, blob)`` (blob
     ``None`` for an absent key) on the decode pool as soon as each object arrives, so that
     reading and decoding overlap."""
     if not keys:
         return
-    if isinstance(store, LocalStore):  # plain file reads on the decode pool: no event-loop round trips
-        root = Path(store.root)
+    direct = _direct_reader(store)
+    if direct is not None:  # plain reads on the decode pool: no event-loop round trips
 
-        def mapped(i: int) -> None:
-            try:
-                f = open(root / keys[i], "rb")  # noqa: SIM115 - closed right below
-            except FileNotFoundError:
-                decode(i, None)
-                return
-            with f:
-                blob = f.read()  # one large sequential read beats mmap page faults when cold
-            decode(i, blob)
+        def run_one(i: int) -> None:
+            decode(i, direct(keys[i]))
 
         if len(keys) == 1:
-            mapped(0)
+            run_one(0)
         else:
-            list(_decode_pool().map(mapped, range(len(keys))))
+            list(_decode_pool().map(run_one, range(len(keys))))
         return
     proto = default_buffer_prototype()
     if len(keys) == 1:  # one object (an expert): decoding here beats a thread hand-off

@@ -193,6 +193,8 @@ class VHDFileSystem(AbstractFileSystem):
             raise FormatError(f"{self.image_path}: no readable FAT32 filesystem at sector {PARTITION_START} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
+        self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+        self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
@@ -220,17 +222,64 @@ class VHDFileSystem(AbstractFileSystem):
             size = 0 if isdir else self._fat.getsize(path)
         return {"name": path, "size": size, "type": "directory" if isdir else "file"}
 
+    def _extents(self, path: str) -> tuple[int, list[tuple[int, int]]]:
+        """A file's size and its runs of contiguous clusters as (disk offset, length), looked up
+        once through pyfatfs and then read straight from the VHD (through the BAT)."""
+        hit = self._extent_cache.get(path)
+        if hit is not None:
+            return hit
+        with self._io:
+            fat = self._fat.fs
+            parent, name = path.rsplit("/", 1)
+            try:
+                entry = self._dir_entry(parent or "/").get_entry(name)
+            except Exception:  # noqa: BLE001 - pyfatfs raises its own exception for a missing name
+                raise FileNotFoundError(path) from None
+            if entry.is_directory():
+                raise FileNotFoundError(path)
+            size, first, per = entry.filesize, entry.get_cluster(), fat.bytes_per_cluster
+            runs: list[tuple[int, int]] = []
+            if size and first:
+                base = PARTITION_START * SECTOR
+                for cluster in fat.get_cluster_chain(first):
+                    off = base + fat.get_data_cluster_address(cluster)
+                    if runs and runs[-1][0] + runs[-1][1] == off:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + per)
+                    else:
+                        runs.append((off, per))
+            if sum(n for _, n in runs) < size:
+                raise FormatError(f"{self.image_path}: {path}: cluster chain shorter than the file")
+            self._extent_cache[path] = (size, runs)
+            return size, runs
+
+    def _dir_entry(self, path: str) -> Any:
+        hit = self._dirs.get(path)
+        if hit is None:
+            if path == "/":
+                hit = self._fat.fs.root_dir
+            else:
+                parent, name = path.rsplit("/", 1)
+                hit = self._dir_entry(parent or "/").get_entry(name)
+                if not hit.is_directory():
+                    raise FileNotFoundError(path)
+            self._dirs[path] = hit
+        return hit
+
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         path = self._strip_protocol(path)
-        with self._io:
-            if not self._fat.exists(path) or self._fat.isdir(path):
-                raise FileNotFoundError(path)
-            with self._fat.openbin(path, "r") as f:
-                size = self._fat.getsize(path)
-                s = 0 if start is None else (start if start >= 0 else max(0, size + start))
-                e = size if end is None else (end if end >= 0 else max(0, size + end))
-                f.seek(s)
-                return f.read(max(0, min(e, size) - s))
+        size, runs = self._extents(path)
+        s = 0 if start is None else (start if start >= 0 else max(0, size + start))
+        e = size if end is None else (end if end >= 0 else max(0, size + end))
+        e = min(e, size)
+        out, pos = [], 0
+        for off, n in runs:
+            lo, hi = max(s, pos), min(e, pos + n)
+            if lo < hi:
+                out.append(self._vhd.read(off + lo - pos, hi - lo))
+            pos += n
+            if pos >= e:
+                break
+        return b"".join(out)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         """Write a whole file: new bytes go to a temporary name that replaces the old file only
@@ -239,6 +288,7 @@ class VHDFileSystem(AbstractFileSystem):
             raise ReadOnlyError(f"{self.image_path}: opened read-only")
         path = self._strip_protocol(path)
         parent, name = path.rsplit("/", 1)
+        self._extent_cache.pop(path, None)
         with self._io:
             # a new file is written in place (until it is complete no directory names it as
             # done: zarr writes metadata last); an existing one goes through a temporary file.
@@ -264,6 +314,7 @@ class VHDFileSystem(AbstractFileSystem):
 
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
+        self._extent_cache.pop(path, None)
         with self._io:
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
@@ -272,6 +323,8 @@ class VHDFileSystem(AbstractFileSystem):
         self.rm_file(path)
 
     def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
+        self._extent_cache.clear()
+        self._dirs.clear()
         for p in [path] if isinstance(path, str) else path:
             p = self._strip_protocol(p)
             with self._io:
@@ -295,6 +348,7 @@ class VHDFileSystem(AbstractFileSystem):
         self.mkdir(path)
 
     def rmdir(self, path: str) -> None:
+        self._dirs.clear()
         with self._io:
             self._fat.removedir(self._strip_protocol(path))
 
