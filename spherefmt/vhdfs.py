@@ -282,35 +282,65 @@ class VHDFileSystem(AbstractFileSystem):
         return b"".join(out)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
-        """Write a whole file: new bytes go to a temporary name that replaces the old file only
-        when complete, so a reader or a crash never sees half of it."""
+        """Write a whole file.  An existing file is replaced atomically (see
+        :meth:`_replace_contents`); a new one is written in place."""
         if self.mode != "r+":
             raise ReadOnlyError(f"{self.image_path}: opened read-only")
         path = self._strip_protocol(path)
         parent, name = path.rsplit("/", 1)
         self._extent_cache.pop(path, None)
         with self._io:
-            # a new file is written in place (until it is complete no directory names it as
-            # done: zarr writes metadata last); an existing one goes through a temporary file.
-            # pyfatfs has no rename, so that move is a copy: a known cost of in-place edits.
-            tmp = f"{parent}/{name}.~tmp" if self._fat.exists(path) else path
+            if self._fat.exists(path) and not self._fat.isdir(path):
+                self._replace_contents(path, bytes(value))
+                return
+            # a new file is written in place: until zarr's metadata names it, nothing reads it
             try:
                 self._fat.makedirs(parent or "/", recreate=True)
-                with self._fat.openbin(tmp, "w") as f:
+                with self._fat.openbin(path, "w") as f:
                     f.write(bytes(value))
             except Exception as e:  # noqa: BLE001 - pyfatfs signals a full volume in several ways
-                if self._fat.exists(tmp):
-                    self._fat.remove(tmp)  # the old file, if any, is untouched
+                if self._fat.exists(path):
+                    self._fat.remove(path)
                 full = "free" in str(e).lower() or "space" in str(e).lower()
                 if full:
                     raise OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger "
                                       "image: sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE") from None
                 raise
-            if tmp != path:
-                self._fat.remove(path)
-                self._fat.move(tmp, path)
             if self.durable:  # in-place edits: the FAT reaches the disk with each file
                 self._fat.fs.flush_fat()
+
+    def _replace_contents(self, path: str, data: bytes) -> None:
+        """Replace an existing file's bytes so that a process killed at any point leaves the old
+        or the new contents, never a mix (``spec/VHD.md`` section 4):
+
+        1. the new bytes go to newly allocated clusters; the FAT with the new chain is written;
+        2. the file's directory entry is pointed at the new chain (one write of its directory);
+        3. the old chain is freed and the FAT written again.
+
+        A kill between the steps leaks clusters (which ``fsck`` reclaims), never data.
+        """
+        fat = self._fat.fs
+        parent, name = path.rsplit("/", 1)
+        pdir = self._dir_entry(parent or "/")
+        entry = pdir.get_entry(name)
+        old_first = entry.get_cluster()
+        first = 0
+        if data:
+            try:
+                first = fat.allocate_bytes(len(data))[0]
+            except Exception as e:  # noqa: BLE001 - pyfatfs's "not enough free space"
+                raise OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger "
+                                  "image: sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE") from e
+            fat.write_data_to_cluster(data, first, extend_cluster=False)
+        fat.flush_fat()
+        self._vhd.flush()
+        entry.set_cluster(first)
+        entry.filesize = len(data)
+        fat.update_directory_entry(pdir)
+        self._vhd.flush()
+        if old_first:
+            fat.free_cluster_chain(old_first)
+            fat.flush_fat()
 
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
