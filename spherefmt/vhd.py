@@ -252,6 +252,10 @@ class VHDImage:
         self._check_range(offset, n)
         if self.disk_type == DISK_FIXED:
             return self._pread(n, offset)
+        block, within = divmod(offset, self.block_size)
+        if within + n <= self.block_size:  # the common case: one block, one pread, no extra copy
+            entry = self._bat[block]
+            return bytes(n) if entry == UNALLOCATED else self._pread(n, entry * SECTOR + self._bitmap + within)
         out = bytearray(n)
         pos = 0
         while pos < n:
