@@ -651,10 +651,14 @@ class Package:
         what = f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons"
         fa = FastArray.maybe(neurons) if layer is None else None
         if fa is not None:  # the whole shard: one object, decoded here
-            try:
-                rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
-            except (ChunkError, ValueError, RuntimeError) as e:
-                raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
+            for attempt in (0, 1):
+                try:
+                    rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
+                    break
+                except (ChunkError, ValueError, RuntimeError, OSError) as e:
+                    # in a VHD another process may have just replaced the expert: look again once
+                    if attempt or not self._refresh_view():
+                        raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
         else:  # one layer: zarr reads just that inner chunk's byte range
             rows = self._read(neurons, (sel, lat, lon), what)
         return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
@@ -698,6 +702,17 @@ class Package:
         real = np.flatnonzero(idx >= 0)
         pos[idx[real]] = real  # index was checked to be a permutation on load
         return block[:, t].reshape(-1, block.shape[-1]), pos
+
+    def _refresh_view(self) -> bool:
+        """Re-read the container's own metadata (a VHD's FAT and directories) after a failed
+        read; True when there was something to refresh."""
+        from .vhdfs import VHDFileSystem
+
+        fs = getattr(getattr(self._store, "fs", None), "sync_fs", None)
+        if isinstance(fs, VHDFileSystem) and fs.mode == "r":
+            fs.refresh()
+            return True
+        return False
 
     def layer_rows(self, layer: int) -> np.ndarray:
         """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""

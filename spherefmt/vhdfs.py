@@ -183,6 +183,10 @@ class VHDFileSystem(AbstractFileSystem):
                 self._lockf.close()
                 self._vhd.close()
                 raise ReadOnlyError(f"{self.image_path}: another process is writing this package") from None
+        self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
+        self._mount()
+
+    def _mount(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pyfatfs imports fs, which warns about pkg_resources
             from pyfatfs.PyFatFS import PyFatBytesIOFS
@@ -192,9 +196,18 @@ class VHDFileSystem(AbstractFileSystem):
             self.close()
             raise FormatError(f"{self.image_path}: no readable FAT32 filesystem at sector {PARTITION_START} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
-        self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
+
+    def refresh(self) -> None:
+        """Forget what was read of the filesystem (FAT, directories, file extents) and read it
+        again: a reader calls this when a writer in another process may have changed files."""
+        if self.mode != "r":
+            return
+        with self._io:
+            self._vhd.close()
+            self._vhd = VHDImage(self.image_path, "r")  # the BAT may have grown too
+            self._mount()
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
@@ -267,6 +280,19 @@ class VHDFileSystem(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         path = self._strip_protocol(path)
+        for attempt in range(4):
+            try:
+                return self._cat(path, start, end)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 - pyfatfs's errors on a chain a writer just changed
+                if self.mode != "r" or attempt == 3:
+                    raise FormatError(f"{self.image_path}: cannot read {path} ({type(e).__name__}: "
+                                      f"{str(e)[:120]})") from None
+                self.refresh()  # a writer in another process changed the filesystem: look again
+        raise AssertionError("unreachable")
+
+    def _cat(self, path: str, start: int | None, end: int | None) -> bytes:
         size, runs = self._extents(path)
         s = 0 if start is None else (start if start >= 0 else max(0, size + start))
         e = size if end is None else (end if end >= 0 else max(0, size + end))

@@ -72,3 +72,33 @@ def test_sigkill_during_expert_writes(tmp_path):
                 seen_new += 1
         img.unlink()
     assert seen_new > 0  # the kills did land in the middle of real work
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:One or more FATs differ")
+@pytest.mark.filterwarnings("ignore:Filesystem was not cleanly unmounted")
+def test_reader_beside_a_writer_never_sees_a_torn_expert(tmp_path):
+    sd, cfg = model("llama", "F32")
+    img = tmp_path / "m.vhd"
+    spherefmt.save(sd, img, config=cfg, graticule="2x2", depth=2)
+    with spherefmt.open(img) as pkg:
+        original = {a: pkg.expert(*a).neurons.copy() for a in pkg.experts()}
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(img)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        checked = new = 0
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            with spherefmt.open(img) as pkg:  # a reader opens while the writer works...
+                for a, old in original.items():
+                    e = pkg.expert(*a)  # ...and every expert it reads is old or wholly new
+                    checked += 1
+                    if np.array_equal(e.neurons, old):
+                        continue
+                    values = np.unique(e.neurons[e.index >= 0])
+                    assert values.size == 1 and values[0] >= 1, (a, values[:5])
+                    new += 1
+    finally:
+        child.kill()
+        child.wait()
+    assert checked > 50 and new > 0
