@@ -55,6 +55,12 @@ class DiskFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
+    def read(self, size: int = -1) -> bytes:
+        n = self.vhd.size - self._pos if size is None or size < 0 else max(0, min(size, self.vhd.size - self._pos))
+        out = self.vhd.read(self._pos, n)
+        self._pos += n
+        return out
+
     def readinto(self, b: Any) -> int:
         n = max(0, min(len(b), self.vhd.size - self._pos))
         b[:n] = self.vhd.read(self._pos, n)
