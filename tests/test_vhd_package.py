@@ -124,3 +124,16 @@ def test_vhd_destination_rules(vhd_pkg, tmp_path):
     r = sphere("convert", str(pkg), str(tmp_path / "small.vhd"), "--vhd-size", "100M", "-q")
     assert r.returncode == 2 and "FAT32 volume needs" in r.stderr and "--vhd-size" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_vhd_is_an_fsspec_protocol(vhd_pkg):
+    import fsspec
+
+    pkg, _, _ = vhd_pkg
+    fs = fsspec.filesystem("vhd", fo=str(pkg))
+    try:
+        assert {"/core", "/sphere", "/zarr.json"} <= set(fs.ls("/", detail=False))
+        assert fs.cat_file("/zarr.json").startswith(b"{")
+        assert fs.cat_file("/zarr.json", 0, 1) == b"{"
+    finally:
+        fs.close()
