@@ -204,6 +204,8 @@ class VHDFileSystem(AbstractFileSystem):
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
+        self._listings: dict[int, dict[str, tuple[int, int, bool]]] = {}  # see _listing
+        self._root_cluster = int(self._fat.fs.bpb_header["BPB_RootClus"])
 
     def refresh(self) -> None:
         """Forget what was read of the filesystem (FAT, directories, file extents) and read it
@@ -243,24 +245,20 @@ class VHDFileSystem(AbstractFileSystem):
 
     def _extents(self, path: str) -> tuple[int, list[tuple[int, int]]]:
         """A file's size and its runs of contiguous clusters as (disk offset, length), looked up
-        once through pyfatfs and then read straight from the VHD (through the BAT)."""
+        once (:meth:`_lookup`) and then read straight from the VHD (through the BAT)."""
         hit = self._extent_cache.get(path)
         if hit is not None:
             return hit
         with self._io:
             fat = self._fat.fs
-            parent, name = path.rsplit("/", 1)
-            try:
-                entry = self._dir_entry(parent or "/").get_entry(name)
-            except Exception:  # noqa: BLE001 - pyfatfs raises its own exception for a missing name
-                raise FileNotFoundError(path) from None
-            if entry.is_directory():
+            first, size, is_dir = self._lookup(path)
+            if is_dir:
                 raise FileNotFoundError(path)
-            size, first, per = entry.filesize, entry.get_cluster(), fat.bytes_per_cluster
+            per = fat.bytes_per_cluster
             runs: list[tuple[int, int]] = []
             if size and first:
                 base = PARTITION_START * SECTOR
-                for cluster in fat.get_cluster_chain(first):
+                for cluster in self._chain(first):
                     off = base + fat.get_data_cluster_address(cluster)
                     if runs and runs[-1][0] + runs[-1][1] == off:
                         runs[-1] = (runs[-1][0], runs[-1][1] + per)
@@ -270,6 +268,70 @@ class VHDFileSystem(AbstractFileSystem):
                 raise FormatError(f"{self.image_path}: {path}: cluster chain shorter than the file")
             self._extent_cache[path] = (size, runs)
             return size, runs
+
+    def _chain(self, first: int) -> list[int]:
+        """A cluster chain, refusing one that loops (a hostile FAT must not hang a reader)."""
+        fat = self._fat.fs
+        chain = []
+        for c in fat.get_cluster_chain(first):
+            chain.append(c)
+            if len(chain) > len(fat.fat):
+                raise FormatError(f"{self.image_path}: a FAT cluster chain loops")
+        return chain
+
+    def _cluster_bytes(self, first: int) -> bytes:
+        fat = self._fat.fs
+        base = PARTITION_START * SECTOR
+        return b"".join(self._vhd.read(base + fat.get_data_cluster_address(c), fat.bytes_per_cluster)
+                        for c in self._chain(first))
+
+    def _listing(self, first: int) -> dict[str, tuple[int, int, bool]]:
+        """A directory's entries, ``name.lower() -> (first cluster, size, is_dir)``, parsed from
+        its clusters (FAT 8.3 entries with their long names).  Much cheaper than pyfatfs's
+        lookup, which is where reading a freshly opened package spent its time."""
+        hit = self._listings.get(first)
+        if hit is not None:
+            return hit
+        raw = self._cluster_bytes(first)
+        out: dict[str, tuple[int, int, bool]] = {}
+        lfn: list[str] = []
+        for i in range(0, len(raw) - 31, 32):
+            e = raw[i : i + 32]
+            if e[0] == 0x00:
+                break
+            attr = e[11]
+            if e[0] == 0xE5 or (attr & 0x08 and attr != 0x0F):  # deleted, or the volume label
+                lfn = []
+                continue
+            if attr == 0x0F:  # a long-name part; parts are stored last part first
+                part = (e[1:11] + e[14:26] + e[28:32]).decode("utf-16-le", "replace")
+                lfn.insert(0, part.split("\x00", 1)[0])
+                continue
+            if lfn:
+                name = "".join(lfn)
+            else:
+                base = e[0:8].decode("ascii", "replace").rstrip()
+                ext = e[8:11].decode("ascii", "replace").rstrip()
+                name = f"{base}.{ext}" if ext else base
+            lfn = []
+            if name in (".", ".."):
+                continue
+            cluster = struct.unpack_from("<H", e, 20)[0] << 16 | struct.unpack_from("<H", e, 26)[0]
+            out[name.lower()] = (cluster, struct.unpack_from("<I", e, 28)[0], bool(attr & 0x10))
+        self._listings[first] = out
+        return out
+
+    def _lookup(self, path: str) -> tuple[int, int, bool]:
+        """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`."""
+        cluster, size, is_dir = self._root_cluster, 0, True
+        for name in filter(None, path.split("/")):
+            if not is_dir:
+                raise FileNotFoundError(path)
+            hit = self._listing(cluster).get(name.lower())
+            if hit is None:
+                raise FileNotFoundError(path)
+            cluster, size, is_dir = hit
+        return cluster, size, is_dir
 
     def _dir_entry(self, path: str) -> Any:
         hit = self._dirs.get(path)
@@ -321,6 +383,7 @@ class VHDFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         parent, name = path.rsplit("/", 1)
         self._extent_cache.pop(path, None)
+        self._listings.clear()
         with self._io:
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._replace_contents(path, bytes(value))
@@ -377,6 +440,7 @@ class VHDFileSystem(AbstractFileSystem):
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
         self._extent_cache.pop(path, None)
+        self._listings.clear()
         with self._io:
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
@@ -387,6 +451,7 @@ class VHDFileSystem(AbstractFileSystem):
     def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
         self._extent_cache.clear()
         self._dirs.clear()
+        self._listings.clear()
         for p in [path] if isinstance(path, str) else path:
             p = self._strip_protocol(p)
             with self._io:
@@ -411,6 +476,7 @@ class VHDFileSystem(AbstractFileSystem):
 
     def rmdir(self, path: str) -> None:
         self._dirs.clear()
+        self._listings.clear()
         with self._io:
             self._fat.removedir(self._strip_protocol(path))
 

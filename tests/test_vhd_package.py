@@ -137,3 +137,27 @@ def test_vhd_is_an_fsspec_protocol(vhd_pkg):
         assert fs.cat_file("/zarr.json", 0, 1) == b"{"
     finally:
         fs.close()
+
+
+def test_looping_cluster_chain_is_refused_not_followed(vhd_pkg, tmp_path):
+    import struct
+
+    from spherefmt.errors import FormatError
+
+    pkg, _, _ = vhd_pkg
+    bad = tmp_path / "loop.vhd"
+    shutil.copy(pkg, bad)
+    fs = VHDFileSystem(str(bad))
+    first, _, _ = fs._lookup("/zarr.json")
+    fat_offset = PARTITION_START * 512 + 32 * 512  # reserved sectors, then FAT 1
+    fs.close()
+    from spherefmt.vhd import VHDImage
+
+    with VHDImage(bad, "r+") as v:  # make zarr.json's cluster point at itself
+        v.write(fat_offset + 4 * first, struct.pack("<I", first))
+    fs = VHDFileSystem(str(bad))
+    try:
+        with pytest.raises(FormatError, match="loops|cannot read"):
+            fs.cat_file("/zarr.json")
+    finally:
+        fs.close()
