@@ -398,11 +398,14 @@ class VHDFileSystem(AbstractFileSystem):
                     self._fat.remove(path)
                 full = "free" in str(e).lower() or "space" in str(e).lower()
                 if full:
-                    raise OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger "
-                                      "image: sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE") from None
+                    raise self._full() from None
                 raise
             if self.durable:  # in-place edits: the FAT reaches the disk with each file
                 self._fat.fs.flush_fat()
+
+    def _full(self) -> OSError:
+        return OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger image: "
+                           "sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE")
 
     def _replace_contents(self, path: str, data: bytes) -> None:
         """Replace an existing file's bytes so that a process killed at any point leaves the old
@@ -424,8 +427,7 @@ class VHDFileSystem(AbstractFileSystem):
             try:
                 first = fat.allocate_bytes(len(data))[0]
             except Exception as e:  # noqa: BLE001 - pyfatfs's "not enough free space"
-                raise OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger "
-                                  "image: sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE") from e
+                raise self._full() from e
             fat.write_data_to_cluster(data, first, extend_cluster=False)
         fat.flush_fat()
         self._vhd.flush()

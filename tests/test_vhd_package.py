@@ -139,6 +139,7 @@ def test_vhd_is_an_fsspec_protocol(vhd_pkg):
         fs.close()
 
 
+@pytest.mark.filterwarnings("ignore:One or more FATs differ")  # only FAT 1 is damaged on purpose
 def test_looping_cluster_chain_is_refused_not_followed(vhd_pkg, tmp_path):
     import struct
 
@@ -161,3 +162,32 @@ def test_looping_cluster_chain_is_refused_not_followed(vhd_pkg, tmp_path):
             fs.cat_file("/zarr.json")
     finally:
         fs.close()
+
+
+@pytest.mark.slow
+def test_full_filesystem_is_a_clear_error_and_keeps_old_bytes(tmp_path):
+    from spherefmt.vhdfs import create_package_image
+
+    img = tmp_path / "small.vhd"
+    create_package_image(img, 2200 * 1024**2)  # about the smallest FAT32 volume
+    fs = VHDFileSystem(str(img), "r+", durable=False)
+    try:
+        fs.pipe_file("/keep", b"old bytes")
+        with pytest.raises(OSError, match="filesystem inside is full.*--vhd-size") as e:
+            for i in range(100):  # zeros: the VHD allocates nothing, the FAT fills all the same
+                fs.pipe_file(f"/fill{i}", bytes(256 * 1024**2))
+        assert e.value.errno == 28
+        n = 0
+        for size in (16 * 1024**2, 1024**2, 32 * 1024):  # fill what is left, cluster by cluster
+            try:
+                while True:
+                    fs.pipe_file(f"/rest{n}", bytes(size))
+                    n += 1
+            except OSError as full:
+                assert full.errno == 28
+        with pytest.raises(OSError, match="full"):
+            fs.pipe_file("/keep", b"new bytes that no longer fit")  # replacing needs a free cluster
+        assert fs.cat_file("/keep") == b"old bytes"
+    finally:
+        fs.close()
+    assert os.path.getsize(img) < 64 * 1024**2
