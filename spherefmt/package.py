@@ -14,7 +14,6 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from . import constants as C

@@ -185,8 +185,9 @@ def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, 
     if kind == "fsspec":
         store = FsspecStore.from_url(url, read_only=False)
         if sync(store.exists("zarr.json")):
-            if not (overwrite and is_package(url)):
-                raise PackageExistsError(f"{url}: already holds a {'package' if is_package(url) else 'Zarr store'}; "
+            pkg = is_package(url)
+            if not (overwrite and pkg):
+                raise PackageExistsError(f"{url}: already holds a {'package' if pkg else 'Zarr store'}; "
                                          "pass --overwrite to replace a package")
             sync(store.delete_dir(""))
         return Destination(store, url, lambda: None, lambda: None, kind)

@@ -4,7 +4,6 @@ checksums."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
