@@ -1,7 +1,96 @@
 """Compute backends of the spherefmt runtime, installed as ``spherefmt.backends``.
 
-The backend interface (upload, free, copy back, synchronize, memory figures and the transformer
-ops) and its numpy, torch and Vulkan implementations arrive with the runtime issue; this folder
-is part of the fixed repository layout and installs under the ``spherefmt`` namespace so that no
-generic top-level ``backends`` package lands in site-packages.
+One small file per backend behind the interface in :mod:`.base`, registered here by name.
+:func:`get_backend` picks the backend given by argument, else ``$SPHEREFMT_BACKEND``, else the
+first one in :data:`PREFERENCE` that starts.
+
+    >>> from spherefmt.backends import get_backend
+    >>> get_backend("numpy").name
+    'numpy'
 """
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import BackendUnavailableError, SpherefmtError, UnknownBackendError
+from .base import Backend
+
+__all__ = ["Backend", "register", "get_backend", "names", "probe", "PREFERENCE", "UnknownBackendError"]
+
+_FACTORIES: dict[str, Callable[[str], Backend]] = {}
+#: tried in this order when no backend is named: GPU first, then the CPU ones
+PREFERENCE = ("torch:cuda", "vulkan", "torch:cpu", "numpy")
+
+
+def register(prefix: str, factory: Callable[[str], Backend]) -> None:
+    """Register ``factory(name)`` for ``prefix`` and every ``prefix:<device>`` name."""
+    _FACTORIES[prefix] = factory
+
+
+def names() -> list[str]:
+    """The registered backend prefixes."""
+    return sorted(_FACTORIES)
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """A started backend: ``name``, else ``$SPHEREFMT_BACKEND``, else the first that starts.
+
+    Raises
+    ------
+    UnknownBackendError
+        The name is not registered (the message lists the known ones).
+    BackendUnavailableError
+        The backend is known but cannot start here (the message says why and how to install it).
+    """
+    if isinstance(name, Backend):
+        return name
+    name = name or os.environ.get("SPHEREFMT_BACKEND") or None
+    if name is None:
+        errors = []
+        for cand in PREFERENCE:
+            try:
+                return get_backend(cand)
+            except (BackendUnavailableError, UnknownBackendError) as e:
+                errors.append(str(e))
+        raise BackendUnavailableError("no backend starts here: " + "; ".join(errors))
+    prefix, _, device = name.partition(":")
+    factory = _FACTORIES.get(prefix)
+    if factory is None:
+        raise UnknownBackendError(f"unknown backend {name!r}; known: {', '.join(names())} "
+                                  "(torch and vulkan take an optional :device, e.g. torch:cuda:1)")
+    return factory(device)
+
+
+def probe() -> list[dict[str, Any]]:
+    """Every registered backend with whether it starts here and why not."""
+    out = []
+    for cand in ("numpy", "torch:cpu", "torch:cuda", "vulkan"):
+        if cand.partition(":")[0] not in _FACTORIES:
+            continue
+        try:
+            b = get_backend(cand)
+            out.append({"name": cand, "available": True, **b.describe()})
+        except SpherefmtError as e:
+            out.append({"name": cand, "available": False, "reason": str(e)})
+    return out
+
+
+def _numpy(device: str) -> Backend:
+    if device not in ("", "cpu"):
+        raise BackendUnavailableError(f"backend numpy:{device}: numpy runs on the CPU only")
+    from .numpy import NumpyBackend
+
+    return NumpyBackend()
+
+
+def _torch(device: str) -> Backend:
+    from .torch import TorchBackend
+
+    return TorchBackend(device or None)
+
+
+register("numpy", _numpy)
+register("torch", _torch)

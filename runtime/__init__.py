@@ -1,6 +1,16 @@
 """Streaming inference runtime of spherefmt, installed as ``spherefmt.runtime``.
 
-The GPT-2 and Llama forward passes over packages, the expert cache under a memory budget and the
-prefetcher arrive with the runtime issue; this folder is part of the fixed repository layout and
-installs under the ``spherefmt`` namespace (never as a top-level ``runtime`` package).
+GPT-2 and Llama forward passes written once against :mod:`spherefmt.backends`, reading blocks
+(core weights and one layer of one expert at a time) from any package under a device memory
+budget: load -> use -> release, with a Belady-style cache and a background prefetcher.
+
+    >>> from spherefmt.runtime import Session
+    >>> s = Session("model.sphere", backend="numpy", budget="25%")
+    >>> s.generate([464, 3290], max_new_tokens=8)
 """
+
+from __future__ import annotations
+
+from .session import Session, parse_budget
+
+__all__ = ["Session", "parse_budget"]

@@ -18,6 +18,8 @@ import numpy as np
 
 from . import constants as C
 from .errors import SpherefmtError
+from .units import format_size as _size
+from .units import parse_size
 
 __all__ = ["main", "cli", "package_info"]
 
@@ -33,30 +35,6 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
-
-
-def parse_size(text: str) -> int:
-    """``"16G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units); FormatError otherwise."""
-    from .errors import FormatError
-
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    num = t[:-1] if mult > 1 else t
-    try:
-        value = float(num)
-    except ValueError:
-        raise FormatError(f"size {text!r}: expected a number with an optional K, M, G or T suffix") from None
-    if not 0 < value * mult < 1 << 50:
-        raise FormatError(f"size {text!r} is out of range")
-    return int(value * mult)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def package_info(pkg: Any) -> dict[str, Any]:

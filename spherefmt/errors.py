@@ -16,6 +16,8 @@ __all__ = [
     "ExpertNotFoundError",
     "BackendUnavailableError",
     "BudgetExceededError",
+    "UnknownBackendError",
+    "InputError",
 ]
 
 
@@ -48,3 +50,12 @@ class BackendUnavailableError(SpherefmtError, ImportError):
 
 class BudgetExceededError(SpherefmtError, MemoryError):
     """A memory budget cannot hold what was asked of it."""
+
+
+class UnknownBackendError(SpherefmtError, ValueError):
+    """A backend name that is not registered; the message lists the known ones."""
+
+
+class InputError(SpherefmtError, ValueError):
+    """Input to a run that the model cannot take: token ids outside the vocabulary, a prompt
+    longer than the context, an empty prompt."""

@@ -177,6 +177,39 @@ class FastArray:
         """The whole array."""
         return read_many([self])[0]
 
+    def read_inner(self, outer: Sequence[int], inner: Sequence[int], index_cache: dict[str, Any] | None = None
+                   ) -> tuple[np.ndarray, int]:
+        """One inner chunk of a shard, by byte range: the shard index (kept in ``index_cache``
+        when given), then the chunk's bytes.  Returns the decoded chunk and the bytes fetched."""
+        if not self.sharded:
+            raise ValueError("read_inner needs a sharded array")
+        key = self.key(outer)
+        grid = tuple(o // i for o, i in zip(self.outer_shape, self.inner_shape, strict=True))
+        n = math.prod(grid)
+        fetched = 0
+        index = None if index_cache is None else index_cache.get(key)
+        if index is None:
+            tail = _read_range(self.store, key, -(16 * n + 4), None)
+            if tail is None:
+                return np.full(self.inner_shape, self.fill, dtype=self.dtype), 0
+            fetched += len(tail)
+            if len(tail) != 16 * n + 4:
+                raise ChunkError(f"{key}: shard of {len(tail)} bytes is too short for its index")
+            index = np.frombuffer(_verified(tail, key + " (shard index)"), "<u8").reshape(n, 2).copy()
+            if index_cache is not None:
+                index_cache[key] = index
+        flat = int(np.ravel_multi_index(tuple(inner), grid))
+        off, size = int(index[flat, 0]), int(index[flat, 1])
+        what = f"{key} chunk {tuple(inner)}"
+        if (off, size) == (_MISSING, _MISSING):
+            return np.full(self.inner_shape, self.fill, dtype=self.dtype), fetched
+        if size < 4 or off > 2**62 or size > 2**40:
+            raise ChunkError(f"{what}: shard index entry ({off}, {size}) is not valid")
+        blob = _read_range(self.store, key, off, off + size)
+        if blob is None or len(blob) != size:
+            raise ChunkError(f"{what}: shard index points outside the shard")
+        return self._decode_chunk(blob, what), fetched + size
+
 
 def _direct_reader(store: Any) -> Any:
     """A blocking ``key -> bytes | None`` for stores whose objects can be read without zarr's
@@ -207,6 +240,36 @@ def _direct_reader(store: Any) -> Any:
 
         return read_vhd
     return None
+
+
+def _read_range(store: Any, key: str, start: int, end: int | None) -> bytes | None:
+    """Bytes ``[start, end)`` of one object (``start < 0``: the last ``-start`` bytes), or None
+    when the object does not exist.  Local files and VHD images are read directly."""
+    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+
+    if isinstance(store, LocalStore):
+        try:
+            with open(Path(store.root) / key, "rb") as f:
+                if start < 0:
+                    f.seek(0, 2)
+                    f.seek(max(0, f.tell() + start))
+                    return f.read()
+                f.seek(start)
+                return f.read(end - start if end is not None else -1)
+        except FileNotFoundError:
+            return None
+    from .vhdfs import VHDFileSystem
+
+    fs = getattr(getattr(store, "fs", None), "sync_fs", None)
+    if isinstance(fs, VHDFileSystem):
+        prefix = "/" + str(getattr(store, "path", "")).strip("/")
+        try:
+            return fs.cat_file(f"{prefix.rstrip('/')}/{key}", start, end)
+        except FileNotFoundError:
+            return None
+    req = SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, end)  # type: ignore[arg-type]
+    buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=req))
+    return None if buf is None else buf.to_bytes()
 
 
 def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:

@@ -503,6 +503,7 @@ class Package:
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rows_cache: tuple[int, dict[str, np.ndarray]] | None = None
         self._shell_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._inner_index: dict[str, np.ndarray] = {}  # shard key -> its index (cell_layer reads)
         if self.architecture != C.ARCH_GENERIC:
             h = self._header
             self._fields = [Field(f["name"], f.get("suffix", ""), f["axis"], f["width"]) for f in h["neuron_layout"]["fields"]]
@@ -662,6 +663,34 @@ class Package:
             rows = self._read(neurons, (sel, lat, lon), what)
         return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
                       parent[sel, lat, lon].copy(), self._layout.slices())
+
+    def cell_layer(self, lat: int, lon: int, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One layer of one expert (one inner chunk, read by byte range): its ``(K, F)`` rows in
+        the original dtype, their ``(K,)`` neuron indices (``-1`` padding) and the bytes read.
+
+        This is the runtime's unit of streaming.  A chunk that fails its checksum raises
+        :class:`FormatError` naming the expert and the object.
+        """
+        if not 0 <= layer < len(self.layer_depth):
+            raise ExpertNotFoundError(f"{self.where}: no layer {layer} (the package has {len(self.layer_depth)})")
+        depth = self.layer_depth[layer]
+        self._check_address(lat, lon, depth)
+        neurons, index, _ = self._shell_arrays(depth)
+        t = self._shells[depth]["layers"].index(layer)
+        what = f"expert ({lat}, {lon}, {depth}) layer {layer} in {self.where}/{self.shard_key(lat, lon, depth)}"
+        fa = FastArray.maybe(neurons)
+        try:
+            if fa is not None and fa.sharded and fa.inner_shape[0] == 1:
+                rows, nbytes = fa.read_inner((0, lat, lon, 0, 0), (t, 0, 0, 0, 0), self._inner_index)
+                rows = rows.reshape(neurons.shape[3:])
+            else:
+                rows, nbytes = np.asarray(neurons[t, lat, lon]), 0
+        except SpherefmtError:
+            raise
+        except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
+            self._inner_index.pop(self.shard_key(lat, lon, depth), None)
+            raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
+        return numpy_view(rows, self._layout.dtype), index[t, lat, lon].copy(), nbytes
 
     def _shell_block(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Occupied flat cells of a shell and their decoded experts ``(cells, layers, K, F)``;
@@ -846,6 +875,7 @@ class Package:
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
         arr[sel, lat, lon] = data
         self._rows_cache = self._shell_cache = None
+        self._inner_index.pop(self.shard_key(lat, lon, depth), None)
 
     def close(self) -> None:
         """Release the store."""

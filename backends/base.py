@@ -1,0 +1,163 @@
+"""The backend interface of the spherefmt runtime.
+
+Contract (every backend MUST follow it; ``tests/test_backends.py`` is the conformance suite):
+
+- A backend owns *device tensors* of its own type.  The runtime never looks inside one; it
+  passes them back to the backend's ops and gets host copies with :meth:`Backend.to_host`.
+- Tensors are float32 and 1-D or 2-D (``(rows, cols)``, row-major).  Activations are
+  ``(tokens, features)``.  Integer inputs (token ids, row indices) are host numpy arrays.
+- :meth:`upload` copies a host array in (converting to float32), :meth:`free` gives its memory
+  back at once, :meth:`to_host` copies out, :meth:`synchronize` waits for queued work.
+- Memory accounting: :meth:`memory_used` is the bytes of live device tensors (weights, KV cache
+  and every op's output alike) and :meth:`peak_memory` its high-water mark since
+  :meth:`reset_peak`.  Backends with a native allocator report its figures
+  (``torch.cuda.max_memory_allocated``); the others count through :class:`Accountant`.
+  The runtime's memory budget is checked against these figures.
+- Ops return new tensors and never modify their inputs, except :meth:`write_rows`, which writes
+  into its destination (the KV cache).
+- Ops may be called from two threads (the prefetcher uploads while the forward pass computes);
+  :meth:`upload` and :meth:`free` MUST be thread-safe.
+
+A backend is registered by name in :mod:`spherefmt.backends` with a factory; a factory that
+cannot start raises :class:`~spherefmt.errors.BackendUnavailableError` with the install hint.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "Accountant"]
+
+
+class Accountant:
+    """Counts live bytes and the high-water mark for backends without a native allocator.
+
+    Each tracked tensor is counted until it is freed explicitly or garbage-collected, whichever
+    comes first (``weakref.finalize`` runs once).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.used = 0
+        self.peak = 0
+        self._fins: dict[int, weakref.finalize] = {}  # ndarrays take no attributes: keyed by id
+
+    def track(self, t: Any, nbytes: int) -> Any:
+        with self._lock:
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            self._fins[id(t)] = weakref.finalize(t, self._release, id(t), nbytes)
+        return t
+
+    def _release(self, key: int, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+            self._fins.pop(key, None)
+
+    def free(self, t: Any) -> None:
+        with self._lock:
+            fin = self._fins.get(id(t))
+        if fin is not None:
+            fin()  # runs once: a later garbage collection does not count it twice
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.used
+
+
+class Backend(ABC):
+    """One compute device.  Subclasses implement the hook methods below; see the module docstring."""
+
+    #: registered name, e.g. ``numpy`` or ``torch:cuda:0``
+    name: str = "?"
+
+    # --- memory ---------------------------------------------------------------------------
+    @abstractmethod
+    def upload(self, host: np.ndarray) -> Any:
+        """A device copy of ``host`` as float32."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        """A float32 device tensor of zeros."""
+
+    @abstractmethod
+    def free(self, t: Any) -> None:
+        """Give ``t``'s memory back now; ``t`` must not be used afterwards."""
+
+    @abstractmethod
+    def to_host(self, t: Any) -> np.ndarray:
+        """A float32 numpy copy of ``t``."""
+
+    def synchronize(self) -> None:
+        """Wait until queued work is done (asynchronous devices override this)."""
+
+    @abstractmethod
+    def memory_used(self) -> int:
+        """Bytes of live device tensors."""
+
+    @abstractmethod
+    def peak_memory(self) -> int:
+        """High-water mark of :meth:`memory_used` since :meth:`reset_peak`."""
+
+    @abstractmethod
+    def reset_peak(self) -> None:
+        """Start a new high-water mark at the current use."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name, device and library versions (for ``stats()`` and benchmark records)."""
+        return {"backend": self.name}
+
+    # --- ops ------------------------------------------------------------------------------
+    @abstractmethod
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False) -> Any:
+        """``x @ w (+ bias)``, or ``x @ w.T (+ bias)`` with ``transpose_w``; f32 accumulate."""
+
+    @abstractmethod
+    def add(self, a: Any, b: Any) -> Any:
+        """``a + b``; ``b`` may be 1-D (broadcast over rows)."""
+
+    @abstractmethod
+    def mul(self, a: Any, b: Any) -> Any:
+        """``a * b``; ``b`` may be 1-D (over rows) or ``(rows, 1)`` (one factor per row)."""
+
+    @abstractmethod
+    def gelu(self, x: Any, approximate: bool = True) -> Any:
+        """GELU, tanh approximation (GPT-2's ``gelu_new``) or the exact erf form."""
+
+    @abstractmethod
+    def silu(self, x: Any) -> Any:
+        """``x * sigmoid(x)``."""
+
+    @abstractmethod
+    def layernorm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
+        """Layer norm over the last axis (biased variance, like torch)."""
+
+    @abstractmethod
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
+        """``x / sqrt(mean(x^2) + eps) * w`` over the last axis."""
+
+    @abstractmethod
+    def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
+        """Rows ``table[ids]``; an id of ``-1`` gives a zero row (embedding lookups over vocabulary
+        blocks add the per-block results, each token non-zero in exactly one)."""
+
+    @abstractmethod
+    def rope(self, x: Any, cos: Any, sin: Any, n_heads: int) -> Any:
+        """Rotary embedding, ``rotate_half`` convention: ``x`` is ``(T, n_heads * hd)``; ``cos``
+        and ``sin`` are ``(T, hd)``."""
+
+    @abstractmethod
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
+                  scale: float) -> Any:
+        """Causal attention of ``q`` ``(T, n_heads * hd)`` at positions ``start .. start+T-1``
+        over rows ``0 .. start+T-1`` of the caches ``(max_len, n_kv_heads * hd)``; query head
+        ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.  Softmax in f32."""
+
+    @abstractmethod
+    def write_rows(self, dst: Any, start: int, src: Any) -> None:
+        """``dst[start : start + len(src)] = src`` in place."""

@@ -1,0 +1,165 @@
+"""The torch backend: CPU, CUDA and ROCm (ROCm builds of torch expose HIP through ``torch.cuda``).
+
+Names: ``torch`` (CUDA/ROCm when a device is visible, else CPU), ``torch:cpu``, ``torch:cuda``,
+``torch:cuda:N``.  On a GPU the memory figures are torch's own allocator statistics
+(``memory_allocated`` / ``max_memory_allocated``); on the CPU they are counted per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .base import Accountant, Backend
+
+__all__ = ["TorchBackend"]
+
+_HINT = "pip install torch==2.13.0 (CPU) or a CUDA/ROCm build from pytorch.org"
+
+
+class TorchBackend(Backend):
+    def __init__(self, device: str | None = None) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailableError(f"backend torch: torch is not installed ({_HINT})") from e
+        self.torch = torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError(
+                    f"backend torch:{device}: no CUDA or ROCm device is visible to torch {torch.__version__} "
+                    f"({'CPU-only build' if torch.version.cuda is None and torch.version.hip is None else 'no device'})")
+            if device == "cuda":
+                device = f"cuda:{torch.cuda.current_device()}"
+            try:
+                idx = int(device.split(":")[1])
+            except ValueError:
+                raise BackendUnavailableError(f"backend torch:{device}: not a device name") from None
+            if not 0 <= idx < torch.cuda.device_count():
+                raise BackendUnavailableError(f"backend torch:{device}: only {torch.cuda.device_count()} device(s)")
+        elif device != "cpu":
+            raise BackendUnavailableError(f"backend torch:{device}: unknown device (cpu, cuda, cuda:N)")
+        self.device = torch.device(device)
+        self.name = f"torch:{device}"
+        self._gpu = self.device.type == "cuda"
+        self._acct = None if self._gpu else Accountant()
+        if self._gpu:
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _out(self, t: Any) -> Any:
+        if self._acct is not None:
+            t = t.contiguous()
+            self._acct.track(t, t.numel() * t.element_size())
+        return t
+
+    # --- memory ---------------------------------------------------------------------------
+    def upload(self, host: np.ndarray) -> Any:
+        a = np.ascontiguousarray(host, dtype=np.float32)
+        t = self.torch.from_numpy(a)
+        t = t.to(self.device, non_blocking=False) if self._gpu else t.clone()
+        return self._out(t)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self._out(self.torch.zeros(shape, dtype=self.torch.float32, device=self.device))
+
+    def free(self, t: Any) -> None:
+        if self._acct is not None:
+            self._acct.free(t)
+        else:
+            t.set_()  # drop the storage now, even if a caller still holds the Python object
+
+    def to_host(self, t: Any) -> np.ndarray:
+        return t.detach().to("cpu").numpy().astype(np.float32, copy=True)
+
+    def synchronize(self) -> None:
+        if self._gpu:
+            self.torch.cuda.synchronize(self.device)
+
+    def memory_used(self) -> int:
+        if self._acct is not None:
+            return self._acct.used
+        return self.torch.cuda.memory_allocated(self.device) - self._base
+
+    def peak_memory(self) -> int:
+        if self._acct is not None:
+            return self._acct.peak
+        return self.torch.cuda.max_memory_allocated(self.device) - self._base
+
+    def reset_peak(self) -> None:
+        if self._acct is not None:
+            self._acct.reset_peak()
+        else:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        torch = self.torch
+        d: dict[str, Any] = {"backend": self.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+        if self._gpu:
+            d["device"] = torch.cuda.get_device_name(self.device)
+            d["hip" if torch.version.hip else "cuda"] = torch.version.hip or torch.version.cuda
+        else:
+            d["device"] = "cpu"
+        return d
+
+    # --- ops ------------------------------------------------------------------------------
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False) -> Any:
+        w = w.t() if transpose_w else w
+        y = x @ w if bias is None else self.torch.addmm(bias, x, w)
+        return self._out(y)
+
+    def add(self, a: Any, b: Any) -> Any:
+        return self._out(a + b)
+
+    def mul(self, a: Any, b: Any) -> Any:
+        return self._out(a * b)
+
+    def gelu(self, x: Any, approximate: bool = True) -> Any:
+        return self._out(self.torch.nn.functional.gelu(x, approximate="tanh" if approximate else "none"))
+
+    def silu(self, x: Any) -> Any:
+        return self._out(self.torch.nn.functional.silu(x))
+
+    def layernorm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
+        return self._out(self.torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps))
+
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
+        return self._out(x * self.torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w)
+
+    def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
+        idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        out = table[idx.clamp(min=0)]
+        out[idx < 0] = 0.0
+        return self._out(out)
+
+    def rope(self, x: Any, cos: Any, sin: Any, n_heads: int) -> Any:
+        t = x.shape[0]
+        xh = x.reshape(t, n_heads, -1)
+        half = xh.shape[-1] // 2
+        rot = self.torch.cat([-xh[..., half:], xh[..., :half]], dim=-1)
+        return self._out((xh * cos[:, None, :] + rot * sin[:, None, :]).reshape(t, -1))
+
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
+                  scale: float) -> Any:
+        torch = self.torch
+        t = q.shape[0]
+        n = start + t
+        hd = q.shape[1] // n_heads
+        qh = q.reshape(t, n_heads, hd).transpose(0, 1)
+        k = k_cache[:n].reshape(n, n_kv_heads, hd).transpose(0, 1)
+        v = v_cache[:n].reshape(n, n_kv_heads, hd).transpose(0, 1)
+        rep = n_heads // n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+        s = (qh @ k.transpose(1, 2)) * scale
+        future = torch.arange(n, device=self.device)[None, :] > (start + torch.arange(t, device=self.device))[:, None]
+        s = s.masked_fill(future, -math.inf).softmax(dim=-1)
+        return self._out((s @ v).transpose(0, 1).reshape(t, n_heads * hd))
+
+    def write_rows(self, dst: Any, start: int, src: Any) -> None:
+        dst[start : start + src.shape[0]] = src

@@ -1,0 +1,172 @@
+"""Host side of streaming: which blocks a model is made of, their sizes, and reading them.
+
+A *block* is the unit the runtime loads to the device, uses and releases:
+
+- ``("cell", layer, lat, lon)``: one layer of one expert (one inner chunk of the package);
+- ``("attn", layer)``: the layer's attention weights and first norm;
+- ``("mlp", layer)``: the layer's second norm and FFN output bias (tiny, held over the FFN);
+- ``("vocab", table, b)``: rows ``b * R .. (b + 1) * R`` of an embedding / LM-head table;
+- ``("pos",)`` learned positions (GPT-2) and ``("final",)`` the final norm.
+
+Block sizes are known before reading (from the header and the index arrays), so the cache can
+make room first.  Everything is converted to float32 on the host; a block is a dict of named
+float32 arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from spherefmt import constants as C
+from spherefmt.dtypes import to_float32
+from spherefmt.errors import FormatError
+from spherefmt.fastpath import ChunkError, FastArray
+from spherefmt.package import Package, core_key
+
+__all__ = ["BlockLoader", "Key"]
+
+Key = tuple[Any, ...]
+_F32 = 4
+
+
+class BlockLoader:
+    """Reads blocks of one package for one architecture.
+
+    Parameters
+    ----------
+    pkg
+        An open package with a sphere (GPT-2 or Llama).
+    core
+        Block name -> {part name: tensor name} for the ``attn``/``mlp``/``final``/``pos`` blocks,
+        and ``tables``: table name -> tensor name (embedding / LM head).
+    transforms
+        Optional per-part host transforms (e.g. splitting GPT-2's fused QKV), applied after reading.
+    """
+
+    def __init__(self, pkg: Package, core: dict[Key, dict[str, str]], tables: dict[str, str],
+                 split: dict[str, tuple[str, int, list[str]]] | None = None) -> None:
+        self.pkg = pkg
+        self.core = core
+        self.tables = tables
+        self.split = split or {}
+        self.layout = pkg._layout
+        self.slices = self.layout.slices()
+        p, m = pkg.graticule  # type: ignore[misc]
+        self.grid = (p, m)
+        self.n_layers = len(pkg.layer_depth)
+        self.lock = threading.Lock()  # package reads are not re-entrant across threads
+        self.bytes_read = 0
+        # real neurons per (layer, lat, lon), from the index arrays (read once, small)
+        self.counts = np.zeros((self.n_layers, p, m), dtype=np.int64)
+        for depth in range(pkg.depth):
+            _, index, _ = pkg._shell_arrays(depth)
+            for t, layer in enumerate(pkg._shells[depth]["layers"]):
+                self.counts[layer] = (index[t] >= 0).sum(axis=-1)
+        self.row_width = pkg._header["neuron_layout"]["row_width"]
+        # vocabulary blocks: a whole number of core chunks, about the size of one attention block
+        self.table_rows: dict[str, int] = {}
+        attn = max((self.nbytes(k) for k in core if k[0] == "attn"), default=4 << 20)
+        for name, tensor in tables.items():
+            v, d = pkg.tensor_info(tensor).shape
+            chunk = self._array(tensor).chunks[0]
+            per = max(1, round(attn / (chunk * d * _F32)))
+            self.table_rows[name] = min(v, chunk * per)
+
+    # --- the plan -----------------------------------------------------------------------------
+    def cells(self, layer: int) -> list[tuple[int, int]]:
+        """Occupied cells ``(lat, lon)`` of one layer."""
+        lat, lon = np.nonzero(self.counts[layer])
+        return [(int(a), int(b)) for a, b in zip(lat, lon, strict=True)]
+
+    def table_blocks(self, name: str) -> int:
+        return math.ceil(self.pkg.tensor_info(self.tables[name]).shape[0] / self.table_rows[name])
+
+    def nbytes(self, key: Key) -> int:
+        """Device bytes of a block (float32), known before reading it."""
+        kind = key[0]
+        if kind == "cell":
+            _, layer, lat, lon = key
+            return int(self.counts[layer, lat, lon]) * self.row_width * _F32
+        if kind == "vocab":
+            _, name, b = key
+            v, d = self.pkg.tensor_info(self.tables[name]).shape
+            r = self.table_rows[name]
+            return (min(v, (b + 1) * r) - b * r) * d * _F32
+        return sum(math.prod(self.pkg.tensor_info(t).shape) * _F32 for t in self.core[key].values())
+
+    # --- reading ------------------------------------------------------------------------------
+    def _array(self, tensor: str) -> Any:
+        return self.pkg._array(core_key(tensor))
+
+    def load(self, key: Key) -> dict[str, np.ndarray]:
+        """Read and convert one block (float32 host arrays)."""
+        kind = key[0]
+        with self.lock:
+            if kind == "cell":
+                return self._cell(*key[1:])
+            if kind == "vocab":
+                return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
+                                            self.table_rows[key[1]])}
+            parts = self.core[key]
+            raw = self.pkg._bulk_core(list(parts.values()))
+            out = {}
+            for part, tensor in parts.items():
+                a = raw.get(tensor)
+                if a is None:
+                    a = self.pkg._storage(tensor)
+                self.bytes_read += a.nbytes
+                out[part] = np.ascontiguousarray(to_float32(a, self.pkg.tensor_info(tensor).dtype))
+        for part, (src, axis, names) in self.split.items():
+            if part in out:
+                pieces = np.split(out.pop(part), len(names), axis=axis)
+                out.update({n: np.ascontiguousarray(p) for n, p in zip(names, pieces, strict=True)})
+        return out
+
+    def _cell(self, layer: int, lat: int, lon: int) -> dict[str, np.ndarray]:
+        rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer)
+        self.bytes_read += rows.nbytes  # storage-dtype bytes, padding included, as for core reads
+        real = rows[index >= 0]
+        if real.shape[0] != self.counts[layer, lat, lon]:
+            raise FormatError(f"{self.pkg.where}: expert ({lat}, {lon}) layer {layer} changed while streaming")
+        f32 = real.astype(np.float32)
+        # width-1 fields (GPT-2's per-neuron input bias) become vectors
+        return {name: np.ascontiguousarray(f32[:, sl] if sl.stop - sl.start > 1 else f32[:, sl.start])
+                for name, sl in self.slices.items()}
+
+    def _rows(self, tensor: str, start: int, count: int) -> np.ndarray:
+        arr = self._array(tensor)
+        info = self.pkg.tensor_info(tensor)
+        stop = min(info.shape[0], start + count)
+        chunk = arr.chunks[0]
+        fa = FastArray.maybe(arr)
+        what = f"{self.pkg.where}: rows {start}..{stop} of {tensor}"
+        try:
+            if fa is not None and start % chunk == 0 and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
+                coords = [(c, 0) for c in range(start // chunk, math.ceil(stop / chunk))]
+                parts = fa.read_objects(coords)
+                data = np.concatenate(parts)[: stop - start]
+            else:
+                data = np.asarray(arr[start:stop])
+        except (ChunkError, ValueError, RuntimeError, OSError) as e:
+            raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
+        self.bytes_read += data.nbytes
+        return np.ascontiguousarray(to_float32(data, info.dtype))
+
+    def host_centroids(self, layer: int, field: str) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The centroid router of one layer: occupied cells and the mean ``field`` row of each
+        (``(cells, d)``), read from the package once."""
+        cells = self.cells(layer)
+        out = np.empty((len(cells), self.slices[field].stop - self.slices[field].start), dtype=np.float32)
+        for i, (lat, lon) in enumerate(cells):
+            out[i] = self._cell(layer, lat, lon)[field].mean(axis=0)
+        return cells, out
+
+
+def check_sphere(pkg: Package) -> None:
+    if pkg.architecture not in (C.ARCH_GPT2, C.ARCH_LLAMA) or pkg.graticule is None:
+        raise FormatError(f"{pkg.where}: the runtime runs GPT-2 and Llama packages with a sphere; "
+                          f"this one is {pkg.architecture!r}")

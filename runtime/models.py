@@ -1,0 +1,322 @@
+"""GPT-2 and Llama forward passes, written once against the backend interface.
+
+The forward pass asks the runtime for blocks (``rt.use(key)``: load -> use -> release), never
+looks at which backend runs it, and computes the FFN as a sum over the layer's cells: dense mode
+takes every cell, top-k mode the cells the router picked for each token (a per-token mask when
+tokens disagree).  The sum over cells equals the full FFN up to float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from spherefmt import constants as C
+from spherefmt.errors import FormatError
+from spherefmt.package import Package
+
+from .loader import BlockLoader, Key
+
+__all__ = ["Model", "GPT2", "Llama", "build"]
+
+
+def _cfg(config: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for n in names:
+        if config.get(n) is not None:
+            return config[n]
+    if default is None:
+        raise FormatError(f"model config lacks {names[0]!r}")
+    return default
+
+
+class Model(ABC):
+    """A decoder-only transformer over one package."""
+
+    arch: str
+
+    def __init__(self, pkg: Package) -> None:
+        self.pkg = pkg
+        self.config = dict(pkg.config or {})
+        self.n_layers = len(pkg.layer_depth)
+        first = pkg._layout.layers[0][pkg._layout.fields[0].name]
+        self.prefix = first[: first.index(f".{0}.mlp.")] + "."  # e.g. "transformer.h." or "model.layers."
+        self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
+        self.period = self.n_layers + 2  # embed, layers..., head
+        self.loader: BlockLoader = None  # type: ignore[assignment] - set by subclasses
+
+    # --- geometry -------------------------------------------------------------------------
+    d: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def position(self, key: Key) -> int:
+        kind = key[0]
+        if kind in ("cell", "attn", "mlp"):
+            return 1 + key[1]
+        if kind == "vocab" and key[1] == "embed":
+            return 0
+        if kind == "pos":
+            return 0
+        return self.period - 1  # final norm and LM-head rows
+
+    def blocks_at(self, position: int) -> list[Key]:
+        """Every block a dense pass uses at ``position`` (the prefetch plan)."""
+        if position == 0:
+            return [("pos",)] if ("pos",) in self.loader.core else []
+        if position == self.period - 1:
+            return [("final",)] + [("vocab", "head", b) for b in range(self.loader.table_blocks("head"))]
+        layer = position - 1
+        return [("attn", layer), ("mlp", layer)] + [("cell", layer, a, b) for a, b in self.loader.cells(layer)]
+
+    def all_blocks(self) -> list[Key]:
+        keys = [k for p in range(self.period) for k in self.blocks_at(p)]
+        if "embed" in self.loader.tables:
+            keys += [("vocab", "embed", b) for b in range(self.loader.table_blocks("embed"))]
+        return keys
+
+    def scratch_bytes(self, tokens: int, kv_len: int) -> int:
+        """An upper bound of live activation bytes for a chunk of ``tokens`` over ``kv_len``
+        positions: residual, norms, Q/K/V, attention scores and probabilities (counted on
+        allocators that see op temporaries), per-cell FFN activations, one LM-head block."""
+        cell = int(self.loader.counts.max()) if self.loader.counts.size else 0
+        rows = max(self.loader.table_rows.values())
+        per_token = 14 * self.d + 4 * cell + 2 * rows + 4 * self.head_dim
+        return 4 * (tokens * per_token + 3 * self.n_heads * tokens * kv_len)
+
+    # --- shared pieces --------------------------------------------------------------------
+    def embed_rows(self, rt: Any, table: str, ids: np.ndarray) -> Any:
+        """Rows of an embedding table for ``ids``, one vocabulary block at a time."""
+        r = self.loader.table_rows[table]
+        out = None
+        for blk in np.unique(ids // r):
+            local = np.where(ids // r == blk, ids - blk * r, -1)
+            with rt.use(("vocab", table, int(blk))) as t:
+                part = rt.b.gather_rows(t["table"], local)
+            out = part if out is None else rt.b.add(out, part)
+        return out
+
+    def head(self, rt: Any, x: Any) -> np.ndarray:
+        """Logits ``(T, vocab)`` on the host, one LM-head block at a time."""
+        t = self.loader.table_rows["head"]
+        out = np.empty((self.shape0(x), self.vocab), dtype=np.float32)
+        for blk in range(self.loader.table_blocks("head")):
+            with rt.use(("vocab", "head", blk)) as w:
+                y = rt.b.matmul(x, w["table"], transpose_w=True)
+            out[:, blk * t : blk * t + y.shape[1]] = rt.b.to_host(y)
+        return out
+
+    @staticmethod
+    def shape0(x: Any) -> int:
+        return int(x.shape[0])
+
+    def ffn(self, rt: Any, layer: int, m: Any) -> Any:
+        """Sum over the routed cells of the layer of each cell's FFN contribution."""
+        acc = None
+        for lat, lon, mask in rt.route(layer, m):
+            with rt.use(("cell", layer, lat, lon)) as c:
+                y = self.cell_ffn(rt.b, m, c, mask)
+            acc = y if acc is None else rt.b.add(acc, y)
+        return acc
+
+    @abstractmethod
+    def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any: ...
+
+    @abstractmethod
+    def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray: ...
+
+    #: the field whose mean row is a cell's centroid (the router's training-free key)
+    router_field: str
+
+
+class GPT2(Model):
+    arch = C.ARCH_GPT2
+    router_field = "w_in"
+
+    def __init__(self, pkg: Package) -> None:
+        super().__init__(pkg)
+        c = self.config
+        self.d = int(_cfg(c, "n_embd", "hidden_size"))
+        self.n_heads = self.n_kv_heads = int(_cfg(c, "n_head", "num_attention_heads"))
+        self.head_dim = self.d // self.n_heads
+        self.eps = float(_cfg(c, "layer_norm_epsilon", default=1e-5))
+        self.context = int(_cfg(c, "n_positions", "n_ctx", default=1024))
+        act = str(_cfg(c, "activation_function", default="gelu_new"))
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "gelu_fast"):
+            raise FormatError(f"{pkg.where}: GPT-2 activation {act!r} is not supported (gelu_new, gelu)")
+        self.approx = act != "gelu"
+        self.scale_attn = bool(c.get("scale_attn_weights", True))
+        self.inv_layer = bool(c.get("scale_attn_by_inverse_layer_idx", False))
+        p, r = self.prefix, self.root
+        keys = set(pkg.keys())
+        core: dict[Key, dict[str, str]] = {}
+        for i in range(self.n_layers):
+            core[("attn", i)] = {"ln_w": f"{p}{i}.ln_1.weight", "ln_b": f"{p}{i}.ln_1.bias",
+                                 "qkv_w": f"{p}{i}.attn.c_attn.weight", "qkv_b": f"{p}{i}.attn.c_attn.bias",
+                                 "o_w": f"{p}{i}.attn.c_proj.weight", "o_b": f"{p}{i}.attn.c_proj.bias"}
+            core[("mlp", i)] = {"ln_w": f"{p}{i}.ln_2.weight", "ln_b": f"{p}{i}.ln_2.bias",
+                                "b_out": f"{p}{i}.mlp.c_proj.bias"}
+        core[("pos",)] = {"wpe": f"{r}wpe.weight"}
+        core[("final",)] = {"ln_w": f"{r}ln_f.weight", "ln_b": f"{r}ln_f.bias"}
+        missing = sorted(t for blk in core.values() for t in blk.values() if t not in keys)
+        if missing:
+            raise FormatError(f"{pkg.where}: GPT-2 package lacks {missing[0]!r} ({len(missing)} missing)")
+        wte = f"{r}wte.weight"
+        head = "lm_head.weight" if "lm_head.weight" in keys else wte
+        tables = {"head": head} if head == wte else {"embed": wte, "head": head}
+        self.embed_table = "head" if head == wte else "embed"
+        self.vocab = pkg.tensor_info(head).shape[0]
+        self.loader = BlockLoader(pkg, core, tables, split={"qkv_w": ("qkv_w", 1, ["q_w", "k_w", "v_w"]),
+                                                           "qkv_b": ("qkv_b", 0, ["q_b", "k_b", "v_b"])})
+
+    def position(self, key: Key) -> int:
+        if key[0] == "vocab" and self.embed_table == "head":
+            return self.period - 1
+        return super().position(key)
+
+    def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
+        h = b.gelu(b.matmul(m, c["w_in"], c["b_in"], transpose_w=True), self.approx)
+        if mask is not None:
+            h = b.mul(h, mask)
+        return b.matmul(h, c["w_out"])
+
+    def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
+        b = rt.b
+        rt.at(0)
+        x = self.embed_rows(rt, self.embed_table, ids)
+        with rt.use(("pos",)) as pos:
+            x = b.add(x, b.gather_rows(pos["wpe"], np.arange(start, start + len(ids))))
+        for i in range(self.n_layers):
+            rt.at(1 + i)
+            k_cache, v_cache = rt.kv[i]
+            with rt.use(("attn", i)) as a:
+                h = b.layernorm(x, a["ln_w"], a["ln_b"], self.eps)
+                q = b.matmul(h, a["q_w"], a["q_b"])
+                b.write_rows(k_cache, start, b.matmul(h, a["k_w"], a["k_b"]))
+                b.write_rows(v_cache, start, b.matmul(h, a["v_w"], a["v_b"]))
+                scale = (1.0 / math.sqrt(self.head_dim) if self.scale_attn else 1.0) / ((i + 1) if self.inv_layer else 1)
+                o = b.attention(q, k_cache, v_cache, start, self.n_heads, self.n_heads, scale)
+                x = b.add(x, b.matmul(o, a["o_w"], a["o_b"]))
+            del h, q, o
+            with rt.use(("mlp", i)) as mp:
+                m = b.layernorm(x, mp["ln_w"], mp["ln_b"], self.eps)
+                y = self.ffn(rt, i, m)
+                x = b.add(x, y) if y is not None else x
+                x = b.add(x, mp["b_out"])
+            del m, y
+        rt.at(self.period - 1)
+        if last_only:
+            x = b.gather_rows(x, np.array([len(ids) - 1]))
+        with rt.use(("final",)) as f:
+            x = b.layernorm(x, f["ln_w"], f["ln_b"], self.eps)
+        return self.head(rt, x)
+
+
+class Llama(Model):
+    arch = C.ARCH_LLAMA
+    router_field = "gate"
+
+    def __init__(self, pkg: Package) -> None:
+        super().__init__(pkg)
+        c = self.config
+        self.d = int(_cfg(c, "hidden_size"))
+        self.n_heads = int(_cfg(c, "num_attention_heads"))
+        self.n_kv_heads = int(_cfg(c, "num_key_value_heads", default=self.n_heads))
+        self.head_dim = int(_cfg(c, "head_dim", default=self.d // self.n_heads))
+        self.eps = float(_cfg(c, "rms_norm_eps", default=1e-6))
+        self.theta = float(_cfg(c, "rope_theta", default=10000.0))
+        self.context = int(_cfg(c, "max_position_embeddings", default=2048))
+        rs = c.get("rope_scaling")
+        if rs and str(rs.get("rope_type", rs.get("type", "default"))) != "default":
+            raise FormatError(f"{pkg.where}: rope_scaling {rs!r} is not supported yet (default RoPE only)")
+        if str(c.get("hidden_act", "silu")) != "silu":
+            raise FormatError(f"{pkg.where}: Llama activation {c.get('hidden_act')!r} is not supported (silu)")
+        if self.n_heads % self.n_kv_heads:
+            raise FormatError(f"{pkg.where}: {self.n_heads} heads do not group over {self.n_kv_heads} KV heads")
+        p, r = self.prefix, self.root
+        keys = set(pkg.keys())
+        core: dict[Key, dict[str, str]] = {}
+        for i in range(self.n_layers):
+            a = {"ln_w": f"{p}{i}.input_layernorm.weight"}
+            for n in ("q", "k", "v", "o"):
+                a[f"{n}_w"] = f"{p}{i}.self_attn.{n}_proj.weight"
+                if f"{p}{i}.self_attn.{n}_proj.bias" in keys:
+                    a[f"{n}_b"] = f"{p}{i}.self_attn.{n}_proj.bias"
+            core[("attn", i)] = a
+            core[("mlp", i)] = {"ln_w": f"{p}{i}.post_attention_layernorm.weight"}
+        core[("final",)] = {"ln_w": f"{r}norm.weight"}
+        missing = sorted(t for blk in core.values() for t in blk.values() if t not in keys)
+        if missing:
+            raise FormatError(f"{pkg.where}: Llama package lacks {missing[0]!r} ({len(missing)} missing)")
+        embed = f"{r}embed_tokens.weight"
+        head = "lm_head.weight" if "lm_head.weight" in keys else embed
+        tables = {"embed": embed, "head": head} if head != embed else {"head": head}
+        self.embed_table = "embed" if head != embed else "head"
+        self.vocab = pkg.tensor_info(head).shape[0]
+        self.loader = BlockLoader(pkg, core, tables)
+        self.inv_freq = 1.0 / (self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
+                                              / self.head_dim))
+
+    def position(self, key: Key) -> int:
+        if key[0] == "vocab" and self.embed_table == "head":
+            return self.period - 1
+        return super().position(key)
+
+    def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
+        h = b.mul(b.silu(b.matmul(m, c["gate"], transpose_w=True)), b.matmul(m, c["up"], transpose_w=True))
+        if mask is not None:
+            h = b.mul(h, mask)
+        return b.matmul(h, c["down"])
+
+    def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
+        b = rt.b
+        rt.at(0)
+        x = self.embed_rows(rt, self.embed_table, ids)
+        pos = np.arange(start, start + len(ids), dtype=np.float32)
+        freqs = np.outer(pos, self.inv_freq).astype(np.float32)
+        emb = np.concatenate([freqs, freqs], axis=1)
+        cos, sin = b.upload(np.cos(emb)), b.upload(np.sin(emb))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        for i in range(self.n_layers):
+            rt.at(1 + i)
+            k_cache, v_cache = rt.kv[i]
+            with rt.use(("attn", i)) as a:
+                h = b.rmsnorm(x, a["ln_w"], self.eps)
+                q = b.rope(b.matmul(h, a["q_w"], a.get("q_b"), transpose_w=True), cos, sin, self.n_heads)
+                k = b.rope(b.matmul(h, a["k_w"], a.get("k_b"), transpose_w=True), cos, sin, self.n_kv_heads)
+                b.write_rows(k_cache, start, k)
+                b.write_rows(v_cache, start, b.matmul(h, a["v_w"], a.get("v_b"), transpose_w=True))
+                o = b.attention(q, k_cache, v_cache, start, self.n_heads, self.n_kv_heads, scale)
+                x = b.add(x, b.matmul(o, a["o_w"], a.get("o_b"), transpose_w=True))
+            del h, q, k, o
+            with rt.use(("mlp", i)) as mp:
+                m = b.rmsnorm(x, mp["ln_w"], self.eps)
+            y = self.ffn(rt, i, m)
+            if y is not None:
+                x = b.add(x, y)
+            del m, y
+        del cos, sin
+        rt.at(self.period - 1)
+        if last_only:
+            x = b.gather_rows(x, np.array([len(ids) - 1]))
+        with rt.use(("final",)) as f:
+            x = b.rmsnorm(x, f["ln_w"], self.eps)
+        return self.head(rt, x)
+
+
+def build(pkg: Package) -> Model:
+    """The forward pass for a package's architecture."""
+    if pkg.architecture == C.ARCH_GPT2:
+        return GPT2(pkg)
+    if pkg.architecture == C.ARCH_LLAMA:
+        return Llama(pkg)
+    raise FormatError(f"{pkg.where}: the runtime runs GPT-2 and Llama packages; this one is {pkg.architecture!r}")

@@ -1,0 +1,396 @@
+"""``Session``: streaming inference over a package under a device memory budget.
+
+    >>> from spherefmt.runtime import Session
+    >>> with Session("gpt2.sphere", backend="numpy", budget="25%", top_k=None) as s:
+    ...     ids = s.generate("The sphere", max_new_tokens=20)
+    ...     print(s.decode(ids), s.stats()["tokens_per_s"])
+
+The budget bounds every byte the backend holds for this session: resident blocks (core weights
+and experts), the KV cache and activations.  It is split up front into the KV cache for the
+run's context, a scratch bound for one prefill chunk, and the block cache; a budget that cannot
+hold two of the largest block plus those is refused with the minimum that would work.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spherefmt.errors import BudgetExceededError, FormatError, InputError
+from spherefmt.package import Package
+from spherefmt.package import open as open_package
+from spherefmt.units import format_size, parse_size
+
+from ..backends import get_backend
+from .cache import WeightCache
+from .loader import Key
+from .models import Model, build
+from .tokenizer import load_tokenizer
+
+__all__ = ["Session", "parse_budget"]
+
+_UNLIMITED = 1 << 62
+MAX_CHUNK = 64  # prefill tokens per forward chunk: bounds attention scratch
+
+
+def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
+    """``None``/``"none"`` (unlimited), bytes, ``"512MiB"`` or a share of the weights ``"25%"``."""
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() in ("", "none", "unlimited")):
+        return None
+    if isinstance(budget, bool) or (isinstance(budget, (int, float)) and budget <= 0):
+        raise FormatError(f"budget {budget!r}: expected a positive size")
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    text = str(budget).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise FormatError(f"budget {budget!r}: expected a size (512MiB) or a share of the weights (25%)") from None
+        if not 0 < share <= 1000:
+            raise FormatError(f"budget {budget!r}: the share must be above 0%")
+        return int(weight_bytes * share / 100)
+    try:
+        return parse_size(text)
+    except FormatError:
+        raise FormatError(f"budget {budget!r}: expected a size (512MiB, 2G) or a share of the weights (25%)") from None
+
+
+class _Router:
+    """Training-free centroid router: score(cell) = hidden state . mean input row of the cell's
+    neurons, per layer; each token takes its ``k`` best cells."""
+
+    def __init__(self, model: Model, k_of: Sequence[int]) -> None:
+        self.k_of = list(k_of)
+        self.cells, self.centroids = [], []
+        for layer in range(model.n_layers):
+            cells, cent = model.loader.host_centroids(layer, model.router_field)
+            self.cells.append(cells)
+            self.centroids.append(cent)
+
+    def pick(self, layer: int, m_host: np.ndarray) -> np.ndarray:
+        """``(T, cells)`` boolean selection for one layer."""
+        scores = m_host @ self.centroids[layer].T
+        k = min(self.k_of[layer], scores.shape[1])
+        sel = np.zeros(scores.shape, dtype=bool)
+        if k >= scores.shape[1]:
+            sel[:] = True
+            return sel
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        np.put_along_axis(sel, top, True, axis=1)
+        return sel
+
+    def host_bytes(self) -> int:
+        return sum(c.nbytes for c in self.centroids)
+
+
+class Session:
+    """Streaming inference over one package.
+
+    Parameters
+    ----------
+    pkg
+        A package path/URL (directory, ``.zip``, ``.vhd``, fsspec URL) or an open :class:`Package`.
+    backend
+        Backend name (``numpy``, ``torch``, ``torch:cuda:1``, ...) or instance; default from
+        ``$SPHEREFMT_BACKEND`` or the first that starts.
+    budget
+        Device bytes for everything this session holds: ``None`` (unlimited), an int, ``"512MiB"``,
+        or ``"25%"`` of the model's float32 weight bytes.
+    top_k
+        Cells per token and layer (``None``: dense, every cell, the exact model).
+    active
+        Alternatively the share of each layer's cells per token (``0.25`` or ``"25%"``).
+    prefetch
+        Load the next layer's likely blocks in a background thread while this one computes.
+    """
+
+    def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
+                 top_k: int | None = None, active: float | str | None = None, prefetch: bool = True) -> None:
+        self._own = not isinstance(pkg, Package)
+        self.pkg = open_package(pkg) if self._own else pkg  # type: ignore[arg-type]
+        try:
+            self._init(backend, budget, top_k, active, prefetch)
+        except BaseException:
+            if self._own:
+                self.pkg.close()
+            raise
+
+    def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool) -> None:
+        self.model = build(self.pkg)
+        m = self.model
+        self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
+        self.budget = parse_budget(budget, self.weight_bytes)
+        self.max_block = max(m.loader.nbytes(k) for k in m.all_blocks())
+        self.small_block = max(m.loader.nbytes(("mlp", i)) for i in range(m.n_layers))
+        cells = [len(m.loader.cells(i)) for i in range(m.n_layers)]
+        if top_k is not None and active is not None:
+            raise InputError("give top_k or active, not both")
+        if active is not None:
+            share = float(str(active).rstrip("%")) / (100 if str(active).endswith("%") else 1)
+            if not 0 < share <= 1:
+                raise InputError(f"active {active!r}: expected a share of the cells in (0, 1] or (0%, 100%]")
+            k_of = [max(1, math.ceil(share * c)) for c in cells]
+        elif top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise InputError(f"top_k {top_k!r}: expected a positive number of cells")
+            k_of = [min(top_k, c) for c in cells]
+        else:
+            k_of = None
+        self.top_k = k_of
+        self.b = get_backend(backend)
+        need = self.minimum_budget(1)
+        if self.budget is not None and self.budget < need:
+            raise BudgetExceededError(
+                f"budget {format_size(self.budget)} is too small to run {self.pkg.where}: at least "
+                f"{format_size(need)} ({need} bytes) is needed (two {format_size(self.max_block)} blocks in "
+                f"flight plus KV cache and scratch for one token); the weights are {format_size(self.weight_bytes)}")
+        self.router = _Router(m, k_of) if k_of is not None and any(k < c for k, c in zip(k_of, cells)) else None
+        self.cache = WeightCache(self.b, m.loader.load, m.loader.nbytes, m.position, m.period,
+                                 capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
+        self.kv: list[tuple[Any, Any]] = []
+        self._tokenizer: Any = None
+        self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+                          "routed_cells": 0, "possible_cells": 0}
+        self._prefetch_ok = prefetch
+        self.b.reset_peak()
+
+    # --- budget ---------------------------------------------------------------------------
+    def _kv_bytes(self, n_ctx: int) -> int:
+        return 2 * self.model.n_layers * n_ctx * self.model.kv_dim * 4
+
+    def minimum_budget(self, n_ctx: int, chunk: int = 1) -> int:
+        """Smallest budget that runs a context of ``n_ctx`` positions in chunks of ``chunk``."""
+        # one block in use, one landing (a prefetch, or the next load), and the small norm block
+        # held over the FFN
+        blocks = 2 * self.max_block + self.small_block
+        return blocks + self._kv_bytes(n_ctx) + self.model.scratch_bytes(chunk, n_ctx)
+
+    def _plan(self, n_ctx: int, n_tokens: int) -> int:
+        """Allocate the KV cache for ``n_ctx`` positions, size the block cache; returns the chunk."""
+        self._free_kv()
+        chunk = max(1, min(MAX_CHUNK, n_tokens))
+        if self.budget is not None:
+            while chunk > 1 and self.minimum_budget(n_ctx, chunk) > self.budget:
+                chunk //= 2
+            need = self.minimum_budget(n_ctx, chunk)
+            if need > self.budget:
+                raise BudgetExceededError(
+                    f"budget {format_size(self.budget)} cannot hold a context of {n_ctx} tokens: at least "
+                    f"{format_size(need)} is needed ({format_size(self._kv_bytes(n_ctx))} of it KV cache)")
+            self.cache.resize(self.budget - self._kv_bytes(n_ctx) - self.model.scratch_bytes(chunk, n_ctx))
+        kv_dim = self.model.kv_dim
+        self.kv = [(self.b.zeros((n_ctx, kv_dim)), self.b.zeros((n_ctx, kv_dim))) for _ in range(self.model.n_layers)]
+        return chunk
+
+    def _free_kv(self) -> None:
+        for k, v in self.kv:
+            self.b.free(k)
+            self.b.free(v)
+        self.kv = []
+
+    # --- the runtime context the forward pass sees ----------------------------------------------
+    def use(self, key: Key) -> Any:
+        return self.cache.use(key)
+
+    def at(self, position: int) -> None:
+        self.cache.set_position(position)
+        if not self._prefetch_ok:
+            return
+        nxt = (position + 1) % self.model.period
+        plan = self.model.blocks_at(nxt)
+        if self.router is not None and 1 <= nxt <= self.model.n_layers:
+            plan = [k for k in plan if k[0] != "cell"]  # cells come from the router's prediction
+        self.cache.prefetch(plan)
+
+    def route(self, layer: int, m: Any) -> list[tuple[int, int, Any]]:
+        cells = self.model.loader.cells(layer)
+        if self.router is None:
+            self._counters["routed_cells"] += len(cells) * self.model.shape0(m)
+            self._counters["possible_cells"] += len(cells) * self.model.shape0(m)
+            return [(lat, lon, None) for lat, lon in cells]
+        m_host = self.b.to_host(m)
+        sel = self.router.pick(layer, m_host)
+        self._counters["routed_cells"] += int(sel.sum())
+        self._counters["possible_cells"] += sel.size
+        if self._prefetch_ok and layer + 1 < self.model.n_layers:
+            # the next layer's router on this hidden state predicts the next layer's cells well
+            nxt = self.router.pick(layer + 1, m_host).any(axis=0)
+            self.cache.prefetch([("cell", layer + 1, *self.router.cells[layer + 1][j]) for j in np.flatnonzero(nxt)])
+        out = []
+        for j in np.flatnonzero(sel.any(axis=0)):
+            lat, lon = self.router.cells[layer][j]
+            col = sel[:, j]
+            out.append((lat, lon, None if col.all() else self.b.upload(col[:, None].astype(np.float32))))
+        return out
+
+    # --- inputs ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.pkg, self.model.vocab)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _ids(self, prompt_or_ids: str | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(prompt_or_ids, str):
+            ids = np.asarray(self.encode(prompt_or_ids), dtype=np.int64)
+        else:
+            ids = np.asarray(prompt_or_ids)
+            if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+                raise InputError(f"token ids must be a 1-D integer sequence, got {ids.dtype}{ids.shape}")
+            ids = ids.astype(np.int64)
+        if ids.size == 0:
+            raise InputError("the prompt is empty")
+        bad = (ids < 0) | (ids >= self.model.vocab)
+        if bad.any():
+            raise InputError(f"token id {int(ids[bad][0])} at position {int(np.flatnonzero(bad)[0])} is outside "
+                             f"the vocabulary (0..{self.model.vocab - 1})")
+        if ids.size > self.model.context:
+            raise InputError(f"the prompt has {ids.size} tokens; the model's context is {self.model.context}")
+        return ids
+
+    # --- running --------------------------------------------------------------------------
+    def _forward(self, ids: np.ndarray, start: int, chunk: int, last_only: bool) -> np.ndarray:
+        outs = []
+        for s in range(0, len(ids), chunk):
+            part = ids[s : s + chunk]
+            outs.append(self.model.forward(self, part, start + s, last_only and s + chunk >= len(ids)))
+        return outs[-1] if last_only else np.concatenate(outs)
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits ``(T, vocab)`` (float32, host) of every position of ``ids``."""
+        ids = self._ids(ids)
+        chunk = self._plan(len(ids), len(ids))
+        try:
+            t0 = time.perf_counter()
+            out = self._forward(ids, 0, chunk, last_only=False)
+            self.b.synchronize()
+            self._counters["prefill_tokens"] += len(ids)
+            self._counters["prefill_s"] += time.perf_counter() - t0
+            return out
+        finally:
+            self._free_kv()
+
+    def nll(self, ids: Sequence[int] | np.ndarray) -> tuple[float, int]:
+        """Summed negative log-likelihood of ``ids[1:]`` given their prefixes, over windows of the
+        model's context (each window starts fresh), and the number of predicted tokens."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size < 2:
+            raise InputError("need at least 2 tokens to score")
+        total, n = 0.0, 0
+        w = self.model.context
+        for s in range(0, len(ids) - 1, w):
+            window = ids[s : s + w + 1]
+            if len(window) < 2:
+                break
+            logits = self.logits(window[:-1])
+            z = logits - logits.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            total -= float(logp[np.arange(len(window) - 1), window[1:]].sum(dtype=np.float64))
+            n += len(window) - 1
+        return total, n
+
+    def stream(self, prompt_or_ids: str | Sequence[int] | np.ndarray, max_new_tokens: int = 32,
+               temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time (greedy at ``temperature`` 0, else sampled)."""
+        ids = self._ids(prompt_or_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens {max_new_tokens!r}: expected a non-negative integer")
+        n_new = min(max_new_tokens, self.model.context - len(ids))
+        if n_new <= 0:
+            return
+        rng = np.random.default_rng(seed)
+        eos = (self.model.config.get("eos_token_id") if stop_at_eos else None)
+        chunk = self._plan(len(ids) + n_new, len(ids))
+        try:
+            t0 = time.perf_counter()
+            logits = self._forward(ids, 0, chunk, last_only=True)[-1]
+            self.b.synchronize()
+            self._counters["prefill_tokens"] += len(ids)
+            self._counters["prefill_s"] += time.perf_counter() - t0
+            pos = len(ids)
+            for i in range(n_new):
+                tok = self._pick(logits, temperature, rng)
+                yield tok
+                if tok == eos or i == n_new - 1:
+                    break
+                t0 = time.perf_counter()
+                logits = self.model.forward(self, np.array([tok]), pos, True)[-1]
+                self.b.synchronize()
+                self._counters["decode_tokens"] += 1
+                self._counters["decode_s"] += time.perf_counter() - t0
+                pos += 1
+        finally:
+            self._free_kv()
+
+    def generate(self, prompt_or_ids: str | Sequence[int] | np.ndarray, max_new_tokens: int = 32,
+                 temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> list[int]:
+        """The new token ids (see :meth:`stream`)."""
+        return list(self.stream(prompt_or_ids, max_new_tokens, temperature, seed, stop_at_eos))
+
+    @staticmethod
+    def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+
+    # --- figures --------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters since the session started (see the README for each figure)."""
+        s = self.cache.stats
+        c = self._counters
+        lookups = s.hits + s.misses
+        return {
+            **self.b.describe(),
+            "package": self.pkg.where,
+            "mode": "dense" if self.router is None else f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells)",
+            "budget_bytes": self.budget,
+            "weight_bytes": self.weight_bytes,
+            "peak_device_bytes": self.b.peak_memory(),
+            "resident_bytes": self.cache.used,
+            "bytes_read": self.model.loader.bytes_read,
+            "bytes_uploaded": s.bytes_uploaded,
+            "blocks_loaded": s.loads,
+            "blocks_evicted": s.evictions,
+            "experts_loaded": s.expert_loads,
+            "experts_evicted": s.expert_evictions,
+            "cache_hits": s.hits,
+            "cache_misses": s.misses,
+            "cache_hit_rate": s.hits / lookups if lookups else None,
+            "prefetch_loads": s.prefetch_loads,
+            "prefetch_hits": s.prefetch_hits,
+            "prefetch_hit_rate": s.prefetch_hits / s.prefetch_loads if s.prefetch_loads else None,
+            "active_cell_fraction": c["routed_cells"] / c["possible_cells"] if c["possible_cells"] else None,
+            "router_host_bytes": self.router.host_bytes() if self.router else 0,
+            "prefill_tokens": c["prefill_tokens"],
+            "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
+            "decode_tokens": c["decode_tokens"],
+            "tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else None,
+        }
+
+    def close(self) -> None:
+        self._free_kv()
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            cache.close()
+        if self._own:
+            self.pkg.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
