@@ -67,14 +67,17 @@ class BlockLoader:
             for t, layer in enumerate(pkg._shells[depth]["layers"]):
                 self.counts[layer] = (index[t] >= 0).sum(axis=-1)
         self.row_width = pkg._header["neuron_layout"]["row_width"]
-        # vocabulary blocks: a whole number of core chunks, about the size of one attention block
+        # vocabulary blocks: about the size of one attention block, so the minimum budget is not
+        # set by the embedding table; a whole number of core chunks when chunks are smaller
         self.table_rows: dict[str, int] = {}
         attn = max((self.nbytes(k) for k in core if k[0] == "attn"), default=4 << 20)
         for name, tensor in tables.items():
             v, d = pkg.tensor_info(tensor).shape
+            rows = max(1, attn // (d * _F32))
             chunk = self._array(tensor).chunks[0]
-            per = max(1, round(attn / (chunk * d * _F32)))
-            self.table_rows[name] = min(v, chunk * per)
+            if rows > chunk:
+                rows = chunk * max(1, round(rows / chunk))
+            self.table_rows[name] = min(v, rows)
 
     # --- the plan -----------------------------------------------------------------------------
     def cells(self, layer: int) -> list[tuple[int, int]]:
@@ -145,10 +148,10 @@ class BlockLoader:
         fa = FastArray.maybe(arr)
         what = f"{self.pkg.where}: rows {start}..{stop} of {tensor}"
         try:
-            if fa is not None and start % chunk == 0 and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
-                coords = [(c, 0) for c in range(start // chunk, math.ceil(stop / chunk))]
-                parts = fa.read_objects(coords)
-                data = np.concatenate(parts)[: stop - start]
+            if fa is not None and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
+                first = start // chunk
+                parts = fa.read_objects([(c, 0) for c in range(first, math.ceil(stop / chunk))])
+                data = np.concatenate(parts)[start - first * chunk : stop - first * chunk]
             else:
                 data = np.asarray(arr[start:stop])
         except (ChunkError, ValueError, RuntimeError, OSError) as e:

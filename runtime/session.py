@@ -35,7 +35,10 @@ from .tokenizer import load_tokenizer
 __all__ = ["Session", "parse_budget"]
 
 _UNLIMITED = 1 << 62
-MAX_CHUNK = 64  # prefill tokens per forward chunk: bounds attention scratch
+#: prefill tokens per forward chunk by default: bounds attention scratch.  A fixed size (not one
+#: derived from the budget) keeps logits bit-identical across budgets; only a budget too small
+#: for it makes chunks smaller (``stats()["prefill_chunk"]`` shows the size used).
+DEFAULT_CHUNK = 32
 
 
 def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
@@ -108,10 +111,16 @@ class Session:
         Alternatively the share of each layer's cells per token (``0.25`` or ``"25%"``).
     prefetch
         Load the next layer's likely blocks in a background thread while this one computes.
+    chunk
+        Prefill tokens per forward chunk (see :data:`DEFAULT_CHUNK`).
     """
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
-                 top_k: int | None = None, active: float | str | None = None, prefetch: bool = True) -> None:
+                 top_k: int | None = None, active: float | str | None = None, prefetch: bool = True,
+                 chunk: int = DEFAULT_CHUNK) -> None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
+        self.chunk = chunk
         self._own = not isinstance(pkg, Package)
         self.pkg = open_package(pkg) if self._own else pkg  # type: ignore[arg-type]
         try:
@@ -158,6 +167,7 @@ class Session:
         self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                           "routed_cells": 0, "possible_cells": 0}
         self._prefetch_ok = prefetch
+        self._last_chunk = 0
         self.b.reset_peak()
 
     # --- budget ---------------------------------------------------------------------------
@@ -174,7 +184,7 @@ class Session:
     def _plan(self, n_ctx: int, n_tokens: int) -> int:
         """Allocate the KV cache for ``n_ctx`` positions, size the block cache; returns the chunk."""
         self._free_kv()
-        chunk = max(1, min(MAX_CHUNK, n_tokens))
+        chunk = max(1, min(self.chunk, n_tokens))
         if self.budget is not None:
             while chunk > 1 and self.minimum_budget(n_ctx, chunk) > self.budget:
                 chunk //= 2
@@ -184,6 +194,7 @@ class Session:
                     f"budget {format_size(self.budget)} cannot hold a context of {n_ctx} tokens: at least "
                     f"{format_size(need)} is needed ({format_size(self._kv_bytes(n_ctx))} of it KV cache)")
             self.cache.resize(self.budget - self._kv_bytes(n_ctx) - self.model.scratch_bytes(chunk, n_ctx))
+        self._last_chunk = chunk
         kv_dim = self.model.kv_dim
         self.kv = [(self.b.zeros((n_ctx, kv_dim)), self.b.zeros((n_ctx, kv_dim))) for _ in range(self.model.n_layers)]
         return chunk
@@ -242,7 +253,7 @@ class Session:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def _ids(self, prompt_or_ids: str | Sequence[int] | np.ndarray) -> np.ndarray:
+    def _ids(self, prompt_or_ids: str | Sequence[int] | np.ndarray, limit: bool = True) -> np.ndarray:
         if isinstance(prompt_or_ids, str):
             ids = np.asarray(self.encode(prompt_or_ids), dtype=np.int64)
         else:
@@ -256,7 +267,7 @@ class Session:
         if bad.any():
             raise InputError(f"token id {int(ids[bad][0])} at position {int(np.flatnonzero(bad)[0])} is outside "
                              f"the vocabulary (0..{self.model.vocab - 1})")
-        if ids.size > self.model.context:
+        if limit and ids.size > self.model.context:
             raise InputError(f"the prompt has {ids.size} tokens; the model's context is {self.model.context}")
         return ids
 
@@ -282,15 +293,20 @@ class Session:
         finally:
             self._free_kv()
 
-    def nll(self, ids: Sequence[int] | np.ndarray) -> tuple[float, int]:
+    def nll(self, ids: Sequence[int] | np.ndarray, progress: bool = False) -> tuple[float, int]:
         """Summed negative log-likelihood of ``ids[1:]`` given their prefixes, over windows of the
         model's context (each window starts fresh), and the number of predicted tokens."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.size < 2:
+        ids = self._ids(ids, limit=False)
+        if ids.size < 2:
             raise InputError("need at least 2 tokens to score")
         total, n = 0.0, 0
         w = self.model.context
-        for s in range(0, len(ids) - 1, w):
+        starts = range(0, len(ids) - 1, w)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="eval", unit="window")
+        for s in starts:
             window = ids[s : s + w + 1]
             if len(window) < 2:
                 break
@@ -375,6 +391,7 @@ class Session:
             "prefetch_hit_rate": s.prefetch_hits / s.prefetch_loads if s.prefetch_loads else None,
             "active_cell_fraction": c["routed_cells"] / c["possible_cells"] if c["possible_cells"] else None,
             "router_host_bytes": self.router.host_bytes() if self.router else 0,
+            "prefill_chunk": self._last_chunk,
             "prefill_tokens": c["prefill_tokens"],
             "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
             "decode_tokens": c["decode_tokens"],

@@ -235,6 +235,165 @@ def unmount_cmd(directory: str) -> None:
     unmount(directory)
 
 
+_RUN_OPTIONS = [
+    click.option("--backend", "-b", metavar="NAME", help="numpy, torch, torch:cpu, torch:cuda[:N], vulkan "
+                 "(default: $SPHEREFMT_BACKEND, else the first that starts; see `sphere backends`)."),
+    click.option("--budget", metavar="SIZE|N%", help="Device memory for weights, KV cache and scratch, e.g. 512MiB "
+                 "or 25% (of the float32 weights). Default: unlimited."),
+    click.option("--top-k", type=int, metavar="K", help="Cells per token and layer (default: dense, every cell)."),
+    click.option("--active", metavar="SHARE", help="Or the share of each layer's cells per token, e.g. 25%."),
+    click.option("--no-prefetch", is_flag=True, help="Load blocks only when the forward pass asks for them."),
+]
+
+
+def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_RUN_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
+             no_prefetch: bool) -> Any:
+    from .runtime import Session
+
+    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=not no_prefetch)
+
+
+def _load_ids(path: str) -> np.ndarray:
+    """Token ids from a ``.npy`` file (no pickles), 1-D integers."""
+    from .errors import FormatError, InputError
+
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise FormatError(f"{path}: not a .npy array of token ids ({str(e)[:100]})") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{path}: token ids must be a 1-D integer array, got {getattr(ids, 'dtype', '?')}"
+                         f"{getattr(ids, 'shape', '')}")
+    return ids
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    def fmt(k: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if k.endswith("_bytes") or k.startswith("bytes_"):
+            return _size(v)
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    for k, v in stats.items():
+        click.echo(f"  {k:<22} {fmt(k, v)}", err=True)
+
+
+@cli.command()
+@click.argument("pkg")
+@click.option("--prompt", "-p", help="Prompt text (tokenized with the package's tokenizer, else UTF-8 bytes).")
+@click.option("--ids", "ids_file", metavar="FILE.npy", help="Prompt as token ids instead of text.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 picks the most likely token (greedy).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@_run_options
+@click.option("--stats", "show_stats", is_flag=True, help="Print runtime figures (to stderr) at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (ids, text, stats) at the end.")
+@_user_errors
+def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int, temperature: float, seed: int,
+        backend: str | None, budget: str | None, top_k: int | None, active: str | None, no_prefetch: bool,
+        show_stats: bool, as_json: bool) -> None:
+    """Generate text from PKG, streaming tokens as they come, under a device memory budget."""
+    from .errors import InputError
+
+    if (prompt is None) == (ids_file is None):
+        raise InputError("give --prompt TEXT or --ids FILE.npy")
+    with _session(pkg, backend, budget, top_k, active, no_prefetch) as s:
+        ids = _load_ids(ids_file) if ids_file else s.encode(prompt)  # type: ignore[arg-type]
+        out: list[int] = []
+        shown = ""
+        text_ok = prompt is not None
+        for tok in s.stream(ids, max_new_tokens, temperature=temperature, seed=seed):
+            out.append(tok)
+            if as_json:
+                continue
+            if not text_ok:
+                click.echo(f"{tok} ", nl=False)
+                continue
+            text = s.decode(out)
+            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                click.echo(text[len(shown):], nl=False)
+                shown = text
+        stats = s.stats()
+        if as_json:
+            doc = {"ids": out, "stats": stats}
+            if text_ok:
+                doc["text"] = s.decode(out)
+            click.echo(json.dumps(doc, indent=2))
+            return
+        if text_ok and s.decode(out) != shown:
+            click.echo(s.decode(out)[len(shown):], nl=False)
+        click.echo()
+        if show_stats:
+            _print_stats(stats)
+
+
+@cli.command(name="eval")
+@click.argument("pkg")
+@click.option("--text", "text_file", metavar="FILE", help="UTF-8 text to score.")
+@click.option("--ids", "ids_file", metavar="FILE.npy", help="Token ids to score instead of text.")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens.")
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: int | None, backend: str | None,
+             budget: str | None, top_k: int | None, active: str | None, no_prefetch: bool, as_json: bool,
+             quiet: bool) -> None:
+    """Mean negative log-likelihood and perplexity of PKG on a text (windows of the model's context)."""
+    import math
+
+    from .errors import InputError
+
+    if (text_file is None) == (ids_file is None):
+        raise InputError("give --text FILE or --ids FILE.npy")
+    with _session(pkg, backend, budget, top_k, active, no_prefetch) as s:
+        if text_file:
+            with open(text_file, encoding="utf-8", errors="replace") as f:
+                ids = np.asarray(s.encode(f.read()), dtype=np.int64)
+        else:
+            ids = _load_ids(ids_file)  # type: ignore[arg-type]
+        if max_tokens:
+            ids = ids[:max_tokens]
+        total, n = s.nll(ids, progress=not quiet and not as_json)
+        st = s.stats()
+    doc = {"tokens": n, "nll": total / n, "ppl": math.exp(total / n), "backend": st["backend"], "mode": st["mode"],
+           "budget_bytes": st["budget_bytes"], "peak_device_bytes": st["peak_device_bytes"],
+           "active_cell_fraction": st["active_cell_fraction"], "tokens_per_s": st["prefill_tokens_per_s"]}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"{n} tokens  nll {doc['nll']:.4f}  ppl {doc['ppl']:.3f}  ({st['mode']}, {st['backend']})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+@_user_errors
+def backends(as_json: bool) -> None:
+    """Every compute backend, whether it starts here, and why not."""
+    from .backends import probe
+
+    rows = probe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        if r["available"]:
+            extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("name", "available", "backend"))
+            click.echo(f"{r['name']:<12} yes  {extra}")
+        else:
+            click.echo(f"{r['name']:<12} no   {r['reason']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sphere`` command."""
     cli.main(args=argv, prog_name="sphere")

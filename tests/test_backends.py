@@ -1,0 +1,204 @@
+"""The backend conformance suite: every backend that starts here passes the same tests.
+
+References are written here in float64 numpy, independently of ``backends/numpy.py``; shapes
+include sizes that are not multiples of typical workgroup/tile sizes (1, 7, 33, 65).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spherefmt.backends import get_backend, names, probe
+from spherefmt.errors import BackendUnavailableError, UnknownBackendError
+
+CANDIDATES = ["numpy", "torch:cpu", "torch:cuda", "vulkan"]
+
+
+def _started(name: str):
+    try:
+        return get_backend(name)
+    except (BackendUnavailableError, UnknownBackendError) as e:
+        pytest.skip(f"{name}: {e}")
+
+
+@pytest.fixture(params=CANDIDATES, scope="module")
+def be(request):
+    return _started(request.param)
+
+
+RNG = np.random.default_rng(1234)
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def rand(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def close(be, t, ref) -> None:
+    np.testing.assert_allclose(be.to_host(t), ref, **TOL)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (7, 33, 65), (33, 64, 1), (65, 17, 130)])
+def test_matmul(be, m, k, n):
+    x, w, wt, b = rand(m, k), rand(k, n), rand(n, k), rand(n)
+    X, W, WT, B = be.upload(x), be.upload(w), be.upload(wt), be.upload(b)
+    close(be, be.matmul(X, W), x.astype(np.float64) @ w)
+    close(be, be.matmul(X, W, B), x.astype(np.float64) @ w + b)
+    close(be, be.matmul(X, WT, transpose_w=True), x.astype(np.float64) @ wt.T)
+    close(be, be.matmul(X, WT, B, transpose_w=True), x.astype(np.float64) @ wt.T + b)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (33, 65)])
+def test_elementwise(be, shape):
+    a, b, v, col = rand(*shape), rand(*shape), rand(shape[1]), rand(shape[0], 1)
+    A, B, V, COL = (be.upload(t) for t in (a, b, v, col))
+    close(be, be.add(A, B), a + b)
+    close(be, be.add(A, V), a + v)
+    close(be, be.mul(A, B), a * b)
+    close(be, be.mul(A, V), a * v)
+    close(be, be.mul(A, COL), a * col)
+    x = a.astype(np.float64) * 3
+    X = be.upload(x)
+    tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    erf = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    close(be, be.gelu(X), tanh)
+    close(be, be.gelu(X, approximate=False), erf)
+    close(be, be.silu(X), x / (1 + np.exp(-x)))
+
+
+@pytest.mark.parametrize("t,d", [(1, 8), (5, 33), (17, 64)])
+def test_norms(be, t, d):
+    x, w, b = rand(t, d) * 2 + 0.5, rand(d), rand(d)
+    X, W, B = be.upload(x), be.upload(w), be.upload(b)
+    x64 = x.astype(np.float64)
+    mu, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    close(be, be.layernorm(X, W, B, 1e-5), (x64 - mu) / np.sqrt(var + 1e-5) * w + b)
+    close(be, be.rmsnorm(X, W, 1e-6), x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * w)
+
+
+def test_gather_rows(be):
+    table = rand(37, 9)
+    ids = np.array([0, 36, -1, 5, 5, -1])
+    out = be.to_host(be.gather_rows(be.upload(table), ids))
+    ref = np.where((ids >= 0)[:, None], table[np.maximum(ids, 0)], 0.0)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_rope(be):
+    t, h, hd = 5, 3, 8
+    x = rand(t, h * hd)
+    ang = RNG.uniform(-3, 3, (t, hd // 2))
+    emb = np.concatenate([ang, ang], axis=1)
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    xh = x.reshape(t, h, hd).astype(np.float64)
+    rot = np.concatenate([-xh[..., hd // 2 :], xh[..., : hd // 2]], axis=-1)
+    ref = (xh * cos[:, None] + rot * sin[:, None]).reshape(t, -1)
+    close(be, be.rope(be.upload(x), be.upload(cos), be.upload(sin), h), ref)
+
+
+def _attention_ref(q, k, v, start, h, hk, scale):
+    t, n = q.shape[0], start + q.shape[0]
+    hd = q.shape[1] // h
+    out = np.zeros((t, h * hd))
+    for head in range(h):
+        kh = head // (h // hk)
+        qq = q[:, head * hd : (head + 1) * hd].astype(np.float64)
+        kk = k[:n, kh * hd : (kh + 1) * hd].astype(np.float64)
+        vv = v[:n, kh * hd : (kh + 1) * hd].astype(np.float64)
+        s = qq @ kk.T * scale
+        for i in range(t):
+            s[i, start + i + 1 :] = -np.inf
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out[:, head * hd : (head + 1) * hd] = p @ vv
+    return out
+
+
+@pytest.mark.parametrize("t,start,h,hk,hd", [(1, 0, 2, 2, 4), (1, 9, 4, 2, 8), (7, 0, 3, 1, 5), (6, 5, 4, 4, 16)])
+def test_attention_with_cache(be, t, start, h, hk, hd):
+    max_len = start + t + 3  # rows past the end hold garbage that must be ignored
+    q = rand(t, h * hd)
+    k, v = rand(max_len, hk * hd), rand(max_len, hk * hd)
+    kc, vc = be.zeros((max_len, hk * hd)), be.zeros((max_len, hk * hd))
+    be.write_rows(kc, 0, be.upload(k))
+    be.write_rows(vc, 0, be.upload(v))
+    out = be.attention(be.upload(q), kc, vc, start, h, hk, 1 / math.sqrt(hd))
+    close(be, out, _attention_ref(q, k, v, start, h, hk, 1 / math.sqrt(hd)))
+
+
+def test_write_rows_in_place(be):
+    dst = be.zeros((6, 4))
+    src = rand(2, 4)
+    be.write_rows(dst, 3, be.upload(src))
+    ref = np.zeros((6, 4), np.float32)
+    ref[3:5] = src
+    np.testing.assert_array_equal(be.to_host(dst), ref)
+
+
+def test_ops_do_not_modify_inputs(be):
+    x, w = rand(4, 6), rand(6, 6)
+    X, W = be.upload(x), be.upload(w)
+    for _ in (be.matmul(X, W, be.upload(w[0])), be.add(X, X), be.mul(X, X), be.gelu(X), be.silu(X),
+              be.layernorm(X, be.upload(w[0]), be.upload(w[1]), 1e-5)):
+        pass
+    np.testing.assert_array_equal(be.to_host(X), x)
+    np.testing.assert_array_equal(be.to_host(W), w)
+
+
+def test_upload_converts_to_float32(be):
+    for a in (np.arange(6, dtype=np.float64).reshape(2, 3), np.arange(6, dtype=np.float16)):
+        out = be.to_host(be.upload(a))
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, a.astype(np.float32))
+
+
+def test_memory_accounting(be):
+    be.synchronize()
+    base = be.memory_used()
+    be.reset_peak()
+    t = be.upload(np.ones((256, 256), np.float32))
+    be.synchronize()
+    assert be.memory_used() - base >= 256 * 256 * 4
+    y = be.matmul(t, t)
+    be.synchronize()
+    assert be.memory_used() - base >= 2 * 256 * 256 * 4
+    assert be.peak_memory() >= be.memory_used()
+    be.free(t)
+    be.free(y)
+    del t, y
+    be.synchronize()
+    assert be.memory_used() - base < 256 * 256 * 4
+    assert be.peak_memory() - base >= 2 * 256 * 256 * 4
+    be.reset_peak()
+    assert be.peak_memory() - be.memory_used() < 256 * 256 * 4
+
+
+def test_describe_names_the_backend(be):
+    d = be.describe()
+    assert d["backend"] == be.name and "device" in d
+
+
+def test_registry_errors():
+    with pytest.raises(UnknownBackendError, match="known: .*numpy.*torch"):
+        get_backend("tpu")
+    with pytest.raises(BackendUnavailableError, match="CPU only"):
+        get_backend("numpy:cuda")
+    assert "numpy" in names()
+
+
+def test_env_var_picks_backend(monkeypatch):
+    monkeypatch.setenv("SPHEREFMT_BACKEND", "numpy")
+    assert get_backend().name == "numpy"
+    monkeypatch.setenv("SPHEREFMT_BACKEND", "nope")
+    with pytest.raises(UnknownBackendError):
+        get_backend()
+
+
+def test_probe_reports_every_backend():
+    rows = {r["name"]: r for r in probe()}
+    assert rows["numpy"]["available"] is True
+    for r in rows.values():
+        assert r["available"] or r["reason"]

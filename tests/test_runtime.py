@@ -1,0 +1,313 @@
+"""The streaming runtime against Hugging Face ``transformers`` on the same weights, under budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spherefmt
+from spherefmt.backends import get_backend
+from spherefmt.cli import main
+from spherefmt.errors import (BackendUnavailableError, BudgetExceededError, FormatError, InputError,
+                              UnknownBackendError)
+from spherefmt.runtime import Session, parse_budget
+from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BACKENDS = []
+for _name in ("numpy", "torch:cpu", "torch:cuda"):
+    try:
+        get_backend(_name)
+        BACKENDS.append(_name)
+    except (BackendUnavailableError, UnknownBackendError):
+        pass
+
+IDS = np.random.default_rng(7).integers(0, 512, 20)
+
+
+def _perturb_norms(sd: dict[str, np.ndarray], seed: int) -> None:
+    """Random norm weights and biases, so that a forward pass that ignores them fails."""
+    rng = np.random.default_rng(seed)
+    for k, v in sd.items():
+        if "ln" in k or "norm" in k:
+            sd[k] = (v + rng.standard_normal(v.shape).astype(v.dtype) * 0.1).astype(v.dtype)
+
+
+def _make(tmp: Path, arch: str) -> tuple[Path, dict]:
+    if arch == "gpt2":
+        cfg = gpt2_config(n_layer=6, n_embd=128, n_head=4, vocab_size=512, n_positions=48)
+        sd = make_gpt2(cfg, "F32", seed=3)
+    else:
+        cfg = llama_config(num_hidden_layers=5, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512)
+        cfg["max_position_embeddings"] = 48
+        sd = make_llama(cfg, "F32", seed=3)
+    _perturb_norms(sd, 5)
+    src = tmp / f"{arch}-hf"
+    save_hf_folder(src, sd, cfg)
+    return src, cfg
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tmp_path_factory):
+    """(arch, HF folder, dir package, vhd package, reference logits of IDS, reference greedy ids)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    src, _ = _make(tmp, request.param)
+    pkg = tmp / "m.sphere"
+    vhd = tmp / "m.vhd"
+    spherefmt.save(src, pkg, graticule="2x4")
+    spherefmt.save(src, vhd, graticule="2x4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(IDS)[None]).logits[0].numpy()
+        gen = hf.generate(torch.tensor(IDS[:6])[None], max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                          pad_token_id=0)[0, 6:].tolist()
+    return request.param, src, pkg, vhd, ref, gen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["dir", "vhd"])
+def test_dense_logits_equal_transformers(model, backend, where):
+    _, _, pkg, vhd, ref, _ = model
+    with Session(pkg if where == "dir" else vhd, backend=backend) as s:
+        out = s.logits(IDS)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_generation_equals_transformers(model, backend):
+    _, _, pkg, _, _, gen = model
+    with Session(pkg, backend=backend) as s:
+        assert s.generate(IDS[:6], max_new_tokens=8, stop_at_eos=False) == gen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quarter_budget_holds_and_changes_nothing(model, backend):
+    _, _, pkg, vhd, _, _ = model
+    with Session(pkg, backend=backend) as s:
+        full = s.logits(IDS)
+        full_gen = s.generate(IDS[:6], max_new_tokens=8, stop_at_eos=False)
+        weights = s.weight_bytes
+    with Session(vhd, backend=backend, budget="25%") as s:
+        assert s.budget == weights // 4
+        out = s.logits(IDS)
+        gen = s.generate(IDS[:6], max_new_tokens=8, stop_at_eos=False)
+        st = s.stats()
+    np.testing.assert_array_equal(out, full)  # same chunking, same order of sums: bit-identical
+    assert gen == full_gen
+    assert st["peak_device_bytes"] <= st["budget_bytes"]
+    assert st["peak_device_bytes"] > st["budget_bytes"] // 2  # the budget is used, not dodged
+    assert st["experts_evicted"] > 0 and st["blocks_evicted"] > 0
+    assert st["prefetch_hits"] > 0 and st["prefetch_loads"] >= st["prefetch_hits"]
+    assert st["bytes_uploaded"] > weights  # streamed: more than one pass over the weights
+
+
+def test_unlimited_run_reads_each_block_once(model):
+    _, _, pkg, _, _, _ = model
+    with Session(pkg, backend="numpy") as s:
+        s.logits(IDS)
+        s.generate(IDS[:4], max_new_tokens=4)
+        st = s.stats()
+    assert st["blocks_evicted"] == 0
+    assert st["bytes_uploaded"] == st["resident_bytes"] <= st["weight_bytes"]
+    assert st["cache_hit_rate"] > 0.5
+
+
+def test_too_small_budget_is_refused_with_the_minimum(model):
+    _, _, pkg, _, _, _ = model
+    with Session(pkg, backend="numpy") as s:
+        least = s.minimum_budget(1)
+    with pytest.raises(BudgetExceededError, match=rf"too small.*at least .*\({least} bytes\)"):
+        Session(pkg, backend="numpy", budget=least - 1)
+    with Session(pkg, backend="numpy", budget=least) as s:  # runs a token, not a 48-token context
+        assert s.logits([5]).shape == (1, 512)
+        assert s.stats()["peak_device_bytes"] <= least
+        with pytest.raises(BudgetExceededError, match="cannot hold a context of 48 tokens"):
+            s.logits(np.arange(48))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_top_k_all_cells_equals_dense_and_fewer_cells_differ(model, backend):
+    _, _, pkg, _, _, _ = model
+    with Session(pkg, backend=backend) as s:
+        dense = s.logits(IDS)
+    with Session(pkg, backend=backend, top_k=8) as s:  # 2x4 graticule: every cell
+        np.testing.assert_array_equal(s.logits(IDS), dense)
+    with Session(pkg, backend=backend, top_k=2, budget="40%") as s:
+        sparse = s.logits(IDS)
+        st = s.stats()
+    assert st["active_cell_fraction"] == pytest.approx(0.25)
+    assert not np.allclose(sparse, dense, atol=1e-4)
+    assert np.isfinite(sparse).all()
+    assert st["peak_device_bytes"] <= st["budget_bytes"]
+
+
+def test_top_k_decode_reads_less_than_dense(model):
+    _, _, pkg, _, _, _ = model
+    figures = {}
+    for k in (None, 2):
+        with Session(pkg, backend="numpy", top_k=k, budget="30%") as s:
+            s.generate(IDS[:4], max_new_tokens=6, stop_at_eos=False)
+            figures[k] = s.stats()
+    assert figures[2]["experts_loaded"] < figures[None]["experts_loaded"]
+    assert figures[2]["prefetch_hits"] > 0  # the next layer's router predicted some cells
+
+
+def test_corrupt_expert_chunk_stops_the_run_naming_it(tmp_path):
+    src, _ = _make(tmp_path, "gpt2")
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(src, pkg, graticule="2x4")
+    with spherefmt.open(pkg) as p:
+        depth = p.layer_depth[2]
+        key = p.shard_key(1, 2, depth)
+    shard = pkg / key
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first inner chunk's payload
+    shard.write_bytes(bytes(data))
+    for budget in (None, "25%"):
+        with Session(pkg, backend="numpy", budget=budget) as s:
+            with pytest.raises(FormatError, match=rf"expert \(1, 2, {depth}\).*{key}.*checksum"):
+                s.logits(IDS)
+
+
+def test_bad_inputs_are_one_line_errors(model):
+    _, _, pkg, _, _, _ = model
+    with pytest.raises(UnknownBackendError, match="known: .*numpy"):
+        Session(pkg, backend="tpu")
+    for bad in ("12x", "-5", "0%", "lots"):
+        with pytest.raises(FormatError, match="budget"):
+            Session(pkg, backend="numpy", budget=bad)
+    with Session(pkg, backend="numpy") as s:
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            s.logits([1, 2, 512])
+        with pytest.raises(InputError, match="context is 48"):
+            s.logits(np.zeros(49, dtype=np.int64))
+        with pytest.raises(InputError, match="empty"):
+            s.generate([], 3)
+        with pytest.raises(InputError, match="1-D integer"):
+            s.logits(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(InputError):
+        Session(pkg, backend="numpy", top_k=0)
+
+
+def test_parse_budget():
+    assert parse_budget(None, 100) is None
+    assert parse_budget("25%", 1000) == 250
+    assert parse_budget("1KiB", 0) == 1024
+    assert parse_budget("2M", 0) == 2 << 20
+    assert parse_budget(4096, 0) == 4096
+
+
+def test_nll_matches_transformers_loss(model):
+    arch, src, pkg, _, _, _ = model
+    ids = np.random.default_rng(1).integers(0, 512, 100)  # longer than the context: 3 windows
+    with Session(pkg, backend="numpy") as s:
+        total, n = s.nll(ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    ref_total = 0.0
+    with torch.no_grad():
+        for st in range(0, 99, 48):
+            w = torch.tensor(ids[st : st + 49])
+            logits = hf(w[None, :-1]).logits[0].double()
+            ref_total += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+    assert n == 99
+    assert total == pytest.approx(ref_total, rel=1e-5)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_run_and_eval(model, tmp_path, capsys):
+    _, _, pkg, vhd, _, gen = model
+    ids_file = tmp_path / "ids.npy"
+    np.save(ids_file, IDS[:6])
+    code, out, err = _cli(capsys, "run", str(vhd), "--ids", str(ids_file), "-n", "8", "--budget", "25%", "--json",
+                          "--backend", "numpy")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["ids"][: len(gen)] == gen[: len(doc["ids"])] and len(doc["ids"]) >= 1
+    assert doc["stats"]["peak_device_bytes"] <= doc["stats"]["budget_bytes"]
+    np.save(ids_file, IDS)
+    code, out, err = _cli(capsys, "eval", str(pkg), "--ids", str(ids_file), "--json", "--backend", "numpy")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["tokens"] == len(IDS) - 1 and math.isclose(doc["ppl"], math.exp(doc["nll"]))
+    code, out, err = _cli(capsys, "run", str(pkg), "--prompt", "hi", "-n", "3", "--backend", "numpy", "--stats")
+    assert code == 0, err  # vocabulary 512 >= 256: byte-level text
+    assert "tokens_per_s" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "12x"], "budget '12x'"),
+    (["--budget", "1KiB"], "too small"),
+    (["--backend", "tpu"], "unknown backend"),
+    (["--top-k", "0"], "top_k"),
+])
+def test_cli_user_errors_exit_2(model, capsys, args, message):
+    _, _, pkg, _, _, _ = model
+    code, out, err = _cli(capsys, "run", str(pkg), "--prompt", "hi", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_ids_files_exit_2(model, tmp_path, capsys):
+    _, _, pkg, _, _, _ = model
+    np.save(tmp_path / "big.npy", np.array([1, 2, 9999]))
+    np.save(tmp_path / "float.npy", np.array([1.0, 2.0]))
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    long = tmp_path / "long.npy"
+    np.save(long, np.zeros(60, dtype=np.int64))
+    cases = [("eval", "big.npy", "outside the vocabulary"), ("eval", "float.npy", "1-D integer"),
+             ("eval", "junk.npy", "not a .npy"), ("eval", "obj.npy", "not a .npy"),
+             ("run", "long.npy", "context is 48")]
+    for cmd, f, message in cases:
+        code, _, err = _cli(capsys, cmd, str(pkg), "--ids", str(tmp_path / f), "--backend", "numpy")
+        assert code == 2 and message in err, (f, err)
+
+
+def test_cli_backends_json(capsys):
+    code, out, _ = _cli(capsys, "backends", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["numpy"]["available"] and "torch:cuda" in rows
+
+
+def test_tokenizer_json_is_used_for_text(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    src, cfg = _make(tmp_path, "gpt2")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["the sphere of neurons turns slowly, layer by layer, cell by cell"] * 50
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.save(str(src / "tokenizer.json"))
+    pkg = tmp_path / "tok.sphere"
+    spherefmt.save(src, pkg, graticule="2x4")
+    with Session(pkg, backend="numpy") as s:
+        ids = s.encode("the sphere of neurons")
+        assert ids == tok.encode("the sphere of neurons", add_special_tokens=False).ids
+        assert len(ids) < len("the sphere of neurons")  # BPE, not bytes
+        assert s.decode(ids) == "the sphere of neurons"
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("the sphere of neurons turns slowly")
+    code, out, err = _cli(capsys, "eval", str(pkg), "--text", str(text_file), "--json", "--backend", "numpy")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == len(tok.encode("the sphere of neurons turns slowly").ids) - 1
