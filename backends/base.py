@@ -81,6 +81,12 @@ class Backend(ABC):
     def upload(self, host: np.ndarray) -> Any:
         """A device copy of ``host`` as float32."""
 
+    def adopt(self, host: np.ndarray) -> Any:
+        """Like :meth:`upload`, for a float32 host array that nobody will modify while the device
+        holds it (it may be read-only, e.g. a view of a memory-mapped chunk): backends whose
+        device memory *is* host memory take it without copying.  Streaming uses this."""
+        return self.upload(host)
+
     @abstractmethod
     def zeros(self, shape: tuple[int, ...]) -> Any:
         """A float32 device tensor of zeros."""
@@ -114,8 +120,12 @@ class Backend(ABC):
 
     # --- ops ------------------------------------------------------------------------------
     @abstractmethod
-    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False) -> Any:
-        """``x @ w (+ bias)``, or ``x @ w.T (+ bias)`` with ``transpose_w``; f32 accumulate."""
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
+               cols: tuple[int, int] | None = None) -> Any:
+        """``x @ w (+ bias)``, or ``x @ w.T (+ bias)`` with ``transpose_w``; f32 accumulate.
+
+        ``cols=(a, b)`` uses the column range ``w[:, a:b]`` in place of ``w`` (one expert's rows
+        hold several weight matrices side by side; this reads them where they lie)."""
 
     @abstractmethod
     def add(self, a: Any, b: Any) -> Any:

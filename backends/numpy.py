@@ -42,6 +42,14 @@ class NumpyBackend(Backend):
     def upload(self, host: np.ndarray) -> np.ndarray:
         return self._out(np.array(host, dtype=_F32, copy=True, order="C"))
 
+    def adopt(self, host: np.ndarray) -> np.ndarray:
+        if host.dtype == _F32 and host.flags.c_contiguous:
+            # a fresh array, or a read-only view of a mapped chunk: counted, not copied.  A view
+            # gets its own array object so that the accounting follows this tensor alone.
+            t = host if host.base is None else host.view()
+            return self._acct.track(t, t.nbytes)
+        return self.upload(host)
+
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         return self._out(np.zeros(shape, dtype=_F32))
 
@@ -64,7 +72,10 @@ class NumpyBackend(Backend):
         return {"backend": self.name, "device": "cpu", "numpy": np.__version__}
 
     # --- ops ------------------------------------------------------------------------------
-    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False) -> np.ndarray:
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
+               cols: tuple[int, int] | None = None) -> np.ndarray:
+        if cols is not None:
+            w = w[:, cols[0] : cols[1]]  # a row-strided view: BLAS reads it in place
         y = x @ (w.T if transpose_w else w)
         if bias is not None:
             y += bias

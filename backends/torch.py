@@ -65,6 +65,18 @@ class TorchBackend(Backend):
         t = t.to(self.device, non_blocking=False) if self._gpu else t.clone()
         return self._out(t)
 
+    def adopt(self, host: np.ndarray) -> Any:
+        if not self._gpu and host.dtype == np.float32 and host.flags.c_contiguous:
+            import warnings
+
+            with warnings.catch_warnings():  # read-only mapped chunks: ops never write to weights
+                warnings.simplefilter("ignore", UserWarning)
+                t = self.torch.from_numpy(host)  # shares the buffer: no copy on the CPU
+            if self._acct is not None:
+                self._acct.track(t, host.nbytes)
+            return t
+        return self.upload(host)
+
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return self._out(self.torch.zeros(shape, dtype=self.torch.float32, device=self.device))
 
@@ -108,7 +120,10 @@ class TorchBackend(Backend):
         return d
 
     # --- ops ------------------------------------------------------------------------------
-    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False) -> Any:
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
+               cols: tuple[int, int] | None = None) -> Any:
+        if cols is not None:
+            w = w[:, cols[0] : cols[1]]
         w = w.t() if transpose_w else w
         y = x @ w if bias is None else self.torch.addmm(bias, x, w)
         return self._out(y)

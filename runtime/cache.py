@@ -6,7 +6,7 @@ layer 0 .. L-1, head): the victim is the unpinned block whose next use is farthe
 period).  For a dense model larger than the cache this keeps a stable resident set and streams
 the rest, where LRU would miss every time.  Ties go to the least recently used.
 
-The prefetcher is one background thread.  It loads the blocks the next position will likely
+The prefetcher is a pair of background threads.  They load the blocks the next position will likely
 need, but only into room it can make by evicting blocks needed *later* than the one it loads,
 so it never pushes out something the forward pass wants sooner.
 """
@@ -78,7 +78,8 @@ class WeightCache:
     """
 
     def __init__(self, backend: Any, load: Callable[[Key], dict[str, Any]], nbytes: Callable[[Key], int],
-                 position: Callable[[Key], int], period: int, capacity: int, prefetch: bool = True) -> None:
+                 position: Callable[[Key], int], period: int, capacity: int, prefetch: bool = True,
+                 workers: int = 2) -> None:
         self.backend = backend
         self._load, self._nbytes, self._position = load, nbytes, position
         self.period = period
@@ -90,12 +91,15 @@ class WeightCache:
         self._clock = 0
         self.now = 0  # current position
         self.visit = 0  # counts set_position calls
-        self._queue: queue.Queue[tuple[int, list[Key], threading.Event | None] | None] | None = None
-        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[tuple[int, Key] | None] | None = None
+        self._threads: list[threading.Thread] = []
         if prefetch:
+            # decoding (zstd, shuffle, crc32c) releases the GIL: workers overlap with the forward pass
             self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._prefetch_loop, name="spherefmt-prefetch", daemon=True)
-            self._thread.start()
+            for i in range(workers):
+                t = threading.Thread(target=self._prefetch_loop, name=f"spherefmt-prefetch-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     # --- positions and priorities -----------------------------------------------------------
     def set_position(self, position: int) -> None:
@@ -111,14 +115,20 @@ class WeightCache:
     def _make_room(self, need: int, farther_than: int | None) -> bool:
         """Evict until ``need`` more bytes fit; with ``farther_than``, only blocks needed later
         than that distance.  Called with the lock held."""
-        while self.used + need > self.capacity:
-            victims = [b for b in self._blocks.values() if b.ready and b.pins == 0
-                       and (farther_than is None or self._distance(b) > farther_than)]
-            if not victims:
-                return False
-            v = max(victims, key=lambda b: (self._distance(b), -b.last_use))
-            self._evict(v)
-        return True
+        if self.used + need <= self.capacity:
+            return True
+        victims = []
+        for b in self._blocks.values():
+            if b.ready and b.pins == 0:
+                dist = self._distance(b)
+                if farther_than is None or dist > farther_than:
+                    victims.append((dist, -b.last_use, b))
+        victims.sort(key=lambda v: (v[0], v[1]), reverse=True)
+        for _, _, b in victims:
+            if self.used + need <= self.capacity:
+                break
+            self._evict(b)
+        return self.used + need <= self.capacity
 
     def _evict(self, b: _Block) -> None:
         for t in b.tensors.values():
@@ -189,7 +199,7 @@ class WeightCache:
         t0 = time.perf_counter()
         try:
             host = self._load(b.key)
-            tensors = {name: self.backend.upload(a) for name, a in host.items()}
+            tensors = {name: self.backend.adopt(a) for name, a in host.items()}
         except BaseException:
             with self._cond:
                 self._blocks.pop(b.key, None)
@@ -207,46 +217,43 @@ class WeightCache:
 
     # --- prefetch ---------------------------------------------------------------------------
     def prefetch(self, keys: Sequence[Key]) -> None:
-        """Ask the background thread to load ``keys`` (in order) if room can be made for them."""
-        if self._queue is not None and keys:
-            self._queue.put((self.visit, list(keys), None))
+        """Ask the background workers to load ``keys`` (in order) if room can be made for them."""
+        if self._queue is not None:
+            for key in keys:
+                self._queue.put((self.visit, key))
 
     def _prefetch_loop(self) -> None:
         q = self._queue
         while q is not None:
             item = q.get()
-            if item is None:
+            try:
+                if item is None:
+                    return
+                self._prefetch_one(*item)
+            finally:
+                q.task_done()
+
+    def _prefetch_one(self, visit: int, key: Key) -> None:
+        with self._cond:
+            if self.visit > visit + 1 or key in self._blocks:  # stale (the pass moved on) or there
                 return
-            visit, keys, done = item
-            if done is not None:
-                done.set()
-            for key in keys:
-                with self._cond:
-                    if self.visit > visit + 1:  # the forward pass has moved on: stale request
-                        break
-                    if key in self._blocks:
-                        continue
-                    need = self._nbytes(key)
-                    pos = self._position(key)
-                    dist = (pos - self.now) % self.period
-                    if need > self.capacity or not self._make_room(need, dist):
-                        self.stats.prefetch_skipped += 1
-                        continue
-                    b = self._start(key, need, prefetched=True)
-                try:
-                    self._fill(b)
-                except BaseException:  # noqa: BLE001 - the forward pass reads it again and reports
-                    continue
-                with self._cond:
-                    self.stats.prefetch_loads += 1
+            need = self._nbytes(key)
+            dist = (self._position(key) - self.now) % self.period
+            if need > self.capacity or not self._make_room(need, dist):
+                self.stats.prefetch_skipped += 1
+                return
+            b = self._start(key, need, prefetched=True)
+        try:
+            self._fill(b)
+        except Exception:  # noqa: BLE001 - the forward pass reads it again and reports the error
+            return
+        with self._cond:
+            self.stats.prefetch_loads += 1
 
     def drain(self) -> None:
         """Wait until queued prefetches are done (tests and benchmarks use it for steady figures)."""
-        if self._queue is None:
-            return
-        done = threading.Event()
-        self._queue.put((self.visit, [], done))  # FIFO: set once everything before it is done
-        done.wait()
+        if self._queue is not None:
+            self._queue.join()
 
     # --- capacity -----------------------------------------------------------------------------
     def resize(self, capacity: int) -> None:
@@ -264,9 +271,10 @@ class WeightCache:
 
     def close(self) -> None:
         if self._queue is not None:
-            self._queue.put(None)
-            if self._thread is not None:
-                self._thread.join(timeout=30)
+            for _ in self._threads:
+                self._queue.put(None)
+            for t in self._threads:
+                t.join(timeout=30)
             self._queue = None
         with self._cond:
             for b in list(self._blocks.values()):

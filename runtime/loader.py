@@ -22,15 +22,23 @@ from typing import Any
 import numpy as np
 
 from spherefmt import constants as C
-from spherefmt.dtypes import to_float32
+from spherefmt.dtypes import storage_dtype, to_float32
 from spherefmt.errors import FormatError
-from spherefmt.fastpath import ChunkError, FastArray
+from spherefmt.fastpath import ChunkError, FastArray, read_many
 from spherefmt.package import Package, core_key
 
 __all__ = ["BlockLoader", "Key"]
 
 Key = tuple[Any, ...]
 _F32 = 4
+
+
+def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A contiguous float32 array of a storage array's values: ``a`` itself when it already is
+    one (weights are never written to, so a read-only view of a mapped chunk will do)."""
+    if dtype == "F32" and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(to_float32(a, dtype))
 
 
 class BlockLoader:
@@ -58,8 +66,9 @@ class BlockLoader:
         p, m = pkg.graticule  # type: ignore[misc]
         self.grid = (p, m)
         self.n_layers = len(pkg.layer_depth)
-        self.lock = threading.Lock()  # package reads are not re-entrant across threads
+        self.lock = threading.Lock()  # guards the counters; reads themselves run in parallel
         self.bytes_read = 0
+        self._fast_arrays: dict[str, FastArray | None] = {}
         # real neurons per (layer, lat, lon), from the index arrays (read once, small)
         self.counts = np.zeros((self.n_layers, p, m), dtype=np.int64)
         for depth in range(pkg.depth):
@@ -76,7 +85,7 @@ class BlockLoader:
             rows = max(1, attn // (d * _F32))
             chunk = self._array(tensor).chunks[0]
             if rows > chunk:
-                rows = chunk * max(1, round(rows / chunk))
+                rows = chunk  # one stored chunk per block: read in place, no reassembly
             self.table_rows[name] = min(v, rows)
 
     # --- the plan -----------------------------------------------------------------------------
@@ -93,7 +102,8 @@ class BlockLoader:
         kind = key[0]
         if kind == "cell":
             _, layer, lat, lon = key
-            return int(self.counts[layer, lat, lon]) * self.row_width * _F32
+            vectors = sum(1 for sl in self.slices.values() if sl.stop - sl.start == 1)
+            return int(self.counts[layer, lat, lon]) * (self.row_width + vectors) * _F32
         if kind == "vocab":
             _, name, b = key
             v, d = self.pkg.tensor_info(self.tables[name]).shape
@@ -105,24 +115,46 @@ class BlockLoader:
     def _array(self, tensor: str) -> Any:
         return self.pkg._array(core_key(tensor))
 
-    def load(self, key: Key) -> dict[str, np.ndarray]:
-        """Read and convert one block (float32 host arrays)."""
-        kind = key[0]
+    def _count(self, nbytes: int) -> None:
         with self.lock:
-            if kind == "cell":
-                return self._cell(*key[1:])
-            if kind == "vocab":
-                return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
-                                            self.table_rows[key[1]])}
-            parts = self.core[key]
-            raw = self.pkg._bulk_core(list(parts.values()))
-            out = {}
-            for part, tensor in parts.items():
-                a = raw.get(tensor)
-                if a is None:
-                    a = self.pkg._storage(tensor)
-                self.bytes_read += a.nbytes
-                out[part] = np.ascontiguousarray(to_float32(a, self.pkg.tensor_info(tensor).dtype))
+            self.bytes_read += nbytes
+
+    def _fast(self, tensor: str) -> FastArray | None:
+        """The fast reader of a core tensor, opened once (metadata parsing costs ~1 ms)."""
+        if tensor not in self._fast_arrays:
+            arr = self._array(tensor)
+            info = self.pkg.tensor_info(tensor)
+            ok = tuple(arr.shape) == tuple(info.shape) and arr.dtype == storage_dtype(info.dtype)
+            self._fast_arrays[tensor] = FastArray.maybe(arr) if ok else None
+        return self._fast_arrays[tensor]
+
+    def load(self, key: Key) -> dict[str, np.ndarray]:
+        """Read and convert one block (float32 host arrays, freshly allocated: the caller may
+        hand them to a backend without copying).  Safe to call from several threads."""
+        kind = key[0]
+        if kind == "cell":
+            return self._cell(*key[1:])
+        if kind == "vocab":
+            return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
+                                        self.table_rows[key[1]])}
+        parts = self.core[key]
+        fast = {t: fa for t in parts.values() if (fa := self._fast(t)) is not None}
+        single = {t: fa for t, fa in fast.items() if tuple(fa.outer_shape) == tuple(fa.arr.shape) and fa.arr.shape}
+        many = {t: fa for t, fa in fast.items() if t not in single}
+        try:
+            # one-chunk tensors are read as they lie (a view of the mapped object when uncompressed)
+            raw = {t: fa.read_chunk((0,) * len(fa.arr.shape)) for t, fa in single.items()}
+            if many:
+                raw.update(zip(many, read_many(list(many.values())), strict=True))
+        except (ChunkError, ValueError, RuntimeError, OSError) as e:
+            raise FormatError(f"{self.pkg.where}: cannot read the weights of block {key} ({e})") from None
+        out = {}
+        for part, tensor in parts.items():
+            a = raw.get(tensor)
+            if a is None:
+                a = self.pkg._storage(tensor)
+            self._count(a.nbytes)
+            out[part] = _f32(a, self.pkg.tensor_info(tensor).dtype)
         for part, (src, axis, names) in self.split.items():
             if part in out:
                 pieces = np.split(out.pop(part), len(names), axis=axis)
@@ -131,14 +163,22 @@ class BlockLoader:
 
     def _cell(self, layer: int, lat: int, lon: int) -> dict[str, np.ndarray]:
         rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer)
-        self.bytes_read += rows.nbytes  # storage-dtype bytes, padding included, as for core reads
-        real = rows[index >= 0]
-        if real.shape[0] != self.counts[layer, lat, lon]:
+        self._count(rows.nbytes)  # storage-dtype bytes, padding included, as for core reads
+        n = int(self.counts[layer, lat, lon])
+        if (index[:n] >= 0).all() and (index[n:] < 0).all():
+            real = rows[:n]  # padding at the end (the usual case): a view, no copy
+        else:
+            real = rows[index >= 0]
+        if real.shape[0] != n:
             raise FormatError(f"{self.pkg.where}: expert ({lat}, {lon}) layer {layer} changed while streaming")
-        f32 = real.astype(np.float32)
-        # width-1 fields (GPT-2's per-neuron input bias) become vectors
-        return {name: np.ascontiguousarray(f32[:, sl] if sl.stop - sl.start > 1 else f32[:, sl.start])
-                for name, sl in self.slices.items()}
+        f32 = real if real.dtype == np.float32 else real.astype(np.float32)
+        # the rows stay whole (matmuls read each field as a column range, in place; for an
+        # uncompressed local package this is a view of the mapped chunk); width-1 fields
+        # (GPT-2's per-neuron input bias) are also given as vectors, for the bias argument
+        out = {"rows": f32}
+        out.update({name: np.ascontiguousarray(f32[:, sl.start]) for name, sl in self.slices.items()
+                    if sl.stop - sl.start == 1})
+        return out
 
     def _rows(self, tensor: str, start: int, count: int) -> np.ndarray:
         arr = self._array(tensor)
@@ -150,22 +190,24 @@ class BlockLoader:
         try:
             if fa is not None and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
                 first = start // chunk
-                parts = fa.read_objects([(c, 0) for c in range(first, math.ceil(stop / chunk))])
-                data = np.concatenate(parts)[start - first * chunk : stop - first * chunk]
+                parts = [fa.read_chunk((c, 0)) for c in range(first, math.ceil(stop / chunk))]
+                data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                data = data[start - first * chunk : stop - first * chunk]
             else:
                 data = np.asarray(arr[start:stop])
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
-        self.bytes_read += data.nbytes
-        return np.ascontiguousarray(to_float32(data, info.dtype))
+        self._count(data.nbytes)
+        return _f32(data, info.dtype)
 
     def host_centroids(self, layer: int, field: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The centroid router of one layer: occupied cells and the mean ``field`` row of each
         (``(cells, d)``), read from the package once."""
         cells = self.cells(layer)
-        out = np.empty((len(cells), self.slices[field].stop - self.slices[field].start), dtype=np.float32)
+        sl = self.slices[field]
+        out = np.empty((len(cells), sl.stop - sl.start), dtype=np.float32)
         for i, (lat, lon) in enumerate(cells):
-            out[i] = self._cell(layer, lat, lon)[field].mean(axis=0)
+            out[i] = self._cell(layer, lat, lon)["rows"][:, sl].mean(axis=0)
         return cells, out
 
 

@@ -175,8 +175,9 @@ class GPT2(Model):
         tables = {"head": head} if head == wte else {"embed": wte, "head": head}
         self.embed_table = "head" if head == wte else "embed"
         self.vocab = pkg.tensor_info(head).shape[0]
-        self.loader = BlockLoader(pkg, core, tables, split={"qkv_w": ("qkv_w", 1, ["q_w", "k_w", "v_w"]),
-                                                           "qkv_b": ("qkv_b", 0, ["q_b", "k_b", "v_b"])})
+        # the fused QKV weight stays whole (read as column ranges); its bias is split on the host
+        self.loader = BlockLoader(pkg, core, tables, split={"qkv_b": ("qkv_b", 0, ["q_b", "k_b", "v_b"])})
+        self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
 
     def position(self, key: Key) -> int:
         if key[0] == "vocab" and self.embed_table == "head":
@@ -184,10 +185,10 @@ class GPT2(Model):
         return super().position(key)
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
-        h = b.gelu(b.matmul(m, c["w_in"], c["b_in"], transpose_w=True), self.approx)
+        h = b.gelu(b.matmul(m, c["rows"], c["b_in"], transpose_w=True, cols=self.cols["w_in"]), self.approx)
         if mask is not None:
             h = b.mul(h, mask)
-        return b.matmul(h, c["w_out"])
+        return b.matmul(h, c["rows"], cols=self.cols["w_out"])
 
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         b = rt.b
@@ -200,9 +201,10 @@ class GPT2(Model):
             k_cache, v_cache = rt.kv[i]
             with rt.use(("attn", i)) as a:
                 h = b.layernorm(x, a["ln_w"], a["ln_b"], self.eps)
-                q = b.matmul(h, a["q_w"], a["q_b"])
-                b.write_rows(k_cache, start, b.matmul(h, a["k_w"], a["k_b"]))
-                b.write_rows(v_cache, start, b.matmul(h, a["v_w"], a["v_b"]))
+                d = self.d
+                q = b.matmul(h, a["qkv_w"], a["q_b"], cols=(0, d))
+                b.write_rows(k_cache, start, b.matmul(h, a["qkv_w"], a["k_b"], cols=(d, 2 * d)))
+                b.write_rows(v_cache, start, b.matmul(h, a["qkv_w"], a["v_b"], cols=(2 * d, 3 * d)))
                 scale = (1.0 / math.sqrt(self.head_dim) if self.scale_attn else 1.0) / ((i + 1) if self.inv_layer else 1)
                 o = b.attention(q, k_cache, v_cache, start, self.n_heads, self.n_heads, scale)
                 x = b.add(x, b.matmul(o, a["o_w"], a["o_b"]))
@@ -263,6 +265,7 @@ class Llama(Model):
         self.embed_table = "embed" if head != embed else "head"
         self.vocab = pkg.tensor_info(head).shape[0]
         self.loader = BlockLoader(pkg, core, tables)
+        self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
         self.inv_freq = 1.0 / (self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
                                               / self.head_dim))
 
@@ -272,10 +275,12 @@ class Llama(Model):
         return super().position(key)
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
-        h = b.mul(b.silu(b.matmul(m, c["gate"], transpose_w=True)), b.matmul(m, c["up"], transpose_w=True))
+        rows, cols = c["rows"], self.cols
+        h = b.mul(b.silu(b.matmul(m, rows, transpose_w=True, cols=cols["gate"])),
+                  b.matmul(m, rows, transpose_w=True, cols=cols["up"]))
         if mask is not None:
             h = b.mul(h, mask)
-        return b.matmul(h, c["down"])
+        return b.matmul(h, rows, cols=cols["down"])
 
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         b = rt.b

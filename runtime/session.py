@@ -110,13 +110,16 @@ class Session:
     active
         Alternatively the share of each layer's cells per token (``0.25`` or ``"25%"``).
     prefetch
-        Load the next layer's likely blocks in a background thread while this one computes.
+        Load the next layer's likely blocks in background threads while this one computes.
+        ``None`` (default): on when the backend computes on a GPU, or on a CPU with at least 4
+        cores; on 2 cores the loader threads and the CPU forward pass compete for the same cores
+        and memory bandwidth, which measured slower (``bench/bench_runtime.py``).
     chunk
         Prefill tokens per forward chunk (see :data:`DEFAULT_CHUNK`).
     """
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
-                 top_k: int | None = None, active: float | str | None = None, prefetch: bool = True,
+                 top_k: int | None = None, active: float | str | None = None, prefetch: bool | None = None,
                  chunk: int = DEFAULT_CHUNK) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
@@ -130,7 +133,7 @@ class Session:
                 self.pkg.close()
             raise
 
-    def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool) -> None:
+    def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None) -> None:
         self.model = build(self.pkg)
         m = self.model
         self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
@@ -159,6 +162,10 @@ class Session:
                 f"budget {format_size(self.budget)} is too small to run {self.pkg.where}: at least "
                 f"{format_size(need)} ({need} bytes) is needed (two {format_size(self.max_block)} blocks in "
                 f"flight plus KV cache and scratch for one token); the weights are {format_size(self.weight_bytes)}")
+        if prefetch is None:
+            import os
+
+            prefetch = self.b.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
         self.router = _Router(m, k_of) if k_of is not None and any(k < c for k, c in zip(k_of, cells)) else None
         self.cache = WeightCache(self.b, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
@@ -372,6 +379,7 @@ class Session:
         return {
             **self.b.describe(),
             "package": self.pkg.where,
+            "prefetch": self._prefetch_ok,
             "mode": "dense" if self.router is None else f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells)",
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,

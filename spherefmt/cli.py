@@ -242,7 +242,8 @@ _RUN_OPTIONS = [
                  "or 25% (of the float32 weights). Default: unlimited."),
     click.option("--top-k", type=int, metavar="K", help="Cells per token and layer (default: dense, every cell)."),
     click.option("--active", metavar="SHARE", help="Or the share of each layer's cells per token, e.g. 25%."),
-    click.option("--no-prefetch", is_flag=True, help="Load blocks only when the forward pass asks for them."),
+    click.option("--prefetch/--no-prefetch", default=None, help="Load the next layer's likely blocks in the "
+                 "background (default: on for GPUs and CPUs with 4+ cores)."),
 ]
 
 
@@ -253,10 +254,10 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
-             no_prefetch: bool) -> Any:
+             prefetch: bool | None) -> Any:
     from .runtime import Session
 
-    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=not no_prefetch)
+    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch)
 
 
 def _load_ids(path: str) -> np.ndarray:
@@ -300,14 +301,14 @@ def _print_stats(stats: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (ids, text, stats) at the end.")
 @_user_errors
 def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int, temperature: float, seed: int,
-        backend: str | None, budget: str | None, top_k: int | None, active: str | None, no_prefetch: bool,
-        show_stats: bool, as_json: bool) -> None:
+        backend: str | None, budget: str | None, top_k: int | None, active: str | None,
+        prefetch: bool | None, show_stats: bool, as_json: bool) -> None:
     """Generate text from PKG, streaming tokens as they come, under a device memory budget."""
     from .errors import InputError
 
     if (prompt is None) == (ids_file is None):
         raise InputError("give --prompt TEXT or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, no_prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, prefetch) as s:
         ids = _load_ids(ids_file) if ids_file else s.encode(prompt)  # type: ignore[arg-type]
         out: list[int] = []
         shown = ""
@@ -347,7 +348,7 @@ def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int,
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: int | None, backend: str | None,
-             budget: str | None, top_k: int | None, active: str | None, no_prefetch: bool, as_json: bool,
+             budget: str | None, top_k: int | None, active: str | None, prefetch: bool | None, as_json: bool,
              quiet: bool) -> None:
     """Mean negative log-likelihood and perplexity of PKG on a text (windows of the model's context)."""
     import math
@@ -356,7 +357,7 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
 
     if (text_file is None) == (ids_file is None):
         raise InputError("give --text FILE or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, no_prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, prefetch) as s:
         if text_file:
             with open(text_file, encoding="utf-8", errors="replace") as f:
                 ids = np.asarray(s.encode(f.read()), dtype=np.int64)

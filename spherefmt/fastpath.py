@@ -8,7 +8,9 @@ end, default ``c/`` chunk keys), this module fetches every needed object in one 
 the same zarr store and decodes with the libraries zarr uses (numcodecs; crc32c for the same CRC-32C).
 Anything else returns ``None`` from :func:`FastArray.maybe` and is read through zarr.
 
-Checksums are always verified; a mismatch raises :class:`ChunkError` naming the object.
+Checksums are always verified; a mismatch raises :class:`ChunkError` naming the object.  Byte
+ranges read through a memory map of a local object are verified the first time each range of
+that map is read (a map is read-only and is replaced when its file changes).
 """
 
 from __future__ import annotations
@@ -177,6 +179,17 @@ class FastArray:
         """The whole array."""
         return read_many([self])[0]
 
+    def read_chunk(self, coords: Sequence[int]) -> np.ndarray:
+        """One whole object of an unsharded array, decoded.  For an uncompressed local object
+        this is a read-only view of its memory map (no copy); ``fill_value`` when absent."""
+        if self.sharded:
+            raise ValueError("read_chunk needs an unsharded array")
+        key = self.key(coords)
+        blob = _read_range(self.store, key, 0, None)
+        if blob is None:
+            return np.full(self.outer_shape, self.fill, dtype=self.dtype)
+        return self._decode(_MAPS.checked(blob, 0, key), key)
+
     def read_inner(self, outer: Sequence[int], inner: Sequence[int], index_cache: dict[str, Any] | None = None
                    ) -> tuple[np.ndarray, int]:
         """One inner chunk of a shard, by byte range: the shard index (kept in ``index_cache``
@@ -208,7 +221,7 @@ class FastArray:
         blob = _read_range(self.store, key, off, off + size)
         if blob is None or len(blob) != size:
             raise ChunkError(f"{what}: shard index points outside the shard")
-        return self._decode_chunk(blob, what), fetched + size
+        return self._decode(_MAPS.checked(blob, off, what), what), fetched + size
 
 
 def _direct_reader(store: Any) -> Any:
@@ -242,22 +255,89 @@ def _direct_reader(store: Any) -> Any:
     return None
 
 
-def _read_range(store: Any, key: str, start: int, end: int | None) -> bytes | None:
+class _Maps:
+    """Read-only memory maps of local objects, at most ``limit`` open (LRU).
+
+    A map is reused while the file keeps its inode, size and mtime; zarr's local store replaces
+    objects by renaming a new file over the old one, so a map never sees a half-written object
+    (the old inode stays valid until the map is dropped)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        import resource
+        import threading
+        from collections import OrderedDict
+
+        if limit is None:  # each map holds a file descriptor: stay well inside the process limit
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            limit = max(16, min(4096, (soft if soft > 0 else 1024) // 4))
+        self.limit = limit
+        self._maps: OrderedDict[str, tuple[tuple[int, int, int], Any]] = OrderedDict()
+        self._verified: dict[int, set[tuple[int, int]]] = {}  # id(mmap) -> ranges checked in it
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> memoryview | None:
+        import mmap
+        import os
+
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._maps.get(path)
+            if hit is not None and hit[0] == ident:
+                self._maps.move_to_end(path)
+                return hit[1]
+        if st.st_size == 0:
+            return memoryview(b"")
+        with open(path, "rb") as f:
+            # MAP_POPULATE maps every page at once: one call instead of a fault per 4 KiB page
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            view = memoryview(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
+        with self._lock:
+            old = self._maps.pop(path, None)
+            if old is not None:
+                self._verified.pop(id(old[1].obj), None)
+            self._maps[path] = (ident, view)
+            self._verified[id(view.obj)] = set()
+            while len(self._maps) > self.limit:
+                _, (_, dropped) = self._maps.popitem(last=False)  # closes when its last view goes
+                self._verified.pop(id(dropped.obj), None)
+        return view
+
+    def checked(self, blob: memoryview, start: int, what: str) -> memoryview:
+        """``blob`` (a slice of a map made here, from offset ``start``) without its checksum,
+        verified the first time this range of this map is read.  A map is never written to and
+        is dropped when its file changes, so once verified, a range stays verified."""
+        ranges = self._verified.get(id(blob.obj)) if isinstance(blob, memoryview) else None
+        if ranges is not None and (start, len(blob)) in ranges:
+            return blob[:-4]
+        out = _verified(blob, what)
+        with self._lock:
+            live = self._verified.get(id(blob.obj)) if isinstance(blob, memoryview) else None
+            if live is not None:
+                live.add((start, len(blob)))
+        return out
+
+
+_MAPS = _Maps()
+
+
+def _read_range(store: Any, key: str, start: int, end: int | None) -> bytes | memoryview | None:
     """Bytes ``[start, end)`` of one object (``start < 0``: the last ``-start`` bytes), or None
-    when the object does not exist.  Local files and VHD images are read directly."""
+    when the object does not exist.  Local files are memory-mapped (a zero-copy view, so an
+    uncompressed chunk goes from the page cache to its consumer without a copy); VHD images are
+    read directly."""
     from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
     if isinstance(store, LocalStore):
-        try:
-            with open(Path(store.root) / key, "rb") as f:
-                if start < 0:
-                    f.seek(0, 2)
-                    f.seek(max(0, f.tell() + start))
-                    return f.read()
-                f.seek(start)
-                return f.read(end - start if end is not None else -1)
-        except FileNotFoundError:
+        view = _MAPS.get(str(Path(store.root) / key))
+        if view is None:
             return None
+        if start < 0:
+            return view[max(0, len(view) + start) :]
+        return view[start : len(view) if end is None else min(end, len(view))]
     from .vhdfs import VHDFileSystem
 
     fs = getattr(getattr(store, "fs", None), "sync_fs", None)

@@ -679,17 +679,21 @@ class Package:
         t = self._shells[depth]["layers"].index(layer)
         what = f"expert ({lat}, {lon}, {depth}) layer {layer} in {self.where}/{self.shard_key(lat, lon, depth)}"
         fa = FastArray.maybe(neurons)
-        try:
-            if fa is not None and fa.sharded and fa.inner_shape[0] == 1:
-                rows, nbytes = fa.read_inner((0, lat, lon, 0, 0), (t, 0, 0, 0, 0), self._inner_index)
-                rows = rows.reshape(neurons.shape[3:])
-            else:
-                rows, nbytes = np.asarray(neurons[t, lat, lon]), 0
-        except SpherefmtError:
-            raise
-        except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
-            self._inner_index.pop(self.shard_key(lat, lon, depth), None)
-            raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
+        for attempt in (0, 1):
+            try:
+                if fa is not None and fa.sharded and fa.inner_shape[0] == 1:
+                    rows, nbytes = fa.read_inner((0, lat, lon, 0, 0), (t, 0, 0, 0, 0), self._inner_index)
+                    rows = rows.reshape(neurons.shape[3:])
+                else:
+                    rows, nbytes = np.asarray(neurons[t, lat, lon]), 0
+                break
+            except SpherefmtError:
+                raise
+            except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
+                # the shard may have been replaced since its index was cached: look once more
+                stale = self._inner_index.pop(self.shard_key(lat, lon, depth), None) is not None
+                if attempt or not (stale or self._refresh_view()):
+                    raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
         return numpy_view(rows, self._layout.dtype), index[t, lat, lon].copy(), nbytes
 
     def _shell_block(self, depth: int) -> tuple[np.ndarray, np.ndarray]:

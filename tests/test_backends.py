@@ -49,6 +49,14 @@ def test_matmul(be, m, k, n):
     close(be, be.matmul(X, W, B), x.astype(np.float64) @ w + b)
     close(be, be.matmul(X, WT, transpose_w=True), x.astype(np.float64) @ wt.T)
     close(be, be.matmul(X, WT, B, transpose_w=True), x.astype(np.float64) @ wt.T + b)
+    # a column range of a wider matrix (an expert's rows hold several matrices side by side)
+    wide = rand(k, n + 9)
+    WIDE = be.upload(wide)
+    close(be, be.matmul(X, WIDE, B, cols=(4, 4 + n)), x.astype(np.float64) @ wide[:, 4 : 4 + n] + b)
+    rows = rand(n, 2 * k + 3)
+    ROWS = be.upload(rows)
+    close(be, be.matmul(X, ROWS, B, transpose_w=True, cols=(k + 3, 2 * k + 3)),
+          x.astype(np.float64) @ rows[:, k + 3 :].T + b)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (33, 65)])

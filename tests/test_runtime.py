@@ -95,7 +95,7 @@ def test_quarter_budget_holds_and_changes_nothing(model, backend):
         full = s.logits(IDS)
         full_gen = s.generate(IDS[:6], max_new_tokens=8, stop_at_eos=False)
         weights = s.weight_bytes
-    with Session(vhd, backend=backend, budget="25%") as s:
+    with Session(vhd, backend=backend, budget="25%", prefetch=True) as s:
         assert s.budget == weights // 4
         out = s.logits(IDS)
         gen = s.generate(IDS[:6], max_new_tokens=8, stop_at_eos=False)
@@ -153,7 +153,7 @@ def test_top_k_decode_reads_less_than_dense(model):
     _, _, pkg, _, _, _ = model
     figures = {}
     for k in (None, 2):
-        with Session(pkg, backend="numpy", top_k=k, budget="30%") as s:
+        with Session(pkg, backend="numpy", top_k=k, budget="30%", prefetch=True) as s:
             s.generate(IDS[:4], max_new_tokens=6, stop_at_eos=False)
             figures[k] = s.stats()
     assert figures[2]["experts_loaded"] < figures[None]["experts_loaded"]
@@ -311,3 +311,49 @@ def test_tokenizer_json_is_used_for_text(tmp_path, capsys):
     code, out, err = _cli(capsys, "eval", str(pkg), "--text", str(text_file), "--json", "--backend", "numpy")
     assert code == 0, err
     assert json.loads(out)["tokens"] == len(tok.encode("the sphere of neurons turns slowly").ids) - 1
+
+
+def test_expert_rewritten_while_streaming_is_read_fresh(tmp_path):
+    src, _ = _make(tmp_path, "gpt2")
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(src, pkg, graticule="2x4", codec="none")  # the memory-mapped read path
+    with Session(pkg, backend="numpy", budget="25%") as s:
+        before = s.logits(IDS)
+        with spherefmt.open(pkg, "r+") as p:
+            depth = p.layer_depth[1]
+            e = p.expert(0, 1, depth)
+            p.write_expert(0, 1, depth, e.neurons * 3)  # padding stays zero
+        after = s.logits(IDS)  # the streamed blocks were evicted: they are read again
+        st = s.stats()
+    with Session(pkg, backend="numpy") as fresh:
+        want = fresh.logits(IDS)
+    assert st["blocks_evicted"] > 0
+    assert not np.allclose(before, after)
+    np.testing.assert_array_equal(after, want)
+
+
+def test_cache_keeps_a_stable_set_when_a_cycle_does_not_fit():
+    """Belady-style eviction on a cyclic scan: with room for k of n equal blocks, each cycle
+    after the first hits at least k - 1 blocks (LRU would hit none) and at most k."""
+    from spherefmt.runtime.cache import WeightCache
+
+    be = get_backend("numpy")
+    n, k, size = 10, 4, 1000
+    loads = []
+
+    def load(key):
+        loads.append(key)
+        return {"w": np.full(size // 4, key[1], np.float32)}
+
+    cache = WeightCache(be, load, lambda key: size, lambda key: key[1], period=n, capacity=k * size,
+                        prefetch=False)
+    for _ in range(5):
+        for pos in range(n):
+            cache.set_position(pos)
+            with cache.use(("b", pos)) as t:
+                assert t["w"][0] == pos
+    assert cache.used <= k * size
+    cycles_after_first = loads[n:]
+    assert 4 * (n - k) <= len(cycles_after_first) <= 4 * (n - (k - 1))
+    cache.close()
+    assert be.memory_used() == 0 or cache.used == 0
