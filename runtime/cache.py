@@ -91,6 +91,10 @@ class WeightCache:
         self._clock = 0
         self.now = 0  # current position
         self.visit = 0  # counts set_position calls
+        #: keys used at only some visits of their position (top-k experts); others always are
+        self.sparse: Callable[[Key], bool] = lambda key: False
+        self._visits: dict[int, int] = {}
+        self._uses: dict[Key, int] = {}
         self._queue: queue.Queue[tuple[int, Key] | None] | None = None
         self._threads: list[threading.Thread] = []
         if prefetch:
@@ -106,11 +110,21 @@ class WeightCache:
         with self._cond:
             self.now = position
             self.visit += 1
+            self._visits[position] = self._visits.get(position, 0) + 1
 
-    def _distance(self, b: _Block) -> int:
+    def _distance(self, b: _Block) -> float:
+        """Expected steps until the block is used again: the cycle distance to its position,
+        plus, for a block not used at every visit of its position (a routed expert), the
+        expected cycles skipped, ``1/p - 1`` with ``p`` its observed use rate there."""
         if b.position == self.now and b.visit == self.visit:
-            return self.period  # used at this visit: next needed a whole cycle later
-        return (b.position - self.now) % self.period
+            d = self.period  # used at this visit: next needed a whole cycle later at the earliest
+        else:
+            d = (b.position - self.now) % self.period
+        if self.sparse(b.key):
+            visits = self._visits.get(b.position, 0)
+            p = (self._uses.get(b.key, 0) + 1) / (visits + 2)  # Laplace: unseen -> 1/2
+            d += self.period * (1 / p - 1)
+        return d
 
     def _make_room(self, need: int, farther_than: int | None) -> bool:
         """Evict until ``need`` more bytes fit; with ``farther_than``, only blocks needed later
@@ -184,6 +198,8 @@ class WeightCache:
                 break
             b.pins += 1
             self._clock += 1
+            if b.visit != self.visit:
+                self._uses[key] = self._uses.get(key, 0) + 1
             b.last_use, b.visit = self._clock, self.visit
         self.stats.wait_s += time.perf_counter() - t0
         return b
@@ -238,7 +254,7 @@ class WeightCache:
             if self.visit > visit + 1 or key in self._blocks:  # stale (the pass moved on) or there
                 return
             need = self._nbytes(key)
-            dist = (self._position(key) - self.now) % self.period
+            dist = (self._position(key) - self.now) % self.period + 0.5  # never before what is due sooner
             if need > self.capacity or not self._make_room(need, dist):
                 self.stats.prefetch_skipped += 1
                 return

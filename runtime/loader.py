@@ -139,11 +139,13 @@ class BlockLoader:
                                         self.table_rows[key[1]])}
         parts = self.core[key]
         fast = {t: fa for t in parts.values() if (fa := self._fast(t)) is not None}
-        single = {t: fa for t, fa in fast.items() if tuple(fa.outer_shape) == tuple(fa.arr.shape) and fa.arr.shape}
-        many = {t: fa for t, fa in fast.items() if t not in single}
+        rowwise = {t: fa for t, fa in fast.items() if fa.arr.shape and not fa.sharded
+                   and tuple(fa.outer_shape[1:]) == tuple(fa.arr.shape[1:])}
+        many = {t: fa for t, fa in fast.items() if t not in rowwise}
         try:
-            # one-chunk tensors are read as they lie (a view of the mapped object when uncompressed)
-            raw = {t: fa.read_chunk((0,) * len(fa.arr.shape)) for t, fa in single.items()}
+            # tensors chunked by rows are read chunk by chunk as they lie (views of the mapped
+            # objects when uncompressed) and joined with one copy; one-chunk tensors not at all
+            raw = {t: self._join(fa) for t, fa in rowwise.items()}
             if many:
                 raw.update(zip(many, read_many(list(many.values())), strict=True))
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
@@ -160,6 +162,12 @@ class BlockLoader:
                 pieces = np.split(out.pop(part), len(names), axis=axis)
                 out.update({n: np.ascontiguousarray(p) for n, p in zip(names, pieces, strict=True)})
         return out
+
+    @staticmethod
+    def _join(fa: FastArray) -> np.ndarray:
+        n, step = fa.arr.shape[0], fa.outer_shape[0]
+        parts = [fa.read_chunk((c,) + (0,) * (len(fa.arr.shape) - 1)) for c in range(math.ceil(n / step))]
+        return parts[0][:n] if len(parts) == 1 else np.concatenate(parts)[:n]
 
     def _cell(self, layer: int, lat: int, lon: int) -> dict[str, np.ndarray]:
         rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer)

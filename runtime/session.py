@@ -169,6 +169,8 @@ class Session:
         self.router = _Router(m, k_of) if k_of is not None and any(k < c for k, c in zip(k_of, cells)) else None
         self.cache = WeightCache(self.b, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
+        if self.router is not None:
+            self.cache.sparse = lambda key: key[0] == "cell"
         self.kv: list[tuple[Any, Any]] = []
         self._tokenizer: Any = None
         self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
