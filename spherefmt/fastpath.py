@@ -344,7 +344,7 @@ def _read_range(store: Any, key: str, start: int, end: int | None) -> bytes | me
     if isinstance(fs, VHDFileSystem):
         prefix = "/" + str(getattr(store, "path", "")).strip("/")
         try:
-            return fs.cat_file(f"{prefix.rstrip('/')}/{key}", start, end)
+            return fs.read_range(f"{prefix.rstrip('/')}/{key}", start, end)
         except FileNotFoundError:
             return None
     req = SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, end)  # type: ignore[arg-type]

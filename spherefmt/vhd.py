@@ -256,16 +256,28 @@ class VHDImage:
         if within + n <= self.block_size:  # the common case: one block, one pread, no extra copy
             entry = self._bat[block]
             return bytes(n) if entry == UNALLOCATED else self._pread(n, entry * SECTOR + self._bitmap + within)
+        return bytes(self.read_view(offset, n))
+
+    def read_view(self, offset: int, n: int) -> bytes | memoryview:
+        """Like :meth:`read`, but a range across blocks is read straight into one buffer (no
+        copies after the kernel's) and returned as a memoryview."""
+        self._check_range(offset, n)
+        block, within = divmod(offset, self.block_size)
+        if self.disk_type == DISK_FIXED or within + n <= self.block_size:
+            return self.read(offset, n)
         out = bytearray(n)
+        view = memoryview(out)
         pos = 0
         while pos < n:
             block, within = divmod(offset + pos, self.block_size)
             k = min(n - pos, self.block_size - within)
             entry = self._bat[block]
             if entry != UNALLOCATED:
-                out[pos : pos + k] = self._pread(k, entry * SECTOR + self._bitmap + within)
+                got = os.preadv(self._fd, [view[pos : pos + k]], entry * SECTOR + self._bitmap + within)
+                if got != k:
+                    raise self._fail(f"file ends before offset {entry * SECTOR + self._bitmap + within + k}")
             pos += k
-        return bytes(out)
+        return view
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at virtual offset ``offset``, allocating blocks as needed."""

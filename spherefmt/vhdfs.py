@@ -350,7 +350,7 @@ class VHDFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         for attempt in range(4):
             try:
-                return self._cat(path, start, end)
+                return self._cat(path, start, end, bool(kwargs.get("_view")))
             except FileNotFoundError:
                 raise
             except Exception as e:  # noqa: BLE001 - pyfatfs's errors on a chain a writer just changed
@@ -360,7 +360,12 @@ class VHDFileSystem(AbstractFileSystem):
                 self.refresh()  # a writer in another process changed the filesystem: look again
         raise AssertionError("unreachable")
 
-    def _cat(self, path: str, start: int | None, end: int | None) -> bytes:
+    def read_range(self, path: str, start: int | None = None, end: int | None = None) -> bytes | memoryview:
+        """Bytes of a file like :meth:`cat_file`, as a bytes-like object with as few copies as
+        possible (a range inside one extent is read straight into one buffer)."""
+        return self.cat_file(path, start, end, _view=True)
+
+    def _cat(self, path: str, start: int | None, end: int | None, view: bool = False) -> bytes | memoryview:
         size, runs = self._extents(path)
         s = 0 if start is None else (start if start >= 0 else max(0, size + start))
         e = size if end is None else (end if end >= 0 else max(0, size + end))
@@ -369,10 +374,12 @@ class VHDFileSystem(AbstractFileSystem):
         for off, n in runs:
             lo, hi = max(s, pos), min(e, pos + n)
             if lo < hi:
-                out.append(self._vhd.read(off + lo - pos, hi - lo))
+                out.append((self._vhd.read_view if view else self._vhd.read)(off + lo - pos, hi - lo))
             pos += n
             if pos >= e:
                 break
+        if view and len(out) == 1:
+            return out[0]
         return b"".join(out)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
