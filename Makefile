@@ -31,6 +31,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_format.py
+	$(PY) bench/bench_vhd.py
+	$(PY) bench/bench_runtime.py
 
 clean:
 	rm -rf demo-out build dist *.egg-info

@@ -59,12 +59,15 @@ class Model(ABC):
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    #: the table the input embedding reads: "head" when tied to the LM head, else "embed"
+    embed_table: str
+
     def position(self, key: Key) -> int:
         kind = key[0]
         if kind in ("cell", "attn", "mlp"):
             return 1 + key[1]
         if kind == "vocab" and key[1] == "embed":
-            return 0
+            return 0  # (a tied table is used by the head every step: it counts as the head's)
         if kind == "pos":
             return 0
         return self.period - 1  # final norm and LM-head rows
@@ -179,11 +182,6 @@ class GPT2(Model):
         self.loader = BlockLoader(pkg, core, tables, split={"qkv_b": ("qkv_b", 0, ["q_b", "k_b", "v_b"])})
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
 
-    def position(self, key: Key) -> int:
-        if key[0] == "vocab" and self.embed_table == "head":
-            return self.period - 1
-        return super().position(key)
-
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
         h = b.gelu(b.matmul(m, c["rows"], c["b_in"], transpose_w=True, cols=self.cols["w_in"]), self.approx)
         if mask is not None:
@@ -268,11 +266,6 @@ class Llama(Model):
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
         self.inv_freq = 1.0 / (self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
                                               / self.head_dim))
-
-    def position(self, key: Key) -> int:
-        if key[0] == "vocab" and self.embed_table == "head":
-            return self.period - 1
-        return super().position(key)
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
         rows, cols = c["rows"], self.cols

@@ -1,4 +1,5 @@
-"""The demo behind ``make demo``: make a small GPT-2, convert it, inspect it, read an expert back.
+"""The demo behind ``make demo``: make a small GPT-2, convert it, inspect it, read an expert back,
+export it, and run it streaming under a memory budget.
 
 The model is made here (random N(0, 0.02) weights with the real GPT-2 layout, bfloat16, saved as
 a Hugging Face folder); nothing is downloaded.  Each step runs the ``sphere`` command and prints
@@ -24,8 +25,8 @@ def _sphere(*args: str) -> str:
     print(f"\n$ sphere {shlex.join(args)}", flush=True)
     r = subprocess.run(cmd, text=True, capture_output=True)
     sys.stdout.write(r.stdout)
+    sys.stdout.write(r.stderr)  # --stats figures and warnings go to stderr
     if r.returncode != 0:
-        sys.stderr.write(r.stderr)
         raise SystemExit(r.returncode)
     return r.stdout
 
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nexport is bit-exact against the source ({n} tensors): {same}")
     if not same:
         raise SystemExit(1)
+
+    print("\n# streaming inference: the model's weights held to a quarter, dense then top-k")
+    ids = out / "prompt.npy"
+    np.save(ids, np.arange(1, 17))
+    _sphere("run", str(pkg), "--ids", str(ids), "-n", "12", "--budget", "25%", "--backend", "numpy", "--stats")
+    _sphere("eval", str(pkg), "--ids", str(ids), "--budget", "25%", "--active", "25%", "--backend", "numpy", "-q")
 
 
 if __name__ == "__main__":
