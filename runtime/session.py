@@ -65,23 +65,28 @@ def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
 
 
 class _Router:
-    """Training-free centroid router: score(cell) = hidden state . mean input row of the cell's
-    neurons, per layer; each token takes its ``k`` best cells."""
+    """Per token and layer, the ``k`` best-scoring occupied cells under a router (see
+    :mod:`spherefmt.routers`), or ``k`` random ones (the baseline any router must beat)."""
 
-    def __init__(self, model: Model, k_of: Sequence[int]) -> None:
+    def __init__(self, model: Model, k_of: Sequence[int], router: Any, seed: int = 0) -> None:
         self.k_of = list(k_of)
-        self.cells, self.centroids = [], []
-        for layer in range(model.n_layers):
-            cells, cent = model.loader.host_centroids(layer, model.router_field)
-            self.cells.append(cells)
-            self.centroids.append(cent)
+        self.router = router
+        self.rng = np.random.default_rng(seed)
+        m = model.pkg.graticule[1]  # type: ignore[index]
+        self.cells = [model.loader.cells(i) for i in range(model.n_layers)]
+        self.flat = [np.array([lat * m + lon for lat, lon in cells], dtype=np.int64) for cells in self.cells]
+        self.name = "random" if router == "random" else router.kind
 
     def pick(self, layer: int, m_host: np.ndarray) -> np.ndarray:
-        """``(T, cells)`` boolean selection for one layer."""
-        scores = m_host @ self.centroids[layer].T
-        k = min(self.k_of[layer], scores.shape[1])
+        """``(T, cells)`` boolean selection for one layer (cells in ``self.cells[layer]`` order)."""
+        n = len(self.cells[layer])
+        if self.router == "random":
+            scores = self.rng.standard_normal((m_host.shape[0], n))
+        else:
+            scores = self.router.scores(layer, m_host)[:, self.flat[layer]]
+        k = min(self.k_of[layer], n)
         sel = np.zeros(scores.shape, dtype=bool)
-        if k >= scores.shape[1]:
+        if k >= n:
             sel[:] = True
             return sel
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -89,7 +94,7 @@ class _Router:
         return sel
 
     def host_bytes(self) -> int:
-        return sum(c.nbytes for c in self.centroids)
+        return 0 if self.router == "random" else self.router.nbytes()
 
 
 class Session:
@@ -109,6 +114,9 @@ class Session:
         Cells per token and layer (``None``: dense, every cell, the exact model).
     active
         Alternatively the share of each layer's cells per token (``0.25`` or ``"25%"``).
+    router
+        For top-k: a stored router's name, ``"centroid"``, ``"random"`` or a
+        :class:`~spherefmt.routers.Router`; default the stored ``learned`` one, else centroid.
     prefetch
         Load the next layer's likely blocks in background threads while this one computes.
         ``None`` (default): on when the backend computes on a GPU, or on a CPU with at least 4
@@ -120,20 +128,21 @@ class Session:
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
                  top_k: int | None = None, active: float | str | None = None, prefetch: bool | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+                 chunk: int = DEFAULT_CHUNK, router: Any = None) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
         self.chunk = chunk
         self._own = not isinstance(pkg, Package)
         self.pkg = open_package(pkg) if self._own else pkg  # type: ignore[arg-type]
         try:
-            self._init(backend, budget, top_k, active, prefetch)
+            self._init(backend, budget, top_k, active, prefetch, router)
         except BaseException:
             if self._own:
                 self.pkg.close()
             raise
 
-    def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None) -> None:
+    def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None,
+              router: Any) -> None:
         self.model = build(self.pkg)
         m = self.model
         self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
@@ -166,11 +175,16 @@ class Session:
             import os
 
             prefetch = self.b.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
-        self.router = _Router(m, k_of) if k_of is not None and any(k < c for k, c in zip(k_of, cells)) else None
+        self.router = None
+        if k_of is not None and any(k < c for k, c in zip(k_of, cells, strict=True)):
+            self.router = _Router(m, k_of, self._load_router(router))
         self.cache = WeightCache(self.b, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
         if self.router is not None:
             self.cache.sparse = lambda key: key[0] == "cell"
+        p, mm = self.pkg.graticule  # type: ignore[misc]
+        #: token-selections per (layer, cell ``lat * M + lon``) since the session started
+        self.usage = np.zeros((m.n_layers, p * mm), dtype=np.int64)
         self.kv: list[tuple[Any, Any]] = []
         self._tokenizer: Any = None
         self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
@@ -178,6 +192,23 @@ class Session:
         self._prefetch_ok = prefetch
         self._last_chunk = 0
         self.b.reset_peak()
+
+    def _load_router(self, router: Any) -> Any:
+        """``None``: the stored ``learned`` router if any, else ``centroid``; a stored name;
+        ``"random"``; or a :class:`~spherefmt.routers.Router`."""
+        from spherefmt.routers import Router, centroid_router, read_router, router_names
+
+        if isinstance(router, Router) or router == "random":
+            return router
+        stored = router_names(self.pkg)
+        if router is None:
+            router = "learned" if "learned" in stored else "centroid"
+        if router in stored:
+            return read_router(self.pkg, router)
+        if router == "centroid":
+            return centroid_router(self.pkg)
+        raise InputError(f"router {router!r}: stored in {self.pkg.where}: {', '.join(stored) or 'none'}; "
+                         "also centroid (computed) and random")
 
     # --- budget ---------------------------------------------------------------------------
     def _kv_bytes(self, n_ctx: int) -> int:
@@ -231,11 +262,15 @@ class Session:
     def route(self, layer: int, m: Any) -> list[tuple[int, int, Any]]:
         cells = self.model.loader.cells(layer)
         if self.router is None:
+            g = self.pkg.graticule[1]  # type: ignore[index]
+            for lat, lon in cells:
+                self.usage[layer, lat * g + lon] += self.model.shape0(m)
             self._counters["routed_cells"] += len(cells) * self.model.shape0(m)
             self._counters["possible_cells"] += len(cells) * self.model.shape0(m)
             return [(lat, lon, None) for lat, lon in cells]
         m_host = self.b.to_host(m)
         sel = self.router.pick(layer, m_host)
+        self.usage[layer, self.router.flat[layer]] += sel.sum(axis=0)
         self._counters["routed_cells"] += int(sel.sum())
         self._counters["possible_cells"] += sel.size
         if self._prefetch_ok and layer + 1 < self.model.n_layers:
@@ -382,7 +417,8 @@ class Session:
             **self.b.describe(),
             "package": self.pkg.where,
             "prefetch": self._prefetch_ok,
-            "mode": "dense" if self.router is None else f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells)",
+            "mode": "dense" if self.router is None else
+                    f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)",
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,
             "peak_device_bytes": self.b.peak_memory(),

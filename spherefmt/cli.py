@@ -242,6 +242,8 @@ _RUN_OPTIONS = [
                  "or 25% (of the float32 weights). Default: unlimited."),
     click.option("--top-k", type=int, metavar="K", help="Cells per token and layer (default: dense, every cell)."),
     click.option("--active", metavar="SHARE", help="Or the share of each layer's cells per token, e.g. 25%."),
+    click.option("--router", metavar="NAME", help="For top-k: a stored router (default: learned if stored, else "
+                 "centroid), centroid, or random."),
     click.option("--prefetch/--no-prefetch", default=None, help="Load the next layer's likely blocks in the "
                  "background (default: on for GPUs and CPUs with 4+ cores)."),
 ]
@@ -254,10 +256,10 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
-             prefetch: bool | None) -> Any:
+             router: str | None, prefetch: bool | None) -> Any:
     from .runtime import Session
 
-    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch)
+    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch, router=router)
 
 
 def _load_ids(path: str) -> np.ndarray:
@@ -302,13 +304,13 @@ def _print_stats(stats: dict[str, Any]) -> None:
 @_user_errors
 def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int, temperature: float, seed: int,
         backend: str | None, budget: str | None, top_k: int | None, active: str | None,
-        prefetch: bool | None, show_stats: bool, as_json: bool) -> None:
+        router: str | None, prefetch: bool | None, show_stats: bool, as_json: bool) -> None:
     """Generate text from PKG, streaming tokens as they come, under a device memory budget."""
     from .errors import InputError
 
     if (prompt is None) == (ids_file is None):
         raise InputError("give --prompt TEXT or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, router, prefetch) as s:
         ids = _load_ids(ids_file) if ids_file else s.encode(prompt)  # type: ignore[arg-type]
         out: list[int] = []
         shown = ""
@@ -348,8 +350,8 @@ def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int,
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: int | None, backend: str | None,
-             budget: str | None, top_k: int | None, active: str | None, prefetch: bool | None, as_json: bool,
-             quiet: bool) -> None:
+             budget: str | None, top_k: int | None, active: str | None, router: str | None, prefetch: bool | None,
+             as_json: bool, quiet: bool) -> None:
     """Mean negative log-likelihood and perplexity of PKG on a text (windows of the model's context)."""
     import math
 
@@ -357,7 +359,7 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
 
     if (text_file is None) == (ids_file is None):
         raise InputError("give --text FILE or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, router, prefetch) as s:
         if text_file:
             with open(text_file, encoding="utf-8", errors="replace") as f:
                 ids = np.asarray(s.encode(f.read()), dtype=np.int64)
@@ -374,6 +376,75 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(f"{n} tokens  nll {doc['nll']:.4f}  ppl {doc['ppl']:.3f}  ({st['mode']}, {st['backend']})")
+
+
+@cli.command(name="route-train")
+@click.argument("pkg")
+@click.option("--text", "text_file", metavar="FILE", help="UTF-8 sample text (tokenized with the package's tokenizer).")
+@click.option("--ids", "ids_file", metavar="FILE.npy", help="Sample token ids instead of text.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimiser steps per layer.")
+@click.option("--hidden", type=click.IntRange(min=1, max=4096), default=128, show_default=True,
+              help="Hidden width of each layer's router.")
+@click.option("--name", default="learned", show_default=True, help="Stored as router/NAME.")
+@click.option("--max-tokens", type=click.IntRange(min=16), default=20000, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def route_train(pkg: str, text_file: str | None, ids_file: str | None, steps: int, hidden: int, name: str,
+                max_tokens: int, quiet: bool) -> None:
+    """Train a router for PKG by distillation from its own FFN on sample text and store it in the
+    package, in place (also inside a .vhd): only router/NAME objects are written."""
+    from .errors import InputError
+    from .package import open as open_package
+    from .routers import train_router, write_router
+    from .runtime.tokenizer import load_tokenizer
+
+    if (text_file is None) == (ids_file is None):
+        raise InputError("give --text FILE or --ids FILE.npy")
+    with open_package(pkg, "r+") as p:
+        if text_file:
+            vocab = p.tensor_info(next(k for k in p.keys() if k.endswith(("wte.weight", "embed_tokens.weight")))).shape[0]
+            with open(text_file, encoding="utf-8", errors="replace") as f:
+                ids = np.asarray(load_tokenizer(p, vocab).encode(f.read()), dtype=np.int64)
+        else:
+            ids = _load_ids(ids_file)  # type: ignore[arg-type]
+        ids = ids[:max_tokens]
+        if len(ids) < 16:
+            raise InputError(f"need at least 16 sample tokens, got {len(ids)}")
+        router = train_router(p, ids, steps=steps, hidden=hidden, progress=not quiet)
+        write_router(p, name, router)
+    click.echo(f"wrote router/{name} ({router.kind}, {len(router.layers)} layers, {len(ids)} sample tokens) to {pkg}")
+
+
+@cli.command(name="map")
+@click.argument("pkg")
+@click.option("--output", "-o", default="map.png", show_default=True, help="PNG to write.")
+@click.option("--layer", type=int, help="One layer instead of one panel per depth shell.")
+@click.option("--usage", "usage_file", metavar="TEXTFILE",
+              help="Colour by how often the router picked each cell on this text (else: neurons per cell).")
+@click.option("--active", default="25%", show_default=True, help="Share of cells the router picks, with --usage.")
+@click.option("--router", metavar="NAME", help="Router for --usage (default: learned if stored, else centroid).")
+@click.option("--trees", is_flag=True, help="Draw the lightning trees in 3D instead.")
+@_user_errors
+def map_cmd(pkg: str, output: str, layer: int | None, usage_file: str | None, active: str, router: str | None,
+            trees: bool) -> None:
+    """Draw PKG's graticule as world maps (Mollweide, one panel per depth shell) or its lightning trees."""
+    from .package import open as open_package
+    from .viz import draw_map, draw_trees
+
+    with open_package(pkg) as p:
+        if trees:
+            out = draw_trees(p, output)
+        elif usage_file:
+            from .runtime import Session
+
+            with Session(p, backend="numpy", active=active, router=router, prefetch=False) as s:
+                with open(usage_file, encoding="utf-8", errors="replace") as f:
+                    ids = np.asarray(s.encode(f.read()), dtype=np.int64)[:4096]
+                s.nll(ids)
+                out = draw_map(p, output, layer, usage=s.usage)
+        else:
+            out = draw_map(p, output, layer)
+    click.echo(f"wrote {out}")
 
 
 @cli.command()

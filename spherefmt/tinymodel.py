@@ -7,7 +7,7 @@ and seeded:
   ``stdlib`` path), sorted by name; every 20th file (by that order) is held out;
 - tokenizer: byte-level BPE trained with ``tokenizers`` on the training files (4096 ids);
 - model: ``transformers`` GPT-2, 4 layers, width 256, 4 heads, context 256, trained with AdamW
-  on 2 CPU threads for ``--minutes`` (default 12) or ``--steps``;
+  on 2 CPU threads for ``--steps`` (the committed model: 1000, about 10 minutes here) or ``--minutes``;
 - output: ``model.safetensors`` (float16) + ``config.json`` + ``tokenizer.json`` + ``recipe.json``
   (steps, loss curve, held-out loss) + ``heldout.txt`` (the held-out text, so evaluation does not
   depend on this machine's interpreter).
