@@ -73,6 +73,19 @@ def package_info(pkg: Any) -> dict[str, Any]:
             "placement": h["placement"],
             "sphere": {"raw_bytes": raw - core_raw, "stored_bytes": pkg.stored_bytes(C.SPHERE_GROUP)},
         })
+        from .routers import read_router, router_names
+
+        routers = {}
+        for name in router_names(pkg):
+            try:
+                meta = read_router(pkg, name).meta
+                routers[name] = {k: v for k, v in meta.items() if k != "placement_quality"}
+                q = meta.get("placement_quality")
+                if q:  # measured on the router's training text
+                    out["placement_quality"] = q
+            except SpherefmtError as e:
+                routers[name] = {"error": str(e)}
+        out["routers"] = routers
     return out
 
 
@@ -87,6 +100,9 @@ def cli() -> None:
       sphere info model.sphere
       sphere cell model.sphere 1 2 0                # expert (lat=1, lon=2, depth=0)
       sphere export model.sphere back.safetensors   # bit for bit
+      sphere run model.sphere --prompt "def " --budget 25%   # streaming inference
+      sphere route-train model.sphere --text sample.txt       # a learned top-k router
+      sphere map model.sphere -o map.png                      # the graticule as world maps
     """
 
 

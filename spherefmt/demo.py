@@ -85,6 +85,27 @@ def main(argv: list[str] | None = None) -> None:
     _sphere("run", str(pkg), "--ids", str(ids), "-n", "12", "--budget", "25%", "--backend", "numpy", "--stats")
     _sphere("eval", str(pkg), "--ids", str(ids), "--budget", "25%", "--active", "25%", "--backend", "numpy", "-q")
 
+    from spherefmt.tinymodel import default_model
+
+    tiny = default_model()
+    if not (tiny / "model.safetensors").exists():
+        print(f"\n(the small trained model is not in {tiny}; build it with python -m spherefmt.tinymodel)")
+        return
+    print(f"\n# the project's own small GPT-2, trained on Python's standard library ({tiny})")
+    tpkg = out / "tiny.sphere"
+    held = (tiny / "heldout.txt").read_text(encoding="utf-8")
+    sample, evaluation = out / "router-sample.txt", out / "heldout-eval.txt"
+    sample.write_text(held[: len(held) * 6 // 10], encoding="utf-8")
+    evaluation.write_text(held[len(held) * 6 // 10 :], encoding="utf-8")
+    _sphere("convert", str(tiny), str(tpkg), "--graticule", "4x8", "--depth", "4", "--overwrite", "-q")
+    _sphere("route-train", str(tpkg), "--text", str(sample), "--steps", "150", "-q")
+    _sphere("run", str(tpkg), "--prompt", "def parse_args(argv):\n    ", "-n", "40", "--budget", "25%",
+            "--active", "25%", "--backend", "numpy")
+    _sphere("eval", str(tpkg), "--text", str(evaluation), "--max-tokens", "2000", "--backend", "numpy", "-q")
+    _sphere("eval", str(tpkg), "--text", str(evaluation), "--max-tokens", "2000", "--active", "25%",
+            "--backend", "numpy", "-q")
+    _sphere("map", str(tpkg), "--usage", str(evaluation), "-o", str(out / "tiny-usage.png"))
+
 
 if __name__ == "__main__":
     main()

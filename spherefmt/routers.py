@@ -72,12 +72,24 @@ def centroid_router(pkg: Any) -> Router:
 
 
 def router_names(pkg: Any) -> list[str]:
-    """Names of the routers stored in the package."""
+    """Names of the routers stored in the package (from a listing of ``router/``; the group
+    metadata of each is checked when it is read)."""
+    from zarr.core.sync import sync
+
+    store = pkg._group.store
+
+    async def names() -> list[str]:
+        out = []
+        async for entry in store.list_dir("router"):
+            name = entry.strip("/").split("/")[-1]
+            if _NAME.match(name) and await store.exists(f"router/{name}/zarr.json"):
+                out.append(name)
+        return out
+
     try:
-        grp = pkg._group["router"]
-    except KeyError:
+        return sorted(set(sync(names())))
+    except (FileNotFoundError, KeyError):
         return []
-    return sorted(name for name, _ in grp.groups())
 
 
 def read_router(pkg: Any, name: str) -> Router:
@@ -171,14 +183,17 @@ def _ffn_inputs(pkg: Any, ids: np.ndarray, window: int) -> list[np.ndarray]:
     return [np.concatenate(c) for c in captured]
 
 
-def _targets(pkg: Any, layer: int, x: np.ndarray) -> np.ndarray:
-    """``(T, cells)`` output norm of each cell's FFN contribution (0 for empty cells)."""
+def _targets(pkg: Any, layer: int, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """``(T, cells)`` output norm of each cell's FFN contribution (0 for empty cells), and the
+    layer's placement quality: of the pairs of neurons active together on a token (each token's
+    top 10% activations), the share in one cell, and that share for a random balanced placement."""
     from spherefmt.runtime.loader import BlockLoader  # noqa: PLC0415
 
     loader = BlockLoader(pkg, {}, {})
     p, m = pkg.graticule
     out = np.zeros((x.shape[0], p * m), np.float32)
     sl = loader.slices
+    acts = []
     for lat, lon in loader.cells(layer):
         c = loader.load(("cell", layer, lat, lon))
         rows = np.asarray(c["rows"], np.float32)
@@ -191,7 +206,19 @@ def _targets(pkg: Any, layer: int, x: np.ndarray) -> np.ndarray:
             act = g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
             y = act @ rows[:, sl["down"]]
         out[:, lat * m + lon] = np.linalg.norm(y, axis=1)
-    return out
+        acts.append(act)
+    sizes = np.array([a.shape[1] for a in acts])
+    allact = np.concatenate(acts, axis=1)
+    thr = np.quantile(allact, 0.9, axis=1, keepdims=True)
+    active = [(a > thr).sum(axis=1) for a in acts]  # per cell: active neurons per token
+    n_act = np.sum(active, axis=0).astype(np.float64)
+    same = np.sum([c * (c - 1) for c in active], axis=0) / 2
+    pairs = n_act * (n_act - 1) / 2
+    ok = pairs > 0
+    n = sizes.sum()
+    quality = {"same_cell": float(same[ok].sum() / pairs[ok].sum()) if ok.any() else 0.0,
+               "random_balanced": float((sizes * (sizes - 1)).sum() / (n * (n - 1)))}
+    return out, quality
 
 
 def train_router(pkg: Any, ids: np.ndarray, *, steps: int = 300, hidden: int = 128, seed: int = 0,
@@ -209,8 +236,10 @@ def train_router(pkg: Any, ids: np.ndarray, *, steps: int = 300, hidden: int = 1
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps * len(xs), desc="route-train", unit="step", disable=not progress)
+    quality = []
     for layer, x in enumerate(xs):
-        t = _targets(pkg, layer, x)
+        t, q = _targets(pkg, layer, x)
+        quality.append(q)
         occupied = t.sum(axis=0) > 0
         target = torch.from_numpy(t / np.maximum(t.sum(axis=1, keepdims=True), 1e-12))
         xt = torch.from_numpy(x)
@@ -235,4 +264,10 @@ def train_router(pkg: Any, ids: np.ndarray, *, steps: int = 300, hidden: int = 1
         layers.append({"w1": w1.numpy(), "b1": b1.numpy(), "w2": net[2].weight.T.contiguous().detach().numpy(),
                        "b2": b2.numpy()})
     bar.close()
-    return Router("learned", layers, p * m, meta={"trained_tokens": int(len(ids)), "steps": steps})
+    same = float(np.mean([q["same_cell"] for q in quality]))
+    rand = float(np.mean([q["random_balanced"] for q in quality]))
+    meta = {"trained_tokens": int(len(ids)), "steps": steps,
+            "placement_quality": {"co_active_pairs_same_cell": same, "random_balanced_placement": rand,
+                                  "lift": same / rand if rand else None,
+                                  "per_layer": [round(q["same_cell"], 5) for q in quality]}}
+    return Router("learned", layers, p * m, meta=meta)

@@ -14,7 +14,7 @@ and seeded:
 
 The result is committed under ``spherefmt/data/tiny-gpt2/`` and is the demo's default model.
 
-    python -m spherefmt.tinymodel --out spherefmt/data/tiny-gpt2 [--minutes 12]
+    python -m spherefmt.tinymodel --out spherefmt/data/tiny-gpt2 --steps 1000
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def train(out: Path, minutes: float = 12.0, steps: int | None = None, seed: int 
     model.half().save_pretrained(out, safe_serialization=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "heldout.txt").write_text("".join(held_texts[:3])[:120_000], encoding="utf-8")
-    record = {"recipe": __doc__.split("\n\n")[1], "steps": step, "seconds": time.perf_counter() - t0,
+    record = {"recipe": "python -m spherefmt.tinymodel --steps " + str(step) + "; " + " ".join(__doc__.split("\n\n")[2].split()), "steps": step, "seconds": time.perf_counter() - t0,
               "batch": batch, "seq": seq, "train_tokens": int(len(data)), "heldout_tokens": int(len(held)),
               "loss_every_50": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
               "heldout_nll_f32": nll / n, "heldout_ppl_f32": math.exp(nll / n), "seed": seed}
