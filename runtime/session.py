@@ -198,7 +198,7 @@ class Session:
         ``"random"``; or a :class:`~spherefmt.routers.Router`."""
         from spherefmt.routers import Router, centroid_router, read_router, router_names
 
-        if isinstance(router, Router) or router == "random":
+        if isinstance(router, Router) or hasattr(router, "scores") or router == "random":
             return router
         stored = router_names(self.pkg)
         if router is None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import FormatError, InputError, ReadOnlyError
 
-__all__ = ["Router", "centroid_router", "read_router", "write_router", "router_names", "train_router",
+__all__ = ["Router", "OracleRouter", "centroid_router", "read_router", "write_router", "router_names", "train_router",
            "ROUTER_VERSION"]
 
 ROUTER_VERSION = 1
@@ -69,6 +69,22 @@ def centroid_router(pkg: Any) -> Router:
             w2[:, lat * m + lon] = c
         layers.append({"w2": w2, "b2": np.zeros(p * m, np.float32)})
     return Router("centroid", layers, p * m)
+
+
+class OracleRouter:
+    """The ceiling for any router of this placement (diagnostic, not storable): scores each cell
+    by the true norm of its FFN output for the token, computed from the package's rows."""
+
+    kind = "oracle"
+
+    def __init__(self, pkg: Any) -> None:
+        self.pkg = pkg
+
+    def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return _targets(self.pkg, layer, x)[0]
+
+    def nbytes(self) -> int:
+        return 0
 
 
 def router_names(pkg: Any) -> list[str]:

@@ -82,7 +82,7 @@ def draw_map(pkg: Any, out: str | Path, layer: int | None = None, usage: np.ndar
     if mesh is not None:
         fig.colorbar(mesh, ax=fig.axes, shrink=0.6, label=what)
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -129,6 +129,6 @@ def draw_trees(pkg: Any, out: str | Path, neurons: int = 300, seed: int = 0) -> 
     ax.set_title(f"lightning trees of {min(neurons, len(where[last]))} last-layer neurons "
                  f"(radius = layer, direction = cell)", fontsize=9)
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
