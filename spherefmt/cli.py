@@ -117,10 +117,14 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a package already at DST (never anything else).")
 @click.option("--vhd-size", metavar="SIZE", help="Virtual size of a .vhd DST, e.g. 64G (default: the larger of 4G "
               "and 8x the model; the file only holds what is written).")
+@click.option("--placement", type=click.Choice(["pca", "coactivation"]), default="pca", show_default=True,
+              help="pca: cells from weight directions; coactivation: neurons active together on --sample share "
+              "cells (for top-k routing).")
+@click.option("--sample", "sample_file", metavar="TEXTFILE", help="Sample text for --placement coactivation.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool,
-            vhd_size: str | None, quiet: bool) -> None:
+            vhd_size: str | None, placement: str, sample_file: str | None, quiet: bool) -> None:
     """Convert a model (SRC: HF folder, .safetensors, .pt/.bin, or a package) into a package at DST
     (a directory, a .zip, a .vhd disk image, or an fsspec URL such as memory:// or s3://)."""
     from .package import save
@@ -128,8 +132,12 @@ def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec:
     size = parse_size(vhd_size) if vhd_size else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        sample = None
+        if sample_file:
+            with open(sample_file, encoding="utf-8", errors="replace") as f:
+                sample = f.read()
         where = save(src, dst, graticule=graticule, depth=depth, codec=codec, overwrite=overwrite, progress=not quiet,
-                     vhd_size=size)
+                     vhd_size=size, placement=placement, sample=sample)
     for w in caught:
         if issubclass(w.category, UserWarning) and "Numcodecs" not in str(w.message):
             click.echo(f"sphere: warning: {w.message}", err=True)

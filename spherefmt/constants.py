@@ -89,6 +89,7 @@ LLAMA_FIELDS = (
 # --- 7. Placement ----------------------------------------------------------------------------
 PLACEMENT_POLICY = "lightning-pca-balanced"
 PLACEMENT_VERSION = 1
+PLACEMENT_COACTIVATION = "coactivation-balanced"  # cells from activations on sample text
 DEFAULT_BEND = 0.5  # weight of a neuron's own direction against its tree parent's
 
 # --- 8. Package states -----------------------------------------------------------------------

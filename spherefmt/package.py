@@ -94,6 +94,8 @@ def save(
     metadata: Mapping[str, str] | None = None,
     progress: bool = False,
     vhd_size: int | None = None,
+    placement: str = "pca",
+    sample: Any = None,
 ) -> str:
     """Convert a model to a sphere package.
 
@@ -121,6 +123,12 @@ def save(
     vhd_size
         Virtual size in bytes of a new ``.vhd`` package (default: the larger of 4 GiB and 8x
         the model's raw size; the file on disk is about the size of the content).
+    placement
+        ``"pca"`` (``lightning-pca-balanced``: cells from weight directions) or
+        ``"coactivation"`` (``coactivation-balanced``: neurons active together on ``sample``
+        share cells, which is what top-k routing needs; ``spec/FORMAT.md`` 7.1).
+    sample
+        Text (``str``, tokenized with the model's tokenizer) or token ids for ``"coactivation"``.
 
     Returns
     -------
@@ -142,6 +150,11 @@ def save(
     """
     if codec not in C.CODEC_PRESETS:
         raise FormatError(f"codec {codec!r}: expected one of {', '.join(C.CODEC_PRESETS)}")
+    if placement not in ("pca", "coactivation"):
+        raise FormatError(f"placement {placement!r}: expected pca or coactivation")
+    plan = None
+    if placement == "coactivation":
+        plan = _coactivation_plan(src, config, graticule, depth, sample)
     with open_source(src) as source:
         if config is not None:
             source.config = dict(config)
@@ -166,7 +179,7 @@ def save(
             warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
         dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()))
         try:
-            _write(source, infos, layout, grid, codec, dest.store, metadata, progress)
+            _write(source, infos, layout, grid, codec, dest.store, metadata, progress, plan)
             dest.finish()
         except BaseException:
             dest.abort()
@@ -213,9 +226,65 @@ def _header(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layou
     return h
 
 
+def _coactivation_plan(src: Any, config: Any, graticule: Any, depth: Any, sample: Any) -> dict[str, Any]:
+    """Cells per layer for ``coactivation-balanced``: the model is first placed by PCA in memory,
+    run densely on the sample to get each layer's FFN inputs, and each layer's neurons clustered
+    by their activation profiles."""
+    import hashlib
+    import uuid
+
+    from .placement import coactivation_cells
+    from .routers import _ffn_inputs
+    from .runtime.tokenizer import load_tokenizer
+
+    if sample is None:
+        raise FormatError("coactivation placement needs sample text or token ids")
+    tmp = save(src, f"memory://spherefmt-coact-{uuid.uuid4().hex}", config=config, graticule=graticule,
+               depth=depth, codec=C.CODEC_NONE)
+    pkg = open(tmp)
+    try:
+        if pkg.graticule is None:
+            raise FormatError(f"{pkg.where}: coactivation placement needs a GPT-2 or Llama model")
+        if isinstance(sample, str):
+            vocab = pkg.tensor_info(next(k for k in pkg.keys() if k.endswith(("wte.weight", "embed_tokens.weight"))))
+            ids = np.asarray(load_tokenizer(pkg, vocab.shape[0]).encode(sample), dtype=np.int64)
+        else:
+            ids = np.asarray(sample, dtype=np.int64).reshape(-1)
+        ids = ids[:8192]
+        if len(ids) < 64:
+            raise FormatError(f"coactivation placement needs at least 64 sample tokens, got {len(ids)}")
+        ctx = int((pkg.config or {}).get("n_positions") or (pkg.config or {}).get("max_position_embeddings") or 1024)
+        xs = _ffn_inputs(pkg, ids, min(ctx, 256))
+        p, m = pkg.graticule
+        sl = pkg._layout.slices()
+        cells = {}
+        for layer, x in enumerate(xs):
+            rows = to_float32(pkg.layer_rows(layer), pkg._layout.dtype)
+            if pkg.architecture == C.ARCH_GPT2:
+                pre = x @ rows[:, sl["w_in"]].T + rows[:, sl["b_in"]][:, 0]
+                act = 0.5 * pre * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))
+            else:
+                g = x @ rows[:, sl["gate"]].T
+                act = g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
+            # a neuron's weight on a token: how much it moves the output, |activation| * |w_out row|
+            act = np.abs(act) * np.linalg.norm(rows[:, sl[pkg._layout.out_field or pkg._layout.fields[-1].name]], axis=1)
+            cap = pkg._shells[pkg.layer_depth[layer]]["capacity"]
+            cells[layer] = coactivation_cells(act, own_directions(rows[:, sl[pkg._layout.fields[0].name]]), p, m, cap)
+        record = {"policy": C.PLACEMENT_COACTIVATION, "version": 1, "sample_tokens": int(len(ids)),
+                  "sample_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
+        return {"cells": cells, "placement": record}
+    finally:
+        pkg.close()
+        import fsspec
+
+        fsspec.filesystem("memory").rm(tmp.removeprefix("memory://"), recursive=True)
+
+
 def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None, codec: str,
-           store: Any, metadata: Mapping[str, str] | None, progress: bool) -> None:
+           store: Any, metadata: Mapping[str, str] | None, progress: bool, plan: dict[str, Any] | None = None) -> None:
     header = _header(source, infos, layout, grid, codec, metadata)
+    if plan is not None and grid is not None:
+        header["placement"] = plan["placement"]
     root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header})
     total = sum(i.nbytes for i in infos.values())
     with _progress(total, "convert", progress) as bar:
@@ -249,7 +318,7 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
                 arr[start:stop] = data
                 bar.update(data.nbytes)
         if grid is not None:
-            _write_sphere(source, infos, layout, grid, codec, root, header, bar)
+            _write_sphere(source, infos, layout, grid, codec, root, header, bar, None if plan is None else plan["cells"])
     header["state"] = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
     root.update_attributes({C.ROOT_ATTR: header})
 
@@ -261,7 +330,8 @@ def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
 
 
 def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
-                  root: zarr.Group, header: dict[str, Any], bar: Any) -> None:
+                  root: zarr.Group, header: dict[str, Any], bar: Any, cells_of: dict[int, np.ndarray] | None = None
+                  ) -> None:
     p, m, cells = grid.parallels, grid.meridians, grid.cells
     st = storage_dtype(layout.dtype)
     f = layout.row_width
@@ -292,7 +362,7 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             else:
                 par = tree_parents(prev_out, w_in)
                 dirs = bend(own, prev_dirs[par], C.DEFAULT_BEND)
-            cell = assign(dirs, p, m, capacity=k)
+            cell = assign(dirs, p, m, capacity=k) if cells_of is None else cells_of[layer]
             order = np.lexsort((np.arange(rows.shape[0]), cell))  # by cell, then original index
             sorted_cells = cell[order]
             first = np.searchsorted(sorted_cells, np.arange(cells))

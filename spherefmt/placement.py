@@ -215,3 +215,50 @@ def assign(dirs: np.ndarray, p: int, m: int, capacity: int | None = None, candid
         cell[j] = cc
         counts[cc] += 1
     return cell
+
+
+def balanced_kmeans(x: np.ndarray, clusters: int, capacity: int, iters: int = 12, seed: int = 0) -> np.ndarray:
+    """Cluster the rows of ``x`` (unit vectors) into ``clusters`` groups of at most ``capacity``
+    by cosine similarity; each round assigns greedily from the most similar (row, cluster) pair
+    down, so the result is balanced (MoEfication's balanced k-means)."""
+    n = x.shape[0]
+    if capacity * clusters < n:
+        raise FormatError(f"{n} neurons do not fit {clusters} cells of {capacity}")
+    if n * clusters > 20_000_000:
+        raise FormatError(f"co-activation placement of {n} neurons over {clusters} cells is too large; "
+                          "use a coarser graticule")
+    rng = np.random.default_rng(seed)
+    cent = x[rng.choice(n, size=clusters, replace=n < clusters)].copy()
+    label = np.zeros(n, dtype=np.int64)
+    for _ in range(iters):
+        sim = x @ cent.T
+        order = np.argsort(-sim, axis=None, kind="stable")
+        label[:] = -1
+        room = np.full(clusters, capacity)
+        left = n
+        for flat in order:
+            i, c = divmod(int(flat), clusters)
+            if label[i] < 0 and room[c] > 0:
+                label[i] = c
+                room[c] -= 1
+                left -= 1
+                if left == 0:
+                    break
+        for c in range(clusters):
+            members = x[label == c]
+            if len(members):
+                cent[c] = _normalize(members.mean(axis=0)[None])[0]
+    return label
+
+
+def coactivation_cells(act: np.ndarray, dirs: np.ndarray, p: int, m: int, capacity: int, seed: int = 0) -> np.ndarray:
+    """Cells for one layer's neurons from their activations ``act`` ``(tokens, N)`` on sample
+    text: neurons whose activation profiles agree are clustered together (balanced), and each
+    cluster goes to the cell nearest its neurons' mean direction (``dirs``, ``(N, 3)``), one
+    cluster per cell."""
+    prof = act / np.maximum(np.linalg.norm(act, axis=0, keepdims=True), 1e-12)
+    label = balanced_kmeans(np.ascontiguousarray(prof.T), p * m, capacity, seed=seed)
+    cdirs = np.stack([_normalize(dirs[label == c].sum(axis=0)[None])[0] if (label == c).any() else np.zeros(3)
+                      for c in range(p * m)])
+    cell_of_cluster = assign(cdirs, p, m, capacity=1)
+    return cell_of_cluster[label]

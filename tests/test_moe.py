@@ -156,3 +156,35 @@ def test_map_pictures(pkg, tmp_path, texts, capsys):
     with pytest.raises(SystemExit) as e:
         main(["map", str(pkg), "--layer", "9", "-o", str(tmp_path / "x.png")])
     assert e.value.code == 2
+
+
+def test_coactivation_placement_groups_neurons_that_fire_together(pkg, tmp_path, texts, capsys):
+    sample = tmp_path / "sample.txt"
+    sample.write_text(texts[0])
+    out = tmp_path / "coact.sphere"
+    try:
+        main(["convert", str(MODEL), str(out), "--graticule", "4x8", "--depth", "4", "--placement", "coactivation",
+              "--sample", str(sample), "-q"])
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr().err
+    again = tmp_path / "again.sphere"
+    spherefmt.save(MODEL, again, graticule="4x8", depth=4, placement="coactivation", sample=texts[0])
+    with spherefmt.open(out) as a, spherefmt.open(again) as b, spherefmt.open(pkg) as base:
+        assert a.metadata["placement"]["policy"] == "coactivation-balanced"
+        for d in range(4):  # deterministic
+            assert np.array_equal(a._shell_arrays(d)[1], b._shell_arrays(d)[1])
+        for name in base.keys():  # the same model, bit for bit, only placed differently
+            assert a.tensor(name).tobytes() == base.tensor(name).tobytes()
+        # co-active neurons share cells more often than with the weight-direction placement
+        from spherefmt.routers import _ffn_inputs, _targets
+
+        with Session(a, backend="numpy") as s:
+            ids = np.asarray(s.encode(texts[1]), dtype=np.int64)[:600]
+        lift = {}
+        for name, p in (("coact", a), ("pca", base)):
+            xs = _ffn_inputs(p, ids, 256)
+            q = [_targets(p, layer, xs[layer])[1] for layer in range(len(xs))]
+            lift[name] = np.mean([x["same_cell"] / x["random_balanced"] for x in q])
+    assert lift["coact"] > 1.5 * lift["pca"], lift
+    with pytest.raises(spherefmt.FormatError, match="sample"):
+        spherefmt.save(MODEL, tmp_path / "x.sphere", placement="coactivation")
