@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat and
-# mtools (FAT32), libguestfs (a real kernel mounts our images). Installed when missing and
+# mtools (FAT32), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
 # running as root (CI); otherwise named. A package is missing when its witness file is absent.
 set -u
 need=""
@@ -11,6 +11,9 @@ witness mcopy mtools
 witness guestmount libguestfs-tools
 witness /usr/lib/python3/dist-packages/guestfs.py python3-guestfs
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need="$need linux-image-amd64"
+# Vulkan: the loader and Mesa's drivers (lavapipe runs the Vulkan backend's shaders on the CPU)
+witness /usr/share/vulkan/icd.d/lvp_icd.x86_64.json mesa-vulkan-drivers
+ls /usr/lib/x86_64-linux-gnu/libvulkan.so.1 >/dev/null 2>&1 || need="$need libvulkan1"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing:$need"

@@ -92,5 +92,12 @@ def _torch(device: str) -> Backend:
     return TorchBackend(device or None)
 
 
+def _vulkan(device: str) -> Backend:
+    from .vulkan import VulkanBackend
+
+    return VulkanBackend(device)
+
+
 register("numpy", _numpy)
 register("torch", _torch)
+register("vulkan", _vulkan)

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 BACKENDS = []
-for _name in ("numpy", "torch:cpu", "torch:cuda"):
+for _name in ("numpy", "torch:cpu", "torch:cuda", "vulkan"):
     try:
         get_backend(_name)
         BACKENDS.append(_name)
@@ -133,7 +133,7 @@ def test_too_small_budget_is_refused_with_the_minimum(model):
             s.logits(np.arange(48))
 
 
-@pytest.mark.parametrize("backend", BACKENDS[:2])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_top_k_all_cells_equals_dense_and_fewer_cells_differ(model, backend):
     _, _, pkg, _, _, _ = model
     with Session(pkg, backend=backend) as s:

@@ -1,0 +1,388 @@
+"""The Vulkan backend: WGSL compute shaders through ``wgpu``, on any Vulkan GPU (AMD consumer
+cards included) and on lavapipe (Mesa's CPU Vulkan driver) in CI.
+
+Names: ``vulkan`` (the high-performance adapter), ``vulkan:N`` (the N-th Vulkan adapter).
+``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``.  Tensors are float32 storage buffers; memory is
+counted per buffer (:class:`~.base.Accountant`) and given back with ``buffer.destroy()``.
+
+Each op records one compute pass and submits it; reading back waits for the queue.  The matmul
+is one invocation per output element with an f32 accumulator over ``K`` (not tiled yet); it reads
+weight column ranges in place through a row stride and a column offset, like the other backends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .base import Accountant, Backend
+
+__all__ = ["VulkanBackend"]
+
+_HINT = "pip install wgpu, and a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1)"
+_WG = 64
+
+_COMMON = """
+struct P { a: u32, b: u32, c: u32, d: u32, e: u32, f: u32, g: u32, h: u32, x: f32, y: f32, z: f32, w: f32 };
+@group(0) @binding(0) var<uniform> p: P;
+"""
+
+_SHADERS: dict[str, str] = {
+    # out[M,N] = x[M,K] @ W (+ bias); W(k, j) = w[k*ld + c0 + j], or w[j*ld + c0 + k] transposed
+    "matmul": """
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let M = p.a; let N = p.b; let K = p.c; let ld = p.d; let c0 = p.e; let tr = p.f; let hb = p.g;
+  let idx = gid.x + gid.y * 65535u * 64u;
+  if (idx >= M * N) { return; }
+  let i = idx / N; let j = idx % N;
+  var acc: f32 = 0.0;
+  if (tr == 1u) {
+    let base = j * ld + c0;
+    for (var k: u32 = 0u; k < K; k++) { acc += x[i * K + k] * w[base + k]; }
+  } else {
+    for (var k: u32 = 0u; k < K; k++) { acc += x[i * K + k] * w[k * ld + c0 + j]; }
+  }
+  if (hb == 1u) { acc += bias[j]; }
+  out[idx] = acc;
+}""",
+    # mode 0: same shape, 1: b is a row vector (cols), 2: b is a column (rows, 1); op 0 add, 1 mul
+    "binary": """
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let n = p.a; let cols = p.b; let mode = p.c; let op = p.d;
+  let i = gid.x + gid.y * 65535u * 64u;
+  if (i >= n) { return; }
+  var bi: u32 = i;
+  if (mode == 1u) { bi = i % cols; } else if (mode == 2u) { bi = i / cols; }
+  if (op == 0u) { out[i] = a[i] + b[bi]; } else { out[i] = a[i] * b[bi]; }
+}""",
+    # op 0 gelu tanh, 1 gelu erf, 2 silu
+    "unary": """
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+fn erf_(x: f32) -> f32 {
+  let z = abs(x); let t = 1.0 / (1.0 + 0.3275911 * z);
+  let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-z * z);
+  return select(-y, y, x >= 0.0);
+}
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.x + gid.y * 65535u * 64u;
+  if (i >= p.a) { return; }
+  let v = a[i];
+  if (p.b == 0u) {
+    out[i] = 0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+  } else if (p.b == 1u) {
+    out[i] = 0.5 * v * (1.0 + erf_(v * 0.7071067811865476));
+  } else {
+    out[i] = v / (1.0 + exp(-v));
+  }
+}""",
+    # one invocation per row; op 0 layernorm (w, b), 1 rmsnorm (w)
+    "norm": """
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let rows = p.a; let cols = p.b; let op = p.c; let eps = p.x;
+  let r = gid.x;
+  if (r >= rows) { return; }
+  let o = r * cols;
+  var mean: f32 = 0.0;
+  if (op == 0u) {
+    for (var j: u32 = 0u; j < cols; j++) { mean += x[o + j]; }
+    mean = mean / f32(cols);
+  }
+  var var_: f32 = 0.0;
+  for (var j: u32 = 0u; j < cols; j++) { let d = x[o + j] - mean; var_ += d * d; }
+  let inv = 1.0 / sqrt(var_ / f32(cols) + eps);
+  for (var j: u32 = 0u; j < cols; j++) {
+    if (op == 0u) { out[o + j] = (x[o + j] - mean) * inv * w[j] + b[j]; }
+    else { out[o + j] = x[o + j] * inv * w[j]; }
+  }
+}""",
+    "gather": """
+@group(0) @binding(1) var<storage, read> table: array<f32>;
+@group(0) @binding(2) var<storage, read> ids: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let n = p.a; let cols = p.b;
+  let i = gid.x + gid.y * 65535u * 64u;
+  if (i >= n) { return; }
+  let r = i / cols; let c = i % cols;
+  let id = ids[r];
+  if (id < 0) { out[i] = 0.0; } else { out[i] = table[u32(id) * cols + c]; }
+}""",
+    # x (T, H*hd), cos/sin (T, hd); rotate_half convention
+    "rope": """
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> cs: array<f32>;
+@group(0) @binding(3) var<storage, read> sn: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let n = p.a; let heads = p.b; let hd = p.c;
+  let i = gid.x + gid.y * 65535u * 64u;
+  if (i >= n) { return; }
+  let width = heads * hd;
+  let t = i / width; let k = (i % width) % hd; let hb = i - k;
+  let half = hd / 2u;
+  var rot: f32;
+  if (k < half) { rot = -x[hb + k + half]; } else { rot = x[hb + k - half]; }
+  out[i] = x[i] * cs[t * hd + k] + rot * sn[t * hd + k];
+}""",
+    # one invocation per (query t, head h): causal attention with an online softmax
+    "attention": """
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let T = p.a; let H = p.b; let HK = p.c; let hd = p.d; let start = p.e; let scale = p.x;
+  let idx = gid.x;
+  if (idx >= T * H) { return; }
+  let t = idx / H; let h = idx % H;
+  let kh = h / (H / HK);
+  let qo = t * H * hd + h * hd;
+  let last = start + t;
+  var m: f32 = -3.0e38; var s: f32 = 0.0;
+  for (var n: u32 = 0u; n <= last; n++) {
+    var dot: f32 = 0.0;
+    let ko = n * HK * hd + kh * hd;
+    for (var j: u32 = 0u; j < hd; j++) { dot += q[qo + j] * kc[ko + j]; }
+    dot = dot * scale;
+    let m2 = max(m, dot);
+    let corr = exp(m - m2);
+    let e = exp(dot - m2);
+    s = s * corr + e;
+    for (var j: u32 = 0u; j < hd; j++) { out[qo + j] = out[qo + j] * corr + e * vc[ko + j]; }
+    m = m2;
+  }
+  for (var j: u32 = 0u; j < hd; j++) { out[qo + j] = out[qo + j] / s; }
+}""",
+}
+
+
+class _T:
+    """A device tensor: one storage buffer and its shape."""
+
+    __slots__ = ("buf", "shape", "nbytes", "__weakref__")
+
+    def __init__(self, buf: Any, shape: tuple[int, ...], nbytes: int) -> None:
+        self.buf, self.shape, self.nbytes = buf, shape, nbytes
+
+
+class VulkanBackend(Backend):
+    def __init__(self, device: str = "") -> None:
+        os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
+        if not os.environ.get("XDG_RUNTIME_DIR"):  # Mesa's loaders complain without one
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="spherefmt-xdg-")
+        try:
+            import wgpu
+        except ImportError as e:
+            raise BackendUnavailableError(f"backend vulkan: wgpu is not installed ({_HINT})") from e
+        self.wgpu = wgpu
+        try:
+            if device:
+                adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()
+                            if str(a.info.get("backend_type", "")).lower() == "vulkan"]
+                adapter = adapters[int(device)]
+            else:
+                adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+        except (IndexError, ValueError):
+            raise BackendUnavailableError(f"backend vulkan:{device}: no such Vulkan adapter") from None
+        except Exception as e:  # noqa: BLE001 - no driver, no loader: one clear line
+            raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({str(e)[:120]}; {_HINT})") from None
+        if adapter is None or str(adapter.info.get("backend_type", "")).lower() != "vulkan":
+            raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({_HINT})")
+        self.adapter = adapter
+        limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size")}
+        self.dev = adapter.request_device_sync(required_limits=limits)
+        self.name = f"vulkan:{device}" if device else "vulkan"
+        self._acct = Accountant()
+        self._pipes: dict[str, Any] = {}
+        self._lock = threading.Lock()  # one queue: submissions from the prefetcher and the forward pass
+        self._dummy = self._buffer(4)
+
+    # --- buffers --------------------------------------------------------------------------
+    def _buffer(self, nbytes: int, data: Any = None) -> Any:
+        u = self.wgpu.BufferUsage
+        size = max(16, (nbytes + 15) // 16 * 16)
+        buf = self.dev.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
+        if data is not None and nbytes:
+            with self._lock:
+                self.dev.queue.write_buffer(buf, 0, data)
+        return buf
+
+    def _new(self, shape: tuple[int, ...], data: Any = None) -> _T:
+        nbytes = 4 * math.prod(shape)
+        t = _T(self._buffer(nbytes, data), tuple(shape), nbytes)
+        return self._acct.track(t, nbytes)
+
+    def upload(self, host: np.ndarray) -> _T:
+        a = np.ascontiguousarray(host, dtype=np.float32)
+        return self._new(a.shape, a)
+
+    def zeros(self, shape: tuple[int, ...]) -> _T:
+        return self._new(tuple(shape))  # wgpu zero-initialises new buffers
+
+    def free(self, t: Any) -> None:
+        self._acct.free(t)
+        t.buf.destroy()
+
+    def to_host(self, t: Any) -> np.ndarray:
+        with self._lock:
+            raw = self.dev.queue.read_buffer(t.buf, 0, max(4, t.nbytes) if t.nbytes else 4)
+        return np.frombuffer(raw, dtype=np.float32)[: math.prod(t.shape)].reshape(t.shape).copy()
+
+    def synchronize(self) -> None:
+        with self._lock:
+            self.dev.queue.read_buffer(self._dummy, 0, 4)  # returns when earlier work is done
+
+    def memory_used(self) -> int:
+        return self._acct.used
+
+    def peak_memory(self) -> int:
+        return self._acct.peak
+
+    def reset_peak(self) -> None:
+        self._acct.reset_peak()
+
+    def describe(self) -> dict[str, Any]:
+        info = self.adapter.info
+        return {"backend": self.name, "device": f"{info.get('device', '?')} ({info.get('adapter_type', '?')})",
+                "driver": info.get("description", ""), "wgpu": self.wgpu.__version__,
+                "shader_f16": "shader-f16" in self.adapter.features}
+
+    # --- dispatch -------------------------------------------------------------------------
+    def _pipe(self, name: str) -> Any:
+        pipe = self._pipes.get(name)
+        if pipe is None:
+            module = self.dev.create_shader_module(code=_COMMON + _SHADERS[name])
+            pipe = self.dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+            self._pipes[name] = pipe
+        return pipe
+
+    def _run(self, name: str, ints: tuple[int, ...], floats: tuple[float, ...], bufs: list[Any], n: int) -> None:
+        params = struct.pack("8I4f", *(list(ints) + [0] * (8 - len(ints))), *(list(floats) + [0.0] * (4 - len(floats))))
+        u = self.wgpu.BufferUsage
+        ubuf = self.dev.create_buffer_with_data(data=params, usage=u.UNIFORM)
+        pipe = self._pipe(name)
+        entries = [{"binding": 0, "resource": {"buffer": ubuf, "offset": 0, "size": len(params)}}]
+        entries += [{"binding": i + 1, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(bufs)]
+        group = self.dev.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=entries)
+        groups = max(1, math.ceil(n / _WG))
+        gx, gy = min(groups, 65535), math.ceil(groups / 65535)
+        with self._lock:
+            enc = self.dev.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            cp.set_pipeline(pipe)
+            cp.set_bind_group(0, group)
+            cp.dispatch_workgroups(gx, gy, 1)
+            cp.end()
+            self.dev.queue.submit([enc.finish()])
+
+    # --- ops ------------------------------------------------------------------------------
+    def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
+               cols: tuple[int, int] | None = None) -> _T:
+        m, k = x.shape
+        ld = w.shape[1]
+        c0, c1 = cols if cols is not None else (0, ld)
+        n = w.shape[0] if transpose_w else c1 - c0
+        if transpose_w:
+            k_w = c1 - c0
+        else:
+            k_w = w.shape[0]
+        if k_w != k:
+            raise ValueError(f"matmul: x has {k} columns, w gives {k_w}")
+        out = self._new((m, n))
+        self._run("matmul", (m, n, k, ld, c0, int(transpose_w), int(bias is not None)), (),
+                  [x.buf, w.buf, bias.buf if bias is not None else self._dummy, out.buf], m * n)
+        return out
+
+    def _binary(self, a: Any, b: Any, op: int) -> _T:
+        n = math.prod(a.shape)
+        cols = a.shape[-1] if a.shape else 1
+        if tuple(b.shape) == tuple(a.shape):
+            mode = 0
+        elif len(b.shape) == 1 and b.shape[0] == cols:
+            mode = 1
+        elif len(a.shape) == 2 and tuple(b.shape) == (a.shape[0], 1):
+            mode = 2
+        else:
+            raise ValueError(f"cannot broadcast {b.shape} over {a.shape}")
+        out = self._new(a.shape)
+        self._run("binary", (n, cols, mode, op), (), [a.buf, b.buf, out.buf], n)
+        return out
+
+    def add(self, a: Any, b: Any) -> _T:
+        return self._binary(a, b, 0)
+
+    def mul(self, a: Any, b: Any) -> _T:
+        return self._binary(a, b, 1)
+
+    def _unary(self, x: Any, op: int) -> _T:
+        n = math.prod(x.shape)
+        out = self._new(x.shape)
+        self._run("unary", (n, op), (), [x.buf, out.buf], n)
+        return out
+
+    def gelu(self, x: Any, approximate: bool = True) -> _T:
+        return self._unary(x, 0 if approximate else 1)
+
+    def silu(self, x: Any) -> _T:
+        return self._unary(x, 2)
+
+    def layernorm(self, x: Any, w: Any, b: Any, eps: float) -> _T:
+        rows, cols = x.shape
+        out = self._new(x.shape)
+        self._run("norm", (rows, cols, 0), (eps,), [x.buf, w.buf, b.buf, out.buf], rows)
+        return out
+
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> _T:
+        rows, cols = x.shape
+        out = self._new(x.shape)
+        self._run("norm", (rows, cols, 1), (eps,), [x.buf, w.buf, self._dummy, out.buf], rows)
+        return out
+
+    def gather_rows(self, table: Any, ids: np.ndarray) -> _T:
+        ids32 = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).astype(np.int32))
+        cols = table.shape[1]
+        out = self._new((len(ids32), cols))
+        idbuf = self._buffer(ids32.nbytes, ids32)
+        self._run("gather", (len(ids32) * cols, cols), (), [table.buf, idbuf, out.buf], len(ids32) * cols)
+        return out
+
+    def rope(self, x: Any, cos: Any, sin: Any, n_heads: int) -> _T:
+        n = math.prod(x.shape)
+        out = self._new(x.shape)
+        self._run("rope", (n, n_heads, x.shape[1] // n_heads), (), [x.buf, cos.buf, sin.buf, out.buf], n)
+        return out
+
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
+                  scale: float) -> _T:
+        t = q.shape[0]
+        hd = q.shape[1] // n_heads
+        out = self._new(q.shape)
+        self._run("attention", (t, n_heads, n_kv_heads, hd, start), (scale,),
+                  [q.buf, k_cache.buf, v_cache.buf, out.buf], t * n_heads)
+        return out
+
+    def write_rows(self, dst: Any, start: int, src: Any) -> None:
+        row = 4 * dst.shape[1]
+        with self._lock:
+            enc = self.dev.create_command_encoder()
+            enc.copy_buffer_to_buffer(src.buf, 0, dst.buf, start * row, src.nbytes)
+            self.dev.queue.submit([enc.finish()])
