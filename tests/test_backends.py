@@ -211,3 +211,18 @@ def test_probe_reports_every_backend():
     assert rows["numpy"]["available"] is True
     for r in rows.values():
         assert r["available"] or r["reason"]
+
+
+def test_vulkan_tiled_matmul_path():
+    """The tiled kernel (used on GPUs) against numpy, forced on whatever adapter is here."""
+    be = _started("vulkan")
+    old = be.tiled
+    be.tiled = True
+    try:
+        for m, k, n in [(4, 7, 5), (17, 33, 65), (40, 64, 3)]:
+            x, w, wide, b = rand(m, k), rand(k, n), rand(n, k + 5), rand(n)
+            close(be, be.matmul(be.upload(x), be.upload(w), be.upload(b)), x.astype(np.float64) @ w + b)
+            close(be, be.matmul(be.upload(x), be.upload(wide), transpose_w=True, cols=(5, k + 5)),
+                  x.astype(np.float64) @ wide[:, 5:].T)
+    finally:
+        be.tiled = old
