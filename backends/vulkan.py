@@ -1,15 +1,16 @@
 """The Vulkan backend: WGSL compute shaders through ``wgpu``, on any Vulkan GPU (AMD consumer
 cards included) and on lavapipe (Mesa's CPU Vulkan driver) in CI.
 
-Names: ``vulkan`` (the high-performance adapter), ``vulkan:N`` (the N-th Vulkan adapter).
+Names: ``vulkan`` (the high-performance adapter), ``vulkan:N`` (the N-th Vulkan adapter),
+``vulkan:f16`` / ``vulkan:N,f16`` (weight matrices stored as float16 where the adapter has
+``shader-f16``: half the device memory and bandwidth per weight, float32 accumulation).
 ``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``.  Tensors are float32 storage buffers; memory is
 counted per buffer (:class:`~.base.Accountant`) and given back with ``buffer.destroy()``.
 
 Each op records one compute pass and submits it; reading back waits for the queue.  The matmul
 (f32 accumulate) runs in 16x16 tiles through workgroup memory for 4 rows or more on GPUs, else
 one invocation per output (decode's single rows; every matmul on lavapipe, where it is faster); both read weight column ranges in place through a
-row stride and a column offset, like the other backends.  Weights are float32 on the device
-(``shader-f16`` storage is not used yet).
+row stride and a column offset, like the other backends.
 """
 
 from __future__ import annotations
@@ -209,17 +210,32 @@ fn erf_(x: f32) -> f32 {
 }
 
 
+def _f16_variant(src: str, name: str) -> str:
+    """The shader reading ``name`` (a weight) as float16, accumulating in float32."""
+    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<f16>;")
+    import re
+
+    return "enable f16;\n" + re.sub(rf"\b{name}\[([^\]]+)\]", rf"f32({name}[\1])", src)
+
+
+_SHADERS["matmul_f16"] = _f16_variant(_SHADERS["matmul"], "w")
+_SHADERS["gather_f16"] = _f16_variant(_SHADERS["gather"], "table")
+
+
 class _T:
-    """A device tensor: one storage buffer and its shape."""
+    """A device tensor: one storage buffer, its shape and element type (f32, or f16 weights)."""
 
-    __slots__ = ("buf", "shape", "nbytes", "__weakref__")
+    __slots__ = ("buf", "shape", "nbytes", "f16", "__weakref__")
 
-    def __init__(self, buf: Any, shape: tuple[int, ...], nbytes: int) -> None:
-        self.buf, self.shape, self.nbytes = buf, shape, nbytes
+    def __init__(self, buf: Any, shape: tuple[int, ...], nbytes: int, f16: bool = False) -> None:
+        self.buf, self.shape, self.nbytes, self.f16 = buf, shape, nbytes, f16
 
 
 class VulkanBackend(Backend):
     def __init__(self, device: str = "") -> None:
+        parts = [x for x in device.split(",") if x]
+        want_f16 = "f16" in parts
+        device = next((x for x in parts if x != "f16"), "")
         os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
         if not os.environ.get("XDG_RUNTIME_DIR"):  # Mesa's loaders complain without one
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="spherefmt-xdg-")
@@ -243,8 +259,13 @@ class VulkanBackend(Backend):
             raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({_HINT})")
         self.adapter = adapter
         limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size")}
-        self.dev = adapter.request_device_sync(required_limits=limits)
-        self.name = f"vulkan:{device}" if device else "vulkan"
+        if want_f16 and "shader-f16" not in adapter.features:
+            raise BackendUnavailableError("backend vulkan:f16: this adapter has no shader-f16")
+        self.f16 = want_f16  # weight matrices stored as float16 (half the bytes; logits change ~1e-3)
+        self.dev = adapter.request_device_sync(required_limits=limits,
+                                               required_features=["shader-f16"] if want_f16 else [])
+        self.name = "vulkan" + (f":{device}" if device else "") + ("," if device and want_f16 else "") + \
+            (":f16" if want_f16 and not device else ("f16" if want_f16 else ""))
         self._acct = Accountant()
         self._pipes: dict[str, Any] = {}
         self._lock = threading.Lock()  # one queue: submissions from the prefetcher and the forward pass
@@ -259,6 +280,8 @@ class VulkanBackend(Backend):
         size = max(16, (nbytes + 15) // 16 * 16)
         buf = self.dev.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
         if data is not None and nbytes:
+            if nbytes % 4:  # copies are in whole 4-byte words (odd-length f16 data)
+                data = np.frombuffer(memoryview(data).cast("B").tobytes() + bytes(4 - nbytes % 4), np.uint8)
             with self._lock:
                 self.dev.queue.write_buffer(buf, 0, data)
         return buf
@@ -272,6 +295,13 @@ class VulkanBackend(Backend):
         a = np.ascontiguousarray(host, dtype=np.float32)
         return self._new(a.shape, a)
 
+    def adopt(self, host: np.ndarray) -> _T:
+        if not self.f16 or host.ndim != 2:
+            return self.upload(host)
+        a = np.ascontiguousarray(host, dtype=np.float16)
+        t = _T(self._buffer(a.nbytes, a), a.shape, a.nbytes, f16=True)
+        return self._acct.track(t, a.nbytes)
+
     def zeros(self, shape: tuple[int, ...]) -> _T:
         return self._new(tuple(shape))  # wgpu zero-initialises new buffers
 
@@ -281,8 +311,9 @@ class VulkanBackend(Backend):
 
     def to_host(self, t: Any) -> np.ndarray:
         with self._lock:
-            raw = self.dev.queue.read_buffer(t.buf, 0, max(4, t.nbytes) if t.nbytes else 4)
-        return np.frombuffer(raw, dtype=np.float32)[: math.prod(t.shape)].reshape(t.shape).copy()
+            raw = self.dev.queue.read_buffer(t.buf, 0, t.buf.size)
+        dt = np.float16 if t.f16 else np.float32
+        return np.frombuffer(raw, dtype=dt)[: math.prod(t.shape)].reshape(t.shape).astype(np.float32)
 
     def synchronize(self) -> None:
         with self._lock:
@@ -307,7 +338,9 @@ class VulkanBackend(Backend):
     def _pipe(self, name: str) -> Any:
         pipe = self._pipes.get(name)
         if pipe is None:
-            module = self.dev.create_shader_module(code=_COMMON + _SHADERS[name])
+            src = _SHADERS[name]
+            head = "enable f16;\n" if src.startswith("enable f16;") else ""  # directives come first
+            module = self.dev.create_shader_module(code=head + _COMMON + src.removeprefix("enable f16;\n"))
             pipe = self.dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
             self._pipes[name] = pipe
         return pipe
@@ -351,7 +384,9 @@ class VulkanBackend(Backend):
         out = self._new((m, n))
         args = ((m, n, k, ld, c0, int(transpose_w), int(bias is not None)), (),
                 [x.buf, w.buf, bias.buf if bias is not None else self._dummy, out.buf], m * n)
-        if self.tiled and m >= 4 and math.ceil(m / 16) <= 65535 and math.ceil(n / 16) <= 65535:
+        if w.f16:
+            self._run("matmul_f16", *args)
+        elif self.tiled and m >= 4 and math.ceil(m / 16) <= 65535 and math.ceil(n / 16) <= 65535:
             self._run("matmul_tiled", *args, grid=(math.ceil(n / 16), math.ceil(m / 16)))
         else:  # a few rows (decode): one invocation per output, reading weight rows in order
             self._run("matmul", *args)
@@ -407,7 +442,8 @@ class VulkanBackend(Backend):
         cols = table.shape[1]
         out = self._new((len(ids32), cols))
         idbuf = self._buffer(ids32.nbytes, ids32)
-        self._run("gather", (len(ids32) * cols, cols), (), [table.buf, idbuf, out.buf], len(ids32) * cols)
+        self._run("gather_f16" if table.f16 else "gather", (len(ids32) * cols, cols), (), [table.buf, idbuf, out.buf],
+                  len(ids32) * cols)
         return out
 
     def rope(self, x: Any, cos: Any, sin: Any, n_heads: int) -> _T:

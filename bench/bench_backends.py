@@ -30,7 +30,8 @@ SHAPES = [(1, 768, 3072), (16, 768, 768), (64, 768, 3072)]
 
 def gflops(be, m: int, k: int, n: int, repeat: int) -> float:
     rng = np.random.default_rng(0)
-    x, w = be.upload(rng.standard_normal((m, k), dtype=np.float32)), be.upload(rng.standard_normal((k, n), dtype=np.float32))
+    # weights go in the way streaming puts them (adopt: float16 on vulkan:f16)
+    x, w = be.upload(rng.standard_normal((m, k), dtype=np.float32)), be.adopt(rng.standard_normal((k, n), dtype=np.float32))
     be.matmul(x, w)
     be.synchronize()
     t0 = time.perf_counter()
@@ -48,14 +49,14 @@ def main() -> None:
         pkg = Path(tmp) / "tiny.sphere"
         spherefmt.save(default_model(), pkg, graticule="4x8", depth=4, codec="none")
         prompt = np.arange(1, 17)
-        for name in ("numpy", "torch:cpu", "vulkan", "torch:cuda"):
+        for name in ("numpy", "torch:cpu", "vulkan", "vulkan:f16", "torch:cuda"):
             try:
                 be = get_backend(name)
             except SpherefmtError as e:
                 rows.append({"backend": name, "available": False, "reason": str(e)})
                 continue
             row = {"backend": name, "available": True, **be.describe(),
-                   "matmul_gflops": {f"{m}x{k}x{n}": gflops(be, m, k, n, 3 if name == "vulkan" else 20)
+                   "matmul_gflops": {f"{m}x{k}x{n}": gflops(be, m, k, n, 3 if name.startswith("vulkan") else 20)
                                      for m, k, n in SHAPES}}
             with Session(pkg, backend=be, prefetch=False) as s:
                 s.generate(prompt, 8, stop_at_eos=False)
@@ -66,10 +67,10 @@ def main() -> None:
             rows.append(row)
             print(name, {k: round(v, 2) for k, v in row["matmul_gflops"].items()},
                   f"decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
-    same = len({tuple(r["first_tokens"]) for r in rows if r.get("available")}) == 1
+    same = len({tuple(r["first_tokens"]) for r in rows if r.get("available") and not r["backend"].endswith("f16")}) == 1
     doc = {"benchmark": "backends", "cpus": os.cpu_count(), "rows": rows, "same_tokens_on_every_backend": same}
     (HERE / "results" / "backends.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print("same greedy tokens on every backend:", same)
+    print("same greedy tokens on every float32 backend:", same)
 
 
 if __name__ == "__main__":

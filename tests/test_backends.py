@@ -226,3 +226,20 @@ def test_vulkan_tiled_matmul_path():
                   x.astype(np.float64) @ wide[:, 5:].T)
     finally:
         be.tiled = old
+
+
+def test_vulkan_f16_weights():
+    """``vulkan:f16`` keeps weight matrices as float16 (half the bytes), accumulates in float32."""
+    be = _started("vulkan:f16")
+    x, w, wide = rand(5, 33), rand(33, 17), rand(17, 40)
+    base = be.memory_used()
+    W = be.adopt(w)
+    assert be.memory_used() - base == w.size * 2
+    w16 = w.astype(np.float16).astype(np.float64)
+    close(be, be.matmul(be.upload(x), W), x.astype(np.float64) @ w16)
+    wide16 = wide.astype(np.float16).astype(np.float64)
+    close(be, be.matmul(be.upload(x), be.adopt(wide), transpose_w=True, cols=(5, 38)), x @ wide16[:, 5:38].T)
+    np.testing.assert_array_equal(be.to_host(be.gather_rows(W, np.array([3, -1]))),
+                                  np.stack([w16[3], np.zeros(17)]).astype(np.float32))
+    v = rand(17)
+    np.testing.assert_array_equal(be.to_host(be.adopt(v)), v)  # vectors (norms, biases) stay float32

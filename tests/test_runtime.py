@@ -357,3 +357,20 @@ def test_cache_keeps_a_stable_set_when_a_cycle_does_not_fit():
     assert 4 * (n - k) <= len(cycles_after_first) <= 4 * (n - (k - 1))
     cache.close()
     assert be.memory_used() == 0 or cache.used == 0
+
+
+def test_vulkan_f16_weights_halve_device_memory(model):
+    try:
+        get_backend("vulkan:f16")
+    except (BackendUnavailableError, UnknownBackendError) as e:
+        pytest.skip(str(e))
+    _, _, pkg, _, ref, _ = model
+    with Session(pkg, backend="vulkan") as s:
+        s.logits(IDS)
+        f32_peak = s.stats()["peak_device_bytes"]
+    with Session(pkg, backend="vulkan:f16") as s:
+        out = s.logits(IDS)
+        f16_peak = s.stats()["peak_device_bytes"]
+    assert f16_peak < 0.6 * f32_peak
+    np.testing.assert_allclose(out, ref, atol=2e-2 * np.abs(ref).max(), rtol=0)
+    assert (out.argmax(axis=1) == ref.argmax(axis=1)).mean() > 0.9
