@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "Accountant"]
+__all__ = ["Backend", "Accountant", "AccountedMemory"]
 
 
 class Accountant:
@@ -171,3 +171,19 @@ class Backend(ABC):
     @abstractmethod
     def write_rows(self, dst: Any, start: int, src: Any) -> None:
         """``dst[start : start + len(src)] = src`` in place."""
+
+
+class AccountedMemory:
+    """Memory figures from an :class:`Accountant` at ``self._acct`` (mixed into backends
+    without a native allocator)."""
+
+    _acct: Accountant
+
+    def memory_used(self) -> int:
+        return self._acct.used
+
+    def peak_memory(self) -> int:
+        return self._acct.peak
+
+    def reset_peak(self) -> None:
+        self._acct.reset_peak()

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Accountant, Backend
+from .base import Accountant, AccountedMemory, Backend
 
 __all__ = ["NumpyBackend"]
 
@@ -28,7 +28,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(_F32)
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(AccountedMemory, Backend):
     name = "numpy"
 
     def __init__(self) -> None:
@@ -58,15 +58,6 @@ class NumpyBackend(Backend):
 
     def to_host(self, t: Any) -> np.ndarray:
         return np.array(t, dtype=_F32, copy=True)
-
-    def memory_used(self) -> int:
-        return self._acct.used
-
-    def peak_memory(self) -> int:
-        return self._acct.peak
-
-    def reset_peak(self) -> None:
-        self._acct.reset_peak()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": "cpu", "numpy": np.__version__}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError
-from .base import Accountant, Backend
+from .base import Accountant, AccountedMemory, Backend
 
 __all__ = ["VulkanBackend"]
 
@@ -231,7 +231,7 @@ class _T:
         self.buf, self.shape, self.nbytes, self.f16 = buf, shape, nbytes, f16
 
 
-class VulkanBackend(Backend):
+class VulkanBackend(AccountedMemory, Backend):
     def __init__(self, device: str = "") -> None:
         parts = [x for x in device.split(",") if x]
         want_f16 = "f16" in parts
@@ -318,15 +318,6 @@ class VulkanBackend(Backend):
     def synchronize(self) -> None:
         with self._lock:
             self.dev.queue.read_buffer(self._dummy, 0, 4)  # returns when earlier work is done
-
-    def memory_used(self) -> int:
-        return self._acct.used
-
-    def peak_memory(self) -> int:
-        return self._acct.peak
-
-    def reset_peak(self) -> None:
-        self._acct.reset_peak()
 
     def describe(self) -> dict[str, Any]:
         info = self.adapter.info
