@@ -471,6 +471,85 @@ def map_cmd(pkg: str, output: str, layer: int | None, usage_file: str | None, ac
     click.echo(f"wrote {out}")
 
 
+def _expert_address(text: str) -> tuple[int, int, int]:
+    from .errors import InputError
+
+    try:
+        lat, lon, depth = (int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"expert {text!r}: expected LAT,LON,DEPTH") from None
+    return lat, lon, depth
+
+
+@cli.command()
+@click.argument("pkg")
+@click.option("--text", "text_file", required=True, metavar="FILE", help="UTF-8 training text.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--experts", "experts", multiple=True, metavar="LAT,LON,DEPTH",
+              help="Train only these experts (repeatable); everything else stays frozen.")
+@click.option("--all", "train_all", is_flag=True, help="Train every parameter.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--plot", metavar="PNG", help="Write the loss curve here (default: PKG-loss.png beside PKG).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_all: bool, lr: float, batch: int,
+          seq: int, plot: str | None, seed: int, quiet: bool) -> None:
+    """Fine-tune PKG (all of it, or selected experts) on a text with Adam, then write back in place
+    only the experts and tensors that changed."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .errors import InputError
+    from .runtime.tokenizer import load_tokenizer
+    from .torch import load
+
+    if bool(experts) == train_all:
+        raise InputError("give --experts LAT,LON,DEPTH (one or more) or --all")
+    chosen = "all" if train_all else [_expert_address(e) for e in experts]
+    m = load(pkg, trainable=chosen)
+    try:
+        vocab = m.model.get_input_embeddings().weight.shape[0]
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            ids = np.asarray(load_tokenizer(m.pkg, vocab).encode(f.read()), dtype=np.int64)
+        ctx = int(m.pkg.config.get("n_positions") or m.pkg.config.get("max_position_embeddings") or 1024)
+        seq = min(seq, ctx)
+        if len(ids) <= seq + 1:
+            raise InputError(f"{text_file}: {len(ids)} tokens; need more than {seq + 1}")
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        # Adam without weight decay: decay would move the frozen neurons too
+        opt = torch.optim.Adam(m.parameters(), lr=lr)
+        losses = []
+        m.model.train()
+        for _ in tqdm(range(steps), desc="train", disable=quiet):
+            starts = rng.integers(0, len(ids) - seq - 1, batch)
+            x = torch.from_numpy(np.stack([ids[s : s + seq] for s in starts]))
+            loss = m.model(x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        written = m.save_changes()
+    finally:
+        m.pkg.close()
+    out = plot or f"{str(pkg).rstrip('/')}-loss.png"
+    from .viz import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{len(losses)} steps, " + ("all parameters" if train_all else f"{len(experts)} expert(s)"), fontsize=9)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    click.echo(f"loss {np.mean(losses[:5]):.4f} -> {np.mean(losses[-5:]):.4f}; wrote {len(written['experts'])} "
+               f"expert(s) and {len(written['tensors'])} tensor(s), {written['bytes']} bytes, to {pkg}; curve {out}")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
 @_user_errors

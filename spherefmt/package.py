@@ -951,6 +951,29 @@ class Package:
         self._rows_cache = self._shell_cache = None
         self._inner_index.pop(self.shard_key(lat, lon, depth), None)
 
+    def write_tensor(self, name: str, data: Any) -> None:
+        """Replace a core tensor in place (same shape and dtype); only chunks whose bytes change
+        are rewritten.  FFN tensors live in experts: change them with :meth:`write_expert`."""
+        if self.mode != "r+":
+            raise ReadOnlyError(f"{self.where}: opened read-only; use spherefmt.open(..., mode='r+')")
+        t = self._entry(name)
+        if t["where"] != "core":
+            raise FormatError(f"{self.where}: {name!r} is stored in experts; write it with write_expert")
+        new = _as_storage(data, t["dtype"])
+        if new.shape != tuple(t["shape"]):
+            raise FormatError(f"{self.where}: {name!r} has shape {tuple(t['shape'])}, got {new.shape}")
+        arr = self._array(core_key(name))
+        old = self._storage(name)
+        if not new.shape:
+            if old.tobytes() != new.tobytes():
+                arr[...] = new.reshape(arr.shape)
+            return
+        step = arr.chunks[0]
+        for start in range(0, new.shape[0], step):  # chunk by chunk: unchanged chunks stay as they are
+            a, b = old[start : start + step], new[start : start + step]
+            if a.tobytes() != b.tobytes():
+                arr[start : start + step] = b
+
     def close(self) -> None:
         """Release the store."""
         self._arrays.clear()

@@ -1,0 +1,191 @@
+"""Packages as trainable torch modules, and writing back only what changed.
+
+    >>> import spherefmt.torch as st
+    >>> m = st.load("model.sphere", trainable=[(0, 1, 2)])   # one expert trainable, the rest frozen
+    >>> ...train m.model (a transformers model) as usual...
+    >>> m.save_changes()                                     # rewrites expert (0, 1, 2) only
+
+The module is the Hugging Face ``transformers`` model of the package's architecture with the
+package's weights (dense).  Training selected experts masks the gradients of every FFN neuron
+outside them, so only their rows move; :meth:`SphereModule.save_changes` compares each expert and
+core tensor with the package and rewrites exactly those that differ, in place (directory, ``.vhd``
+and fsspec packages).  Values are cast back to the package's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import constants as C
+from .errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
+from .package import Package
+from .package import open as open_package
+
+__all__ = ["SphereModule", "load"]
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendUnavailableError("spherefmt.torch needs torch (pip install torch==2.13.0)") from e
+    return torch
+
+
+class SphereModule:
+    """A package's model as ``self.model`` (a ``transformers`` module), with bookkeeping to write
+    trained values back into the package."""
+
+    def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all") -> None:
+        _torch()
+        try:
+            import transformers
+        except ImportError as e:
+            raise BackendUnavailableError("spherefmt.torch needs transformers (pip install transformers)") from e
+        if pkg.architecture not in (C.ARCH_GPT2, C.ARCH_LLAMA):
+            raise FormatError(f"{pkg.where}: only GPT-2 and Llama packages become torch modules")
+        self.pkg = pkg
+        cfg = transformers.AutoConfig.for_model(**pkg.config)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+        sd = {k: v.float() for k, v in pkg.state_dict(framework="torch").items()}
+        result = model.load_state_dict(sd, strict=False)
+        model.tie_weights()
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=True)}
+        tie = bool(getattr(cfg, "tie_word_embeddings", True))
+        missing = [n for n in result.missing_keys if n in tied and not (tie and n.endswith("lm_head.weight"))]
+        if missing:
+            raise FormatError(f"{pkg.where}: the package lacks {missing[0]!r} for {cfg.model_type}")
+        self.model = model
+        self._params = dict(self.model.named_parameters())
+        self._ffn = set(pkg._layout.ffn_tensors())
+        self._ffn_params = {self._module_name(n) for n in self._ffn}
+        self._experts = self._select(trainable)
+        self._apply_trainable(trainable)
+
+    # --- what trains --------------------------------------------------------------------------
+    def _select(self, trainable: Any) -> list[tuple[int, int, int]] | None:
+        if isinstance(trainable, str):
+            if trainable not in ("all", "experts", "core", "none"):
+                raise InputError(f"trainable {trainable!r}: all, experts, core, none, or a list of (lat, lon, depth)")
+            return None
+        chosen = [tuple(int(v) for v in e) for e in trainable]
+        for lat, lon, depth in chosen:
+            self.pkg._check_address(lat, lon, depth)
+        return chosen  # type: ignore[return-value]
+
+    def _apply_trainable(self, trainable: Any) -> None:
+        torch = _torch()
+        for name, p in self._params.items():
+            is_ffn = name in self._ffn_params
+            if trainable == "all":
+                p.requires_grad_(True)
+            elif trainable == "experts":
+                p.requires_grad_(is_ffn)
+            elif trainable == "core":
+                p.requires_grad_(not is_ffn)
+            elif trainable == "none":
+                p.requires_grad_(False)
+            else:
+                p.requires_grad_(is_ffn)
+        if self._experts is None:
+            return
+        # per FFN tensor, a 0/1 mask over the neuron axis: only the chosen experts' neurons learn
+        keep: dict[int, np.ndarray] = {}
+        for lat, lon, depth in self._experts:
+            _, index, _ = self.pkg._shell_arrays(depth)
+            for t, layer in enumerate(self.pkg._shells[depth]["layers"]):
+                mask = keep.setdefault(layer, np.zeros(self.pkg._layout.neurons[layer], dtype=bool))
+                idx = index[t, lat, lon]
+                mask[idx[idx >= 0]] = True
+        for layer, tensors in enumerate(self.pkg._layout.layers):
+            mask = torch.from_numpy(keep.get(layer, np.zeros(self.pkg._layout.neurons[layer], dtype=bool)))
+            for f in self.pkg._layout.fields:
+                p = self._params[self._module_name(tensors[f.name])]
+                shape = [1] * p.dim()
+                shape[f.axis] = -1
+                m = mask.reshape(shape).to(p.dtype)
+                p.register_hook(lambda g, m=m: g * m)
+
+    def _module_name(self, source: str) -> str:
+        if source in self._params:
+            return source
+        for prefix in ("transformer.", "model."):  # packages from bare state dicts
+            if prefix + source in self._params:
+                return prefix + source
+        raise FormatError(f"{self.pkg.where}: no parameter for tensor {source!r}")
+
+    def parameters(self) -> Iterable[Any]:
+        """The trainable parameters (for an optimiser)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- writing back -------------------------------------------------------------------------
+    def save_changes(self) -> dict[str, Any]:
+        """Write back every expert and core tensor whose values changed; returns what was written."""
+        pkg = self.pkg
+        if pkg.mode != "r+":
+            raise InputError(f"{pkg.where} is open read-only: load it with mode='r+' to save changes")
+        layout = pkg._layout
+        current: dict[str, np.ndarray] = {}
+        for name in pkg.keys():
+            info = pkg.tensor_info(name)
+            try:
+                p = self._params[self._module_name(name)]
+            except FormatError:
+                continue  # e.g. a tied lm_head the package does not store
+            current[name] = _cast(p.detach().cpu().float().numpy(), info.dtype)
+        written: dict[str, Any] = {"experts": [], "tensors": [], "bytes": 0}
+        for name in pkg.keys():
+            if name in current and name not in self._ffn:
+                old = pkg._storage(name)
+                if old.tobytes() != current[name].tobytes():
+                    pkg.write_tensor(name, current[name])
+                    written["tensors"].append(name)
+                    written["bytes"] += current[name].nbytes
+        from .arch import rows_from_tensors
+
+        rows = {layer: rows_from_tensors(layout, {n: current[n] for n in layout.layers[layer].values()}, layer)
+                for layer in range(len(layout.layers))}
+        for depth in range(pkg.depth):
+            arr, index, _ = pkg._shell_arrays(depth)
+            layers = pkg._shells[depth]["layers"]
+            p, m = pkg.graticule  # type: ignore[misc]
+            for lat in range(p):
+                for lon in range(m):
+                    idx = index[:, lat, lon]
+                    if not (idx >= 0).any():
+                        continue
+                    new = np.zeros((len(layers), *arr.shape[3:]), dtype=arr.dtype)
+                    for t, layer in enumerate(layers):
+                        real = idx[t] >= 0
+                        new[t, real] = rows[layer][idx[t][real]]
+                    if pkg.expert(lat, lon, depth).neurons.tobytes() != new.tobytes():
+                        pkg.write_expert(lat, lon, depth, new)
+                        written["experts"].append((lat, lon, depth))
+                        written["bytes"] += new.nbytes
+        return written
+
+
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values to the package's storage array for ``dtype`` (BF16 rounds to nearest even)."""
+    from .dtypes import storage_dtype
+
+    if dtype == "BF16":
+        import ml_dtypes
+
+        return a.astype(ml_dtypes.bfloat16).view(np.uint16)
+    return a.astype(storage_dtype(dtype))
+
+
+def load(pkg: str | Path | Package, trainable: str | Sequence[tuple[int, int, int]] = "all",
+         mode: str = "r+") -> SphereModule:
+    """A package as a trainable module (opened ``r+`` so that :meth:`SphereModule.save_changes`
+    can write back)."""
+    if not isinstance(pkg, Package):
+        pkg = open_package(pkg, mode)
+    if pkg.graticule is None:
+        raise ExpertNotFoundError(f"{pkg.where}: the package has no sphere")
+    return SphereModule(pkg, trainable)

@@ -1,0 +1,119 @@
+"""Trainable packages: fine-tune selected experts, write back only what changed (dir and .vhd)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+import spherefmt
+from spherefmt.cli import main
+from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import spherefmt.torch as st  # noqa: E402
+
+
+def _objects(path) -> dict[str, str]:
+    if str(path).endswith(".vhd"):
+        from spherefmt.vhdfs import VHDFileSystem
+
+        fs = VHDFileSystem(fo=str(path))
+        try:
+            return {p: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
+        finally:
+            fs.close()
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["dir", "vhd"])
+def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
+    if arch == "gpt2":
+        cfg = gpt2_config(n_layer=4, n_embd=64, n_head=4, vocab_size=300)
+        sd = make_gpt2(cfg, "F32", 0)
+    else:
+        cfg = llama_config(num_hidden_layers=4, hidden_size=64, intermediate_size=176, vocab_size=300)
+        sd = make_llama(cfg, "F32", 0)
+    save_hf_folder(tmp_path / "src", sd, cfg)
+    pkg = tmp_path / ("m.vhd" if kind == "vhd" else "m.sphere")
+    spherefmt.save(tmp_path / "src", pkg, graticule="2x4")
+    before = _objects(pkg)
+    chosen = [(0, 1, 1), (1, 3, 2)]
+    m = st.load(pkg, trainable=chosen)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 300, (4, 32)))
+    losses = []
+    for _ in range(6):
+        loss = m.model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    written = m.save_changes()
+    m.model.eval()
+    with torch.no_grad():
+        trained = m.model(ids).logits.numpy()
+    m.pkg.close()
+    assert sorted(written["experts"]) == sorted(chosen) and written["tensors"] == []
+    after = _objects(pkg)
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    with spherefmt.open(pkg) as p:
+        shards = sorted(p.shard_key(*e) for e in chosen)
+    assert len(changed) == 2 and all(c.endswith(s) for c, s in zip(changed, shards, strict=True)), changed
+    # reopening gives the trained weights: exported, transformers reproduces the trained logits
+    spherefmt.export(pkg, tmp_path / "back.safetensors")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    from safetensors.torch import load_file
+
+    back.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=False)
+    back.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(ids).logits.numpy(), trained, atol=1e-5, rtol=0)
+    # a second save with nothing changed writes nothing
+    m2 = st.load(pkg, trainable="experts")
+    assert m2.save_changes() == {"experts": [], "tensors": [], "bytes": 0}
+    m2.pkg.close()
+
+
+def test_core_training_rewrites_core_tensors_only(tmp_path):
+    cfg = gpt2_config(n_layer=2, n_embd=32, n_head=4, vocab_size=100)
+    save_hf_folder(tmp_path / "src", make_gpt2(cfg, "BF16", 0), cfg)
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(tmp_path / "src", pkg, graticule="2x2")
+    m = st.load(pkg, trainable="core")
+    with torch.no_grad():
+        m.model.transformer.ln_f.weight.add_(0.5)
+    written = m.save_changes()
+    m.pkg.close()
+    assert written["experts"] == [] and written["tensors"] == ["transformer.ln_f.weight"]
+    with spherefmt.open(pkg) as p:
+        got = p.tensor("transformer.ln_f.weight").astype(np.float32)
+    np.testing.assert_array_equal(got, np.full(32, 1.5, np.float32))
+
+
+def test_cli_train(tmp_path, capsys):
+    cfg = gpt2_config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=64)
+    save_hf_folder(tmp_path / "src", make_gpt2(cfg, "F32", 0), cfg)
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(tmp_path / "src", pkg, graticule="2x2")
+    text = tmp_path / "t.txt"
+    text.write_text("the sphere turns, the sphere learns. " * 60)
+    png = tmp_path / "loss.png"
+    main_args = ["train", str(pkg), "--text", str(text), "--steps", "15", "--experts", "0,1,0", "--lr", "3e-2",
+                 "--seq", "32", "--plot", str(png), "-q"]
+    try:
+        main(main_args)
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr().err
+    out = capsys.readouterr().out
+    first, last = (float(v) for v in out.split("loss ")[1].split(";")[0].split(" -> "))
+    assert last < first and "wrote 1 expert(s)" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (["--experts", "9,9,9"], ["--experts", "1,2"], []):
+        with pytest.raises(SystemExit) as e:
+            main(["train", str(pkg), "--text", str(text), "--steps", "1", *bad])
+        assert e.value.code == 2
