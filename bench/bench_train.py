@@ -1,0 +1,77 @@
+"""Writing back after training: bytes written and wall time of ``save_changes()`` after changing
+1, 10 and 100% of the experts, against re-saving the whole model as safetensors, in one run.
+
+GPT-2-small-shaped model (124M parameters, bf16, random weights made locally), directory
+package with the default codec.  "Training" is a deterministic perturbation of the chosen
+experts' FFN rows (the write-back cost does not depend on how the values changed).
+Results: ``bench/results/train.json``.
+
+    .venv/bin/python bench/bench_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import spherefmt
+import spherefmt.torch as st
+from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
+
+HERE = Path(__file__).resolve().parent
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    cfg = gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_hf_folder(tmp / "src", make_gpt2(cfg, "BF16", 0), cfg)
+        for share in (0.01, 0.10, 1.0):
+            pkg = tmp / f"m{share}.sphere"
+            spherefmt.save(tmp / "src", pkg)
+            m = st.load(pkg, trainable="experts")
+            experts = list(m.pkg.experts())
+            chosen = experts[: max(1, round(share * len(experts)))]
+            with torch.no_grad():  # move every neuron of the chosen experts
+                for lat, lon, depth in chosen:
+                    _, index, _ = m.pkg._shell_arrays(depth)
+                    for t, layer in enumerate(m.pkg._shells[depth]["layers"]):
+                        idx = torch.from_numpy(index[t, lat, lon][index[t, lat, lon] >= 0].astype(np.int64))
+                        w = m._params[m._module_name(m.pkg._layout.layers[layer]["w_in"])]
+                        w[:, idx] += 0.01
+            before = dir_bytes(pkg)
+            t0 = time.perf_counter()
+            written = m.save_changes()
+            secs = time.perf_counter() - t0
+            sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in m.model.state_dict().items()
+                  if k != "lm_head.weight"}
+            t0 = time.perf_counter()
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp / "full.safetensors"))
+            st_secs = time.perf_counter() - t0
+            st_bytes = (tmp / "full.safetensors").stat().st_size
+            m.pkg.close()
+            rows.append({"experts_changed": len(written["experts"]), "experts_total": len(experts),
+                         "share": share, "save_changes_s": secs, "save_changes_bytes": written["bytes"],
+                         "package_bytes_before": before, "safetensors_resave_s": st_secs,
+                         "safetensors_bytes": st_bytes})
+            r = rows[-1]
+            print(f"{share:>5.0%}: {r['experts_changed']:>3}/{r['experts_total']} experts, save_changes "
+                  f"{secs:.2f}s {written['bytes'] / 2**20:.1f} MiB raw; safetensors re-save {st_secs:.2f}s "
+                  f"{st_bytes / 2**20:.0f} MiB", flush=True)
+    (HERE / "results" / "train.json").write_text(json.dumps({"benchmark": "train", "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
