@@ -39,9 +39,10 @@ def main() -> None:
         for share in (0.01, 0.10, 1.0):
             pkg = tmp / f"m{share}.sphere"
             spherefmt.save(tmp / "src", pkg)
-            m = st.load(pkg, trainable="experts")
-            experts = list(m.pkg.experts())
+            with spherefmt.open(pkg) as p0:
+                experts = list(p0.experts())
             chosen = experts[: max(1, round(share * len(experts)))]
+            m = st.load(pkg, trainable=chosen)
             with torch.no_grad():  # move every neuron of the chosen experts
                 for lat, lon, depth in chosen:
                     _, index, _ = m.pkg._shell_arrays(depth)

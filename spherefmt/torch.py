@@ -65,6 +65,8 @@ class SphereModule:
         self._ffn_params = {self._module_name(n) for n in self._ffn}
         self._experts = self._select(trainable)
         self._apply_trainable(trainable)
+        # what the package holds now, as digests: save_changes compares against these
+        self._baseline, _ = self._state(None)
 
     # --- what trains --------------------------------------------------------------------------
     def _select(self, trainable: Any) -> list[tuple[int, int, int]] | None:
@@ -123,38 +125,52 @@ class SphereModule:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # --- writing back -------------------------------------------------------------------------
-    def save_changes(self) -> dict[str, Any]:
-        """Write back every expert and core tensor whose values changed; returns what was written."""
-        pkg = self.pkg
-        if pkg.mode != "r+":
-            raise InputError(f"{pkg.where} is open read-only: load it with mode='r+' to save changes")
-        layout = pkg._layout
+    def _state(self, baseline: dict[Any, bytes] | None) -> tuple[dict[Any, bytes], dict[Any, np.ndarray]]:
+        """Digests of every core tensor and every expert as they would be stored now, and the
+        arrays of those that differ from ``baseline``."""
+        import hashlib
+
+        pkg, layout = self.pkg, self.pkg._layout
+        digests: dict[Any, bytes] = dict(baseline or {})
+        changed: dict[Any, np.ndarray] = {}
         current: dict[str, np.ndarray] = {}
+        # only trainable values can have moved since the baseline (frozen ones have no gradient);
+        # with selected experts, only those experts
+        check_all = baseline is None
+        ffn_live = check_all or any(self._params[self._module_name(n)].requires_grad for n in self._ffn)
+        experts = None if check_all or self._experts is None else set(self._experts)
+        layers_needed = set(range(len(layout.layers))) if experts is None else \
+            {la for (_, _, d) in experts for la in pkg._shells[d]["layers"]}
         for name in pkg.keys():
-            info = pkg.tensor_info(name)
             try:
                 p = self._params[self._module_name(name)]
             except FormatError:
                 continue  # e.g. a tied lm_head the package does not store
-            current[name] = _cast(p.detach().cpu().float().numpy(), info.dtype)
-        written: dict[str, Any] = {"experts": [], "tensors": [], "bytes": 0}
-        for name in pkg.keys():
-            if name in current and name not in self._ffn:
-                old = pkg._storage(name)
-                if old.tobytes() != current[name].tobytes():
-                    pkg.write_tensor(name, current[name])
-                    written["tensors"].append(name)
-                    written["bytes"] += current[name].nbytes
+            if not check_all and not p.requires_grad:
+                continue
+            if name in self._ffn and (not ffn_live or pkg._owner[name][0] not in layers_needed):
+                continue
+            current[name] = _cast(p.detach().cpu().float().numpy(), pkg.tensor_info(name).dtype)
+            if name not in self._ffn:
+                digests[name] = hashlib.blake2b(current[name].tobytes(), digest_size=16).digest()
+                if baseline is not None and baseline.get(name) != digests[name]:
+                    changed[name] = current[name]
         from .arch import rows_from_tensors
 
+        if not ffn_live:
+            return digests, changed
         rows = {layer: rows_from_tensors(layout, {n: current[n] for n in layout.layers[layer].values()}, layer)
-                for layer in range(len(layout.layers))}
+                for layer in sorted(layers_needed)}
+        p_, m_ = pkg.graticule  # type: ignore[misc]
         for depth in range(pkg.depth):
             arr, index, _ = pkg._shell_arrays(depth)
             layers = pkg._shells[depth]["layers"]
-            p, m = pkg.graticule  # type: ignore[misc]
-            for lat in range(p):
-                for lon in range(m):
+            if not set(layers) <= layers_needed:
+                continue
+            for lat in range(p_):
+                for lon in range(m_):
+                    if experts is not None and (lat, lon, depth) not in experts:
+                        continue
                     idx = index[:, lat, lon]
                     if not (idx >= 0).any():
                         continue
@@ -162,10 +178,32 @@ class SphereModule:
                     for t, layer in enumerate(layers):
                         real = idx[t] >= 0
                         new[t, real] = rows[layer][idx[t][real]]
-                    if pkg.expert(lat, lon, depth).neurons.tobytes() != new.tobytes():
-                        pkg.write_expert(lat, lon, depth, new)
-                        written["experts"].append((lat, lon, depth))
-                        written["bytes"] += new.nbytes
+                    key = (lat, lon, depth)
+                    digests[key] = hashlib.blake2b(new.tobytes(), digest_size=16).digest()
+                    if baseline is not None and baseline.get(key) != digests[key]:
+                        changed[key] = new
+        return digests, changed
+
+    def save_changes(self) -> dict[str, Any]:
+        """Write back every expert and core tensor whose values changed since loading (or since
+        the last save); returns what was written.  Nothing is read back from the package: the
+        comparison is against digests taken when the values were loaded, for the trainable
+        values (frozen parameters and unselected experts cannot have changed by training; edits
+        to them are not saved)."""
+        pkg = self.pkg
+        if pkg.mode != "r+":
+            raise InputError(f"{pkg.where} is open read-only: load it with mode='r+' to save changes")
+        digests, changed = self._state(self._baseline)
+        written: dict[str, Any] = {"experts": [], "tensors": [], "bytes": 0}
+        for key, data in changed.items():
+            if isinstance(key, str):
+                pkg.write_tensor(key, data)
+                written["tensors"].append(key)
+            else:
+                pkg.write_expert(*key, data)
+                written["experts"].append(key)
+            written["bytes"] += data.nbytes
+        self._baseline = digests
         return written
 
 
