@@ -33,6 +33,9 @@ bench: setup
 	$(PY) bench/bench_format.py
 	$(PY) bench/bench_vhd.py
 	$(PY) bench/bench_runtime.py
+	$(PY) bench/bench_backends.py
+	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf demo-out build dist *.egg-info
