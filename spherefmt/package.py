@@ -234,7 +234,7 @@ def _coactivation_plan(src: Any, config: Any, graticule: Any, depth: Any, sample
     import uuid
 
     from .placement import coactivation_cells
-    from .routers import _ffn_inputs
+    from .routers import _ffn_inputs, ffn_activations
     from .runtime.tokenizer import load_tokenizer
 
     if sample is None:
@@ -260,12 +260,7 @@ def _coactivation_plan(src: Any, config: Any, graticule: Any, depth: Any, sample
         cells = {}
         for layer, x in enumerate(xs):
             rows = to_float32(pkg.layer_rows(layer), pkg._layout.dtype)
-            if pkg.architecture == C.ARCH_GPT2:
-                pre = x @ rows[:, sl["w_in"]].T + rows[:, sl["b_in"]][:, 0]
-                act = 0.5 * pre * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))
-            else:
-                g = x @ rows[:, sl["gate"]].T
-                act = g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
+            act = ffn_activations(pkg.architecture, x, rows, sl)
             # a neuron's weight on a token: how much it moves the output, |activation| * |w_out row|
             act = np.abs(act) * np.linalg.norm(rows[:, sl[pkg._layout.out_field or pkg._layout.fields[-1].name]], axis=1)
             cap = pkg._shells[pkg.layer_depth[layer]]["capacity"]

@@ -199,6 +199,16 @@ def _ffn_inputs(pkg: Any, ids: np.ndarray, window: int) -> list[np.ndarray]:
     return [np.concatenate(c) for c in captured]
 
 
+def ffn_activations(arch: str, x: np.ndarray, rows: np.ndarray, sl: dict[str, slice]) -> np.ndarray:
+    """``(T, n)`` FFN activations of the neurons in ``rows`` (float32 neuron rows) for inputs ``x``:
+    GPT-2 ``gelu_new(x w_in + b_in)``, Llama ``silu(x gate) * (x up)``."""
+    if arch == "gpt2":
+        pre = x @ rows[:, sl["w_in"]].T + rows[:, sl["b_in"]][:, 0]
+        return 0.5 * pre * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))
+    g = x @ rows[:, sl["gate"]].T
+    return g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
+
+
 def _targets(pkg: Any, layer: int, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """``(T, cells)`` output norm of each cell's FFN contribution (0 for empty cells), and the
     layer's placement quality: of the pairs of neurons active together on a token (each token's
@@ -213,14 +223,8 @@ def _targets(pkg: Any, layer: int, x: np.ndarray) -> tuple[np.ndarray, dict[str,
     for lat, lon in loader.cells(layer):
         c = loader.load(("cell", layer, lat, lon))
         rows = np.asarray(c["rows"], np.float32)
-        if pkg.architecture == "gpt2":
-            pre = x @ rows[:, sl["w_in"]].T + c["b_in"]
-            act = 0.5 * pre * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))
-            y = act @ rows[:, sl["w_out"]]
-        else:
-            g = x @ rows[:, sl["gate"]].T
-            act = g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
-            y = act @ rows[:, sl["down"]]
+        act = ffn_activations(pkg.architecture, x, rows, sl)
+        y = act @ rows[:, sl["w_out" if pkg.architecture == "gpt2" else "down"]]
         out[:, lat * m + lon] = np.linalg.norm(y, axis=1)
         acts.append(act)
     sizes = np.array([a.shape[1] for a in acts])
