@@ -266,11 +266,6 @@ class WeightCache:
         with self._cond:
             self.stats.prefetch_loads += 1
 
-    def drain(self) -> None:
-        """Wait until queued prefetches are done (tests and benchmarks use it for steady figures)."""
-        if self._queue is not None:
-            self._queue.join()
-
     # --- capacity -----------------------------------------------------------------------------
     def resize(self, capacity: int) -> None:
         """Change the capacity, evicting down to it."""
@@ -280,10 +275,6 @@ class WeightCache:
                 self._cond.wait()
             if not self._make_room(0, None):
                 raise BudgetExceededError("cannot shrink the cache: blocks are in use")
-
-    def resident(self) -> list[Key]:
-        with self._cond:
-            return [k for k, b in self._blocks.items() if b.ready]
 
     def close(self) -> None:
         if self._queue is not None:

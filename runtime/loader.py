@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt import constants as C
 from spherefmt.dtypes import storage_dtype, to_float32
 from spherefmt.errors import FormatError
 from spherefmt.fastpath import ChunkError, FastArray, read_many
@@ -51,12 +50,13 @@ class BlockLoader:
     core
         Block name -> {part name: tensor name} for the ``attn``/``mlp``/``final``/``pos`` blocks,
         and ``tables``: table name -> tensor name (embedding / LM head).
-    transforms
-        Optional per-part host transforms (e.g. splitting GPT-2's fused QKV), applied after reading.
+    split
+        Part name -> ``(axis, new names)``: the part is cut into equal pieces along ``axis`` on the
+        host after reading (GPT-2's fused QKV bias).
     """
 
     def __init__(self, pkg: Package, core: dict[Key, dict[str, str]], tables: dict[str, str],
-                 split: dict[str, tuple[str, int, list[str]]] | None = None) -> None:
+                 split: dict[str, tuple[int, list[str]]] | None = None) -> None:
         self.pkg = pkg
         self.core = core
         self.tables = tables
@@ -157,7 +157,7 @@ class BlockLoader:
                 a = self.pkg._storage(tensor)
             self._count(a.nbytes)
             out[part] = _f32(a, self.pkg.tensor_info(tensor).dtype)
-        for part, (src, axis, names) in self.split.items():
+        for part, (axis, names) in self.split.items():
             if part in out:
                 pieces = np.split(out.pop(part), len(names), axis=axis)
                 out.update({n: np.ascontiguousarray(p) for n, p in zip(names, pieces, strict=True)})
@@ -218,8 +218,3 @@ class BlockLoader:
             out[i] = self._cell(layer, lat, lon)["rows"][:, sl].mean(axis=0)
         return cells, out
 
-
-def check_sphere(pkg: Package) -> None:
-    if pkg.architecture not in (C.ARCH_GPT2, C.ARCH_LLAMA) or pkg.graticule is None:
-        raise FormatError(f"{pkg.where}: the runtime runs GPT-2 and Llama packages with a sphere; "
-                          f"this one is {pkg.architecture!r}")

@@ -179,7 +179,7 @@ class GPT2(Model):
         self.embed_table = "head" if head == wte else "embed"
         self.vocab = pkg.tensor_info(head).shape[0]
         # the fused QKV weight stays whole (read as column ranges); its bias is split on the host
-        self.loader = BlockLoader(pkg, core, tables, split={"qkv_b": ("qkv_b", 0, ["q_b", "k_b", "v_b"])})
+        self.loader = BlockLoader(pkg, core, tables, split={"qkv_b": (0, ["q_b", "k_b", "v_b"])})
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:

@@ -44,8 +44,12 @@ class HFTokenizer:
         return str(self.tok.decode(ids, skip_special_tokens=False))
 
 
-def load_tokenizer(pkg: Any, vocab: int) -> Any:
-    """The package's tokenizer, or bytes when it has none and its vocabulary holds 256 ids."""
+def load_tokenizer(pkg: Any, vocab: int | None = None) -> Any:
+    """The package's tokenizer, or bytes when it has none and its vocabulary holds 256 ids
+    (``vocab``: the model's vocabulary size; default read from its embedding table)."""
+    if vocab is None:
+        embed = [k for k in pkg.keys() if k.endswith(("wte.weight", "embed_tokens.weight"))]
+        vocab = pkg.tensor_info(embed[0]).shape[0] if embed else 0
     if "tokenizer.json" in pkg.metadata.get("files", []):
         return HFTokenizer(pkg.file("tokenizer.json"), pkg.where)
     if vocab < 256:

@@ -426,9 +426,8 @@ def route_train(pkg: str, text_file: str | None, ids_file: str | None, steps: in
         raise InputError("give --text FILE or --ids FILE.npy")
     with open_package(pkg, "r+") as p:
         if text_file:
-            vocab = p.tensor_info(next(k for k in p.keys() if k.endswith(("wte.weight", "embed_tokens.weight")))).shape[0]
             with open(text_file, encoding="utf-8", errors="replace") as f:
-                ids = np.asarray(load_tokenizer(p, vocab).encode(f.read()), dtype=np.int64)
+                ids = np.asarray(load_tokenizer(p).encode(f.read()), dtype=np.int64)
         else:
             ids = _load_ids(ids_file)  # type: ignore[arg-type]
         ids = ids[:max_tokens]

@@ -246,8 +246,7 @@ def _coactivation_plan(src: Any, config: Any, graticule: Any, depth: Any, sample
         if pkg.graticule is None:
             raise FormatError(f"{pkg.where}: coactivation placement needs a GPT-2 or Llama model")
         if isinstance(sample, str):
-            vocab = pkg.tensor_info(next(k for k in pkg.keys() if k.endswith(("wte.weight", "embed_tokens.weight"))))
-            ids = np.asarray(load_tokenizer(pkg, vocab.shape[0]).encode(sample), dtype=np.int64)
+            ids = np.asarray(load_tokenizer(pkg).encode(sample), dtype=np.int64)
         else:
             ids = np.asarray(sample, dtype=np.int64).reshape(-1)
         ids = ids[:8192]

@@ -78,10 +78,13 @@ class OracleRouter:
     kind = "oracle"
 
     def __init__(self, pkg: Any) -> None:
+        from spherefmt.runtime.loader import BlockLoader  # noqa: PLC0415
+
         self.pkg = pkg
+        self.loader = BlockLoader(pkg, {}, {})
 
     def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
-        return _targets(self.pkg, layer, x)[0]
+        return _targets(self.pkg, self.loader, layer, x)[0]
 
     def nbytes(self) -> int:
         return 0
@@ -209,13 +212,10 @@ def ffn_activations(arch: str, x: np.ndarray, rows: np.ndarray, sl: dict[str, sl
     return g / (1 + np.exp(-g)) * (x @ rows[:, sl["up"]].T)
 
 
-def _targets(pkg: Any, layer: int, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+def _targets(pkg: Any, loader: Any, layer: int, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """``(T, cells)`` output norm of each cell's FFN contribution (0 for empty cells), and the
     layer's placement quality: of the pairs of neurons active together on a token (each token's
     top 10% activations), the share in one cell, and that share for a random balanced placement."""
-    from spherefmt.runtime.loader import BlockLoader  # noqa: PLC0415
-
-    loader = BlockLoader(pkg, {}, {})
     p, m = pkg.graticule
     out = np.zeros((x.shape[0], p * m), np.float32)
     sl = loader.slices
@@ -246,8 +246,9 @@ def train_router(pkg: Any, ids: np.ndarray, *, steps: int = 300, hidden: int = 1
     """Distil a ``learned`` router from the package's own dense FFN on token ``ids``."""
     import torch
 
-    from .runtime.models import build  # noqa: F401,PLC0415 - fails early for generic packages
+    from .runtime.loader import BlockLoader
 
+    loader = BlockLoader(pkg, {}, {})
     ctx = int(pkg.config.get("n_positions") or pkg.config.get("max_position_embeddings") or 1024)
     xs = _ffn_inputs(pkg, ids, min(ctx, 256))
     p, m = pkg.graticule
@@ -258,7 +259,7 @@ def train_router(pkg: Any, ids: np.ndarray, *, steps: int = 300, hidden: int = 1
     bar = tqdm(total=steps * len(xs), desc="route-train", unit="step", disable=not progress)
     quality = []
     for layer, x in enumerate(xs):
-        t, q = _targets(pkg, layer, x)
+        t, q = _targets(pkg, loader, layer, x)
         quality.append(q)
         occupied = t.sum(axis=0) > 0
         target = torch.from_numpy(t / np.maximum(t.sum(axis=1, keepdims=True), 1e-12))

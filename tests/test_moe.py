@@ -177,13 +177,15 @@ def test_coactivation_placement_groups_neurons_that_fire_together(pkg, tmp_path,
             assert a.tensor(name).tobytes() == base.tensor(name).tobytes()
         # co-active neurons share cells more often than with the weight-direction placement
         from spherefmt.routers import _ffn_inputs, _targets
+        from spherefmt.runtime.loader import BlockLoader
 
         with Session(a, backend="numpy") as s:
             ids = np.asarray(s.encode(texts[1]), dtype=np.int64)[:600]
         lift = {}
         for name, p in (("coact", a), ("pca", base)):
             xs = _ffn_inputs(p, ids, 256)
-            q = [_targets(p, layer, xs[layer])[1] for layer in range(len(xs))]
+            loader = BlockLoader(p, {}, {})
+            q = [_targets(p, loader, layer, xs[layer])[1] for layer in range(len(xs))]
             lift[name] = np.mean([x["same_cell"] / x["random_balanced"] for x in q])
     assert lift["coact"] > 1.5 * lift["pca"], lift
     with pytest.raises(spherefmt.FormatError, match="sample"):
