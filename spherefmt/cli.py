@@ -550,6 +550,50 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
 
 
 @cli.command()
+@click.argument("pkg")
+@click.option("--neurons", type=int, default=0, metavar="N",
+              help="Add N neurons to every layer (of --depth D only, when given).")
+@click.option("--cell", metavar="LAT,LON", help="Put the new neurons in this cell (needs --depth).")
+@click.option("--depth", type=int, default=None, help="Only the layers of this depth shell.")
+@click.option("--layers", type=int, default=0, metavar="N",
+              help="Append N identity transformer blocks (a new depth shell while the sphere has fewer than 10).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new neurons' input weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON.")
+@_user_errors
+def grow(pkg: str, neurons: int, cell: str | None, depth: int | None, layers: int, seed: int, as_json: bool) -> None:
+    """Grow PKG in place without changing what it computes: new neurons start with zero output
+    weights, new layers with zero output projections.  Train them afterwards (sphere train).
+    Inside a .vhd the image grows; objects already stored are not rewritten, except experts
+    whose free slots receive neurons."""
+    from .errors import InputError
+    from .grow import grow_layers, grow_neurons
+
+    if (neurons > 0) == (layers > 0) or neurons < 0 or layers < 0:
+        raise InputError("give --neurons N or --layers N (a positive number, one of the two)")
+    if cell is not None:
+        try:
+            lat, lon = (int(v) for v in cell.split(","))
+        except ValueError:
+            raise InputError(f"cell {cell!r}: expected LAT,LON") from None
+    out: dict[str, Any]
+    if neurons:
+        out = grow_neurons(pkg, neurons, cell=(lat, lon) if cell is not None else None, depth=depth, seed=seed)
+    else:
+        if cell is not None or depth is not None:
+            raise InputError("--cell and --depth go with --neurons; new layers take the cells of the last layer")
+        out = grow_layers(pkg, layers)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    elif neurons:
+        for s in out["shells"]:
+            click.echo(f"depth {s['depth']}: +{neurons} neurons per layer in {len(s['experts'])} expert(s); "
+                       f"capacity {s['capacity'][0]} -> {s['capacity'][1]}")
+    else:
+        click.echo(f"added layers {out['layers']} in depth shell {out['depth']}"
+                   + (" (new shell)" if out["new_shell"] else " (the surface shell)"))
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
 @_user_errors
 def backends(as_json: bool) -> None:

@@ -34,19 +34,21 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
     own = not isinstance(pkg, Package)
     p = open_package(pkg) if own else pkg
     try:
-        infos = [p.tensor_info(n) for n in p.keys()]
+        # after uneven growth, FFN tensors are padded with zero neurons to one size (the config's)
+        infos = [p.tensor_info(n, padded=True) for n in p.keys()]
         from .package import _progress
 
         with _progress(sum(i.nbytes for i in infos), "export", progress) as bar:
             if fmt == "safetensors":
                 meta = p.metadata["metadata"]
-                write_safetensors(dst, infos, p._storage, metadata=meta or None, progress=bar.update)
+                write_safetensors(dst, infos, lambda n: p._storage(n, padded=True), metadata=meta or None,
+                                  progress=bar.update)
             else:
                 import torch
 
                 sd = {}
                 for i in infos:
-                    sd[i.name] = p.tensor(i.name, "torch").clone()
+                    sd[i.name] = p.tensor(i.name, "torch", padded=True).clone()
                     bar.update(i.nbytes)
                 tmp = dst.with_name(f".{dst.name}.partial")
                 torch.save(sd, tmp)

@@ -383,6 +383,11 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
                            dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
 
 
+def _shard_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """The shard shape of a sharded array (its chunk shape when not sharded)."""
+    return tuple(arr.metadata.chunk_grid.chunk_shape)
+
+
 def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray) -> None:
     """Write ``blocks`` into layer ``t`` of the given flat cells, concurrently in one event-loop
     round: zarr handles each cell's shard independently."""
@@ -573,7 +578,8 @@ class Package:
             self._fields = [Field(f["name"], f.get("suffix", ""), f["axis"], f["width"]) for f in h["neuron_layout"]["fields"]]
             self._layout = Layout(arch=self.architecture, dtype=h["neuron_layout"]["dtype"], fields=self._fields,
                                   layers=[lay["tensors"] for lay in h["layers"]],
-                                  neurons=[lay["neurons"] for lay in h["layers"]])
+                                  neurons=[lay["neurons"] for lay in h["layers"]],
+                                  in_field=h["neuron_layout"]["in_field"], out_field=h["neuron_layout"]["out_field"])
             self._owner = {tn: (i, fn) for i, lay in enumerate(h["layers"]) for fn, tn in lay["tensors"].items()}
             self._shells = {s["depth"]: s for s in h["shells"]}
 
@@ -610,9 +616,29 @@ class Package:
         """Tensor names in the source's order."""
         return list(self._tensors)
 
-    def tensor_info(self, name: str) -> TensorInfo:
+    def tensor_info(self, name: str, *, padded: bool = False) -> TensorInfo:
+        """Name, dtype and shape of a tensor; ``padded``: as exported (see :meth:`tensor`)."""
         t = self._entry(name)
-        return TensorInfo(name, t["dtype"], tuple(t["shape"]))
+        shape = list(t["shape"])
+        if padded and (pad := self._pad_axis(name)) is not None:
+            shape[pad[0]] = pad[1]
+        return TensorInfo(name, t["dtype"], tuple(shape))
+
+    def ffn_size(self) -> int | None:
+        """The largest layer's neuron count (``None`` without a sphere): what exports pad to."""
+        return max(self._layout.neurons) if self.graticule is not None else None
+
+    def _pad_axis(self, name: str) -> tuple[int, int] | None:
+        """``(axis, size)`` when an FFN tensor has fewer neurons than the largest layer (after
+        growth); exports pad it with zero neurons, which compute nothing."""
+        owner = getattr(self, "_owner", {}).get(name)
+        if owner is None:
+            return None
+        layer, field = owner
+        size = self.ffn_size()
+        if size is None or self._layout.neurons[layer] == size:
+            return None
+        return next(f.axis for f in self._layout.fields if f.name == field), size
 
     def experts(self) -> Iterator[tuple[int, int, int]]:
         """Every expert address ``(lat, lon, depth)``."""
@@ -658,24 +684,60 @@ class Package:
         return t
 
     def _shell_arrays(self, depth: int) -> tuple[zarr.Array, np.ndarray, np.ndarray]:
+        """The shell's ``neurons`` array and its ``index``/``parent`` (cut to the header's extent).
+
+        The arrays MAY be larger than the header says along the layer and slot axes: growth
+        (:mod:`spherefmt.grow`) resizes them before it rewrites the header, and a package whose
+        growth was interrupted between the two must still read exactly as before."""
         s = self._shells[depth]
         p, m = self.graticule  # type: ignore[misc]
         shape = (len(s["layers"]), p, m, s["capacity"])
+        f = self._header["neuron_layout"]["row_width"]
         neurons = self._array(f"{shell_path(depth)}/{C.NEURONS_ARRAY}")
-        want = (*shape, self._header["neuron_layout"]["row_width"])
-        if neurons.shape != want or neurons.dtype != storage_dtype(self._layout.dtype):
-            raise FormatError(f"{self.where}: {shell_path(depth)}/neurons is {neurons.dtype}{neurons.shape}, "
-                              f"header says {want}")
+        ns = neurons.shape
+        if (len(ns) != 5 or ns[0] < shape[0] or ns[1:3] != (p, m) or ns[3] < shape[3] or ns[4] != f
+                or neurons.dtype != storage_dtype(self._layout.dtype)):
+            raise FormatError(f"{self.where}: {shell_path(depth)}/neurons is {neurons.dtype}{ns}, "
+                              f"header says {(*shape, f)}")
         if depth not in self._index:
             pair = []
             for name in (C.INDEX_ARRAY, C.PARENT_ARRAY):
                 arr = self._array(f"{shell_path(depth)}/{name}")
-                if arr.shape != shape or arr.dtype != np.int32:
+                if arr.shape[:1] + arr.shape[3:] != ns[:1] + ns[3:4] or arr.shape[1:3] != (p, m) or arr.dtype != np.int32:
                     raise FormatError(f"{self.where}: {shell_path(depth)}/{name} is {arr.dtype}{arr.shape}, want int32{shape}")
-                pair.append(self._read(arr, Ellipsis, f"{shell_path(depth)}/{name}"))
+                sel: Any = Ellipsis if arr.shape == shape else (slice(0, shape[0]), slice(None), slice(None), slice(0, shape[3]))
+                pair.append(self._read(arr, sel, f"{shell_path(depth)}/{name}"))
+            for t, layer in enumerate(s["layers"]):
+                # neurons numbered past the layer's count were written by a growth that has not
+                # committed its header (spherefmt.grow): they are padding until it does
+                beyond = pair[0][t] >= self._layout.neurons[layer]
+                if beyond.any():
+                    pair[0][t][beyond] = C.PADDING_INDEX
+                    pair[1][t][beyond] = C.PADDING_INDEX
             self._check_index(depth, pair[0])
             self._index[depth] = (pair[0], pair[1])
         return neurons, *self._index[depth]
+
+    def _slots(self, depth: int) -> int:
+        """``K``: neuron slots per cell of a shell (the header's capacity)."""
+        return int(self._shells[depth]["capacity"])
+
+    def _single_object(self, neurons: zarr.Array, depth: int) -> bool:
+        """True when every expert of the shell is one storage object (one shard spans the
+        shell's layers and slots): the case before any growth."""
+        s = self._shells[depth]
+        shard = _shard_shape(neurons)
+        return neurons.shape[0] == shard[0] == len(s["layers"]) and neurons.shape[3] == shard[3] == s["capacity"]
+
+    def expert_keys(self, lat: int, lon: int, depth: int) -> list[str]:
+        """Every storage key of expert ``(lat, lon, depth)``: one object, or after growth one per
+        block of layers and of slots (absent objects are all padding)."""
+        self._check_address(lat, lon, depth)
+        neurons = self._array(f"{shell_path(depth)}/{C.NEURONS_ARRAY}")
+        shard = _shard_shape(neurons)
+        s = self._shells[depth]
+        return [f"{shell_path(depth)}/{C.NEURONS_ARRAY}/c/{a}/{lat}/{lon}/{b}/0"
+                for a in range(math.ceil(len(s["layers"]) / shard[0])) for b in range(math.ceil(s["capacity"] / shard[3]))]
 
     def _check_index(self, depth: int, index: np.ndarray) -> None:
         for t, layer in enumerate(self._shells[depth]["layers"]):
@@ -705,15 +767,16 @@ class Package:
         self._check_address(lat, lon, depth)
         neurons, index, parent = self._shell_arrays(depth)
         layers = tuple(self._shells[depth]["layers"])
+        k = self._slots(depth)
         if layer is None:
-            sel: Any = slice(None)
+            sel: Any = slice(0, len(layers))
         else:
             if layer not in layers:
                 raise ExpertNotFoundError(f"{self.where}: layer {layer} is not in depth shell {depth} (layers {list(layers)})")
             sel = slice(layers.index(layer), layers.index(layer) + 1)
             layers = (layer,)
         what = f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons"
-        fa = FastArray.maybe(neurons) if layer is None else None
+        fa = FastArray.maybe(neurons) if layer is None and self._single_object(neurons, depth) else None
         if fa is not None:  # the whole shard: one object, decoded here
             for attempt in (0, 1):
                 try:
@@ -723,8 +786,8 @@ class Package:
                     # in a VHD another process may have just replaced the expert: look again once
                     if attempt or not self._refresh_view():
                         raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
-        else:  # one layer: zarr reads just that inner chunk's byte range
-            rows = self._read(neurons, (sel, lat, lon), what)
+        else:  # one layer, or a grown expert: zarr reads just those inner chunks' byte ranges
+            rows = self._read(neurons, (sel, lat, lon, slice(0, k)), what)
         return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
                       parent[sel, lat, lon].copy(), self._layout.slices())
 
@@ -741,22 +804,31 @@ class Package:
         self._check_address(lat, lon, depth)
         neurons, index, _ = self._shell_arrays(depth)
         t = self._shells[depth]["layers"].index(layer)
+        k = self._slots(depth)
         what = f"expert ({lat}, {lon}, {depth}) layer {layer} in {self.where}/{self.shard_key(lat, lon, depth)}"
         fa = FastArray.maybe(neurons)
+        shard = _shard_shape(neurons)
         for attempt in (0, 1):
             try:
-                if fa is not None and fa.sharded and fa.inner_shape[0] == 1:
-                    rows, nbytes = fa.read_inner((0, lat, lon, 0, 0), (t, 0, 0, 0, 0), self._inner_index)
-                    rows = rows.reshape(neurons.shape[3:])
+                if fa is not None and fa.sharded and fa.inner_shape[0] == 1 and fa.inner_shape[3] == shard[3]:
+                    # one inner chunk per block of slots (one block unless the shell has grown)
+                    parts, nbytes = [], 0
+                    for b in range(math.ceil(k / shard[3])):
+                        part, n = fa.read_inner((t // shard[0], lat, lon, b, 0), (t % shard[0], 0, 0, 0, 0),
+                                                self._inner_index)
+                        parts.append(part.reshape(shard[3:]))
+                        nbytes += n
+                    rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                    rows = rows[:k]
                 else:
-                    rows, nbytes = np.asarray(neurons[t, lat, lon]), 0
+                    rows, nbytes = np.asarray(neurons[t, lat, lon, :k]), 0
                 break
             except SpherefmtError:
                 raise
             except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
                 # the shard may have been replaced since its index was cached: look once more
-                stale = self._inner_index.pop(self.shard_key(lat, lon, depth), None) is not None
-                if attempt or not (stale or self._refresh_view()):
+                stale = [self._inner_index.pop(key, None) is not None for key in self.expert_keys(lat, lon, depth)]
+                if attempt or not (any(stale) or self._refresh_view()):
                     raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
         return numpy_view(rows, self._layout.dtype), index[t, lat, lon].copy(), nbytes
 
@@ -771,14 +843,15 @@ class Package:
         n_layers, k = index.shape[0], index.shape[3]
         occupied = np.flatnonzero((index.reshape(n_layers, p * m, k) >= 0).any(axis=(0, 2)))
         what = f"{shell_path(depth)}/neurons"
-        fa = FastArray.maybe(neurons)
+        fa = FastArray.maybe(neurons) if self._single_object(neurons, depth) else None
         try:
             if fa is not None:
                 block = np.empty((len(occupied), *fa.outer_shape), dtype=fa.dtype)
                 fa.read_objects([(0, int(c) // m, int(c) % m, 0, 0) for c in occupied], out=block)
                 block = block.reshape(len(occupied), n_layers, k, -1)
             else:
-                block = np.asarray(neurons[...]).reshape(n_layers, p * m, k, -1)[:, occupied].transpose(1, 0, 2, 3)
+                block = np.asarray(neurons[:n_layers, :, :, :k]).reshape(n_layers, p * m, k, -1)[:, occupied]
+                block = block.transpose(1, 0, 2, 3)
         except SpherefmtError:
             raise
         except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
@@ -831,7 +904,12 @@ class Package:
         self._rows_cache = (layer, out)
         return out
 
-    def _storage(self, name: str) -> np.ndarray:
+    def _storage(self, name: str, padded: bool = False) -> np.ndarray:
+        if padded and (pad := self._pad_axis(name)) is not None:
+            arr = self._storage(name)
+            width = [(0, 0)] * arr.ndim
+            width[pad[0]] = (0, pad[1] - arr.shape[pad[0]])
+            return np.pad(arr, width)  # zero bits: zero neurons
         t = self._entry(name)
         shape = tuple(t["shape"])
         if t["where"] == "core":
@@ -844,7 +922,7 @@ class Package:
         layer, _ = self._owner[name]
         return self._layer_tensors(layer)[name]
 
-    def tensor(self, name: str, framework: str = "numpy") -> Any:
+    def tensor(self, name: str, framework: str = "numpy", *, padded: bool = False) -> Any:
         """One tensor with its original name, shape, dtype and bytes.
 
         Parameters
@@ -853,8 +931,12 @@ class Package:
             Original tensor name.
         framework
             ``"numpy"`` (bfloat16 as ``ml_dtypes.bfloat16``) or ``"torch"``.
+        padded
+            After growth, layers may hold different neuron counts; frameworks need one FFN
+            size, so with ``padded`` FFN tensors are padded with zero neurons to
+            :meth:`ffn_size` (what exports and :mod:`spherefmt.torch` use).
         """
-        arr = self._storage(name)
+        arr = self._storage(name, padded)
         dtype = self._tensors[name]["dtype"]
         if framework == "numpy":
             return numpy_view(arr, dtype)
@@ -862,7 +944,7 @@ class Package:
             return to_torch(arr, dtype)
         raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
 
-    def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
+    def state_dict(self, framework: str = "numpy", *, padded: bool = False) -> dict[str, Any]:
         """Every tensor, in the source's order.
 
         Core tensors are fetched in one concurrent round of reads and decoded on all cores;
@@ -873,7 +955,7 @@ class Package:
         core = self._bulk_core([n for n, t in self._tensors.items() if t["where"] == "core"])
         out = {}
         for name, t in self._tensors.items():
-            arr = core.pop(name) if name in core else self._storage(name)
+            arr = core.pop(name) if name in core else self._storage(name, padded)
             out[name] = numpy_view(arr, t["dtype"]) if framework == "numpy" else to_torch(arr, t["dtype"])
         self._shell_cache = self._rows_cache = None
         return out
@@ -932,18 +1014,21 @@ class Package:
             t = layers.index(layer)
             sel: Any = slice(t, t + 1)
         else:
-            sel = slice(None)
+            sel = slice(0, len(layers))
         data = _as_storage(neurons, self._layout.dtype)
-        want = arr.shape[3:] if layer is not None else (len(layers), *arr.shape[3:])
+        k = self._slots(depth)
+        row = (k, arr.shape[4])
+        want = row if layer is not None else (len(layers), *row)
         if data.shape != tuple(want):
             raise FormatError(f"{self.where}: expert ({lat}, {lon}, {depth}) needs rows of shape {tuple(want)}, got {data.shape}")
-        data = data.reshape((-1, *arr.shape[3:]))
+        data = data.reshape((-1, *row))
         pad = index[sel, lat, lon] < 0
         if data[pad].any():
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
-        arr[sel, lat, lon] = data
+        arr[sel, lat, lon, :k] = data
         self._rows_cache = self._shell_cache = None
-        self._inner_index.pop(self.shard_key(lat, lon, depth), None)
+        for key in self.expert_keys(lat, lon, depth):
+            self._inner_index.pop(key, None)
 
     def write_tensor(self, name: str, data: Any) -> None:
         """Replace a core tensor in place (same shape and dtype); only chunks whose bytes change

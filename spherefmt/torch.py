@@ -51,7 +51,8 @@ class SphereModule:
         self.pkg = pkg
         cfg = transformers.AutoConfig.for_model(**pkg.config)
         model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-        sd = {k: v.float() for k, v in pkg.state_dict(framework="torch").items()}
+        # padded: after uneven growth every layer gets the largest FFN size, zero neurons filling
+        sd = {k: v.float() for k, v in pkg.state_dict(framework="torch", padded=True).items()}
         result = model.load_state_dict(sd, strict=False)
         model.tie_weights()
         tied = {n for n, _ in model.named_parameters(remove_duplicate=True)}
@@ -93,20 +94,28 @@ class SphereModule:
                 p.requires_grad_(False)
             else:
                 p.requires_grad_(is_ffn)
-        if self._experts is None:
+        size = self.pkg.ffn_size() or 0
+        padded = any(n != size for n in self.pkg._layout.neurons)
+        if self._experts is None and not padded:
             return
-        # per FFN tensor, a 0/1 mask over the neuron axis: only the chosen experts' neurons learn
+        # per FFN tensor, a 0/1 mask over the neuron axis: only the chosen experts' neurons learn,
+        # and the zero neurons that pad a grown layer to the common size never do
         keep: dict[int, np.ndarray] = {}
-        for lat, lon, depth in self._experts:
+        for layer, n in enumerate(self.pkg._layout.neurons):
+            keep[layer] = np.zeros(size, dtype=bool)
+            if self._experts is None:
+                keep[layer][:n] = True
+        for lat, lon, depth in self._experts or []:
             _, index, _ = self.pkg._shell_arrays(depth)
             for t, layer in enumerate(self.pkg._shells[depth]["layers"]):
-                mask = keep.setdefault(layer, np.zeros(self.pkg._layout.neurons[layer], dtype=bool))
                 idx = index[t, lat, lon]
-                mask[idx[idx >= 0]] = True
+                keep[layer][idx[idx >= 0]] = True
         for layer, tensors in enumerate(self.pkg._layout.layers):
-            mask = torch.from_numpy(keep.get(layer, np.zeros(self.pkg._layout.neurons[layer], dtype=bool)))
+            mask = torch.from_numpy(keep[layer])
             for f in self.pkg._layout.fields:
                 p = self._params[self._module_name(tensors[f.name])]
+                if not p.requires_grad:
+                    continue
                 shape = [1] * p.dim()
                 shape[f.axis] = -1
                 m = mask.reshape(shape).to(p.dtype)
@@ -150,7 +159,12 @@ class SphereModule:
                 continue
             if name in self._ffn and (not ffn_live or pkg._owner[name][0] not in layers_needed):
                 continue
-            current[name] = _cast(p.detach().cpu().float().numpy(), pkg.tensor_info(name).dtype)
+            value = p.detach().cpu().float().numpy()
+            if name in self._ffn:  # drop the zero neurons that pad a grown layer
+                layer, field = pkg._owner[name]
+                axis = next(f.axis for f in layout.fields if f.name == field)
+                value = np.take(value, np.arange(layout.neurons[layer]), axis=axis)
+            current[name] = _cast(value, pkg.tensor_info(name).dtype)
             if name not in self._ffn:
                 digests[name] = hashlib.blake2b(current[name].tobytes(), digest_size=16).digest()
                 if baseline is not None and baseline.get(name) != digests[name]:
@@ -174,7 +188,7 @@ class SphereModule:
                     idx = index[:, lat, lon]
                     if not (idx >= 0).any():
                         continue
-                    new = np.zeros((len(layers), *arr.shape[3:]), dtype=arr.dtype)
+                    new = np.zeros((len(layers), pkg._slots(depth), arr.shape[4]), dtype=arr.dtype)
                     for t, layer in enumerate(layers):
                         real = idx[t] >= 0
                         new[t, real] = rows[layer][idx[t][real]]

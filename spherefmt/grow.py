@@ -1,0 +1,331 @@
+"""Growing a package in place: more neurons in cells, more layers as new depth.
+
+Both operations preserve the model's function exactly until it is trained (``spec/FORMAT.md``
+section 7.2):
+
+* :func:`grow_neurons` adds neurons to layers.  A new neuron's input weights are drawn at the
+  scale of the layer's own (so it has gradients to learn from), its input bias and **output
+  weights are zero**, so it adds exactly ``0`` to the residual stream.  Neurons go into free slots
+  of the chosen cell (or, spread, of the emptiest cells); when a cell is full the shell's
+  capacity grows by whole slot blocks: the ``neurons``/``index``/``parent`` arrays are resized
+  along the slot axis, and the new slots live in *new* storage objects, so nothing already
+  stored is rewritten except the experts that received neurons in free slots.
+* :func:`grow_layers` appends transformer blocks after the last one.  Each copies the last
+  block's weights (as LLaMA-Pro's block expansion does) with the **output projections zeroed**
+  (attention output and FFN output weights and biases), so the block is the identity on the
+  residual stream.  Its neurons sit in the same cells as the neurons they copy.  The new layers
+  form a new depth shell while ``D < 10``; at ``D = 10`` they join the surface shell (the shell of
+  the last layer), whose arrays grow along the layer axis, again into new objects.
+
+Crash safety: every array write happens before the header is rewritten, and readers use the
+header's extent of each array (arrays may be larger) and read ``index`` entries at or beyond a
+layer's neuron count as padding; so a package whose growth was interrupted reads exactly as
+before it.  The header rewrite is the commit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+
+from . import constants as C
+from .dtypes import numpy_view, storage_dtype, to_float32
+from .errors import FormatError, InputError
+from .package import Package, _shard_shape, core_key, shell_path
+from .package import open as open_package
+from .placement import tree_parents
+
+__all__ = ["grow_neurons", "grow_layers"]
+
+#: Core tensors (by name suffix) that write a block's output into the residual stream: zeroed
+#: in a new block so that it adds nothing.  GPT-2, Llama (HF names) and GGUF Llama names.
+OUTPUT_PROJECTIONS = ("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.bias",
+                      "self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.bias",
+                      "attn_output.weight", "attn_output.bias")
+
+
+def _open(pkg: Any) -> tuple[Package, bool]:
+    if isinstance(pkg, Package):
+        if pkg.mode != "r+":
+            raise InputError(f"{pkg.where} is open read-only: open it with mode='r+' to grow it")
+        return pkg, False
+    return open_package(pkg, "r+"), True
+
+
+def _commit(pkg: Package, header: dict[str, Any]) -> None:
+    """Rewrite the header (the commit point) and reload the package's view of itself."""
+    pkg._group.update_attributes({C.ROOT_ATTR: header})
+    Package.__init__(pkg, pkg._store, pkg.mode, pkg.where, pkg.kind)
+
+
+def _to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    out = np.zeros(values.shape, dtype=storage_dtype(dtype))
+    numpy_view(out, dtype)[...] = values  # float32 -> bf16/f16/f32, round to nearest even
+    return out
+
+
+def _ffn_size_key(arch: str) -> str:
+    return "n_inner" if arch == C.ARCH_GPT2 else "intermediate_size"
+
+
+def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth: int | None = None,
+                 seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Add ``n`` neurons to every layer (of shell ``depth`` when given), function-preserving.
+
+    Parameters
+    ----------
+    pkg
+        A package URL/path, or a :class:`Package` opened ``r+``.
+    n
+        Neurons to add to each affected layer (``>= 1``).
+    cell
+        ``(lat, lon)``: put every new neuron in this cell (needs ``depth``).  Default: spread
+        over the cells with the fewest neurons, one at a time.
+    depth
+        Only the layers of this depth shell.
+    seed
+        Seed of the new input weights.
+
+    Returns
+    -------
+    dict
+        What changed: per shell the new capacity and the experts that received neurons.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"neurons to add must be a positive integer, not {n!r}")
+    if cell is not None and depth is None:
+        raise InputError("--cell needs --depth: an expert is (lat, lon, depth)")
+    p, own = _open(pkg)
+    try:
+        if p.graticule is None:
+            raise InputError(f"{p.where}: the package has no sphere to grow")
+        P, M = p.graticule
+        if depth is not None and not 0 <= depth < p.depth:
+            raise InputError(f"{p.where}: no depth shell {depth} (the package has {p.depth})")
+        if cell is not None:
+            p._check_address(cell[0], cell[1], depth)  # type: ignore[arg-type]
+        header = copy.deepcopy(p._header)
+        layout, sl = p._layout, p._layout.slices()
+        st = storage_dtype(layout.dtype)
+        rng = np.random.default_rng(seed)
+        report: dict[str, Any] = {"neurons": n, "shells": []}
+        counts_of = list(layout.neurons)  # the committed counts: the package reads with these
+        shells = [depth] if depth is not None else list(range(p.depth))
+        for d in shells:
+            arr, index, parent = p._shell_arrays(d)
+            layers = p._shells[d]["layers"]
+            ls, k = len(layers), p._slots(d)
+            k0 = _shard_shape(arr)[3]
+            counts = (index >= 0).sum(axis=-1).reshape(ls, P * M)
+            add = np.zeros((ls, P * M), dtype=np.int64)
+            for t in range(ls):
+                if cell is not None:
+                    add[t, cell[0] * M + cell[1]] = n
+                else:  # water-filling: each new neuron to the emptiest cell (lowest id on ties)
+                    for _ in range(n):
+                        add[t, int(np.argmin(counts[t] + add[t]))] += 1
+            need = int((counts + add).max())
+            k_new = k if need <= k else k + k0 * math.ceil((need - k) / k0)
+            # 1. arrays grow first (readers use the header's extent, so this is invisible)
+            if k_new > arr.shape[3]:
+                arr.resize((arr.shape[0], P, M, k_new, arr.shape[4]))
+            new_index = np.full((ls, P, M, k_new), C.PADDING_INDEX, dtype=np.int32)
+            new_parent = new_index.copy()
+            new_index[..., :k], new_parent[..., :k] = index, parent
+            # 2. rows of the new neurons, written expert by expert, slot block by slot block
+            touched = sorted({int(c) for c in np.flatnonzero(add.any(axis=0))})
+            writes: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+            for t, layer in enumerate(layers):
+                rows = p.layer_rows(layer)
+                scale = {f.name: float(to_float32(rows[:, sl[f.name]], layout.dtype).std())
+                         for f in layout.fields if f.name != layout.out_field and f.width > 1}
+                prev_out = None
+                if layer > 0:
+                    prev_out = to_float32(p.layer_rows(layer - 1)[:, sl[layout.out_field]], layout.dtype)
+                nxt = counts_of[layer]
+                for c in touched:
+                    a = int(add[t, c])
+                    if not a:
+                        continue
+                    lat, lon = divmod(c, M)
+                    first = int(counts[t, c])
+                    new_index[t, lat, lon, first:first + a] = np.arange(nxt, nxt + a, dtype=np.int32)
+                    nxt += a
+                    w = np.zeros((a, layout.row_width), dtype=np.float32)
+                    for fname, s in scale.items():
+                        w[:, sl[fname]] = rng.standard_normal((a, sl[fname].stop - sl[fname].start)) * s
+                    if prev_out is not None:
+                        new_parent[t, lat, lon, first:first + a] = tree_parents(prev_out, w[:, sl[layout.in_field]])
+                    writes.setdefault((lat, lon), []).append((t, first, _to_storage(w, layout.dtype)))
+                header["layers"][layer]["neurons"] = nxt
+            for (lat, lon), hits_all in sorted(writes.items()):
+                for b in range(k_new // k0):
+                    lo, hi = b * k0, (b + 1) * k0
+                    hits = [(t, first, w) for t, first, w in hits_all if first < hi and first + len(w) > lo]
+                    if not hits:
+                        continue
+                    # a block is read (zeros when it is new) and written whole: one object
+                    block = np.asarray(arr[:ls, lat, lon, lo:hi]) if lo < k else np.zeros((ls, k0, arr.shape[4]), st)
+                    for t, first, w in hits:
+                        a0, a1 = max(first, lo), min(first + len(w), hi)
+                        block[t, a0 - lo:a1 - lo] = w[a0 - first:a1 - first]
+                    arr[:ls, lat, lon, lo:hi] = block
+            # 3. index and parent (entries >= a layer's old count read as padding until the commit)
+            for name, data in ((C.INDEX_ARRAY, new_index), (C.PARENT_ARRAY, new_parent)):
+                ia = p._array(f"{shell_path(d)}/{name}")
+                if ia.shape[3] < k_new:
+                    ia.resize((ia.shape[0], P, M, k_new))
+                ia[:ls, :, :, :k_new] = data
+            next(s for s in header["shells"] if s["depth"] == d)["capacity"] = k_new
+            report["shells"].append({"depth": d, "capacity": [k, k_new],
+                                     "experts": [(c // M, c % M, d) for c in touched]})
+        # 4. the header: tensor shapes, FFN size in the config, growth log; then commit
+        _update_ffn_shapes(header, layout)
+        header.setdefault("placement", {}).setdefault("growth", []).append(
+            {"op": "neurons", "count": n, "depth": depth, "cell": list(cell) if cell else None, "seed": seed})
+        _commit(p, header)
+        return report
+    finally:
+        if own:
+            p.close()
+
+
+def _update_ffn_shapes(header: dict[str, Any], layout: Any) -> None:
+    tensors = {t["name"]: t for t in header["tensors"]}
+    for layer, entry in enumerate(header["layers"]):
+        for f in layout.fields:
+            t = tensors[entry["tensors"][f.name]]
+            t["shape"][f.axis] = entry["neurons"]
+    cfg = header.get("config")
+    if isinstance(cfg, dict):
+        # transformers needs one FFN size: exports pad smaller layers with zero neurons
+        cfg[_ffn_size_key(header["architecture"])] = max(e["neurons"] for e in header["layers"])
+
+
+def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
+    """Append ``n`` identity transformer blocks after the last one (function-preserving).
+
+    Each new block copies the last block with its output projections zeroed; its neurons take
+    the cells of the neurons they copy.  They form a new depth shell while the sphere has fewer
+    than 10, else they join the surface shell.
+
+    Returns
+    -------
+    dict
+        ``{"layers": [new layer indices], "depth": shell id, "new_shell": bool}``.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"layers to add must be a positive integer, not {n!r}")
+    p, own = _open(pkg)
+    try:
+        if p.graticule is None:
+            raise InputError(f"{p.where}: the package has no sphere to grow")
+        header = copy.deepcopy(p._header)
+        layout, sl = p._layout, p._layout.slices()
+        n_layers = len(p.layer_depth)
+        last = n_layers - 1
+        probe = layout.layers[last][layout.in_field]
+        mark = f".{last}."
+        if mark not in probe:
+            raise FormatError(f"{p.where}: cannot find the layer number in tensor name {probe!r}")
+        prefix = probe[: probe.index(mark) + 1]
+        own_prefix = f"{prefix}{last}."
+
+        def renamed(name: str, layer: int) -> str:
+            return f"{prefix}{layer}." + name[len(own_prefix):]
+
+        new_layers = list(range(n_layers, n_layers + n))
+        root = p._group
+        # 1. core tensors of the new blocks (new arrays: invisible until the header names them)
+        last_all = [t for t in header["tensors"] if t["name"].startswith(own_prefix)]
+        entries: list[dict[str, Any]] = []
+        for layer in new_layers:
+            for t in last_all:
+                name = renamed(t["name"], layer)
+                entries.append({**copy.deepcopy(t), "name": name})
+                if t["where"] != "core":
+                    continue
+                src = p._array(core_key(t["name"]))
+                dst = root.create_array(core_key(name), shape=src.shape, dtype=src.dtype, chunks=src.chunks,
+                                        compressors=src.compressors, fill_value=0, overwrite=True,
+                                        config={"write_empty_chunks": True},
+                                        attributes={"name": name, "dtype": t["dtype"]})
+                zero = t["name"].endswith(OUTPUT_PROJECTIONS)
+                if src.shape:
+                    dst[...] = np.zeros(src.shape, src.dtype) if zero else p._storage(t["name"])
+        # 2. neurons: the last layer's rows with the output field zeroed, in the same slots
+        d_last = p.layer_depth[last]
+        arr_last, index_last, parent_last = p._shell_arrays(d_last)
+        t_last = p._shells[d_last]["layers"].index(last)
+        k = p._slots(d_last)
+        P, M = p.graticule
+        rows = np.asarray(arr_last[t_last, :, :, :k])  # (P, M, K, F)
+        out_cols = sl[layout.out_field]
+        rows[..., out_cols] = 0
+        idx = index_last[t_last]
+        par = np.where(idx >= 0, idx, C.PADDING_INDEX).astype(np.int32)  # a copy's parent: its original
+        new_shell = p.depth < C.MAX_DEPTH
+        if new_shell:
+            d = p.depth
+            g = root.require_group(shell_path(d))
+            shard = _shard_shape(arr_last)
+            narr = g.create_array(C.NEURONS_ARRAY, shape=(n, P, M, k, rows.shape[-1]), dtype=arr_last.dtype,
+                                  chunks=(1, 1, 1, shard[3], rows.shape[-1]), shards=(n, 1, 1, shard[3], rows.shape[-1]),
+                                  compressors=arr_last.compressors, fill_value=0, overwrite=True,
+                                  config={"write_empty_chunks": False},
+                                  dimension_names=("layer", "lat", "lon", "slot", "row"),
+                                  attributes={"dtype": layout.dtype, "layers": new_layers})
+            narr[...] = np.broadcast_to(rows, (n, *rows.shape))
+            for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
+                ia = p._array(f"{shell_path(d_last)}/{name}")
+                g.create_array(name, shape=(n, P, M, k), dtype=C.INDEX_DTYPE, chunks=(n, P, M, k),
+                               compressors=ia.compressors, fill_value=C.PADDING_INDEX, overwrite=True,
+                               config={"write_empty_chunks": True}, dimension_names=("layer", "lat", "lon", "slot")
+                               )[...] = np.broadcast_to(data, (n, *data.shape))
+            header["shells"].append({"depth": d, "layers": new_layers, "capacity": k})
+            header["depth"] = d + 1
+        else:  # D = 10: the surface shell grows along its layer axis (new layers, new objects)
+            d = d_last
+            ls = len(p._shells[d]["layers"])
+            if arr_last.shape[0] < ls + n:
+                arr_last.resize((ls + n, *arr_last.shape[1:]))
+            arr_last[ls:ls + n, :, :, :k] = np.broadcast_to(rows, (n, *rows.shape))
+            for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
+                ia = p._array(f"{shell_path(d)}/{name}")
+                if ia.shape[0] < ls + n:
+                    ia.resize((ls + n, *ia.shape[1:]))
+                ia[ls:ls + n, :, :, :k] = np.broadcast_to(data, (n, *data.shape))
+            next(s for s in header["shells"] if s["depth"] == d)["layers"].extend(new_layers)
+        # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
+        if "router" in root:
+            for rname, grp in root["router"].groups():
+                for layer in new_layers:
+                    lg = grp.require_group(str(layer))
+                    for key, a in grp[str(last)].arrays():
+                        lg.create_array(key, shape=a.shape, dtype=a.dtype, chunks=a.chunks, compressors=a.compressors,
+                                        overwrite=True)[...] = a[...]
+                grp.attrs["layers"] = n_layers + n
+        # 4. the header, then commit
+        pos = max(i for i, t in enumerate(header["tensors"]) if t["name"].startswith(own_prefix)) + 1
+        for layer in new_layers:
+            tensors = {f: renamed(tn, layer) for f, tn in header["layers"][last]["tensors"].items()}
+            header["layers"].append({"neurons": header["layers"][last]["neurons"], "tensors": tensors})
+            header["layer_depth"].append(d)
+        header["tensors"][pos:pos] = entries
+        cfg = header.get("config")
+        if isinstance(cfg, dict):
+            for key in ("n_layer", "num_hidden_layers"):
+                if isinstance(cfg.get(key), int):
+                    cfg[key] += n
+            for key, v in cfg.items():  # per-layer lists (e.g. layer_types) follow the last layer
+                if isinstance(v, list) and len(v) == n_layers:
+                    cfg[key] = v + [copy.deepcopy(v[-1]) for _ in range(n)]
+        header.setdefault("placement", {}).setdefault("growth", []).append({"op": "layers", "count": n, "depth": d})
+        _commit(p, header)
+        return {"layers": new_layers, "depth": d, "new_shell": new_shell}
+    finally:
+        if own:
+            p.close()
