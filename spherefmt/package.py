@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-
+import os
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from . import constants as C
 from .arch import Field, Layout, detect, rows_from_tensors
@@ -1059,6 +1062,9 @@ class Package:
         self._rows_cache = self._shell_cache = None
         if self.kind != "store":  # a Store the caller passed in stays the caller's
             close_store(self._store)
+        edit, self._zip_edit = getattr(self, "_zip_edit", None), None
+        if edit is not None:
+            _ZipRewrite.finish(*edit)
 
     def __enter__(self) -> Package:
         return self
@@ -1123,8 +1129,69 @@ def open(url: Any, mode: str = "r") -> Package:  # noqa: A001 - the safetensors-
     FormatError
         Not a package, an incomplete one, a newer format version, or malformed metadata.
     """
+    if mode == "r+" and not isinstance(url, zarr.abc.store.Store):
+        path = os.fspath(url)
+        path = path[len("file://"):] if path.startswith("file://") else path
+        if "://" not in path and path.endswith(".zip"):
+            return _ZipRewrite.open(path)
     store, where, kind = open_store(url, mode)
     return Package(store, mode, where, kind)
+
+
+class _ZipRewrite:
+    """``r+`` on a zip package: a zip cannot be changed in place, so the package is unpacked
+    beside it, modified there as a directory, and on close written to a new zip that replaces
+    the old one in one rename (only when something changed).  An interruption leaves the old
+    zip as it was."""
+
+    @staticmethod
+    def open(path: str) -> Package:
+        import tempfile
+        import zipfile
+
+        if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+            raise FormatError(f"{path}: not a zip file")
+        folder = os.path.dirname(os.path.abspath(path))
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.edit-", dir=folder)
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.extractall(tmp)  # extractall drops absolute paths and '..': nothing escapes tmp
+            pkg = Package(LocalStore(tmp, read_only=False), "r+", path, "zip")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pkg._zip_edit = (path, tmp, _ZipRewrite.snapshot(tmp))
+        return pkg
+
+    @staticmethod
+    def snapshot(tmp: str) -> dict[str, tuple[int, int]]:
+        out = {}
+        for dirpath, _, files in os.walk(tmp):
+            for f in files:
+                st = os.stat(os.path.join(dirpath, f))
+                out[os.path.relpath(os.path.join(dirpath, f), tmp)] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    @staticmethod
+    def finish(path: str, tmp: str, before: dict[str, tuple[int, int]]) -> None:
+        import zipfile
+
+        try:
+            now = _ZipRewrite.snapshot(tmp)
+            if now == before:
+                return
+            partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+            try:
+                with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                    for rel in sorted(now):
+                        z.write(os.path.join(tmp, rel), rel.replace(os.sep, "/"))
+                os.replace(partial, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_package(url: Any) -> bool:

@@ -152,10 +152,26 @@ def test_write_one_layer_and_refusals(tmp_path):
             pkg.write_expert(0, 1, 1, e.neurons.astype(np.float16))
         with pytest.raises(KeyError):
             pkg.write_expert(5, 0, 0, rows)
-    z = spherefmt.save(sd, tmp_path / "m.zip", config=cfg)
+    # a zip cannot change in place: r+ rewrites it on close (beside it, then one rename)
+    z = spherefmt.save(sd, tmp_path / "m.zip", config=cfg, graticule="2x2", depth=2)
     assert zipfile.is_zipfile(z)
-    with pytest.raises(ReadOnlyError, match="zip"):
-        spherefmt.open(z, "r+")
+    with zipfile.ZipFile(z) as zf:
+        before = {n: zf.read(n) for n in zf.namelist()}
+    with spherefmt.open(z, "r+") as pkg:
+        e = pkg.expert(0, 1, 1)
+        rows = e.neurons.copy()
+        rows[e.index >= 0] = 0.5
+        pkg.write_expert(0, 1, 1, rows)
+        key = pkg.shard_key(0, 1, 1)
+    with zipfile.ZipFile(z) as zf:
+        after = {n: zf.read(n) for n in zf.namelist()}
+    assert {n for n in after if after[n] != before.get(n)} == {key} and set(after) == set(before)
+    with spherefmt.open(z) as pkg:
+        assert (pkg.expert(0, 1, 1).neurons[e.index >= 0] == 0.5).all()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with spherefmt.open(z, "r+"):
+        pass  # nothing changed: the zip is not rewritten
+    assert zipfile.ZipFile(z).namelist() == list(after)
 
 
 def test_earth_graticule_small_model(tmp_path):

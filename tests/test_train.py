@@ -17,6 +17,11 @@ import spherefmt.torch as st  # noqa: E402
 
 
 def _objects(path) -> dict[str, str]:
+    if str(path).endswith(".zip"):
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            return {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
     if str(path).endswith(".vhd"):
         from spherefmt.vhdfs import VHDFileSystem
 
@@ -29,7 +34,7 @@ def _objects(path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("kind", ["dir", "vhd"])
+@pytest.mark.parametrize("kind", ["dir", "vhd", "zip"])
 def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
     if arch == "gpt2":
         cfg = gpt2_config(n_layer=4, n_embd=64, n_head=4, vocab_size=300)
@@ -38,7 +43,7 @@ def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
         cfg = llama_config(num_hidden_layers=4, hidden_size=64, intermediate_size=176, vocab_size=300)
         sd = make_llama(cfg, "F32", 0)
     save_hf_folder(tmp_path / "src", sd, cfg)
-    pkg = tmp_path / ("m.vhd" if kind == "vhd" else "m.sphere")
+    pkg = tmp_path / {"vhd": "m.vhd", "zip": "m.zip", "dir": "m.sphere"}[kind]
     spherefmt.save(tmp_path / "src", pkg, graticule="2x4")
     before = _objects(pkg)
     chosen = [(0, 1, 1), (1, 3, 2)]
@@ -77,6 +82,8 @@ def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
     m2 = st.load(pkg, trainable="experts")
     assert m2.save_changes() == {"experts": [], "tensors": [], "bytes": 0}
     m2.pkg.close()
+    if kind == "zip":  # the zip was rewritten once (beside it, then renamed), and nothing is left over
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["back.safetensors", "m.zip", "src"]
 
 
 def test_core_training_rewrites_core_tensors_only(tmp_path):
