@@ -1,5 +1,7 @@
 """Writing back after training: bytes written and wall time of ``save_changes()`` after changing
 1, 10 and 100% of the experts, against re-saving the whole model as safetensors, in one run.
+Then growth (``sphere grow``): bytes written and time of adding neurons to one expert, to every
+layer, and adding a layer, against a safetensors re-save of the grown model.
 
 GPT-2-small-shaped model (124M parameters, bf16, random weights made locally), directory
 package with the default codec.  "Training" is a deterministic perturbation of the chosen
@@ -71,7 +73,47 @@ def main() -> None:
             print(f"{share:>5.0%}: {r['experts_changed']:>3}/{r['experts_total']} experts, save_changes "
                   f"{secs:.2f}s {written['bytes'] / 2**20:.1f} MiB raw; safetensors re-save {st_secs:.2f}s "
                   f"{st_bytes / 2**20:.0f} MiB", flush=True)
-    (HERE / "results" / "train.json").write_text(json.dumps({"benchmark": "train", "rows": rows}, indent=2) + "\n")
+        growth = grow_rows(tmp)
+    (HERE / "results" / "train.json").write_text(json.dumps({"benchmark": "train", "rows": rows, "growth": growth},
+                                                            indent=2) + "\n")
+
+
+def _snapshot(p: Path) -> dict[str, tuple[int, int]]:
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()}
+
+
+def grow_rows(tmp: Path) -> list[dict]:
+    from safetensors.numpy import save_file
+
+    from spherefmt.grow import grow_layers, grow_neurons
+
+    pkg = tmp / "grow.sphere"
+    spherefmt.save(tmp / "src", pkg)
+    out = []
+    for what, fn in (("+64 neurons in one expert (every layer of its shell)",
+                      lambda: grow_neurons(str(pkg), 64, cell=(0, 0), depth=0)),
+                     ("+31 neurons in every layer (1%), spread", lambda: grow_neurons(str(pkg), 31)),
+                     ("+1 layer (identity block)", lambda: grow_layers(str(pkg), 1))):
+        before = _snapshot(pkg)
+        t0 = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - t0
+        after = _snapshot(pkg)
+        written = sum(size for f, (size, mt) in after.items() if before.get(f) != (size, mt))
+        with spherefmt.open(pkg) as p:
+            t0 = time.perf_counter()
+            sd = {k: np.ascontiguousarray(p.tensor(k, padded=True)) for k in p.keys()}
+            read_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save_file(sd, str(tmp / "grown.safetensors"))
+        st_secs = time.perf_counter() - t0
+        st_bytes = (tmp / "grown.safetensors").stat().st_size
+        del sd
+        out.append({"growth": what, "grow_s": secs, "bytes_written": written, "package_bytes": dir_bytes(pkg),
+                    "safetensors_resave_s": st_secs, "safetensors_bytes": st_bytes, "read_for_resave_s": read_s})
+        print(f"{what}: {secs:.2f}s, {written / 2**20:.1f} MiB written; safetensors re-save {st_secs:.2f}s "
+              f"{st_bytes / 2**20:.0f} MiB", flush=True)
+    return out
 
 
 if __name__ == "__main__":

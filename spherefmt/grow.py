@@ -113,6 +113,14 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
         rng = np.random.default_rng(seed)
         report: dict[str, Any] = {"neurons": n, "shells": []}
         counts_of = list(layout.neurons)  # the committed counts: the package reads with these
+        cache: dict[int, np.ndarray] = {}
+
+        def layer_rows(layer: int) -> np.ndarray:  # each layer read once (as input, then as parent)
+            if layer not in cache:
+                cache.clear() if len(cache) > 2 else None
+                cache[layer] = p.layer_rows(layer)
+            return cache[layer]
+
         shells = [depth] if depth is not None else list(range(p.depth))
         for d in shells:
             arr, index, parent = p._shell_arrays(d)
@@ -139,27 +147,29 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
             touched = sorted({int(c) for c in np.flatnonzero(add.any(axis=0))})
             writes: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
             for t, layer in enumerate(layers):
-                rows = p.layer_rows(layer)
+                rows = layer_rows(layer)
                 scale = {f.name: float(to_float32(rows[:, sl[f.name]], layout.dtype).std())
                          for f in layout.fields if f.name != layout.out_field and f.width > 1}
                 prev_out = None
                 if layer > 0:
-                    prev_out = to_float32(p.layer_rows(layer - 1)[:, sl[layout.out_field]], layout.dtype)
+                    prev_out = to_float32(layer_rows(layer - 1)[:, sl[layout.out_field]], layout.dtype)
                 nxt = counts_of[layer]
-                for c in touched:
-                    a = int(add[t, c])
-                    if not a:
-                        continue
+                places = [(c, int(counts[t, c]), int(add[t, c])) for c in touched if add[t, c]]
+                total = sum(a for _, _, a in places)
+                w = np.zeros((total, layout.row_width), dtype=np.float32)
+                for fname, sd in scale.items():
+                    w[:, sl[fname]] = rng.standard_normal((total, sl[fname].stop - sl[fname].start)) * sd
+                par = (tree_parents(prev_out, w[:, sl[layout.in_field]]) if prev_out is not None
+                       else np.full(total, C.PADDING_INDEX, dtype=np.int32))
+                stored = _to_storage(w, layout.dtype)
+                o = 0
+                for c, first, a in places:
                     lat, lon = divmod(c, M)
-                    first = int(counts[t, c])
-                    new_index[t, lat, lon, first:first + a] = np.arange(nxt, nxt + a, dtype=np.int32)
-                    nxt += a
-                    w = np.zeros((a, layout.row_width), dtype=np.float32)
-                    for fname, s in scale.items():
-                        w[:, sl[fname]] = rng.standard_normal((a, sl[fname].stop - sl[fname].start)) * s
-                    if prev_out is not None:
-                        new_parent[t, lat, lon, first:first + a] = tree_parents(prev_out, w[:, sl[layout.in_field]])
-                    writes.setdefault((lat, lon), []).append((t, first, _to_storage(w, layout.dtype)))
+                    new_index[t, lat, lon, first:first + a] = np.arange(nxt + o, nxt + o + a, dtype=np.int32)
+                    new_parent[t, lat, lon, first:first + a] = par[o:o + a]
+                    writes.setdefault((lat, lon), []).append((t, first, stored[o:o + a]))
+                    o += a
+                nxt += total
                 header["layers"][layer]["neurons"] = nxt
             for (lat, lon), hits_all in sorted(writes.items()):
                 for b in range(k_new // k0):
