@@ -38,7 +38,7 @@ from .package import Package, _shard_shape, core_key, shell_path
 from .package import open as open_package
 from .placement import tree_parents
 
-__all__ = ["grow_neurons", "grow_layers"]
+__all__ = ["grow_layers", "grow_neurons"]
 
 #: Core tensors (by name suffix) that write a block's output into the residual stream: zeroed
 #: in a new block so that it adds nothing.  GPT-2, Llama (HF names) and GGUF Llama names.
@@ -268,7 +268,7 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
                     dst[...] = np.zeros(src.shape, src.dtype) if zero else p._storage(t["name"])
         # 2. neurons: the last layer's rows with the output field zeroed, in the same slots
         d_last = p.layer_depth[last]
-        arr_last, index_last, parent_last = p._shell_arrays(d_last)
+        arr_last, index_last, _ = p._shell_arrays(d_last)
         t_last = p._shells[d_last]["layers"].index(last)
         k = p._slots(d_last)
         P, M = p.graticule

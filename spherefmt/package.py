@@ -22,8 +22,8 @@ from zarr.storage import LocalStore
 from . import constants as C
 from .arch import Field, Layout, detect, rows_from_tensors
 from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
-from .fastpath import ChunkError, FastArray, open_arrays, read_many
 from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
+from .fastpath import ChunkError, FastArray, open_arrays, read_many
 from .placement import (
     Grid,
     assign,
@@ -39,7 +39,7 @@ from .safetensors_io import TensorInfo, check_dtype, check_shape
 from .sources import TensorSource, open_source
 from .storage import close_store, open_group, open_store, prepare_destination, root_attrs
 
-__all__ = ["save", "open", "Package", "Expert", "is_package", "PackageSource"]
+__all__ = ["Expert", "Package", "PackageSource", "is_package", "open", "save"]
 
 # numcodecs.shuffle is a numcodecs codec registered with zarr, readable by any zarr-python;
 # zarr warns that other implementations may lack it, which we document in the spec instead.
@@ -267,7 +267,7 @@ def _coactivation_plan(src: Any, config: Any, graticule: Any, depth: Any, sample
             act = np.abs(act) * np.linalg.norm(rows[:, sl[pkg._layout.out_field or pkg._layout.fields[-1].name]], axis=1)
             cap = pkg._shells[pkg.layer_depth[layer]]["capacity"]
             cells[layer] = coactivation_cells(act, own_directions(rows[:, sl[pkg._layout.fields[0].name]]), p, m, cap)
-        record = {"policy": C.PLACEMENT_COACTIVATION, "version": 1, "sample_tokens": int(len(ids)),
+        record = {"policy": C.PLACEMENT_COACTIVATION, "version": 1, "sample_tokens": len(ids),
                   "sample_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
         return {"cells": cells, "placement": record}
     finally:
@@ -1113,7 +1113,7 @@ def _as_storage(data: Any, dtype: str) -> np.ndarray:
     raise FormatError(f"rows are {arr.dtype}, the package holds {dtype}")
 
 
-def open(url: Any, mode: str = "r") -> Package:  # noqa: A001 - the safetensors-style verb
+def open(url: Any, mode: str = "r") -> Package:
     """Open a package.
 
     Parameters
@@ -1131,7 +1131,7 @@ def open(url: Any, mode: str = "r") -> Package:  # noqa: A001 - the safetensors-
     """
     if mode == "r+" and not isinstance(url, zarr.abc.store.Store):
         path = os.fspath(url)
-        path = path[len("file://"):] if path.startswith("file://") else path
+        path = path.removeprefix("file://")
         if "://" not in path and path.endswith(".zip"):
             return _ZipRewrite.open(path)
     store, where, kind = open_store(url, mode)

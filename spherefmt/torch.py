@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from . import constants as C
 from .errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
 from .package import Package
 from .package import open as open_package
@@ -42,25 +41,13 @@ class SphereModule:
 
     def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all") -> None:
         _torch()
-        try:
-            import transformers
-        except ImportError as e:
-            raise BackendUnavailableError("spherefmt.torch needs transformers (pip install transformers)") from e
-        if pkg.architecture not in (C.ARCH_GPT2, C.ARCH_LLAMA):
-            raise FormatError(f"{pkg.where}: only GPT-2 and Llama packages become torch modules")
+        from .hf import build
+
         self.pkg = pkg
-        cfg = transformers.AutoConfig.for_model(**pkg.config)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-        # padded: after uneven growth every layer gets the largest FFN size, zero neurons filling
-        sd = {k: v.float() for k, v in pkg.state_dict(framework="torch", padded=True).items()}
-        result = model.load_state_dict(sd, strict=False)
-        model.tie_weights()
-        tied = {n for n, _ in model.named_parameters(remove_duplicate=True)}
-        tie = bool(getattr(cfg, "tie_word_embeddings", True))
-        missing = [n for n in result.missing_keys if n in tied and not (tie and n.endswith("lm_head.weight"))]
-        if missing:
-            raise FormatError(f"{pkg.where}: the package lacks {missing[0]!r} for {cfg.model_type}")
-        self.model = model
+        # float32 for training; padded: after uneven growth every layer gets the largest FFN
+        # size, zero neurons filling (masked below, so they stay zero)
+        model = build(pkg, dtype=_torch().float32)
+        self.model = model.train()
         self._params = dict(self.model.named_parameters())
         self._ffn = set(pkg._layout.ffn_tensors())
         self._ffn_params = {self._module_name(n) for n in self._ffn}

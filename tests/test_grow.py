@@ -7,16 +7,16 @@ import json
 
 import numpy as np
 import pytest
+from spherefmt.runtime import Session
 
 import spherefmt
 from spherefmt.cli import main
 from spherefmt.grow import grow_layers, grow_neurons
-from spherefmt.runtime import Session
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import spherefmt.torch as st  # noqa: E402
+import spherefmt.torch as st
 
 IDS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
