@@ -162,7 +162,9 @@ def info(pkg: str, as_json: bool) -> None:
     click.echo(f"architecture  {d['architecture']}, {d['tensors']} tensors")
     click.echo(f"size          {_size(d['stored_bytes'])} stored / {_size(d['raw_bytes'])} raw ({d['ratio']:.3f})")
     if "graticule" in d:
-        click.echo(f"layers        {d['layers']} x {d['neurons_per_layer'][0]} neurons "
+        counts = sorted(set(d["neurons_per_layer"]))
+        per = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (grown)"
+        click.echo(f"layers        {d['layers']} x {per} neurons "
                    f"(row: {d['neuron_row']['dtype']} x {d['neuron_row']['width']} = "
                    + " + ".join(f"{k}:{v}" for k, v in d["neuron_row"]["fields"].items()) + ")")
         click.echo(f"graticule     {d['graticule'][0]} x {d['graticule'][1]} cells, depth {d['depth']}, "
@@ -172,6 +174,9 @@ def info(pkg: str, as_json: bool) -> None:
         click.echo(f"core          {_size(d['core']['stored_bytes'])} stored / {_size(d['core']['raw_bytes'])} raw")
         click.echo(f"sphere        {_size(d['sphere']['stored_bytes'])} stored / {_size(d['sphere']['raw_bytes'])} raw")
         click.echo(f"placement     {d['placement']['policy']} v{d['placement']['version']}")
+        for g in d["placement"].get("growth", []):
+            click.echo(f"  grown       +{g['count']} {g['op']}" + (f" in depth {g['depth']}" if g.get("depth") is not None else "")
+                       + (f", cell {g['cell']}" if g.get("cell") else ""))
     if d["warning"]:
         click.echo(f"warning       {d['warning']}")
 
