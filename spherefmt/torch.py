@@ -4,6 +4,7 @@
     >>> m = st.load("model.sphere", trainable=[(0, 1, 2)])   # one expert trainable, the rest frozen
     >>> ...train m.model (a transformers model) as usual...
     >>> m.save_changes()                                     # rewrites expert (0, 1, 2) only
+    >>> r = st.load("model.sphere", trainable="router")      # the stored router: r.router[layer](x)
 
 The module is the Hugging Face ``transformers`` model of the package's architecture with the
 package's weights (dense).  Training selected experts masks the gradients of every FFN neuron
@@ -39,7 +40,8 @@ class SphereModule:
     """A package's model as ``self.model`` (a ``transformers`` module), with bookkeeping to write
     trained values back into the package."""
 
-    def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all") -> None:
+    def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all",
+                 router: str | None = None) -> None:
         _torch()
         from .hf import build
 
@@ -48,19 +50,48 @@ class SphereModule:
         # size, zero neurons filling (masked below, so they stay zero)
         model = build(pkg, dtype=_torch().float32)
         self.model = model.train()
+        #: the package's router ``router/<name>`` as torch modules (``self.router[layer](x)`` gives
+        #: the cell scores of FFN inputs ``x``), when asked for or when ``trainable="router"``
+        self.router, self.router_name = None, router
+        if trainable == "router" and router is None:
+            from .routers import router_names
+
+            names = router_names(pkg)
+            if not names:
+                raise InputError(f"{pkg.where} holds no router to train: sphere route-train makes one")
+            self.router_name = "learned" if "learned" in names else names[0]
+        if self.router_name is not None:
+            from .routers import read_router
+
+            self._router_meta = read_router(pkg, self.router_name)
+            self.router = _router_modules(self._router_meta)
+            self.router.requires_grad_(trainable in ("all", "router"))
         self._params = dict(self.model.named_parameters())
         self._ffn = set(pkg._layout.ffn_tensors())
         self._ffn_params = {self._module_name(n) for n in self._ffn}
+        self._trainable = trainable
         self._experts = self._select(trainable)
         self._apply_trainable(trainable)
         # what the package holds now, as digests: save_changes compares against these
         self._baseline, _ = self._state(None)
+        self._router_digest = self._router_state()
+
+    def _router_state(self) -> bytes | None:
+        import hashlib
+
+        if self.router is None:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        for name, p in sorted(self.router.named_parameters()):
+            h.update(name.encode() + p.detach().cpu().numpy().tobytes())
+        return h.digest()
 
     # --- what trains --------------------------------------------------------------------------
     def _select(self, trainable: Any) -> list[tuple[int, int, int]] | None:
         if isinstance(trainable, str):
-            if trainable not in ("all", "experts", "core", "none"):
-                raise InputError(f"trainable {trainable!r}: all, experts, core, none, or a list of (lat, lon, depth)")
+            if trainable not in ("all", "experts", "core", "router", "none"):
+                raise InputError(f"trainable {trainable!r}: all, experts, core, router, none, or a list of "
+                                 "(lat, lon, depth)")
             return None
         chosen = [tuple(int(v) for v in e) for e in trainable]
         for lat, lon, depth in chosen:
@@ -77,7 +108,7 @@ class SphereModule:
                 p.requires_grad_(is_ffn)
             elif trainable == "core":
                 p.requires_grad_(not is_ffn)
-            elif trainable == "none":
+            elif trainable in ("none", "router"):
                 p.requires_grad_(False)
             else:
                 p.requires_grad_(is_ffn)
@@ -118,7 +149,8 @@ class SphereModule:
 
     def parameters(self) -> Iterable[Any]:
         """The trainable parameters (for an optimiser)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
+        own = list(self.router.parameters()) if self.router is not None else []
+        return [p for p in [*self.model.parameters(), *own] if p.requires_grad]
 
     # --- writing back -------------------------------------------------------------------------
     def _state(self, baseline: dict[Any, bytes] | None) -> tuple[dict[Any, bytes], dict[Any, np.ndarray]]:
@@ -205,6 +237,17 @@ class SphereModule:
                 written["experts"].append(key)
             written["bytes"] += data.nbytes
         self._baseline = digests
+        written["router"] = None
+        if self.router is not None and (now := self._router_state()) != self._router_digest:
+            from .routers import Router, write_router
+
+            layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
+                      for lay in self.router]
+            old = self._router_meta
+            write_router(pkg, self.router_name, Router(old.kind, layers, old.cells, meta=old.meta))  # type: ignore[arg-type]
+            written["router"] = self.router_name
+            written["bytes"] += sum(a.nbytes for lay in layers for a in lay.values())
+            self._router_digest = now
         return written
 
 
@@ -219,12 +262,40 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.astype(storage_dtype(dtype))
 
 
+def _router_modules(router: Any) -> Any:
+    """A stored router as a ``ModuleList`` of per-layer scorers (``relu(x w1 + b1) w2 + b2``)."""
+    torch = _torch()
+
+    class RouterLayer(torch.nn.Module):
+        def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+            super().__init__()
+            for key in ("w1", "b1", "w2", "b2"):
+                if key in arrays:
+                    self.register_parameter(key, torch.nn.Parameter(torch.from_numpy(np.array(arrays[key], np.float32))))
+
+        def forward(self, x: Any) -> Any:
+            h = torch.relu(x @ self.w1 + self.b1) if hasattr(self, "w1") else x
+            return h @ self.w2 + self.b2
+
+    return torch.nn.ModuleList(RouterLayer(a) for a in router.layers)
+
+
 def load(pkg: str | Path | Package, trainable: str | Sequence[tuple[int, int, int]] = "all",
-         mode: str = "r+") -> SphereModule:
+         mode: str = "r+", router: str | None = None) -> SphereModule:
     """A package as a trainable module (opened ``r+`` so that :meth:`SphereModule.save_changes`
-    can write back)."""
+    can write back).
+
+    Parameters
+    ----------
+    trainable
+        ``"all"``, ``"experts"`` (every FFN neuron), ``"core"`` (everything else), ``"router"``
+        (only the stored router), ``"none"``, or a list of experts ``(lat, lon, depth)``.
+    router
+        Load the stored router of this name as ``.router`` (default with ``trainable="router"``:
+        ``learned``); ``save_changes`` writes it back when it changed.
+    """
     if not isinstance(pkg, Package):
         pkg = open_package(pkg, mode)
     if pkg.graticule is None:
         raise ExpertNotFoundError(f"{pkg.where}: the package has no sphere")
-    return SphereModule(pkg, trainable)
+    return SphereModule(pkg, trainable, router)

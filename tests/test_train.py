@@ -124,3 +124,39 @@ def test_cli_train(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["train", str(pkg), "--text", str(text), "--steps", "1", *bad])
         assert e.value.code == 2
+
+
+def test_router_trains_and_writes_back_alone(tmp_path):
+    from spherefmt.routers import read_router, train_router, write_router
+
+    cfg = gpt2_config(n_layer=2, n_embd=32, n_head=4, vocab_size=300)
+    save_hf_folder(tmp_path / "src", make_gpt2(cfg, "F32", 0), cfg)
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(tmp_path / "src", pkg, graticule="2x2")
+    with spherefmt.open(pkg, "r+") as p:
+        write_router(p, "learned", train_router(p, np.arange(200) % 300, steps=5, hidden=16, progress=False))
+    before = _objects(pkg)
+    m = st.load(pkg, trainable="router")
+    assert all(not p.requires_grad for p in m.model.parameters())
+    x = torch.randn(16, 32)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    target = torch.zeros(16, dtype=torch.long)  # e.g. teach layer 0 to prefer cell 0
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(m.router[0](x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    written = m.save_changes()
+    scores = m.router[0](x).detach().numpy()
+    m.pkg.close()
+    assert written["router"] == "learned" and written["experts"] == [] and written["tensors"] == []
+    assert all(k.startswith("router/learned/") for k in _changed_keys(before, _objects(pkg)))
+    with spherefmt.open(pkg) as p:
+        np.testing.assert_allclose(read_router(p, "learned").scores(0, x.numpy()), scores, rtol=1e-5, atol=1e-5)
+    plain = spherefmt.save(tmp_path / "src", tmp_path / "n.sphere", graticule="2x2")
+    with pytest.raises(spherefmt.errors.InputError, match="no router"):
+        st.load(plain, trainable="router")
+
+
+def _changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
