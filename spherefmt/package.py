@@ -182,7 +182,10 @@ def save(
             warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
         dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()))
         try:
-            _write(source, infos, layout, grid, codec, dest.store, metadata, progress, plan)
+            from .sources import bounded_heap
+
+            with bounded_heap():  # freed arrays go back to the system: peak RSS ~ live arrays
+                _write(source, infos, layout, grid, codec, dest.store, metadata, progress, plan)
             dest.finish()
         except BaseException:
             dest.abort()
@@ -359,13 +362,21 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             else:
                 par = tree_parents(prev_out, w_in)
                 dirs = bend(own, prev_dirs[par], C.DEFAULT_BEND)
+            # peak memory is a few copies of one layer's rows: drop each as soon as it is used
+            del w_in
+            prev_out = None
+            prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
             cell = assign(dirs, p, m, capacity=k) if cells_of is None else cells_of[layer]
             order = np.lexsort((np.arange(rows.shape[0]), cell))  # by cell, then original index
             sorted_cells = cell[order]
             first = np.searchsorted(sorted_cells, np.arange(cells))
             slot = np.arange(rows.shape[0]) - first[sorted_cells]
+            slot_of = np.empty_like(slot)
+            slot_of[order] = slot  # each neuron's slot, in original order
             block = np.zeros((cells, k, f), dtype=st)
-            block[sorted_cells, slot] = rows[order]
+            block[cell, slot_of] = rows  # scattered in place (no sorted copy of the rows)
+            rows_nbytes = rows.nbytes
+            del rows
             index[t, sorted_cells, slot] = order
             parent[t, sorted_cells, slot] = par[order]
             # zarr drops chunks that compare equal to the fill value; a float chunk of -0.0 would
@@ -377,9 +388,9 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
                 target[t] = block.reshape(p, m, k, f)
             else:  # sparse (fine graticules): touch only the occupied cells' shards
                 _cells_io(target, t, occupied, m, block[occupied])
-            prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
+            del block
             prev_dirs = dirs
-            bar.update(rows.nbytes)
+            bar.update(rows_nbytes)
         for name, data in ((C.INDEX_ARRAY, index), (C.PARENT_ARRAY, parent)):
             g.create_array(name, shape=(len(layers), p, m, k), dtype=C.INDEX_DTYPE, chunks=(len(layers), p, m, k),
                            compressors=_compressors(codec, 4), fill_value=C.PADDING_INDEX, config=_ARRAY_CONFIG,

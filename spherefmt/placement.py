@@ -120,8 +120,8 @@ def layer_shells(n_layers: int, depth: int) -> list[int]:
 
 def _top3(x: np.ndarray) -> np.ndarray:
     """Projections of the rows of ``x`` (N, d) on their top three principal directions."""
-    x = x.astype(np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
+    x = x.astype(np.float64)  # a copy: centred in place below (one float64 copy, not two)
+    x -= x.mean(axis=0, keepdims=True)
     n, d = x.shape
     k = min(3, d)
     rng = np.random.default_rng(0)
@@ -156,10 +156,11 @@ def own_directions(w_in_rows: np.ndarray) -> np.ndarray:
 
 def tree_parents(prev_out_rows: np.ndarray, w_in_rows: np.ndarray, block: int = 1024) -> np.ndarray:
     """Lightning-tree parent of each neuron: ``argmax_i |prev_out[i] . w_in[j]|`` (int32)."""
-    a = prev_out_rows.astype(np.float32)
+    a = np.asarray(prev_out_rows, dtype=np.float32)  # no copy when already float32
     out = np.empty(w_in_rows.shape[0], dtype=np.int32)
     for s in range(0, w_in_rows.shape[0], block):
-        scores = np.abs(a @ w_in_rows[s : s + block].astype(np.float32).T)  # (N_prev, b)
+        scores = a @ np.asarray(w_in_rows[s : s + block], dtype=np.float32).T  # (N_prev, b)
+        np.abs(scores, out=scores)
         out[s : s + block] = np.argmax(scores, axis=0)
     return out
 
