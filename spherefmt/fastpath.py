@@ -185,7 +185,7 @@ class FastArray:
         if self.sharded:
             raise ValueError("read_chunk needs an unsharded array")
         key = self.key(coords)
-        blob = _read_range(self.store, key, 0, None)
+        blob = _read_range(self.store, key, 0, None, mapped=not self.steps)
         if blob is None:
             return np.full(self.outer_shape, self.fill, dtype=self.dtype)
         return self._decode(_MAPS.checked(blob, 0, key), key)
@@ -202,7 +202,7 @@ class FastArray:
         fetched = 0
         index = None if index_cache is None else index_cache.get(key)
         if index is None:
-            tail = _read_range(self.store, key, -(16 * n + 4), None)
+            tail = _read_range(self.store, key, -(16 * n + 4), None, mapped=not self.steps)
             if tail is None:
                 return np.full(self.inner_shape, self.fill, dtype=self.dtype), 0
             fetched += len(tail)
@@ -218,7 +218,7 @@ class FastArray:
             return np.full(self.inner_shape, self.fill, dtype=self.dtype), fetched
         if size < 4 or off > 2**62 or size > 2**40:
             raise ChunkError(f"{what}: shard index entry ({off}, {size}) is not valid")
-        blob = _read_range(self.store, key, off, off + size)
+        blob = _read_range(self.store, key, off, off + size, mapped=not self.steps)
         if blob is None or len(blob) != size:
             raise ChunkError(f"{what}: shard index points outside the shard")
         return self._decode(_MAPS.checked(blob, off, what), what), fetched + size
@@ -324,13 +324,31 @@ class _Maps:
 _MAPS = _Maps()
 
 
-def _read_range(store: Any, key: str, start: int, end: int | None) -> bytes | memoryview | None:
+def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool = True
+                ) -> bytes | memoryview | None:
     """Bytes ``[start, end)`` of one object (``start < 0``: the last ``-start`` bytes), or None
     when the object does not exist.  Local files are memory-mapped (a zero-copy view, so an
     uncompressed chunk goes from the page cache to its consumer without a copy); VHD images are
-    read directly."""
+    read directly.  ``mapped=False`` (compressed chunks, which are decoded into new memory
+    anyway) reads local files with one ``pread``: mapping would populate the whole object into
+    the process for one byte range (bench/bench_scale.py: a GPT-2 XL session showed 2 GiB of
+    mapped package pages)."""
     from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
+    if isinstance(store, LocalStore) and not mapped:
+        import os
+
+        try:
+            fd = os.open(Path(store.root) / key, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            lo = max(0, size + start) if start < 0 else min(start, size)
+            hi = size if end is None or start < 0 else min(end, size)
+            return os.pread(fd, max(0, hi - lo), lo)
+        finally:
+            os.close(fd)
     if isinstance(store, LocalStore):
         view = _MAPS.get(str(Path(store.root) / key))
         if view is None:
