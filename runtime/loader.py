@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from spherefmt.dtypes import storage_dtype, to_float32
-from spherefmt.errors import FormatError
+from spherefmt.errors import FormatError, SpherefmtError
 from spherefmt.fastpath import ChunkError, FastArray, read_many
 from spherefmt.package import Package, core_key
 
@@ -148,6 +148,8 @@ class BlockLoader:
             raw = {t: self._join(fa) for t, fa in rowwise.items()}
             if many:
                 raw.update(zip(many, read_many(list(many.values())), strict=True))
+        except SpherefmtError:
+            raise  # storage failures and named format errors pass as they are
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"{self.pkg.where}: cannot read the weights of block {key} ({e})") from None
         out = {}
@@ -203,6 +205,8 @@ class BlockLoader:
                 data = data[start - first * chunk : stop - first * chunk]
             else:
                 data = np.asarray(arr[start:stop])
+        except SpherefmtError:
+            raise  # storage failures and named format errors pass as they are
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
         self._count(data.nbytes)

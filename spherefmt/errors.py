@@ -18,6 +18,7 @@ __all__ = [
     "BudgetExceededError",
     "UnknownBackendError",
     "InputError",
+    "StorageError",
 ]
 
 
@@ -59,3 +60,8 @@ class UnknownBackendError(SpherefmtError, ValueError):
 class InputError(SpherefmtError, ValueError):
     """Input to a run that the model cannot take: token ids outside the vocabulary, a prompt
     longer than the context, an empty prompt."""
+
+
+class StorageError(SpherefmtError, OSError):
+    """The storage holding a package (an object store, a network filesystem) failed or could not
+    be reached; the message names the package and the object."""

@@ -796,6 +796,8 @@ class Package:
                 try:
                     rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
                     break
+                except SpherefmtError:
+                    raise  # storage failures and named format errors pass as they are
                 except (ChunkError, ValueError, RuntimeError, OSError) as e:
                     # in a VHD another process may have just replaced the expert: look again once
                     if attempt or not self._refresh_view():

@@ -58,6 +58,92 @@ def _vhd_store(path: str, mode: str, durable: bool = True) -> Store:
     return FsspecStore(AsyncFileSystemWrapper(fs, asynchronous=True), path="/", read_only=mode == "r")
 
 
+#: Modules whose exceptions mean "the storage service failed" (not "the object is missing").
+_REMOTE_ERRORS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "requests", "urllib3")
+
+
+def _storage_error(e: BaseException, where: str, key: str) -> BaseException:
+    """``e`` as a :class:`StorageError` when it is a storage failure, else ``e`` itself."""
+    from .errors import SpherefmtError, StorageError
+
+    if isinstance(e, FileNotFoundError | KeyError | SpherefmtError) or not isinstance(e, Exception):
+        return e
+    if isinstance(e, OSError | TimeoutError) or type(e).__module__.split(".")[0] in _REMOTE_ERRORS:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        return StorageError(f"{where}: storage failed on {key or '/'} ({type(e).__name__}: {msg[:200]})")
+    return e
+
+
+class RemoteStore(FsspecStore):
+    """An fsspec store whose service failures (a server gone, a timeout, a refused request)
+    surface as one-line :class:`~spherefmt.errors.StorageError` naming the package and the
+    object, instead of whichever client library's exception."""
+
+    where = "<remote>"
+
+    async def _guard(self, key: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except Exception as e:  # noqa: BLE001 - classified by _storage_error
+            err = _storage_error(e, self.where, key)
+            if err is e:
+                raise
+            raise err from None
+
+    async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._guard(key, super().get(key, *args, **kwargs))
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        return await self._guard("", super().get_partial_values(prototype, key_ranges))
+
+    async def set(self, key: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        return await self._guard(key, super().set(key, value, *args, **kwargs))
+
+    async def exists(self, key: str) -> bool:
+        return await self._guard(key, super().exists(key))
+
+    async def delete(self, key: str) -> None:
+        return await self._guard(key, super().delete(key))
+
+    async def getsize(self, key: str) -> int:
+        return await self._guard(key, super().getsize(key))
+
+    async def _listing(self, prefix: str, gen: Any) -> Any:
+        try:
+            async for item in gen:
+                yield item
+        except Exception as e:  # noqa: BLE001 - classified by _storage_error
+            err = _storage_error(e, self.where, prefix)
+            if err is e:
+                raise
+            raise err from None
+
+    def list(self) -> Any:
+        return self._listing("", super().list())
+
+    def list_prefix(self, prefix: str) -> Any:
+        return self._listing(prefix, super().list_prefix(prefix))
+
+    def list_dir(self, prefix: str) -> Any:
+        return self._listing(prefix, super().list_dir(prefix))
+
+
+def _remote(url: str, read_only: bool) -> RemoteStore:
+    try:
+        store = RemoteStore.from_url(url, read_only=read_only)
+    except ImportError as e:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{url}: {e} (for s3:// install 'spherefmt[s3]')") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a malformed URL or missing credentials
+        err = _storage_error(e, url, "")
+        if err is e:
+            raise FormatError(f"{url}: cannot open ({type(e).__name__}: {str(e)[:160]})") from None
+        raise err from None
+    store.where = url
+    return store
+
+
 def close_store(store: Store) -> None:
     """Close a store and, for VHD packages, the image under it."""
     from .vhdfs import VHDFileSystem
@@ -84,7 +170,7 @@ def open_store(url: Any, mode: str = "r") -> tuple[Store, str, str]:
     url = os.fspath(url)
     kind = _kind(url)
     if kind == "fsspec":
-        return FsspecStore.from_url(url, read_only=ro), url, kind
+        return _remote(url, ro), url, kind
     path = _local(url)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such package")
@@ -105,8 +191,12 @@ def root_attrs(store: Store, where: str) -> dict[str, Any] | None:
     """The root group's attributes, read and checked as untrusted JSON; ``None`` if absent."""
     from zarr.core.buffer import default_buffer_prototype
 
+    from .errors import StorageError
+
     try:
         buf = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
+    except StorageError:
+        raise
     except (OSError, KeyError) as e:
         raise FormatError(f"{where}: cannot read zarr.json ({e})") from None
     if buf is None:
@@ -183,7 +273,7 @@ def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, 
     url = os.fspath(dst)
     kind = _kind(url)
     if kind == "fsspec":
-        store = FsspecStore.from_url(url, read_only=False)
+        store = _remote(url, False)
         if sync(store.exists("zarr.json")):
             pkg = is_package(url)
             if not (overwrite and pkg):

@@ -1,0 +1,194 @@
+"""Packages in object storage: a real S3-compatible server (moto's server mode) on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spherefmt
+from spherefmt.cli import main
+from spherefmt.errors import FormatError, StorageError
+from spherefmt.runtime import Session
+
+s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+TINY = Path(spherefmt.__file__).parent / "data" / "tiny-gpt2"
+IDS = np.arange(1, 90) * 37 % 4096
+
+
+class Server:
+    """``python -m moto.server`` on a free loopback port, as its own process (so it can be killed)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+
+    def use(self) -> None:
+        """Point every S3 client of this process (and of its children) at this server."""
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir("models")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL")}
+    srv = Server()
+    srv.use()
+    yield srv
+    srv.kill()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def bucket_pkg(server, tmp_path_factory):
+    """The small model converted straight into the bucket by the CLI, and the same into a folder."""
+    local = tmp_path_factory.mktemp("s3") / "local.sphere"
+    spherefmt.save(TINY, local)
+    try:
+        main(["convert", str(TINY), "s3://models/tiny", "-q"])
+    except SystemExit as e:
+        assert not e.code
+    return "s3://models/tiny", local
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_convert_into_a_bucket_then_info_and_eval(bucket_pkg, capsys):
+    url, local = bucket_pkg
+    code, out, _ = _run(capsys, "info", url, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["package"] == url and info["architecture"] == "gpt2" and info["experts"] > 1
+    with spherefmt.open(url) as p, spherefmt.open(local) as q:
+        assert p.metadata["tensors"] == q.metadata["tensors"]
+        for name in p.keys():
+            assert p.tensor(name).tobytes() == q.tensor(name).tobytes(), name
+    text = (TINY / "heldout.txt").read_text()[:1500]
+    (Path(local).parent / "t.txt").write_text(text)
+    results = []
+    for where in (url, str(local)):
+        code, out, err = _run(capsys, "eval", where, "--text", str(Path(local).parent / "t.txt"), "--budget", "40%",
+                              "--backend", "numpy", "--json")
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["ppl"] == results[1]["ppl"] and results[0]["ppl"] < 400 and results[0]["tokens"] > 100
+
+
+def test_streaming_reads_experts_by_byte_range(bucket_pkg, monkeypatch):
+    url, local = bucket_pkg
+    calls: list[tuple[str, object, object]] = []
+    orig = s3fs.S3FileSystem._cat_file
+
+    async def spy(self, path, version_id=None, start=None, end=None, **kw):
+        calls.append((path, start, end))
+        return await orig(self, path, version_id=version_id, start=start, end=end, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", spy)
+    with Session(url, "numpy", budget="40%", prefetch=False) as s:
+        remote = np.stack([s.logits(IDS[:40]), s.logits(IDS[40:80])])
+        stats = s.stats()
+    monkeypatch.undo()
+    with Session(str(local), "numpy", budget="40%", prefetch=False) as s:
+        here = np.stack([s.logits(IDS[:40]), s.logits(IDS[40:80])])
+    np.testing.assert_array_equal(remote, here)
+    fs = s3fs.S3FileSystem()
+    shards = [(p, a, b) for p, a, b in calls if "/sphere/" in p and "/neurons/c/" in p]
+    assert shards and stats["experts_loaded"] > 0
+    for path, start, end in shards:  # every expert read is a range of its object, never all of it:
+        size = fs.size(path)  # the shard index (a suffix), then one inner chunk (a range)
+        if start is not None and start < 0:
+            assert end is None and -start < size, (path, start, end)
+        else:
+            assert start is not None and end is not None and 0 <= start < end <= size, (path, start, end)
+            assert end - start < size
+    assert stats["bytes_read"] > 0
+
+
+def test_killed_server_gives_a_clear_error(tmp_path, capsys):
+    own = Server()  # a server of its own, killed mid-read
+    saved = os.environ.get("AWS_ENDPOINT_URL")
+    try:
+        own.use()
+        spherefmt.save(TINY, "s3://models/doomed", codec="none")
+        s = Session("s3://models/doomed", "numpy", budget="25%", prefetch=False)
+        s.logits(IDS[:8])
+        own.kill()
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=r"s3://models/doomed: storage failed on .*Could not connect"):
+            s.logits(IDS[:40])
+        assert time.monotonic() - t0 < 60  # retries are bounded, not a hang
+        s.close()
+        code, _, err = _run(capsys, "info", "s3://models/doomed")
+        assert code == 2 and err.startswith("sphere: error:") and "storage failed" in err and err.count("\n") == 1
+    finally:
+        own.kill()
+        os.environ["AWS_ENDPOINT_URL"] = saved or ""
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_killed_conversion_leaves_no_package(server, capsys):
+    url = "s3://models/interrupted"
+    fs = s3fs.S3FileSystem()
+    proc = subprocess.Popen([sys.executable, "-m", "spherefmt.cli", "convert", str(TINY), url, "-q"],
+                            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not fs.exists("models/interrupted/core"):  # the header is written, tensors are arriving
+        fs.invalidate_cache()
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(FormatError, match="incomplete"):
+        spherefmt.open(url)
+    code, _, err = _run(capsys, "info", url)
+    assert code == 2 and "incomplete" in err
+    code, _, err = _run(capsys, "convert", str(TINY), url, "-q")  # never replaced without asking
+    assert code == 2 and "overwrite" in err
+    code, _, err = _run(capsys, "convert", str(TINY), url, "-q", "--overwrite")
+    assert code == 0, err
+    with spherefmt.open(url) as p:
+        assert p.metadata["state"] == "complete"
