@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from spherefmt.runtime import Session
 
 import spherefmt
 from spherefmt.cli import main
 from spherefmt.errors import FormatError, StorageError
-from spherefmt.runtime import Session
+from spherefmt.testing.s3 import S3Server
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -27,43 +25,11 @@ TINY = Path(spherefmt.__file__).parent / "data" / "tiny-gpt2"
 IDS = np.arange(1, 90) * 37 % 4096
 
 
-class Server:
-    """``python -m moto.server`` on a free loopback port, as its own process (so it can be killed)."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-
-    def use(self) -> None:
-        """Point every S3 client of this process (and of its children) at this server."""
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.url)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("models")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server():
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                             "AWS_ENDPOINT_URL")}
-    srv = Server()
+    srv = S3Server()
     srv.use()
     yield srv
     srv.kill()
@@ -149,7 +115,7 @@ def test_streaming_reads_experts_by_byte_range(bucket_pkg, monkeypatch):
 
 
 def test_killed_server_gives_a_clear_error(tmp_path, capsys):
-    own = Server()  # a server of its own, killed mid-read
+    own = S3Server()  # a server of its own, killed mid-read
     saved = os.environ.get("AWS_ENDPOINT_URL")
     try:
         own.use()
@@ -180,7 +146,7 @@ def test_killed_conversion_leaves_no_package(server, capsys):
         fs.invalidate_cache()
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()  # SIGKILL
     proc.wait()
     with pytest.raises(FormatError, match="incomplete"):
         spherefmt.open(url)
