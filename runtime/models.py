@@ -42,6 +42,10 @@ class Model(ABC):
         self.config = dict(pkg.config or {})
         self.n_layers = len(pkg.layer_depth)
         first = pkg._layout.layers[0][pkg._layout.fields[0].name]
+        if ".0.mlp." not in first:
+            raise FormatError(f"{pkg.where}: the runtime reads Hugging Face tensor names and this package has "
+                              f"{first!r} (llama.cpp's GGUF names); streaming GGUF-named packages is not built yet: "
+                              "export it with sphere export, or convert the Hugging Face checkpoint")
         self.prefix = first[: first.index(f".{0}.mlp.")] + "."  # e.g. "transformer.h." or "model.layers."
         self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
         self.period = self.n_layers + 2  # embed, layers..., head

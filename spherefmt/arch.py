@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import ARCH_GENERIC, ARCH_GPT2, ARCH_LLAMA, GPT2_FIELDS, LLAMA_FIELDS, SPHERE_DTYPES
+from .constants import ARCH_GENERIC, ARCH_GPT2, ARCH_LLAMA, GGUF_LLAMA_FIELDS, GPT2_FIELDS, LLAMA_FIELDS, SPHERE_DTYPES
 from .errors import FormatError
 from .safetensors_io import TensorInfo
 
@@ -91,11 +91,15 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     names = list(infos)
     gpt2_re = re.compile(r"^(?P<pre>(?:.*\.)?h\.)(?P<l>\d+)\.mlp\.c_fc\.weight$")
     llama_re = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<l>\d+)\.mlp\.gate_proj\.weight$")
+    gguf_re = re.compile(r"^(?P<pre>blk\.)(?P<l>\d+)\.ffn_gate\.weight$")  # llama.cpp names
     hits = {ARCH_GPT2: [gpt2_re.match(n) for n in names], ARCH_LLAMA: [llama_re.match(n) for n in names]}
+    gguf_names = not any(hits[ARCH_LLAMA]) and any(gguf_re.match(n) for n in names)
+    if gguf_names:
+        hits[ARCH_LLAMA] = [gguf_re.match(n) for n in names]
     if model_type == "gpt2" or (not model_type and any(hits[ARCH_GPT2])):
         arch, spec = ARCH_GPT2, GPT2_FIELDS
     elif model_type in LLAMA_MODEL_TYPES or (not model_type and any(hits[ARCH_LLAMA])):
-        arch, spec = ARCH_LLAMA, LLAMA_FIELDS
+        arch, spec = ARCH_LLAMA, GGUF_LLAMA_FIELDS if gguf_names else LLAMA_FIELDS
     else:
         return _generic(f"{where}: architecture {model_type or 'unknown'!r} is not GPT-2 or Llama-family")
     matches = [m for m in hits[arch] if m]
@@ -113,6 +117,10 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     n_inner = _cfg_int(config, "n_inner", "intermediate_size")
     if arch == ARCH_GPT2 and n_inner is None and d is not None:
         n_inner = 4 * d
+    if gguf_names and any(infos[f"{pre}{la}.{suffix}"].dtype == "U8" for la in range(n_layers)
+                          for _, suffix, _ in spec if f"{pre}{la}.{suffix}" in infos):
+        return _generic(f"{where}: the FFN tensors are quantized (raw GGUF blocks); they are kept bit for bit in "
+                        "core/ and mapping quantized FFN weights onto the sphere is a later step")
     layout = Layout(arch=arch, in_field=spec[0][0], out_field=spec[-1][0])
     dtypes = set()
     for layer in range(n_layers):

@@ -85,6 +85,14 @@ LLAMA_FIELDS = (
     ("up", "mlp.up_proj.weight", 0),
     ("down", "mlp.down_proj.weight", 1),
 )
+#: the same fields under llama.cpp's GGUF names (``blk.N.``; section 9.1)
+GGUF_LLAMA_FIELDS = (
+    ("gate", "ffn_gate.weight", 0),
+    ("up", "ffn_up.weight", 0),
+    ("down", "ffn_down.weight", 1),
+)
+#: side file of a package converted from GGUF: key/values, tensor types, alignment (section 9.1)
+GGUF_SIDE_FILE = "gguf.json"
 
 # --- 7. Placement ----------------------------------------------------------------------------
 PLACEMENT_POLICY = "lightning-pca-balanced"

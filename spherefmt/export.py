@@ -25,15 +25,18 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
     pkg
         A :class:`Package` or anything :func:`spherefmt.open` accepts.
     dst
-        ``*.safetensors`` (streamed: one tensor in memory at a time) or ``*.pt``/``*.pth``/``*.bin``
-        (a torch state dict; needs torch and holds the whole model in memory while saving).
+        ``*.safetensors`` (streamed: one tensor in memory at a time), ``*.gguf`` (packages
+        converted from GGUF: metadata and tensor types restored, see :mod:`spherefmt.gguf_io`)
+        or ``*.pt``/``*.pth``/``*.bin`` (a torch state dict; needs torch and holds the whole model
+        in memory while saving).
     fmt
-        ``"safetensors"`` or ``"torch"``; default from the suffix of ``dst``.
+        ``"safetensors"``, ``"gguf"`` or ``"torch"``; default from the suffix of ``dst``.
     """
     dst = Path(dst)
-    fmt = fmt or {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}.get(dst.suffix)
-    if fmt not in ("safetensors", "torch"):
-        raise FormatError(f"{dst}: unknown export format; use a .safetensors, .pt, .pth or .bin name")
+    fmt = fmt or {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+                  ".gguf": "gguf"}.get(dst.suffix)
+    if fmt not in ("safetensors", "torch", "gguf"):
+        raise FormatError(f"{dst}: unknown export format; use a .safetensors, .gguf, .pt, .pth or .bin name")
     own = not isinstance(pkg, Package)
     p = open_package(pkg) if own else pkg
     try:
@@ -42,7 +45,11 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
         from .package import _progress
 
         with _progress(sum(i.nbytes for i in infos), "export", progress) as bar, bounded_heap():
-            if fmt == "safetensors":
+            if fmt == "gguf":
+                from .gguf_io import export_gguf
+
+                export_gguf(p, dst, storage=_LayerReader(p).storage, progress=bar.update)
+            elif fmt == "safetensors":
                 meta = p.metadata["metadata"]
                 write_safetensors(dst, infos, _LayerReader(p).storage, metadata=meta or None, progress=bar.update)
             else:

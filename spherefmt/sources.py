@@ -299,6 +299,10 @@ def open_source(src: Any) -> TensorSource:
         cfg = p.with_name("config.json")
         s.config = _read_json(cfg) if cfg.exists() else None
         return s
+    if p.suffix == ".gguf":
+        from .gguf_io import GGUFSource
+
+        return GGUFSource(p)
     if p.suffix in (".pt", ".pth", ".bin"):
         return MappingSource(_torch_load(p), str(p))
-    raise FormatError(f"{p}: unknown model file type {p.suffix!r} (expected .safetensors, .pt, .pth, .bin or a folder)")
+    raise FormatError(f"{p}: unknown model file type {p.suffix!r} (expected .safetensors, .gguf, .pt, .pth, .bin or a folder)")

@@ -1,0 +1,63 @@
+"""GGUF import and export against copying the file, in one run.
+
+A Llama-shaped GGUF written by the ``gguf`` package (8 layers, width 1024, FFN 2816, vocabulary
+32000: F16 embeddings, Q8_0 head, F32 attention and FFN; random weights made locally), and the
+same with Q8_0 FFN tensors.  Import: ``sphere convert`` (the FFN onto the sphere, or raw when
+quantized), default codec and ``--codec none``.  Export: back to ``.gguf``, checked byte-identical
+to the original.  Results: ``bench/results/gguf.json``.
+
+    .venv/bin/python bench/bench_gguf.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import spherefmt
+from spherefmt.testing.gguf import make_llama_gguf
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp:
+        tmp = Path(tmp)
+        for quant in (False, True):
+            src = make_llama_gguf(tmp / "m.gguf", layers=8, d=1024, ff=2816, vocab=32000, quantized_ffn=quant)
+            size = src.stat().st_size
+            copy_s = timed(lambda: shutil.copyfile(src, tmp / "copy.gguf"))
+            for codec in ("default", "none"):
+                pkg = tmp / f"m-{codec}.sphere"
+                conv_s = timed(lambda: spherefmt.save(src, pkg, codec=codec))
+                out = tmp / "back.gguf"
+                exp_s = timed(lambda: spherefmt.export(pkg, out))
+                same = out.read_bytes() == src.read_bytes()
+                stored = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+                with spherefmt.open(pkg) as p:
+                    arch = p.architecture
+                rows.append({"ffn": "Q8_0" if quant else "F32", "codec": codec, "gguf_bytes": size,
+                             "package_bytes": stored, "architecture": arch, "copy_s": copy_s, "import_s": conv_s,
+                             "export_s": exp_s, "import_over_copy": conv_s / copy_s, "export_over_copy": exp_s / copy_s,
+                             "export_identical": same})
+                print(f"FFN {rows[-1]['ffn']}, codec {codec}: {size / 2**20:.0f} MiB; copy {copy_s:.2f}s, import "
+                      f"{conv_s:.2f}s, export {exp_s:.2f}s; identical {same}; package {stored / 2**20:.0f} MiB",
+                      flush=True)
+                shutil.rmtree(pkg)
+                out.unlink()
+            src.unlink()
+    (HERE / "results" / "gguf.json").write_text(json.dumps({"benchmark": "gguf", "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""GGUF (llama.cpp, Ollama, LM Studio) in and out, through the ``gguf`` package's own reader and
+writer (``spec/FORMAT.md`` section 9.1).
+
+Import: F32, F16 and BF16 tensors become ordinary tensors under their GGUF names; a
+Llama-family GGUF (``blk.N.ffn_gate/ffn_up/ffn_down.weight``) puts its FFN neurons on the sphere
+like a Hugging Face checkpoint.  Every other tensor type (quantized blocks such as Q8_0 or Q4_K,
+and integer tensors) is carried bit for bit as raw bytes in ``core/``; when the FFN tensors are
+quantized the model is stored without a sphere (mapping quantized blocks onto cells is a later
+step, and ``sphere info`` says so).  The GGUF key/value metadata (types included), the tensor
+order and types, and the alignment go into the side file ``gguf.json``.
+
+Export: the same key/value pairs in the same order, the same tensors with the same types and
+bytes, written tensor by tensor (one in memory at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .constants import GGUF_SIDE_FILE
+from .errors import BackendUnavailableError, FormatError
+from .safetensors_io import TensorInfo
+from .sources import TensorSource
+
+__all__ = ["GGUFSource", "export_gguf", "GGUF_SIDE_FILE"]
+
+_FLOAT = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
+_MIN_FILE = 24  # magic, version, tensor count, kv count
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise BackendUnavailableError("GGUF needs the gguf package: pip install 'spherefmt[gguf]'") from None
+    return gguf
+
+
+def _value(field: Any, gguf: Any, where: str) -> dict[str, Any]:
+    """One key/value field as JSON: ``{"key", "type", "value"}`` (+ ``"item_type"`` for arrays);
+    strings that are not UTF-8 are kept as ``{"hex": ...}``."""
+    vt = gguf.GGUFValueType
+    types = list(field.types)
+    if not types:
+        raise FormatError(f"{where}: metadata {field.name[:80]!r} has no type")
+
+    def scalar(part: Any, t: Any) -> Any:
+        if t == vt.STRING:
+            raw = bytes(part.tobytes())
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"hex": raw.hex()}
+        v = part.tolist()
+        v = v[0] if isinstance(v, list) else v
+        return bool(v) if t == vt.BOOL else v
+
+    out: dict[str, Any] = {"key": field.name, "type": int(types[0])}
+    if types[0] == vt.ARRAY:
+        if len(types) != 2 or types[1] == vt.ARRAY:
+            raise FormatError(f"{where}: metadata {field.name[:80]!r}: nested arrays are not supported")
+        out["item_type"] = int(types[1])
+        out["value"] = [scalar(field.parts[i], types[1]) for i in field.data]
+    else:
+        out["value"] = scalar(field.parts[field.data[0]], types[0])
+    return out
+
+
+def _config(fields: dict[str, Any], n_vocab: int | None) -> dict[str, Any] | None:
+    """A Hugging Face-style config from the GGUF keys, so architecture detection can check the
+    tensors against it; ``None`` for architectures without one."""
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        return None
+    keys = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+            "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length",
+            "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base"}
+    cfg: dict[str, Any] = {"model_type": arch, "source_format": "gguf"}
+    for name, key in keys.items():
+        v = fields.get(f"{arch}.{key}")
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            cfg[name] = v
+    if n_vocab:
+        cfg["vocab_size"] = n_vocab
+    return cfg
+
+
+class GGUFSource(TensorSource):
+    """A ``.gguf`` file as a conversion source (memory-mapped: one tensor read at a time)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        gguf = _gguf()
+        self.where = str(path)
+        p = Path(path)
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(4)
+        if size < _MIN_FILE or head != b"GGUF":
+            raise FormatError(f"{p}: not a GGUF file (no GGUF magic)")
+        try:
+            reader = gguf.GGUFReader(p, "r")
+            meta = [_value(f, gguf, self.where) for name, f in reader.fields.items() if not name.startswith("GGUF.")]
+            tensors = list(reader.tensors)
+        except FormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the gguf reader raises whatever its parse hits
+            msg = " ".join(str(e).split())[:160] or type(e).__name__
+            raise FormatError(f"{p}: malformed GGUF ({type(e).__name__}: {msg})") from None
+        self._reader = reader
+        self._tensors: dict[str, Any] = {}
+        self._info: dict[str, TensorInfo] = {}
+        entries = []
+        for t in tensors:
+            name = str(t.name)
+            if not name or name in self._tensors:
+                raise FormatError(f"{p}: empty or duplicate tensor name {name[:80]!r}")
+            ne = [int(x) for x in t.shape]
+            kind = gguf.GGMLQuantizationType(t.tensor_type).name
+            if kind in _FLOAT:
+                dtype, shape = _FLOAT[kind][0], tuple(reversed(ne))
+                raw = False
+            else:  # quantized blocks and integer tensors: raw bytes, restored exactly on export
+                dtype, shape, raw = "U8", (int(t.n_bytes),), True
+            info = TensorInfo(name, dtype, shape)
+            if info.nbytes != int(t.n_bytes) or int(t.data.nbytes) != int(t.n_bytes):
+                raise FormatError(f"{p}: tensor {name[:80]!r} ({kind}, ne {ne}) has {int(t.data.nbytes)} bytes in the "
+                                  f"file, expected {int(t.n_bytes)}")
+            self._tensors[name] = t
+            self._info[name] = info
+            entries.append({"name": name, "ggml_type": int(t.tensor_type), "type_name": kind, "ne": ne, "raw": raw})
+        values = {m["key"]: m["value"] for m in meta}
+        align = values.get("general.alignment", 32)
+        embd = self._info.get("token_embd.weight")
+        tokens = values.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens) if isinstance(tokens, list) else (embd.shape[0] if embd and embd.dtype != "U8" else None)
+        self.config = _config(values, n_vocab)
+        self.metadata = {}
+        side = {"version": int(reader.fields["GGUF.version"].parts[-1][0]) if "GGUF.version" in reader.fields else 3,
+                "alignment": int(align) if isinstance(align, int) else 32, "kv": meta, "tensors": entries}
+        self.files = {GGUF_SIDE_FILE: json.dumps(side, ensure_ascii=False).encode("utf-8")}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def _bytes(self, name: str) -> np.ndarray:
+        data = np.asarray(self._tensors[name].data).reshape(-1)
+        return data if data.dtype == np.uint8 else data.view(np.uint8)
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._info[name]
+        flat = self._bytes(name)
+        if info.dtype == "U8":
+            return flat.copy()
+        return flat.view(_FLOAT[info.dtype][1]).reshape(info.shape).copy()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        info = self._info[name]
+        if info.dtype == "U8":
+            return self._bytes(name)[start:stop].copy()
+        item = np.dtype(_FLOAT[info.dtype][1])
+        row = int(np.prod(info.shape[1:], dtype=np.int64)) * item.itemsize
+        part = self._bytes(name)[start * row : stop * row]
+        return part.view(item).reshape((stop - start, *info.shape[1:])).copy()
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._reader = None
+
+
+def export_gguf(pkg: Any, dst: str | os.PathLike[str], storage: Any = None, progress: Any = None) -> None:
+    """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring).
+
+    Tensors come from the package as it is now (trained or grown); layer and FFN counts in the
+    metadata follow the tensors.  Written beside ``dst`` and renamed into place.
+    """
+    gguf = _gguf()
+    if GGUF_SIDE_FILE not in pkg.metadata.get("files", []):
+        raise FormatError(f"{pkg.where}: not converted from GGUF, so it has no GGUF metadata to write; export to "
+                          ".safetensors (llama.cpp's convert_hf_to_gguf.py makes a GGUF from that)")
+    try:
+        side = json.loads(pkg.file(GGUF_SIDE_FILE).decode("utf-8"))
+        kv, entries = side["kv"], {e["name"]: e for e in side["tensors"]}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise FormatError(f"{pkg.where}: {GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+    vt, qt = gguf.GGUFValueType, gguf.GGMLQuantizationType
+    values = {m["key"]: m for m in kv}
+    arch = values.get("general.architecture", {}).get("value", "llama")
+    if pkg.graticule is not None:  # after growth the counts follow the tensors
+        for key, v in ((f"{arch}.block_count", len(pkg.layer_depth)), (f"{arch}.feed_forward_length", pkg.ffn_size())):
+            if key in values:
+                values[key]["value"] = v
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    w = gguf.GGUFWriter(tmp, arch=str(arch))
+    w.kv_data[0].clear()  # the writer adds general.architecture itself; ours come in their own order
+    w.data_alignment = int(side.get("alignment", 32))
+
+    def unpack(v: Any) -> Any:
+        return bytes.fromhex(v["hex"]) if isinstance(v, dict) else v
+
+    for m in kv:
+        t = vt(int(m["type"]))
+        if t == vt.ARRAY:
+            w.add_key_value(m["key"], [unpack(x) for x in m["value"]], t, sub_type=vt(int(m["item_type"])))
+        else:
+            w.add_key_value(m["key"], unpack(m["value"]), t)
+    plan = []
+    for name in pkg.keys():
+        info = pkg.tensor_info(name, padded=True)
+        e = entries.get(name)
+        if e is not None and e["raw"]:
+            kind = qt(int(e["ggml_type"]))
+            byte_shape = gguf.quant_shape_to_byte_shape(tuple(reversed(e["ne"])), kind)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=kind)
+        else:
+            if info.dtype not in _FLOAT:
+                raise FormatError(f"{pkg.where}: tensor {name!r} is {info.dtype}; GGUF takes F32, F16 or BF16 here")
+            # any non-uint8 dtype keeps the shape as given; raw_dtype sets the GGUF type
+            w.add_tensor_info(name, info.shape, np.dtype(np.float32), info.nbytes, raw_dtype=qt[info.dtype])
+        plan.append(name)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name in plan:
+            arr = storage(name) if storage is not None else pkg._storage(name, padded=True)
+            data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            w.write_tensor_data(data.reshape(-1))
+            if progress is not None:
+                progress(data.nbytes)
+        w.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,67 @@
+"""Llama-shaped GGUF files written by the ``gguf`` package's own writer (tests, benchmarks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["make_llama_gguf"]
+
+
+def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
+                    quantized_ffn: bool = False, seed: int = 0) -> Path:
+    """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
+    output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
+    ``quantized_ffn``), and metadata of several value types (string arrays included).
+    Tensors are written one at a time."""
+    import gguf
+    import ml_dtypes
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    rng = np.random.default_rng(seed)
+
+    def r(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = [
+        ("token_embd.weight", r(vocab, d).astype(np.float16), None),
+        ("output_norm.weight", np.ones(d, np.float32), None),
+        ("output.weight", gguf.quants.quantize(r(vocab, d), q8), q8),
+        ("rope_freqs.weight", r(d // 8).astype(ml_dtypes.bfloat16).view(np.uint16), gguf.GGMLQuantizationType.BF16),
+    ]
+    for la in range(layers):
+        p = f"blk.{la}."
+        tensors += [(p + "attn_norm.weight", np.ones(d, np.float32), None),
+                    (p + "attn_q.weight", r(d, d), None), (p + "attn_k.weight", r(d // 2, d), None),
+                    (p + "attn_v.weight", r(d // 2, d), None), (p + "attn_output.weight", r(d, d), None),
+                    (p + "ffn_norm.weight", np.ones(d, np.float32), None)]
+        for name, shape in (("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)), ("ffn_down.weight", (d, ff))):
+            t = r(*shape)
+            tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"tok{i}" for i in range(vocab)])
+    w.add_token_scores([float(i) / 3 for i in range(vocab)])
+    w.add_bool("spherefmt.test.flag", True)
+    w.add_int32("spherefmt.test.negative", -7)
+    w.add_uint64("spherefmt.test.big", 2**40 + 3)
+    w.add_float64("spherefmt.test.pi", 3.141592653589793)
+    w.add_array("spherefmt.test.ints", [1, 2, 3])
+    for name, data, raw in tensors:
+        w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, data, _ in tensors:
+        w.write_tensor_data(data)
+    w.close()
+    return Path(path)

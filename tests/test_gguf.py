@@ -1,0 +1,136 @@
+"""GGUF in and out: the gguf package's writer -> sphere convert -> sphere export -> its reader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import spherefmt
+from spherefmt.cli import main
+from spherefmt.errors import FormatError
+
+gguf = pytest.importorskip("gguf")
+from spherefmt.testing.gguf import make_llama_gguf  # noqa: E402
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _fields(path) -> list[tuple]:
+    r = gguf.GGUFReader(path)
+    out = []
+    for name, f in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        out.append((name, [int(t) for t in f.types], [bytes(f.parts[i].tobytes()) for i in f.data]))
+    return out
+
+
+def _tensors(path) -> list[tuple]:
+    return [(t.name, int(t.tensor_type), [int(x) for x in t.shape], bytes(np.asarray(t.data).tobytes()))
+            for t in gguf.GGUFReader(path).tensors]
+
+
+@pytest.mark.parametrize("quantized_ffn", [False, True])
+def test_round_trip_through_the_cli(tmp_path, capsys, quantized_ffn):
+    src = make_llama_gguf(tmp_path / "m.gguf", quantized_ffn=quantized_ffn)
+    pkg, out = tmp_path / "m.sphere", tmp_path / "back.gguf"
+    code, _, err = _run(capsys, "convert", str(src), str(pkg), "--graticule", "2x2", "-q")
+    assert code == 0, err
+    code, _, err = _run(capsys, "export", str(pkg), str(out), "-q")
+    assert code == 0, err
+    # gguf's own reader: identical metadata (keys, types, values, order) and tensors (names,
+    # types, shapes, bytes); the writer even lays the file out byte for byte the same
+    assert _fields(out) == _fields(src)
+    assert _tensors(out) == _tensors(src)
+    assert out.read_bytes() == src.read_bytes()
+    code, text, _ = _run(capsys, "info", str(pkg), "--json")
+    info = json.loads(text)
+    with spherefmt.open(pkg) as p:
+        if quantized_ffn:  # kept raw in core/, and info says why there is no sphere
+            assert info["architecture"] == "generic" and "quantized" in info["warning"]
+            assert p.tensor_info("blk.0.ffn_gate.weight").dtype == "U8"
+        else:  # the FFN went onto the sphere: an expert's rows are the GGUF FFN rows
+            assert info["architecture"] == "llama" and info["experts"] == 4 * 2
+            assert p.tensor_info("output.weight").dtype == "U8"  # Q8_0 head carried raw
+            gate = gguf.GGUFReader(src).tensors
+            gate = np.asarray(next(t for t in gate if t.name == "blk.1.ffn_gate.weight").data)
+            e = p.expert(0, 1, p.layer_depth[1], layer=1)
+            real = e.index[0] >= 0
+            np.testing.assert_array_equal(e.field("gate")[0][real], gate[e.index[0][real]])
+    code, text, _ = _run(capsys, "info", str(pkg))
+    assert ("quantized" in text) == quantized_ffn
+    if not quantized_ffn:  # the runtime reads Hugging Face names: a clear refusal, not a traceback
+        code, _, err = _run(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
+        assert code == 2 and "GGUF names" in err
+
+
+def test_gguf_export_of_a_trained_package_and_refusals(tmp_path):
+    src = make_llama_gguf(tmp_path / "m.gguf")
+    pkg = spherefmt.save(src, tmp_path / "m.sphere", graticule="2x2")
+    with spherefmt.open(pkg, "r+") as p:
+        e = p.expert(1, 0, 0)
+        rows = e.neurons.copy()
+        rows[e.index >= 0] = 0.25
+        p.write_expert(1, 0, 0, rows)
+        layer = e.layers[0]
+        changed = e.index[0][e.index[0] >= 0]
+    spherefmt.export(pkg, tmp_path / "t.gguf")
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
+    assert (t[f"blk.{layer}.ffn_up.weight"][changed] == 0.25).all()
+    from spherefmt.testing import llama_config, make_llama
+
+    hf = spherefmt.save(make_llama(llama_config(), "F32"), tmp_path / "hf.sphere", config=llama_config())
+    with pytest.raises(FormatError, match="not converted from GGUF"):
+        spherefmt.export(hf, tmp_path / "x.gguf")
+
+
+def test_hostile_gguf_files(tmp_path):
+    good = make_llama_gguf(tmp_path / "m.gguf").read_bytes()
+    for name, blob in (("empty", b""), ("magic", b"GGUF"), ("text", b"hello world, not a model" * 4),
+                       ("truncated", good[: len(good) // 3]), ("header", good[:40])):
+        bad = tmp_path / f"{name}.gguf"
+        bad.write_bytes(blob)
+        with pytest.raises(FormatError, match=str(bad)):
+            spherefmt.save(bad, tmp_path / f"{name}.sphere")
+        assert not (tmp_path / f"{name}.sphere").exists()
+
+
+_GOOD: list[bytes] = []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_reader_only_raises_format_error(tmp_path_factory, data):
+    if not _GOOD:
+        _GOOD.append(make_llama_gguf(tmp_path_factory.mktemp("g") / "m.gguf", layers=1, d=32, ff=64, vocab=32)
+                     .read_bytes())
+    blob = bytearray(_GOOD[0])
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(len(blob) // 2, len(blob)))
+    d = tmp_path_factory.mktemp("f")
+    path = d / "x.gguf"
+    path.write_bytes(bytes(blob[:cut]))
+    from spherefmt.gguf_io import GGUFSource
+
+    try:
+        with GGUFSource(path) as s:
+            for name in s.keys():
+                s.read(name)
+    except FormatError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+    shutil.rmtree(d)
