@@ -36,6 +36,9 @@ bench: setup
 	$(PY) bench/bench_backends.py
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_gguf.py
+	$(PY) bench/bench_s3.py
+	$(PY) bench/bench_scale.py
 
 clean:
 	rm -rf demo-out build dist *.egg-info

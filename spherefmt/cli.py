@@ -99,7 +99,8 @@ def cli() -> None:
       sphere convert gpt2-folder/ model.sphere      # HF folder, .safetensors, .pt/.bin
       sphere info model.sphere
       sphere cell model.sphere 1 2 0                # expert (lat=1, lon=2, depth=0)
-      sphere export model.sphere back.safetensors   # bit for bit
+      sphere export model.sphere back.safetensors   # bit for bit (or .gguf for GGUF sources)
+      sphere grow model.sphere --neurons 64         # function-preserving, in place
       sphere run model.sphere --prompt "def " --budget 25%   # streaming inference
       sphere route-train model.sphere --text sample.txt       # a learned top-k router
       sphere map model.sphere -o map.png                      # the graticule as world maps
@@ -125,7 +126,7 @@ def cli() -> None:
 @_user_errors
 def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool,
             vhd_size: str | None, placement: str, sample_file: str | None, quiet: bool) -> None:
-    """Convert a model (SRC: HF folder, .safetensors, .pt/.bin, or a package) into a package at DST
+    """Convert a model (SRC: HF folder, .safetensors, .gguf, .pt/.bin, or a package) into a package at DST
     (a directory, a .zip, a .vhd disk image, or an fsspec URL such as memory:// or s3://)."""
     from .package import save
 
