@@ -36,3 +36,16 @@ def dest(kind: str, tmp_path: Path) -> str:
 
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``sphere ARGS`` in-process: exit code, stdout, stderr."""
+    from spherefmt.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

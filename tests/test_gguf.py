@@ -11,21 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spherefmt
-from spherefmt.cli import main
 from spherefmt.errors import FormatError
 
 gguf = pytest.importorskip("gguf")
-from spherefmt.testing.gguf import make_llama_gguf  # noqa: E402
+from spherefmt.testing.gguf import make_llama_gguf
 
-
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from .conftest import run_cli
 
 
 def _fields(path) -> list[tuple]:
@@ -47,16 +38,16 @@ def _tensors(path) -> list[tuple]:
 def test_round_trip_through_the_cli(tmp_path, capsys, quantized_ffn):
     src = make_llama_gguf(tmp_path / "m.gguf", quantized_ffn=quantized_ffn)
     pkg, out = tmp_path / "m.sphere", tmp_path / "back.gguf"
-    code, _, err = _run(capsys, "convert", str(src), str(pkg), "--graticule", "2x2", "-q")
+    code, _, err = run_cli(capsys, "convert", str(src), str(pkg), "--graticule", "2x2", "-q")
     assert code == 0, err
-    code, _, err = _run(capsys, "export", str(pkg), str(out), "-q")
+    code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
     # gguf's own reader: identical metadata (keys, types, values, order) and tensors (names,
     # types, shapes, bytes); the writer even lays the file out byte for byte the same
     assert _fields(out) == _fields(src)
     assert _tensors(out) == _tensors(src)
     assert out.read_bytes() == src.read_bytes()
-    code, text, _ = _run(capsys, "info", str(pkg), "--json")
+    code, text, _ = run_cli(capsys, "info", str(pkg), "--json")
     info = json.loads(text)
     with spherefmt.open(pkg) as p:
         if quantized_ffn:  # kept raw in core/, and info says why there is no sphere
@@ -70,10 +61,10 @@ def test_round_trip_through_the_cli(tmp_path, capsys, quantized_ffn):
             e = p.expert(0, 1, p.layer_depth[1], layer=1)
             real = e.index[0] >= 0
             np.testing.assert_array_equal(e.field("gate")[0][real], gate[e.index[0][real]])
-    code, text, _ = _run(capsys, "info", str(pkg))
+    code, text, _ = run_cli(capsys, "info", str(pkg))
     assert ("quantized" in text) == quantized_ffn
     if not quantized_ffn:  # the runtime reads Hugging Face names: a clear refusal, not a traceback
-        code, _, err = _run(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
+        code, _, err = run_cli(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
         assert code == 2 and "GGUF names" in err
 
 

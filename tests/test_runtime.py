@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from spherefmt.backends import get_backend
+from spherefmt.runtime import Session, parse_budget
 
 import spherefmt
-from spherefmt.backends import get_backend
-from spherefmt.cli import main
-from spherefmt.errors import (BackendUnavailableError, BudgetExceededError, FormatError, InputError,
-                              UnknownBackendError)
-from spherefmt.runtime import Session, parse_budget
+from spherefmt.errors import BackendUnavailableError, BudgetExceededError, FormatError, InputError, UnknownBackendError
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
+
+from .conftest import run_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -222,32 +222,22 @@ def test_nll_matches_transformers_loss(model):
 
 
 # --- CLI -------------------------------------------------------------------------------------
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_run_and_eval(model, tmp_path, capsys):
     _, _, pkg, vhd, _, gen = model
     ids_file = tmp_path / "ids.npy"
     np.save(ids_file, IDS[:6])
-    code, out, err = _cli(capsys, "run", str(vhd), "--ids", str(ids_file), "-n", "8", "--budget", "25%", "--json",
+    code, out, err = run_cli(capsys, "run", str(vhd), "--ids", str(ids_file), "-n", "8", "--budget", "25%", "--json",
                           "--backend", "numpy")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["ids"][: len(gen)] == gen[: len(doc["ids"])] and len(doc["ids"]) >= 1
     assert doc["stats"]["peak_device_bytes"] <= doc["stats"]["budget_bytes"]
     np.save(ids_file, IDS)
-    code, out, err = _cli(capsys, "eval", str(pkg), "--ids", str(ids_file), "--json", "--backend", "numpy")
+    code, out, err = run_cli(capsys, "eval", str(pkg), "--ids", str(ids_file), "--json", "--backend", "numpy")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["tokens"] == len(IDS) - 1 and math.isclose(doc["ppl"], math.exp(doc["nll"]))
-    code, out, err = _cli(capsys, "run", str(pkg), "--prompt", "hi", "-n", "3", "--backend", "numpy", "--stats")
+    code, out, err = run_cli(capsys, "run", str(pkg), "--prompt", "hi", "-n", "3", "--backend", "numpy", "--stats")
     assert code == 0, err  # vocabulary 512 >= 256: byte-level text
     assert "tokens_per_s" in err
 
@@ -260,7 +250,7 @@ def test_cli_run_and_eval(model, tmp_path, capsys):
 ])
 def test_cli_user_errors_exit_2(model, capsys, args, message):
     _, _, pkg, _, _, _ = model
-    code, out, err = _cli(capsys, "run", str(pkg), "--prompt", "hi", *args)
+    code, out, err = run_cli(capsys, "run", str(pkg), "--prompt", "hi", *args)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -277,12 +267,12 @@ def test_cli_bad_ids_files_exit_2(model, tmp_path, capsys):
              ("eval", "junk.npy", "not a .npy"), ("eval", "obj.npy", "not a .npy"),
              ("run", "long.npy", "context is 48")]
     for cmd, f, message in cases:
-        code, _, err = _cli(capsys, cmd, str(pkg), "--ids", str(tmp_path / f), "--backend", "numpy")
+        code, _, err = run_cli(capsys, cmd, str(pkg), "--ids", str(tmp_path / f), "--backend", "numpy")
         assert code == 2 and message in err, (f, err)
 
 
 def test_cli_backends_json(capsys):
-    code, out, _ = _cli(capsys, "backends", "--json")
+    code, out, _ = run_cli(capsys, "backends", "--json")
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["numpy"]["available"] and "torch:cuda" in rows
@@ -308,7 +298,7 @@ def test_tokenizer_json_is_used_for_text(tmp_path, capsys):
         assert s.decode(ids) == "the sphere of neurons"
     text_file = tmp_path / "t.txt"
     text_file.write_text("the sphere of neurons turns slowly")
-    code, out, err = _cli(capsys, "eval", str(pkg), "--text", str(text_file), "--json", "--backend", "numpy")
+    code, out, err = run_cli(capsys, "eval", str(pkg), "--text", str(text_file), "--json", "--backend", "numpy")
     assert code == 0, err
     assert json.loads(out)["tokens"] == len(tok.encode("the sphere of neurons turns slowly").ids) - 1
 

@@ -18,6 +18,8 @@ from spherefmt.cli import main
 from spherefmt.errors import FormatError, StorageError
 from spherefmt.testing.s3 import S3Server
 
+from .conftest import run_cli
+
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
@@ -53,19 +55,9 @@ def bucket_pkg(server, tmp_path_factory):
     return "s3://models/tiny", local
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_convert_into_a_bucket_then_info_and_eval(bucket_pkg, capsys):
     url, local = bucket_pkg
-    code, out, _ = _run(capsys, "info", url, "--json")
+    code, out, _ = run_cli(capsys, "info", url, "--json")
     assert code == 0
     info = json.loads(out)
     assert info["package"] == url and info["architecture"] == "gpt2" and info["experts"] > 1
@@ -77,7 +69,7 @@ def test_convert_into_a_bucket_then_info_and_eval(bucket_pkg, capsys):
     (Path(local).parent / "t.txt").write_text(text)
     results = []
     for where in (url, str(local)):
-        code, out, err = _run(capsys, "eval", where, "--text", str(Path(local).parent / "t.txt"), "--budget", "40%",
+        code, out, err = run_cli(capsys, "eval", where, "--text", str(Path(local).parent / "t.txt"), "--budget", "40%",
                               "--backend", "numpy", "--json")
         assert code == 0, err
         results.append(json.loads(out))
@@ -128,7 +120,7 @@ def test_killed_server_gives_a_clear_error(tmp_path, capsys):
             s.logits(IDS[:40])
         assert time.monotonic() - t0 < 60  # retries are bounded, not a hang
         s.close()
-        code, _, err = _run(capsys, "info", "s3://models/doomed")
+        code, _, err = run_cli(capsys, "info", "s3://models/doomed")
         assert code == 2 and err.startswith("sphere: error:") and "storage failed" in err and err.count("\n") == 1
     finally:
         own.kill()
@@ -150,11 +142,11 @@ def test_killed_conversion_leaves_no_package(server, capsys):
     proc.wait()
     with pytest.raises(FormatError, match="incomplete"):
         spherefmt.open(url)
-    code, _, err = _run(capsys, "info", url)
+    code, _, err = run_cli(capsys, "info", url)
     assert code == 2 and "incomplete" in err
-    code, _, err = _run(capsys, "convert", str(TINY), url, "-q")  # never replaced without asking
+    code, _, err = run_cli(capsys, "convert", str(TINY), url, "-q")  # never replaced without asking
     assert code == 2 and "overwrite" in err
-    code, _, err = _run(capsys, "convert", str(TINY), url, "-q", "--overwrite")
+    code, _, err = run_cli(capsys, "convert", str(TINY), url, "-q", "--overwrite")
     assert code == 0, err
     with spherefmt.open(url) as p:
         assert p.metadata["state"] == "complete"
