@@ -99,6 +99,7 @@ def save(
     vhd_size: int | None = None,
     placement: str = "pca",
     sample: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Convert a model to a sphere package.
 
@@ -132,6 +133,8 @@ def save(
         share cells, which is what top-k routing needs; ``spec/FORMAT.md`` 7.1).
     sample
         Text (``str``, tokenized with the model's tokenizer) or token ids for ``"coactivation"``.
+    storage_options
+        fsspec options when ``dst`` is a URL (``endpoint_url``, ``key``...).
 
     Returns
     -------
@@ -180,7 +183,8 @@ def save(
             grid = Grid(p, m, d)
         elif graticule is not None or depth is not None:
             warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
-        dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()))
+        dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()),
+                                   storage_options=storage_options)
         try:
             from .sources import bounded_heap
 
@@ -1126,7 +1130,7 @@ def _as_storage(data: Any, dtype: str) -> np.ndarray:
     raise FormatError(f"rows are {arr.dtype}, the package holds {dtype}")
 
 
-def open(url: Any, mode: str = "r") -> Package:
+def open(url: Any, mode: str = "r", *, storage_options: dict[str, Any] | None = None) -> Package:
     """Open a package.
 
     Parameters
@@ -1136,6 +1140,8 @@ def open(url: Any, mode: str = "r") -> Package:
         or a zarr ``Store``.
     mode
         ``"r"`` (read) or ``"r+"`` (read and modify experts in place).
+    storage_options
+        fsspec options for a URL (``endpoint_url``, ``key``, ``config_kwargs``...).
 
     Raises
     ------
@@ -1147,7 +1153,7 @@ def open(url: Any, mode: str = "r") -> Package:
         path = path.removeprefix("file://")
         if "://" not in path and path.endswith(".zip"):
             return _ZipRewrite.open(path)
-    store, where, kind = open_store(url, mode)
+    store, where, kind = open_store(url, mode, storage_options)
     return Package(store, mode, where, kind)
 
 
@@ -1207,11 +1213,11 @@ class _ZipRewrite:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def is_package(url: Any) -> bool:
+def is_package(url: Any, storage_options: dict[str, Any] | None = None) -> bool:
     """True when ``url`` holds a spherefmt package."""
     from .storage import is_package as _is
 
-    return _is(url)
+    return _is(url, storage_options)
 
 
 class PackageSource(TensorSource):

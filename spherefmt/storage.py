@@ -9,6 +9,7 @@ marked ``writing`` until the very last write flips it to ``complete``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -31,7 +32,8 @@ from .errors import FormatError, PackageExistsError, ReadOnlyError
 DEFAULT_VHD_SIZE = 4 * 1024**3
 VHD_SIZE_FACTOR = 8
 
-__all__ = ["open_store", "close_store", "Destination", "prepare_destination", "root_attrs", "is_package"]
+__all__ = ["S3_DEFAULTS", "Destination", "client_options", "close_store", "is_package", "open_store",
+           "prepare_destination", "root_attrs"]
 
 
 def _kind(url: str) -> str:
@@ -128,9 +130,51 @@ class RemoteStore(FsspecStore):
         return self._listing(prefix, super().list_dir(prefix))
 
 
-def _remote(url: str, read_only: bool) -> RemoteStore:
+#: botocore client settings for ``s3://`` where the user did not choose.  The clients' own
+#: defaults take minutes to report a hung service: 15 s read timeouts, botocore's attempts, and
+#: s3fs's 5 attempts around a call that itself makes 5 attempts (25 per request).  Here:
+#: 3 attempts per request (standard mode: refused or dropped connections, timeouts, 5xx and
+#: throttling, with jittered backoff), each waiting at most 10 s for a byte.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
+                      "retries": {"total_max_attempts": 3, "mode": "standard"}},
+}
+#: s3fs's own attempts around each call (nested: n attempts make n * n requests, each with
+#: botocore's attempts).  s3fs has no option for it, only a class attribute (5), so it is set on
+#: the filesystem spherefmt opens; botocore's retries above cover the same failures.  A hung
+#: server is then reported after about 3 x 10 s, a refused connection after about a second.
+S3FS_ATTEMPTS = 1
+
+
+def client_options(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options spherefmt opens ``url`` with: ``storage_options``, plus for S3 the
+    bounded retries and timeouts of :data:`S3_DEFAULTS` wherever the user has not chosen.
+
+    The user chooses through ``storage_options``, fsspec's configuration (``FSSPEC_S3_*``
+    variables, ``~/.config/fsspec/``) or botocore's (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``).
+    fsspec lets explicit options replace its configuration key by key, so the configured
+    ``config_kwargs`` are merged here rather than hidden by ours.
+    """
+    opts = dict(storage_options or {})
+    protocol = url.split("://", 1)[0]
+    if protocol not in ("s3", "s3a"):
+        return opts
+    from fsspec.config import conf
+
+    user: dict[str, Any] = {}
+    for proto in ("s3", "s3a"):  # s3fs reads the configuration of both of its names
+        user.update(conf.get(proto, {}))
+    user.update(opts)
+    mine = copy.deepcopy(S3_DEFAULTS["config_kwargs"])  # botocore edits the retries dict in place
+    if "AWS_MAX_ATTEMPTS" in os.environ or "AWS_RETRY_MODE" in os.environ:
+        mine.pop("retries")  # botocore's own configuration wins over our default
+    opts["config_kwargs"] = {**mine, **(user.get("config_kwargs") or {})}
+    return opts
+
+
+def _remote(url: str, read_only: bool, storage_options: dict[str, Any] | None = None) -> RemoteStore:
     try:
-        store = RemoteStore.from_url(url, read_only=read_only)
+        store = RemoteStore.from_url(url, storage_options=client_options(url, storage_options), read_only=read_only)
     except ImportError as e:
         from .errors import BackendUnavailableError
 
@@ -141,6 +185,8 @@ def _remote(url: str, read_only: bool) -> RemoteStore:
             raise FormatError(f"{url}: cannot open ({type(e).__name__}: {str(e)[:160]})") from None
         raise err from None
     store.where = url
+    if url.split("://", 1)[0] in ("s3", "s3a") and "retries" not in vars(store.fs):
+        store.fs.retries = S3FS_ATTEMPTS
     return store
 
 
@@ -160,17 +206,22 @@ def _local(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
-def open_store(url: Any, mode: str = "r") -> tuple[Store, str, str]:
-    """Open an existing package's store; returns ``(store, where, kind)``."""
+def open_store(url: Any, mode: str = "r", storage_options: dict[str, Any] | None = None) -> tuple[Store, str, str]:
+    """Open an existing package's store; returns ``(store, where, kind)``.
+
+    ``storage_options`` go to fsspec for a URL (``endpoint_url``, ``key``...; see
+    :func:`client_options`) and are ignored for local packages.
+    """
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
     ro = mode == "r"
     if isinstance(url, Store):
-        return url, type(url).__name__, "store"
+        # a store opened by open_store(url, storage_options=...) keeps its URL for messages
+        return url, url.where if isinstance(url, RemoteStore) else type(url).__name__, "store"
     url = os.fspath(url)
     kind = _kind(url)
     if kind == "fsspec":
-        return _remote(url, ro), url, kind
+        return _remote(url, ro, storage_options), url, kind
     path = _local(url)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such package")
@@ -216,7 +267,7 @@ def root_attrs(store: Store, where: str) -> dict[str, Any] | None:
     return attrs
 
 
-def is_package(url: Any) -> bool:
+def is_package(url: Any, storage_options: dict[str, Any] | None = None) -> bool:
     """True when ``url`` holds a spherefmt package (complete or not)."""
     try:
         if not isinstance(url, Store):
@@ -226,7 +277,7 @@ def is_package(url: Any) -> bool:
                 if not (os.path.isdir(p) or (p.endswith(".zip") and zipfile.is_zipfile(p))
                         or (p.endswith(".vhd") and os.path.isfile(p))):
                     return False
-        store, where, _ = open_store(url, "r")
+        store, where, _ = open_store(url, "r", storage_options)
         try:
             attrs = root_attrs(store, where)
         finally:
@@ -259,8 +310,10 @@ def _zip_dir(folder: Path, dst: Path) -> None:
                     shutil.copyfileobj(src, out, 1 << 20)
 
 
-def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, content_bytes: int = 0) -> Destination:
-    """Check ``dst`` and return a :class:`Destination` to write into.
+def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, content_bytes: int = 0,
+                        storage_options: dict[str, Any] | None = None) -> Destination:
+    """Check ``dst`` and return a :class:`Destination` to write into (``storage_options``: as
+    for :func:`open_store`).
 
     Raises
     ------
@@ -269,13 +322,14 @@ def prepare_destination(dst: Any, overwrite: bool, vhd_size: int | None = None, 
         replaced, even with ``overwrite``).
     """
     if isinstance(dst, Store):
-        return Destination(dst, type(dst).__name__, lambda: None, lambda: None, "store")
+        where = dst.where if isinstance(dst, RemoteStore) else type(dst).__name__
+        return Destination(dst, where, lambda: None, lambda: None, "store")
     url = os.fspath(dst)
     kind = _kind(url)
     if kind == "fsspec":
-        store = _remote(url, False)
+        store = _remote(url, False, storage_options)
         if sync(store.exists("zarr.json")):
-            pkg = is_package(url)
+            pkg = is_package(url, storage_options)
             if not (overwrite and pkg):
                 raise PackageExistsError(f"{url}: already holds a {'package' if pkg else 'Zarr store'}; "
                                          "pass --overwrite to replace a package")

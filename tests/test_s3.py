@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import fsspec.config
 import numpy as np
 import pytest
 from spherefmt.runtime import Session
@@ -16,6 +18,7 @@ from spherefmt.runtime import Session
 import spherefmt
 from spherefmt.cli import main
 from spherefmt.errors import FormatError, StorageError
+from spherefmt.storage import client_options, close_store, open_store
 from spherefmt.testing.s3 import S3Server
 
 from .conftest import run_cli
@@ -104,27 +107,82 @@ def test_streaming_reads_experts_by_byte_range(bucket_pkg, monkeypatch):
             assert start is not None and end is not None and 0 <= start < end <= size, (path, start, end)
             assert end - start < size
     assert stats["bytes_read"] > 0
+    # one ranged GET per cell-layer loaded (evicted cells read again are GETs again), and one
+    # suffix GET per shard for its index, which is kept
+    suffixes = [p for p, a, _ in shards if a is not None and a < 0]
+    assert len(shards) - len(suffixes) == stats["experts_loaded"]
+    assert len(suffixes) == len(set(suffixes)) == len({p for p, _, _ in shards})
 
 
-def test_killed_server_gives_a_clear_error(tmp_path, capsys):
-    own = S3Server()  # a server of its own, killed mid-read
-    saved = os.environ.get("AWS_ENDPOINT_URL")
+def test_endpoint_from_fsspec_config_and_storage_options(bucket_pkg, server, monkeypatch):
+    """The endpoint the user's way: fsspec's FSSPEC_S3_ENDPOINT_URL (read when fsspec is
+    imported, so a new process) or storage_options; AWS_ENDPOINT_URL is the fixture's own."""
+    url, _ = bucket_pkg
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    env["FSSPEC_S3_ENDPOINT_URL"] = server.url
+    r = subprocess.run([sys.executable, "-m", "spherefmt.cli", "info", url, "--json"], env=env, check=False,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["package"] == url
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    s3fs.S3FileSystem.clear_instance_cache()
+    opts = {"endpoint_url": server.url}
+    store, where, _ = open_store(url, storage_options=opts)
+    try:
+        assert where == url
+        with spherefmt.open(store) as p:
+            assert p.where == url and p.metadata["state"] == "complete"
+    finally:
+        close_store(store)
+    # the public API takes them too: save into the bucket, then open
+    spherefmt.save(TINY, "s3://models/opts", storage_options=opts)
+    assert spherefmt.is_package("s3://models/opts", storage_options=opts)
+    with spherefmt.open("s3://models/opts", storage_options=opts) as p:
+        assert p.metadata["state"] == "complete" and "transformer.wte.weight" in p.keys()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_client_retries_and_timeouts_are_bounded(monkeypatch):
+    opts = client_options("s3://b/m")
+    assert opts["config_kwargs"]["read_timeout"] == 10
+    assert opts["config_kwargs"]["retries"] == {"total_max_attempts": 3, "mode": "standard"}
+    # the user's fsspec configuration and storage_options win, key by key
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 1}})
+    opts = client_options("s3://b/m", {"endpoint_url": "http://x"})
+    assert opts["endpoint_url"] == "http://x" and opts["config_kwargs"]["read_timeout"] == 1
+    assert opts["config_kwargs"]["connect_timeout"] == 5
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # botocore's own setting is left to botocore
+    assert "retries" not in client_options("s3://b/m")["config_kwargs"]
+    assert client_options("memory://m") == {}
+
+
+def test_hung_then_killed_server_gives_a_clear_error(capsys, monkeypatch):
+    own = S3Server()  # a server of its own, stopped (SIGSTOP) and then killed (SIGKILL) mid-read
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")  # restored afterwards, whatever use() sets
     try:
         own.use()
         spherefmt.save(TINY, "s3://models/doomed", codec="none")
+        # a short read timeout, set the user's way (fsspec configuration), keeps the test short;
+        # the defaults bound a hung server to about 3 x 10 s (test_client_retries...)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 1}})
+        s3fs.S3FileSystem.clear_instance_cache()
         s = Session("s3://models/doomed", "numpy", budget="25%", prefetch=False)
         s.logits(IDS[:8])
+        own.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=r"^s3://models/doomed: storage failed on .*Read timeout"):
+            s.logits(IDS[:40])
+        assert time.monotonic() - t0 < 15  # 3 attempts of 1 s and backoff, not minutes
         own.kill()
         t0 = time.monotonic()
-        with pytest.raises(StorageError, match=r"s3://models/doomed: storage failed on .*Could not connect"):
+        with pytest.raises(StorageError, match=r"^s3://models/doomed: storage failed on .*Could not connect"):
             s.logits(IDS[:40])
-        assert time.monotonic() - t0 < 60  # retries are bounded, not a hang
+        assert time.monotonic() - t0 < 10  # a refused connection: about a second
         s.close()
         code, _, err = run_cli(capsys, "info", "s3://models/doomed")
         assert code == 2 and err.startswith("sphere: error:") and "storage failed" in err and err.count("\n") == 1
     finally:
         own.kill()
-        os.environ["AWS_ENDPOINT_URL"] = saved or ""
         s3fs.S3FileSystem.clear_instance_cache()
 
 
