@@ -74,6 +74,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from bench_format import _loadavg, _status_kib  # shared /proc readers (run from bench/)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MARK = "@@BENCH@@"
@@ -92,25 +94,6 @@ SLAB_BYTES = 8 * MIB  # float32 bytes drawn at a time while generating one tenso
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def _status_kib(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``), or ``None``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _loadavg() -> str | None:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return None
 
 
 def _git() -> dict[str, Any] | None:

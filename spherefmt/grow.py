@@ -117,7 +117,8 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
 
         def layer_rows(layer: int) -> np.ndarray:  # each layer read once (as input, then as parent)
             if layer not in cache:
-                cache.clear() if len(cache) > 2 else None
+                if len(cache) > 2:  # only the layer and its predecessor are needed again
+                    cache.clear()
                 cache[layer] = p.layer_rows(layer)
             return cache[layer]
 

@@ -49,3 +49,44 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = int(e.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def object_digests(path) -> dict[str, str]:
+    """sha256 of every stored object of a package (directory, ``.zip`` or ``.vhd``), by key."""
+    import hashlib
+
+    path = Path(path)
+    if path.suffix == ".zip":
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            return {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
+    if path.suffix == ".vhd":
+        from spherefmt.vhdfs import VHDFileSystem
+
+        fs = VHDFileSystem(fo=str(path))
+        try:
+            return {p.lstrip("/"): hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
+        finally:
+            fs.close()
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+
+
+def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    """Objects added, removed or rewritten with other bytes."""
+    return {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
+
+
+def train_steps(m, ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """A few Adam steps of a :mod:`spherefmt.torch` module on ``ids`` (its own labels)."""
+    import torch
+
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = m.model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -18,23 +17,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import spherefmt.torch as st
 
+from .conftest import changed_keys, object_digests, train_steps
+
 IDS = np.random.default_rng(0).integers(0, 300, (2, 24))
-
-
-def _objects(path) -> dict[str, str]:
-    if str(path).endswith(".vhd"):
-        from spherefmt.vhdfs import VHDFileSystem
-
-        fs = VHDFileSystem(fo=str(path))
-        try:
-            return {p.lstrip("/"): hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
-        finally:
-            fs.close()
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
-
-
-def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
-    return {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
 
 
 def _folder(tmp_path, arch: str, layers: int = 4):
@@ -87,12 +72,12 @@ def test_new_neurons_change_nothing_until_trained(tmp_path, arch):
     base = _hf_logits(src, tmp_path)
     with spherefmt.open(pkg) as p:
         n0, k0 = list(p._layout.neurons), p._slots(1)
-    before = _objects(pkg)
+    before = object_digests(pkg)
     # spread over every layer, then 40 more into one cell of shell 1: more than its free slots
     grow_neurons(pkg, 8)
-    mid = _objects(pkg)
+    mid = object_digests(pkg)
     rep = grow_neurons(pkg, 40, cell=(0, 1), depth=1)
-    after = _objects(pkg)
+    after = object_digests(pkg)
     with spherefmt.open(pkg) as p:
         d1 = p._shells[1]["layers"]
         assert [n for n in p._layout.neurons] == [n + 8 + (40 if i in d1 else 0) for i, n in enumerate(n0)]
@@ -107,10 +92,10 @@ def test_new_neurons_change_nothing_until_trained(tmp_path, arch):
     # the first growth gave every cell one neuron per layer (each full cell got a second slot
     # block); the second wrote only expert (0, 1, 1)'s later slot blocks (its first is full) and
     # metadata: every core tensor and every other expert is byte-identical
-    touched = {k for k in _changed(mid, after) if not k.endswith("zarr.json") and "/index/" not in k
+    touched = {k for k in changed_keys(mid, after) if not k.endswith("zarr.json") and "/index/" not in k
                and "/parent/" not in k}
     assert len(keys) == 3 and touched == keys - {full}, touched
-    assert not any(k.startswith("core/") for k in _changed(before, after))
+    assert not any(k.startswith("core/") for k in changed_keys(before, after))
     _close(_hf_logits(pkg, tmp_path), base)  # exported with padded layers, loaded by transformers
     _close(_runtime_logits(pkg), base)  # streamed: grown experts span two objects
 
@@ -121,7 +106,7 @@ def test_new_layers_are_identity_blocks(tmp_path, arch):
     pkg = tmp_path / "m.sphere"
     spherefmt.save(src, pkg, graticule="2x4")
     base = _runtime_logits(pkg)
-    before = _objects(pkg)
+    before = object_digests(pkg)
     out = grow_layers(pkg, 2)
     assert out == {"layers": [4, 5], "depth": 4, "new_shell": True}
     with spherefmt.open(pkg) as p:
@@ -131,7 +116,7 @@ def test_new_layers_are_identity_blocks(tmp_path, arch):
         assert names.index(next(n for n in names if ".5." in n)) > names.index(next(n for n in names if ".3." in n))
     np.testing.assert_array_equal(_runtime_logits(pkg), base)  # + exact zeros: bit-identical
     np.testing.assert_array_equal(_hf_logits(pkg, tmp_path), _hf_logits(src, tmp_path))
-    assert not {k for k in _changed(before, _objects(pkg)) if k in before and not k.endswith("zarr.json")}
+    assert not {k for k in changed_keys(before, object_digests(pkg)) if k in before and not k.endswith("zarr.json")}
 
 
 def test_at_ten_shells_new_layers_join_the_surface_shell(tmp_path):
@@ -140,12 +125,12 @@ def test_at_ten_shells_new_layers_join_the_surface_shell(tmp_path):
     pkg = tmp_path / "m.sphere"
     spherefmt.save(tmp_path / "src", pkg, graticule="1x2", depth=10)
     base = _runtime_logits(pkg)
-    before = _objects(pkg)
+    before = object_digests(pkg)
     assert grow_layers(pkg, 1) == {"layers": [10], "depth": 0, "new_shell": False}
     with spherefmt.open(pkg) as p:
         assert p.depth == 10 and p._shells[0]["layers"] == [9, 10]
     np.testing.assert_array_equal(_runtime_logits(pkg), base)
-    new = {k for k in _changed(before, _objects(pkg)) if not k.endswith("zarr.json")}
+    new = {k for k in changed_keys(before, object_digests(pkg)) if not k.endswith("zarr.json")}
     # the surface shell's new layer lives in new objects (c/1/...): old experts untouched
     assert {k for k in new if k.startswith("sphere/")} == {f"sphere/d0/neurons/c/1/0/{lon}/0/0" for lon in (0, 1)} | {
         "sphere/d0/index/c/1/0/0/0", "sphere/d0/parent/c/1/0/0/0"}
@@ -156,17 +141,10 @@ def test_training_grown_experts_touches_only_them(tmp_path):
     pkg = tmp_path / "m.sphere"
     spherefmt.save(src, pkg, graticule="2x4")
     grow_neurons(pkg, 40, cell=(0, 1), depth=1)
-    before = _objects(pkg)
+    before = object_digests(pkg)
     m = st.load(pkg, trainable=[(0, 1, 1)])
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     ids = torch.from_numpy(IDS)
-    losses = []
-    for _ in range(8):
-        loss = m.model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(m, ids, 8)
     assert losses[-1] < losses[0]
     written = m.save_changes()
     m.model.eval()
@@ -176,7 +154,7 @@ def test_training_grown_experts_touches_only_them(tmp_path):
     assert written["experts"] == [(0, 1, 1)] and written["tensors"] == []
     with spherefmt.open(pkg) as p:
         keys = set(p.expert_keys(0, 1, 1))
-    assert _changed(before, _objects(pkg)) == keys
+    assert changed_keys(before, object_digests(pkg)) == keys
     np.testing.assert_allclose(_hf_logits(pkg, tmp_path), trained, atol=1e-5, rtol=0)
 
 
@@ -185,13 +163,13 @@ def test_growth_inside_a_vhd_is_in_place(tmp_path):
     pkg = tmp_path / "m.vhd"
     spherefmt.save(src, pkg, graticule="2x4")
     base = _runtime_logits(pkg)
-    before, size = _objects(pkg), pkg.stat().st_size
+    before, size = object_digests(pkg), pkg.stat().st_size
     grow_neurons(pkg, 40, cell=(1, 2), depth=0)
     grow_layers(pkg, 1)
-    after = _objects(pkg)
+    after = object_digests(pkg)
     with spherefmt.open(pkg) as p:
         keys = set(p.expert_keys(1, 2, 0))
-    rewritten = {k for k in _changed(before, after) if k in before and not k.endswith("zarr.json")}
+    rewritten = {k for k in changed_keys(before, after) if k in before and not k.endswith("zarr.json")}
     assert rewritten <= keys | {"sphere/d0/index/c/0/0/0/0", "sphere/d0/parent/c/0/0/0/0"}, rewritten
     assert pkg.stat().st_size > size
     from spherefmt.testing.images import check_vhd

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 
@@ -13,24 +11,9 @@ from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, 
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import spherefmt.torch as st  # noqa: E402
+import spherefmt.torch as st
 
-
-def _objects(path) -> dict[str, str]:
-    if str(path).endswith(".zip"):
-        import zipfile
-
-        with zipfile.ZipFile(path) as z:
-            return {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
-    if str(path).endswith(".vhd"):
-        from spherefmt.vhdfs import VHDFileSystem
-
-        fs = VHDFileSystem(fo=str(path))
-        try:
-            return {p: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
-        finally:
-            fs.close()
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+from .conftest import changed_keys, object_digests, train_steps
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -45,18 +28,11 @@ def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
     save_hf_folder(tmp_path / "src", sd, cfg)
     pkg = tmp_path / {"vhd": "m.vhd", "zip": "m.zip", "dir": "m.sphere"}[kind]
     spherefmt.save(tmp_path / "src", pkg, graticule="2x4")
-    before = _objects(pkg)
+    before = object_digests(pkg)
     chosen = [(0, 1, 1), (1, 3, 2)]
     m = st.load(pkg, trainable=chosen)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 300, (4, 32)))
-    losses = []
-    for _ in range(6):
-        loss = m.model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(m, ids, 6)
     assert losses[-1] < losses[0]
     written = m.save_changes()
     m.model.eval()
@@ -64,7 +40,7 @@ def test_train_selected_experts_writes_back_only_them(tmp_path, arch, kind):
         trained = m.model(ids).logits.numpy()
     m.pkg.close()
     assert sorted(written["experts"]) == sorted(chosen) and written["tensors"] == []
-    after = _objects(pkg)
+    after = object_digests(pkg)
     changed = sorted(k for k in before if before[k] != after.get(k))
     with spherefmt.open(pkg) as p:
         shards = sorted(p.shard_key(*e) for e in chosen)
@@ -135,7 +111,7 @@ def test_router_trains_and_writes_back_alone(tmp_path):
     spherefmt.save(tmp_path / "src", pkg, graticule="2x2")
     with spherefmt.open(pkg, "r+") as p:
         write_router(p, "learned", train_router(p, np.arange(200) % 300, steps=5, hidden=16, progress=False))
-    before = _objects(pkg)
+    before = object_digests(pkg)
     m = st.load(pkg, trainable="router")
     assert all(not p.requires_grad for p in m.model.parameters())
     x = torch.randn(16, 32)
@@ -150,13 +126,9 @@ def test_router_trains_and_writes_back_alone(tmp_path):
     scores = m.router[0](x).detach().numpy()
     m.pkg.close()
     assert written["router"] == "learned" and written["experts"] == [] and written["tensors"] == []
-    assert all(k.startswith("router/learned/") for k in _changed_keys(before, _objects(pkg)))
+    assert all(k.startswith("router/learned/") for k in changed_keys(before, object_digests(pkg)))
     with spherefmt.open(pkg) as p:
         np.testing.assert_allclose(read_router(p, "learned").scores(0, x.numpy()), scores, rtol=1e-5, atol=1e-5)
     plain = spherefmt.save(tmp_path / "src", tmp_path / "n.sphere", graticule="2x2")
     with pytest.raises(spherefmt.errors.InputError, match="no router"):
         st.load(plain, trainable="router")
-
-
-def _changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
-    return {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
