@@ -8,8 +8,8 @@ from __future__ import annotations
 
 # --- 1. Identity ----------------------------------------------------------------------------
 FORMAT_NAME = "spherefmt"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 #: Key of the root group attribute that holds the package header.
 ROOT_ATTR = "spherefmt"
 
@@ -103,3 +103,17 @@ DEFAULT_BEND = 0.5  # weight of a neuron's own direction against its tree parent
 # --- 8. Package states -----------------------------------------------------------------------
 STATE_WRITING = "writing"
 STATE_COMPLETE = "complete"
+
+# --- 10. Manifest (format version 2) ---------------------------------------------------------
+MANIFEST_FORMAT = "spherefmt-manifest"
+MANIFEST_VERSION = 1
+#: manifests live at ``manifest/<generation, 20 digits>.json``; the highest generation commits
+MANIFEST_PREFIX = "manifest"
+#: new bytes of existing objects wait at ``staging/<generation>/<key>`` until moved into place
+STAGING_PREFIX = "staging"
+#: a manifest file larger than this is refused on open
+MAX_MANIFEST_BYTES = 256_000_000
+#: a reader beside a writer re-reads a changed package at most this many times per call...
+MAX_REREADS = 200
+#: ...and for at most this many seconds
+MAX_REREAD_SECONDS = 30.0

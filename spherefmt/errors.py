@@ -19,6 +19,10 @@ __all__ = [
     "UnknownBackendError",
     "InputError",
     "StorageError",
+    "DiskFullError",
+    "PackageLockedError",
+    "IntegrityError",
+    "ConcurrentWriteError",
 ]
 
 
@@ -36,6 +40,20 @@ class PackageExistsError(SpherefmtError, FileExistsError):
 
 class ReadOnlyError(SpherefmtError, PermissionError):
     """A write was attempted on a package opened read-only, or on a read-only container."""
+
+
+class PackageLockedError(ReadOnlyError):
+    """Another process is writing the package (one writer at a time); the message says who."""
+
+
+class ConcurrentWriteError(SpherefmtError, RuntimeError):
+    """Another writer committed a change to the package first (object storage, which has no
+    lock): nothing of this change was committed; reopen the package and do it again."""
+
+
+class IntegrityError(FormatError):
+    """An object the package's manifest lists is missing, or its bytes do not match the manifest
+    (a damaged package, or one changed outside spherefmt)."""
 
 
 class ExpertNotFoundError(SpherefmtError, KeyError):
@@ -65,3 +83,8 @@ class InputError(SpherefmtError, ValueError):
 class StorageError(SpherefmtError, OSError):
     """The storage holding a package (an object store, a network filesystem) failed or could not
     be reached; the message names the package and the object."""
+
+
+class DiskFullError(StorageError):
+    """The disk of the machine holding the package (not a filesystem inside a ``.vhd``) is full;
+    the change that needed the space was not committed."""

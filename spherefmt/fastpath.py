@@ -19,7 +19,6 @@ import asyncio
 import math
 from collections.abc import Sequence
 from itertools import product
-from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -31,14 +30,15 @@ from zarr.codecs.numcodecs import Shuffle
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+
+from .errors import IntegrityError
 
 __all__ = ["FastArray", "ChunkError", "open_arrays", "read_many"]
 
 _MISSING = 2**64 - 1
 
 
-class ChunkError(ValueError):
+class ChunkError(IntegrityError):
     """A chunk or shard failed its checksum or is malformed."""
 
 
@@ -224,163 +224,72 @@ class FastArray:
         return self._decode(_MAPS.checked(blob, off, what), what), fetched + size
 
 
-def _direct_reader(store: Any) -> Any:
-    """A blocking ``key -> bytes | None`` for stores whose objects can be read without zarr's
-    event loop: local directories (one sequential read per file, faster than mmap when cold)
-    and package VHDs (extent-mapped reads through the BAT)."""
-    if isinstance(store, LocalStore):
-        root = Path(store.root)
+class _Verified:
+    """Byte ranges of memory maps whose chunk checksum was verified: a map is read-only and is
+    replaced (not changed) when its file is, so once verified a range stays verified.  Keyed by
+    the map object itself (weakly: a dropped map takes its ranges with it)."""
 
-        def read_file(key: str) -> bytes | None:
-            try:
-                with open(root / key, "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-
-        return read_file
-    from .vhdfs import VHDFileSystem
-
-    fs = getattr(getattr(store, "fs", None), "sync_fs", None)
-    if isinstance(fs, VHDFileSystem):
-        prefix = "/" + str(getattr(store, "path", "")).strip("/")
-
-        def read_vhd(key: str) -> bytes | None:
-            try:
-                return fs.cat_file(f"{prefix.rstrip('/')}/{key}")
-            except FileNotFoundError:
-                return None
-
-        return read_vhd
-    return None
-
-
-class _Maps:
-    """Read-only memory maps of local objects, at most ``limit`` open (LRU).
-
-    A map is reused while the file keeps its inode, size and mtime; zarr's local store replaces
-    objects by renaming a new file over the old one, so a map never sees a half-written object
-    (the old inode stays valid until the map is dropped)."""
-
-    def __init__(self, limit: int | None = None) -> None:
-        import resource
+    def __init__(self) -> None:
         import threading
-        from collections import OrderedDict
+        import weakref
 
-        if limit is None:  # each map holds a file descriptor: stay well inside the process limit
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            limit = max(16, min(4096, (soft if soft > 0 else 1024) // 4))
-        self.limit = limit
-        self._maps: OrderedDict[str, tuple[tuple[int, int, int], Any]] = OrderedDict()
-        self._verified: dict[int, set[tuple[int, int]]] = {}  # id(mmap) -> ranges checked in it
+        self._ranges: weakref.WeakKeyDictionary[Any, set[tuple[int, int]]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> memoryview | None:
+    def checked(self, blob: Any, start: int, what: str) -> memoryview:
+        """``blob`` without its checksum, verified unless this range of its map already was."""
         import mmap
-        import os
 
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        obj = blob.obj if isinstance(blob, memoryview) else None
+        if not isinstance(obj, mmap.mmap):
+            return _verified(blob, what)
         with self._lock:
-            hit = self._maps.get(path)
-            if hit is not None and hit[0] == ident:
-                self._maps.move_to_end(path)
-                return hit[1]
-        if st.st_size == 0:
-            return memoryview(b"")
-        with open(path, "rb") as f:
-            # MAP_POPULATE maps every page at once: one call instead of a fault per 4 KiB page
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            view = memoryview(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
-        with self._lock:
-            old = self._maps.pop(path, None)
-            if old is not None:
-                self._verified.pop(id(old[1].obj), None)
-            self._maps[path] = (ident, view)
-            self._verified[id(view.obj)] = set()
-            while len(self._maps) > self.limit:
-                _, (_, dropped) = self._maps.popitem(last=False)  # closes when its last view goes
-                self._verified.pop(id(dropped.obj), None)
-        return view
-
-    def checked(self, blob: memoryview, start: int, what: str) -> memoryview:
-        """``blob`` (a slice of a map made here, from offset ``start``) without its checksum,
-        verified the first time this range of this map is read.  A map is never written to and
-        is dropped when its file changes, so once verified, a range stays verified."""
-        ranges = self._verified.get(id(blob.obj)) if isinstance(blob, memoryview) else None
-        if ranges is not None and (start, len(blob)) in ranges:
-            return blob[:-4]
+            ranges = self._ranges.get(obj)
+            if ranges is not None and (start, len(blob)) in ranges:
+                return blob[:-4]
         out = _verified(blob, what)
         with self._lock:
-            live = self._verified.get(id(blob.obj)) if isinstance(blob, memoryview) else None
-            if live is not None:
-                live.add((start, len(blob)))
+            self._ranges.setdefault(obj, set()).add((start, len(blob)))
         return out
 
 
-_MAPS = _Maps()
+_MAPS = _Verified()
 
 
 def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool = True
                 ) -> bytes | memoryview | None:
     """Bytes ``[start, end)`` of one object (``start < 0``: the last ``-start`` bytes), or None
-    when the object does not exist.  Local files are memory-mapped (a zero-copy view, so an
-    uncompressed chunk goes from the page cache to its consumer without a copy); VHD images are
-    read directly.  ``mapped=False`` (compressed chunks, which are decoded into new memory
-    anyway) reads local files with one ``pread``: mapping would populate the whole object into
-    the process for one byte range (bench/bench_scale.py: a GPT-2 XL session showed 2 GiB of
-    mapped package pages)."""
+    when the package has no such object.  A package's own store checks them against its
+    manifest (:meth:`spherefmt.store.PackageStore.read`); ``mapped`` lets an uncompressed local
+    chunk come as a view of its memory map (no copy).  Compressed chunks are decoded into new
+    memory anyway, so they are read with one ``pread``: mapping would populate the whole object
+    into the process for one byte range (bench/bench_scale.py)."""
     from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
-    if isinstance(store, LocalStore) and not mapped:
-        import os
+    from .store import PackageStore
 
-        try:
-            fd = os.open(Path(store.root) / key, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            lo = max(0, size + start) if start < 0 else min(start, size)
-            hi = size if end is None or start < 0 else min(end, size)
-            return os.pread(fd, max(0, hi - lo), lo)
-        finally:
-            os.close(fd)
-    if isinstance(store, LocalStore):
-        view = _MAPS.get(str(Path(store.root) / key))
-        if view is None:
-            return None
-        if start < 0:
-            return view[max(0, len(view) + start) :]
-        return view[start : len(view) if end is None else min(end, len(view))]
-    from .vhdfs import VHDFileSystem
-
-    fs = getattr(getattr(store, "fs", None), "sync_fs", None)
-    if isinstance(fs, VHDFileSystem):
-        prefix = "/" + str(getattr(store, "path", "")).strip("/")
-        try:
-            return fs.read_range(f"{prefix.rstrip('/')}/{key}", start, end)
-        except FileNotFoundError:
-            return None
+    if isinstance(store, PackageStore):
+        return store.read(key, start, end, mapped=mapped)
     req = SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, end)  # type: ignore[arg-type]
     buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=req))
     return None if buf is None else buf.to_bytes()
 
 
 def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
-    """Fetch every key concurrently through the zarr store and call ``decode(i, blob)`` (blob
-    ``None`` for an absent key) on the decode pool as soon as each object arrives, so that
-    reading and decoding overlap."""
+    """Fetch every key and call ``decode(i, blob)`` (blob ``None`` for an absent key) on the
+    decode pool as each object arrives, so that reading and decoding overlap."""
     if not keys:
         return
-    direct = _direct_reader(store)
-    if direct is not None:  # plain reads on the decode pool: no event-loop round trips
+    from .store import PackageStore
 
-        def run_one(i: int) -> None:
-            decode(i, direct(keys[i]))
+    if isinstance(store, PackageStore):
+        if store.container.remote and len(keys) > 1:  # one concurrent round of requests, then decode
+            blobs = store.read_many(list(keys))
+            list(_decode_pool().map(lambda i: decode(i, blobs[i]), range(len(keys))))
+            return
+
+        def run_one(i: int) -> None:  # plain reads on the decode pool: no event-loop round trips
+            decode(i, store.read(keys[i]))
 
         if len(keys) == 1:
             run_one(0)
@@ -388,7 +297,7 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
             list(_decode_pool().map(run_one, range(len(keys))))
         return
     proto = default_buffer_prototype()
-    if len(keys) == 1:  # one object (an expert): decoding here beats a thread hand-off
+    if len(keys) == 1:
         decode(0, sync(store.get(keys[0], prototype=proto)))
         return
     pool = _decode_pool()

@@ -17,10 +17,9 @@ section 7.2):
   form a new depth shell while ``D < 10``; at ``D = 10`` they join the surface shell (the shell of
   the last layer), whose arrays grow along the layer axis, again into new objects.
 
-Crash safety: every array write happens before the header is rewritten, and readers use the
-header's extent of each array (arrays may be larger) and read ``index`` entries at or beyond a
-layer's neuron count as padding; so a package whose growth was interrupted reads exactly as
-before it.  The header rewrite is the commit.
+Crash safety: a growth is one transaction (:meth:`spherefmt.Package.transaction`): every
+object it writes, arrays' metadata and the header included, becomes visible at once when its
+manifest commits, and a process killed before that leaves the package exactly as it was.
 """
 
 from __future__ import annotations
@@ -53,12 +52,6 @@ def _open(pkg: Any) -> tuple[Package, bool]:
             raise InputError(f"{pkg.where} is open read-only: open it with mode='r+' to grow it")
         return pkg, False
     return open_package(pkg, "r+"), True
-
-
-def _commit(pkg: Package, header: dict[str, Any]) -> None:
-    """Rewrite the header (the commit point) and reload the package's view of itself."""
-    pkg._group.update_attributes({C.ROOT_ATTR: header})
-    Package.__init__(pkg, pkg._store, pkg.mode, pkg.where, pkg.kind)
 
 
 def _to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -122,82 +115,83 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
                 cache[layer] = p.layer_rows(layer)
             return cache[layer]
 
-        shells = [depth] if depth is not None else list(range(p.depth))
-        for d in shells:
-            arr, index, parent = p._shell_arrays(d)
-            layers = p._shells[d]["layers"]
-            ls, k = len(layers), p._slots(d)
-            k0 = _shard_shape(arr)[3]
-            counts = (index >= 0).sum(axis=-1).reshape(ls, P * M)
-            add = np.zeros((ls, P * M), dtype=np.int64)
-            for t in range(ls):
-                if cell is not None:
-                    add[t, cell[0] * M + cell[1]] = n
-                else:  # water-filling: each new neuron to the emptiest cell (lowest id on ties)
-                    for _ in range(n):
-                        add[t, int(np.argmin(counts[t] + add[t]))] += 1
-            need = int((counts + add).max())
-            k_new = k if need <= k else k + k0 * math.ceil((need - k) / k0)
-            # 1. arrays grow first (readers use the header's extent, so this is invisible)
-            if k_new > arr.shape[3]:
-                arr.resize((arr.shape[0], P, M, k_new, arr.shape[4]))
-            new_index = np.full((ls, P, M, k_new), C.PADDING_INDEX, dtype=np.int32)
-            new_parent = new_index.copy()
-            new_index[..., :k], new_parent[..., :k] = index, parent
-            # 2. rows of the new neurons, written expert by expert, slot block by slot block
-            touched = sorted({int(c) for c in np.flatnonzero(add.any(axis=0))})
-            writes: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
-            for t, layer in enumerate(layers):
-                rows = layer_rows(layer)
-                scale = {f.name: float(to_float32(rows[:, sl[f.name]], layout.dtype).std())
-                         for f in layout.fields if f.name != layout.out_field and f.width > 1}
-                prev_out = None
-                if layer > 0:
-                    prev_out = to_float32(layer_rows(layer - 1)[:, sl[layout.out_field]], layout.dtype)
-                nxt = counts_of[layer]
-                places = [(c, int(counts[t, c]), int(add[t, c])) for c in touched if add[t, c]]
-                total = sum(a for _, _, a in places)
-                w = np.zeros((total, layout.row_width), dtype=np.float32)
-                for fname, sd in scale.items():
-                    w[:, sl[fname]] = rng.standard_normal((total, sl[fname].stop - sl[fname].start)) * sd
-                par = (tree_parents(prev_out, w[:, sl[layout.in_field]]) if prev_out is not None
-                       else np.full(total, C.PADDING_INDEX, dtype=np.int32))
-                stored = _to_storage(w, layout.dtype)
-                o = 0
-                for c, first, a in places:
-                    lat, lon = divmod(c, M)
-                    new_index[t, lat, lon, first:first + a] = np.arange(nxt + o, nxt + o + a, dtype=np.int32)
-                    new_parent[t, lat, lon, first:first + a] = par[o:o + a]
-                    writes.setdefault((lat, lon), []).append((t, first, stored[o:o + a]))
-                    o += a
-                nxt += total
-                header["layers"][layer]["neurons"] = nxt
-            for (lat, lon), hits_all in sorted(writes.items()):
-                for b in range(k_new // k0):
-                    lo, hi = b * k0, (b + 1) * k0
-                    hits = [(t, first, w) for t, first, w in hits_all if first < hi and first + len(w) > lo]
-                    if not hits:
-                        continue
-                    # a block is read (zeros when it is new) and written whole: one object
-                    block = np.asarray(arr[:ls, lat, lon, lo:hi]) if lo < k else np.zeros((ls, k0, arr.shape[4]), st)
-                    for t, first, w in hits:
-                        a0, a1 = max(first, lo), min(first + len(w), hi)
-                        block[t, a0 - lo:a1 - lo] = w[a0 - first:a1 - first]
-                    arr[:ls, lat, lon, lo:hi] = block
-            # 3. index and parent (entries >= a layer's old count read as padding until the commit)
-            for name, data in ((C.INDEX_ARRAY, new_index), (C.PARENT_ARRAY, new_parent)):
-                ia = p._array(f"{shell_path(d)}/{name}")
-                if ia.shape[3] < k_new:
-                    ia.resize((ia.shape[0], P, M, k_new))
-                ia[:ls, :, :, :k_new] = data
-            next(s for s in header["shells"] if s["depth"] == d)["capacity"] = k_new
-            report["shells"].append({"depth": d, "capacity": [k, k_new],
-                                     "experts": [(c // M, c % M, d) for c in touched]})
-        # 4. the header: tensor shapes, FFN size in the config, growth log; then commit
-        _update_ffn_shapes(header, layout)
-        header.setdefault("placement", {}).setdefault("growth", []).append(
-            {"op": "neurons", "count": n, "depth": depth, "cell": list(cell) if cell else None, "seed": seed})
-        _commit(p, header)
+        with p.transaction():  # all of it commits at once, or none of it
+            shells = [depth] if depth is not None else list(range(p.depth))
+            for d in shells:
+                arr, index, parent = p._shell_arrays(d)
+                layers = p._shells[d]["layers"]
+                ls, k = len(layers), p._slots(d)
+                k0 = _shard_shape(arr)[3]
+                counts = (index >= 0).sum(axis=-1).reshape(ls, P * M)
+                add = np.zeros((ls, P * M), dtype=np.int64)
+                for t in range(ls):
+                    if cell is not None:
+                        add[t, cell[0] * M + cell[1]] = n
+                    else:  # water-filling: each new neuron to the emptiest cell (lowest id on ties)
+                        for _ in range(n):
+                            add[t, int(np.argmin(counts[t] + add[t]))] += 1
+                need = int((counts + add).max())
+                k_new = k if need <= k else k + k0 * math.ceil((need - k) / k0)
+                # 1. arrays grow first (readers use the header's extent, so this is invisible)
+                if k_new > arr.shape[3]:
+                    arr.resize((arr.shape[0], P, M, k_new, arr.shape[4]))
+                new_index = np.full((ls, P, M, k_new), C.PADDING_INDEX, dtype=np.int32)
+                new_parent = new_index.copy()
+                new_index[..., :k], new_parent[..., :k] = index, parent
+                # 2. rows of the new neurons, written expert by expert, slot block by slot block
+                touched = sorted({int(c) for c in np.flatnonzero(add.any(axis=0))})
+                writes: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+                for t, layer in enumerate(layers):
+                    rows = layer_rows(layer)
+                    scale = {f.name: float(to_float32(rows[:, sl[f.name]], layout.dtype).std())
+                             for f in layout.fields if f.name != layout.out_field and f.width > 1}
+                    prev_out = None
+                    if layer > 0:
+                        prev_out = to_float32(layer_rows(layer - 1)[:, sl[layout.out_field]], layout.dtype)
+                    nxt = counts_of[layer]
+                    places = [(c, int(counts[t, c]), int(add[t, c])) for c in touched if add[t, c]]
+                    total = sum(a for _, _, a in places)
+                    w = np.zeros((total, layout.row_width), dtype=np.float32)
+                    for fname, sd in scale.items():
+                        w[:, sl[fname]] = rng.standard_normal((total, sl[fname].stop - sl[fname].start)) * sd
+                    par = (tree_parents(prev_out, w[:, sl[layout.in_field]]) if prev_out is not None
+                           else np.full(total, C.PADDING_INDEX, dtype=np.int32))
+                    stored = _to_storage(w, layout.dtype)
+                    o = 0
+                    for c, first, a in places:
+                        lat, lon = divmod(c, M)
+                        new_index[t, lat, lon, first:first + a] = np.arange(nxt + o, nxt + o + a, dtype=np.int32)
+                        new_parent[t, lat, lon, first:first + a] = par[o:o + a]
+                        writes.setdefault((lat, lon), []).append((t, first, stored[o:o + a]))
+                        o += a
+                    nxt += total
+                    header["layers"][layer]["neurons"] = nxt
+                for (lat, lon), hits_all in sorted(writes.items()):
+                    for b in range(k_new // k0):
+                        lo, hi = b * k0, (b + 1) * k0
+                        hits = [(t, first, w) for t, first, w in hits_all if first < hi and first + len(w) > lo]
+                        if not hits:
+                            continue
+                        # a block is read (zeros when it is new) and written whole: one object
+                        block = np.asarray(arr[:ls, lat, lon, lo:hi]) if lo < k else np.zeros((ls, k0, arr.shape[4]), st)
+                        for t, first, w in hits:
+                            a0, a1 = max(first, lo), min(first + len(w), hi)
+                            block[t, a0 - lo:a1 - lo] = w[a0 - first:a1 - first]
+                        arr[:ls, lat, lon, lo:hi] = block
+                # 3. index and parent (entries >= a layer's old count read as padding until the commit)
+                for name, data in ((C.INDEX_ARRAY, new_index), (C.PARENT_ARRAY, new_parent)):
+                    ia = p._array(f"{shell_path(d)}/{name}")
+                    if ia.shape[3] < k_new:
+                        ia.resize((ia.shape[0], P, M, k_new))
+                    ia[:ls, :, :, :k_new] = data
+                next(s for s in header["shells"] if s["depth"] == d)["capacity"] = k_new
+                report["shells"].append({"depth": d, "capacity": [k, k_new],
+                                         "experts": [(c // M, c % M, d) for c in touched]})
+            # 4. the header: tensor shapes, FFN size in the config, growth log; then commit
+            _update_ffn_shapes(header, layout)
+            header.setdefault("placement", {}).setdefault("growth", []).append(
+                {"op": "neurons", "count": n, "depth": depth, "cell": list(cell) if cell else None, "seed": seed})
+            p._commit_header(header)
         return report
     finally:
         if own:
@@ -248,94 +242,95 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
         def renamed(name: str, layer: int) -> str:
             return f"{prefix}{layer}." + name[len(own_prefix):]
 
-        new_layers = list(range(n_layers, n_layers + n))
-        root = p._group
-        # 1. core tensors of the new blocks (new arrays: invisible until the header names them)
-        last_all = [t for t in header["tensors"] if t["name"].startswith(own_prefix)]
-        entries: list[dict[str, Any]] = []
-        for layer in new_layers:
-            for t in last_all:
-                name = renamed(t["name"], layer)
-                entries.append({**copy.deepcopy(t), "name": name})
-                if t["where"] != "core":
-                    continue
-                src = p._array(core_key(t["name"]))
-                dst = root.create_array(core_key(name), shape=src.shape, dtype=src.dtype, chunks=src.chunks,
-                                        compressors=src.compressors, fill_value=0, overwrite=True,
-                                        config={"write_empty_chunks": True},
-                                        attributes={"name": name, "dtype": t["dtype"]})
-                zero = t["name"].endswith(OUTPUT_PROJECTIONS)
-                if src.shape:
-                    dst[...] = np.zeros(src.shape, src.dtype) if zero else p._storage(t["name"])
-        # 2. neurons: the last layer's rows with the output field zeroed, in the same slots
-        d_last = p.layer_depth[last]
-        arr_last, index_last, _ = p._shell_arrays(d_last)
-        t_last = p._shells[d_last]["layers"].index(last)
-        k = p._slots(d_last)
-        P, M = p.graticule
-        rows = np.asarray(arr_last[t_last, :, :, :k])  # (P, M, K, F)
-        out_cols = sl[layout.out_field]
-        rows[..., out_cols] = 0
-        idx = index_last[t_last]
-        par = np.where(idx >= 0, idx, C.PADDING_INDEX).astype(np.int32)  # a copy's parent: its original
-        new_shell = p.depth < C.MAX_DEPTH
-        if new_shell:
-            d = p.depth
-            g = root.require_group(shell_path(d))
-            shard = _shard_shape(arr_last)
-            narr = g.create_array(C.NEURONS_ARRAY, shape=(n, P, M, k, rows.shape[-1]), dtype=arr_last.dtype,
-                                  chunks=(1, 1, 1, shard[3], rows.shape[-1]), shards=(n, 1, 1, shard[3], rows.shape[-1]),
-                                  compressors=arr_last.compressors, fill_value=0, overwrite=True,
-                                  config={"write_empty_chunks": False},
-                                  dimension_names=("layer", "lat", "lon", "slot", "row"),
-                                  attributes={"dtype": layout.dtype, "layers": new_layers})
-            narr[...] = np.broadcast_to(rows, (n, *rows.shape))
-            for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
-                ia = p._array(f"{shell_path(d_last)}/{name}")
-                g.create_array(name, shape=(n, P, M, k), dtype=C.INDEX_DTYPE, chunks=(n, P, M, k),
-                               compressors=ia.compressors, fill_value=C.PADDING_INDEX, overwrite=True,
-                               config={"write_empty_chunks": True}, dimension_names=("layer", "lat", "lon", "slot")
-                               )[...] = np.broadcast_to(data, (n, *data.shape))
-            header["shells"].append({"depth": d, "layers": new_layers, "capacity": k})
-            header["depth"] = d + 1
-        else:  # D = 10: the surface shell grows along its layer axis (new layers, new objects)
-            d = d_last
-            ls = len(p._shells[d]["layers"])
-            if arr_last.shape[0] < ls + n:
-                arr_last.resize((ls + n, *arr_last.shape[1:]))
-            arr_last[ls:ls + n, :, :, :k] = np.broadcast_to(rows, (n, *rows.shape))
-            for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
-                ia = p._array(f"{shell_path(d)}/{name}")
-                if ia.shape[0] < ls + n:
-                    ia.resize((ls + n, *ia.shape[1:]))
-                ia[ls:ls + n, :, :, :k] = np.broadcast_to(data, (n, *data.shape))
-            next(s for s in header["shells"] if s["depth"] == d)["layers"].extend(new_layers)
-        # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
-        if "router" in root:
-            for rname, grp in root["router"].groups():
-                for layer in new_layers:
-                    lg = grp.require_group(str(layer))
-                    for key, a in grp[str(last)].arrays():
-                        lg.create_array(key, shape=a.shape, dtype=a.dtype, chunks=a.chunks, compressors=a.compressors,
-                                        overwrite=True)[...] = a[...]
-                grp.attrs["layers"] = n_layers + n
-        # 4. the header, then commit
-        pos = max(i for i, t in enumerate(header["tensors"]) if t["name"].startswith(own_prefix)) + 1
-        for layer in new_layers:
-            tensors = {f: renamed(tn, layer) for f, tn in header["layers"][last]["tensors"].items()}
-            header["layers"].append({"neurons": header["layers"][last]["neurons"], "tensors": tensors})
-            header["layer_depth"].append(d)
-        header["tensors"][pos:pos] = entries
-        cfg = header.get("config")
-        if isinstance(cfg, dict):
-            for key in ("n_layer", "num_hidden_layers"):
-                if isinstance(cfg.get(key), int):
-                    cfg[key] += n
-            for key, v in cfg.items():  # per-layer lists (e.g. layer_types) follow the last layer
-                if isinstance(v, list) and len(v) == n_layers:
-                    cfg[key] = v + [copy.deepcopy(v[-1]) for _ in range(n)]
-        header.setdefault("placement", {}).setdefault("growth", []).append({"op": "layers", "count": n, "depth": d})
-        _commit(p, header)
+        with p.transaction():  # all of it commits at once, or none of it
+            new_layers = list(range(n_layers, n_layers + n))
+            root = p._group
+            # 1. core tensors of the new blocks (new arrays: invisible until the header names them)
+            last_all = [t for t in header["tensors"] if t["name"].startswith(own_prefix)]
+            entries: list[dict[str, Any]] = []
+            for layer in new_layers:
+                for t in last_all:
+                    name = renamed(t["name"], layer)
+                    entries.append({**copy.deepcopy(t), "name": name})
+                    if t["where"] != "core":
+                        continue
+                    src = p._array(core_key(t["name"]))
+                    dst = root.create_array(core_key(name), shape=src.shape, dtype=src.dtype, chunks=src.chunks,
+                                            compressors=src.compressors, fill_value=0, overwrite=True,
+                                            config={"write_empty_chunks": True},
+                                            attributes={"name": name, "dtype": t["dtype"]})
+                    zero = t["name"].endswith(OUTPUT_PROJECTIONS)
+                    if src.shape:
+                        dst[...] = np.zeros(src.shape, src.dtype) if zero else p._storage(t["name"])
+            # 2. neurons: the last layer's rows with the output field zeroed, in the same slots
+            d_last = p.layer_depth[last]
+            arr_last, index_last, _ = p._shell_arrays(d_last)
+            t_last = p._shells[d_last]["layers"].index(last)
+            k = p._slots(d_last)
+            P, M = p.graticule
+            rows = np.asarray(arr_last[t_last, :, :, :k])  # (P, M, K, F)
+            out_cols = sl[layout.out_field]
+            rows[..., out_cols] = 0
+            idx = index_last[t_last]
+            par = np.where(idx >= 0, idx, C.PADDING_INDEX).astype(np.int32)  # a copy's parent: its original
+            new_shell = p.depth < C.MAX_DEPTH
+            if new_shell:
+                d = p.depth
+                g = root.require_group(shell_path(d))
+                shard = _shard_shape(arr_last)
+                narr = g.create_array(C.NEURONS_ARRAY, shape=(n, P, M, k, rows.shape[-1]), dtype=arr_last.dtype,
+                                      chunks=(1, 1, 1, shard[3], rows.shape[-1]), shards=(n, 1, 1, shard[3], rows.shape[-1]),
+                                      compressors=arr_last.compressors, fill_value=0, overwrite=True,
+                                      config={"write_empty_chunks": False},
+                                      dimension_names=("layer", "lat", "lon", "slot", "row"),
+                                      attributes={"dtype": layout.dtype, "layers": new_layers})
+                narr[...] = np.broadcast_to(rows, (n, *rows.shape))
+                for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
+                    ia = p._array(f"{shell_path(d_last)}/{name}")
+                    g.create_array(name, shape=(n, P, M, k), dtype=C.INDEX_DTYPE, chunks=(n, P, M, k),
+                                   compressors=ia.compressors, fill_value=C.PADDING_INDEX, overwrite=True,
+                                   config={"write_empty_chunks": True}, dimension_names=("layer", "lat", "lon", "slot")
+                                   )[...] = np.broadcast_to(data, (n, *data.shape))
+                header["shells"].append({"depth": d, "layers": new_layers, "capacity": k})
+                header["depth"] = d + 1
+            else:  # D = 10: the surface shell grows along its layer axis (new layers, new objects)
+                d = d_last
+                ls = len(p._shells[d]["layers"])
+                if arr_last.shape[0] < ls + n:
+                    arr_last.resize((ls + n, *arr_last.shape[1:]))
+                arr_last[ls:ls + n, :, :, :k] = np.broadcast_to(rows, (n, *rows.shape))
+                for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
+                    ia = p._array(f"{shell_path(d)}/{name}")
+                    if ia.shape[0] < ls + n:
+                        ia.resize((ls + n, *ia.shape[1:]))
+                    ia[ls:ls + n, :, :, :k] = np.broadcast_to(data, (n, *data.shape))
+                next(s for s in header["shells"] if s["depth"] == d)["layers"].extend(new_layers)
+            # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
+            if "router" in root:
+                for rname, grp in root["router"].groups():
+                    for layer in new_layers:
+                        lg = grp.require_group(str(layer))
+                        for key, a in grp[str(last)].arrays():
+                            lg.create_array(key, shape=a.shape, dtype=a.dtype, chunks=a.chunks, compressors=a.compressors,
+                                            overwrite=True)[...] = a[...]
+                    grp.attrs["layers"] = n_layers + n
+            # 4. the header, then commit
+            pos = max(i for i, t in enumerate(header["tensors"]) if t["name"].startswith(own_prefix)) + 1
+            for layer in new_layers:
+                tensors = {f: renamed(tn, layer) for f, tn in header["layers"][last]["tensors"].items()}
+                header["layers"].append({"neurons": header["layers"][last]["neurons"], "tensors": tensors})
+                header["layer_depth"].append(d)
+            header["tensors"][pos:pos] = entries
+            cfg = header.get("config")
+            if isinstance(cfg, dict):
+                for key in ("n_layer", "num_hidden_layers"):
+                    if isinstance(cfg.get(key), int):
+                        cfg[key] += n
+                for key, v in cfg.items():  # per-layer lists (e.g. layer_types) follow the last layer
+                    if isinstance(v, list) and len(v) == n_layers:
+                        cfg[key] = v + [copy.deepcopy(v[-1]) for _ in range(n)]
+            header.setdefault("placement", {}).setdefault("growth", []).append({"op": "layers", "count": n, "depth": d})
+            p._commit_header(header)
         return {"layers": new_layers, "depth": d, "new_shell": new_shell}
     finally:
         if own:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
-import os
-import shutil
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,12 +19,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from . import constants as C
 from .arch import Field, Layout, detect, rows_from_tensors
 from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
-from .errors import ExpertNotFoundError, FormatError, ReadOnlyError, SpherefmtError
+from .containers import create_container
+from .errors import ExpertNotFoundError, FormatError, IntegrityError, ReadOnlyError, SpherefmtError
 from .fastpath import ChunkError, FastArray, open_arrays, read_many
 from .placement import (
     Grid,
@@ -37,7 +39,7 @@ from .placement import (
 )
 from .safetensors_io import TensorInfo, check_dtype, check_shape
 from .sources import TensorSource, open_source
-from .storage import close_store, open_group, open_store, prepare_destination, root_attrs
+from .store import PackageStore, open_package_store, root_attrs
 
 __all__ = ["Expert", "Package", "PackageSource", "is_package", "open", "save"]
 
@@ -183,14 +185,15 @@ def save(
             grid = Grid(p, m, d)
         elif graticule is not None or depth is not None:
             warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
-        dest = prepare_destination(dst, overwrite, vhd_size, sum(i.nbytes for i in infos.values()),
-                                   storage_options=storage_options)
+        dest = create_container(dst, overwrite=overwrite, vhd_size=vhd_size,
+                                content_bytes=sum(i.nbytes for i in infos.values()), storage_options=storage_options)
         try:
             from .sources import bounded_heap
 
-            with bounded_heap():  # freed arrays go back to the system: peak RSS ~ live arrays
-                _write(source, infos, layout, grid, codec, dest.store, metadata, progress, plan)
-            dest.finish()
+            store = PackageStore(dest, "r+", new=True)
+            with bounded_heap(), store.transaction():  # freed arrays go back to the system
+                _write(source, infos, layout, grid, codec, store, metadata, progress, plan)
+            dest.finish()  # the manifest committed above; this puts the package in place
         except BaseException:
             dest.abort()
             raise
@@ -573,18 +576,44 @@ class Expert:
         return (self.index >= 0).sum(axis=1)
 
 
+def _consistent(fn: Any) -> Any:
+    """Run a read method under :meth:`Package.consistent` (re-read when a writer committed)."""
+
+    @functools.wraps(fn)
+    def run(self: Package, *args: Any, **kwargs: Any) -> Any:
+        return self.consistent(fn, self, *args, **kwargs)
+
+    return run
+
+
 class Package:
     """An open sphere package.  Use :func:`spherefmt.open` to get one.
 
-    Reads are lazy: opening reads only the root header; a tensor, a layer or an expert is read
-    when asked for.  One expert is one storage object.
+    Reads are lazy: opening reads only the manifest and the root header; a tensor, a layer or
+    an expert is read when asked for.  One expert is one storage object.  Every object read is
+    checked against the package's manifest (version 2).  Changes happen in transactions
+    (:meth:`transaction`); each method that writes is one by itself.
     """
 
-    def __init__(self, store: Any, mode: str, where: str, kind: str) -> None:
-        self.where, self.mode, self.kind = where, mode, kind
+    def __init__(self, store: PackageStore, mode: str) -> None:
+        self.where, self.mode = store.where, mode
         self._store = store
-        self._header = _validate_header(root_attrs(store, where), where)
-        self._group = open_group(store, "r" if mode == "r" else "r+", where)
+        self._reload_lock = threading.RLock()
+        self._tls = threading.local()
+        self._load()
+
+    def _load(self) -> None:
+        """Read the header and reset every cached view (at open, and after a change)."""
+        store = self._store
+        self._header = _validate_header(root_attrs(store), self.where)
+        if store.manifest is None and self._header["version"] >= 2:
+            raise FormatError(f"{self.where}: package is incomplete (version {self._header['version']} "
+                              "without a manifest): its conversion was interrupted")
+        try:
+            self._group = zarr.open_group(store, mode="r" if self.mode == "r" else "r+")
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+            raise FormatError(f"{self.where}: not a readable Zarr v3 group ({type(e).__name__}: {str(e)[:160]})") \
+                from None
         self._tensors = {t["name"]: t for t in self._header["tensors"]}
         self._arrays: dict[str, zarr.Array] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -600,6 +629,79 @@ class Package:
                                   in_field=h["neuron_layout"]["in_field"], out_field=h["neuron_layout"]["out_field"])
             self._owner = {tn: (i, fn) for i, lay in enumerate(h["layers"]) for fn, tn in lay["tensors"].items()}
             self._shells = {s["depth"]: s for s in h["shells"]}
+
+    @property
+    def generation(self) -> int | None:
+        """The manifest generation this view of the package reads (``None`` for version 1)."""
+        return self._store.generation
+
+    # --- consistency and transactions -------------------------------------------------------
+    def consistent(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, run again on the package's newest state whenever a writer
+        in another process committed a change under it (an object it read no longer matched);
+        bounded by ``MAX_REREADS`` and ``MAX_REREAD_SECONDS``.  A mismatch that a fresh look
+        does not explain (a damaged package) raises :class:`IntegrityError` at once."""
+        if getattr(self._tls, "depth", 0):
+            return fn(*args, **kwargs)  # an outer call retries the whole of it
+        t0, tries, views = time.monotonic(), 0, 0
+        while True:
+            self._tls.depth = 1
+            try:
+                return fn(*args, **kwargs)
+            except IntegrityError:
+                if self.mode != "r":
+                    raise
+                with self._reload_lock:
+                    why = self._store.refresh()
+                    if why == "changed":
+                        views = 0
+                    elif why == "view" and views < 2:
+                        views += 1
+                    else:
+                        raise
+                    tries += 1
+                    if tries > C.MAX_REREADS or time.monotonic() - t0 > C.MAX_REREAD_SECONDS:
+                        raise IntegrityError(f"{self.where}: the package kept changing while being read "
+                                             f"({tries} re-reads in {time.monotonic() - t0:.1f} s)") from None
+                    self._load()
+                time.sleep(min(0.05, 0.002 * tries))
+            finally:
+                self._tls.depth = 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Package]:
+        """Make every change inside the block one all-or-nothing change: it commits when the
+        block ends (a new manifest generation), and a process killed before leaves the package
+        exactly as it was.  Methods that write (:meth:`write_expert`, :meth:`write_tensor`,
+        growth, router and training write-back) join an open transaction, or are one.
+
+        Raises
+        ------
+        ReadOnlyError
+            The package was opened with mode ``"r"``.
+        ConcurrentWriteError
+            (object storage) another writer committed first; nothing was committed.
+        """
+        if self.mode != "r+":
+            raise ReadOnlyError(f"{self.where}: opened read-only; use spherefmt.open(..., mode='r+')")
+        outer = self._store._txn is None
+        try:
+            with self._store.transaction():
+                if outer and self._store.upgrading:  # a version-1 package gets its manifest now
+                    header = copy.deepcopy(self._header)
+                    header["version"] = C.FORMAT_VERSION
+                    self._group.update_attributes({C.ROOT_ATTR: header})
+                yield self
+        finally:
+            if outer:
+                self._load()
+
+    def _commit_header(self, header: dict[str, Any]) -> None:
+        """Write a new header inside the current transaction (growth); it is read back when the
+        transaction ends."""
+        if self._store._txn is None:
+            raise ReadOnlyError(f"{self.where}: a header is written inside a transaction")
+        self._group.update_attributes({C.ROOT_ATTR: {**header, "version": C.FORMAT_VERSION}})
 
     # --- header views ---------------------------------------------------------------------
     @property
@@ -690,9 +792,13 @@ class Package:
             if sel is Ellipsis and (fa := FastArray.maybe(arr)) is not None:
                 return fa.read_all()
             return np.asarray(arr[sel])
+        except ChunkError as e:
+            raise IntegrityError(f"{self.where}: cannot read {what} ({e})") from None
         except SpherefmtError:
             raise
         except Exception as e:  # checksum failures, truncated objects, codec errors
+            if "checksum" in str(e).lower():  # zarr's crc32c codec: the bytes are not what was written
+                raise IntegrityError(f"{self.where}: cannot read {what} ({str(e)[:160]})") from None
             raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
 
     def _entry(self, name: str) -> dict[str, Any]:
@@ -774,6 +880,7 @@ class Package:
             raise ExpertNotFoundError(f"{self.where}: no expert ({lat}, {lon}, {depth}) in a {g[0]}x{g[1]}x{self.depth} sphere")
 
     # --- reading --------------------------------------------------------------------------
+    @_consistent
     def expert(self, lat: int, lon: int, depth: int, *, layer: int | None = None) -> Expert:
         """Read expert ``(lat, lon, depth)`` (one storage object), or one layer of it.
 
@@ -796,21 +903,20 @@ class Package:
         what = f"expert ({lat}, {lon}, {depth}) of {shell_path(depth)}/neurons"
         fa = FastArray.maybe(neurons) if layer is None and self._single_object(neurons, depth) else None
         if fa is not None:  # the whole shard: one object, decoded here
-            for attempt in (0, 1):
-                try:
-                    rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
-                    break
-                except SpherefmtError:
-                    raise  # storage failures and named format errors pass as they are
-                except (ChunkError, ValueError, RuntimeError, OSError) as e:
-                    # in a VHD another process may have just replaced the expert: look again once
-                    if attempt or not self._refresh_view():
-                        raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
+            try:
+                rows = fa.read_objects([(0, lat, lon, 0, 0)])[0].reshape(len(layers), *neurons.shape[3:])
+            except ChunkError as e:
+                raise IntegrityError(f"{self.where}: cannot read {what} ({e})") from None
+            except SpherefmtError:
+                raise  # storage failures and named format errors pass as they are
+            except (ValueError, RuntimeError, OSError) as e:
+                raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
         else:  # one layer, or a grown expert: zarr reads just those inner chunks' byte ranges
             rows = self._read(neurons, (sel, lat, lon, slice(0, k)), what)
         return Expert(lat, lon, depth, layers, numpy_view(rows, self._layout.dtype), index[sel, lat, lon].copy(),
                       parent[sel, lat, lon].copy(), self._layout.slices())
 
+    @_consistent
     def cell_layer(self, lat: int, lon: int, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
         """One layer of one expert (one inner chunk, read by byte range): its ``(K, F)`` rows in
         the original dtype, their ``(K,)`` neuron indices (``-1`` padding) and the bytes read.
@@ -828,28 +934,25 @@ class Package:
         what = f"expert ({lat}, {lon}, {depth}) layer {layer} in {self.where}/{self.shard_key(lat, lon, depth)}"
         fa = FastArray.maybe(neurons)
         shard = _shard_shape(neurons)
-        for attempt in (0, 1):
-            try:
-                if fa is not None and fa.sharded and fa.inner_shape[0] == 1 and fa.inner_shape[3] == shard[3]:
-                    # one inner chunk per block of slots (one block unless the shell has grown)
-                    parts, nbytes = [], 0
-                    for b in range(math.ceil(k / shard[3])):
-                        part, n = fa.read_inner((t // shard[0], lat, lon, b, 0), (t % shard[0], 0, 0, 0, 0),
-                                                self._inner_index)
-                        parts.append(part.reshape(shard[3:]))
-                        nbytes += n
-                    rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                    rows = rows[:k]
-                else:
-                    rows, nbytes = np.asarray(neurons[t, lat, lon, :k]), 0
-                break
-            except SpherefmtError:
-                raise
-            except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
-                # the shard may have been replaced since its index was cached: look once more
-                stale = [self._inner_index.pop(key, None) is not None for key in self.expert_keys(lat, lon, depth)]
-                if attempt or not (any(stale) or self._refresh_view()):
-                    raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
+        try:
+            if fa is not None and fa.sharded and fa.inner_shape[0] == 1 and fa.inner_shape[3] == shard[3]:
+                # one inner chunk per block of slots (one block unless the shell has grown)
+                parts, nbytes = [], 0
+                for b in range(math.ceil(k / shard[3])):
+                    part, n = fa.read_inner((t // shard[0], lat, lon, b, 0), (t % shard[0], 0, 0, 0, 0),
+                                            self._inner_index)
+                    parts.append(part.reshape(shard[3:]))
+                    nbytes += n
+                rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                rows = rows[:k]
+            else:
+                rows, nbytes = np.asarray(neurons[t, lat, lon, :k]), 0
+        except ChunkError as e:
+            raise IntegrityError(f"{self.where}: cannot read {what}: {e}") from None
+        except SpherefmtError:
+            raise
+        except Exception as e:  # noqa: BLE001 - codec errors become FormatError
+            raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
         return numpy_view(rows, self._layout.dtype), index[t, lat, lon].copy(), nbytes
 
     def _shell_block(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -892,17 +995,7 @@ class Package:
         pos[idx[real]] = real  # index was checked to be a permutation on load
         return block[:, t].reshape(-1, block.shape[-1]), pos
 
-    def _refresh_view(self) -> bool:
-        """Re-read the container's own metadata (a VHD's FAT and directories) after a failed
-        read; True when there was something to refresh."""
-        from .vhdfs import VHDFileSystem
-
-        fs = getattr(getattr(self._store, "fs", None), "sync_fs", None)
-        if isinstance(fs, VHDFileSystem) and fs.mode == "r":
-            fs.refresh()
-            return True
-        return False
-
+    @_consistent
     def layer_rows(self, layer: int) -> np.ndarray:
         """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
         flat, pos = self._layer_gather(layer)
@@ -942,6 +1035,7 @@ class Package:
         layer, _ = self._owner[name]
         return self._layer_tensors(layer)[name]
 
+    @_consistent
     def tensor(self, name: str, framework: str = "numpy", *, padded: bool = False) -> Any:
         """One tensor with its original name, shape, dtype and bytes.
 
@@ -964,6 +1058,7 @@ class Package:
             return to_torch(arr, dtype)
         raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
 
+    @_consistent
     def state_dict(self, framework: str = "numpy", *, padded: bool = False) -> dict[str, Any]:
         """Every tensor, in the source's order.
 
@@ -996,9 +1091,14 @@ class Package:
                 fast_names.append(name)
         try:
             return dict(zip(fast_names, read_many(fast), strict=True)) if fast else {}
-        except (ChunkError, ValueError, RuntimeError) as e:
+        except ChunkError as e:
+            raise IntegrityError(f"{self.where}: cannot read core tensors ({e})") from None
+        except SpherefmtError:
+            raise
+        except (ValueError, RuntimeError) as e:
             raise FormatError(f"{self.where}: cannot read core tensors ({e})") from None
 
+    @_consistent
     def file(self, name: str) -> bytes:
         """A side file carried from the source (e.g. ``tokenizer.json``)."""
         if name not in self._header.get("files", []):
@@ -1045,10 +1145,8 @@ class Package:
         pad = index[sel, lat, lon] < 0
         if data[pad].any():
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
-        arr[sel, lat, lon, :k] = data
-        self._rows_cache = self._shell_cache = None
-        for key in self.expert_keys(lat, lon, depth):
-            self._inner_index.pop(key, None)
+        with self.transaction():
+            arr[sel, lat, lon, :k] = data
 
     def write_tensor(self, name: str, data: Any) -> None:
         """Replace a core tensor in place (same shape and dtype); only chunks whose bytes change
@@ -1063,25 +1161,23 @@ class Package:
             raise FormatError(f"{self.where}: {name!r} has shape {tuple(t['shape'])}, got {new.shape}")
         arr = self._array(core_key(name))
         old = self._storage(name)
-        if not new.shape:
-            if old.tobytes() != new.tobytes():
-                arr[...] = new.reshape(arr.shape)
-            return
-        step = arr.chunks[0]
-        for start in range(0, new.shape[0], step):  # chunk by chunk: unchanged chunks stay as they are
-            a, b = old[start : start + step], new[start : start + step]
-            if a.tobytes() != b.tobytes():
-                arr[start : start + step] = b
+        with self.transaction():
+            if not new.shape:
+                if old.tobytes() != new.tobytes():
+                    arr[...] = new.reshape(arr.shape)
+                return
+            step = arr.chunks[0]
+            for start in range(0, new.shape[0], step):  # chunk by chunk: unchanged chunks stay as they are
+                a, b = old[start : start + step], new[start : start + step]
+                if a.tobytes() != b.tobytes():
+                    arr[start : start + step] = b
 
     def close(self) -> None:
-        """Release the store."""
+        """Release the store (and the writer lock; a zip opened ``r+`` is rewritten now when
+        something committed).  A store the caller passed in stays open."""
         self._arrays.clear()
         self._rows_cache = self._shell_cache = None
-        if self.kind != "store":  # a Store the caller passed in stays the caller's
-            close_store(self._store)
-        edit, self._zip_edit = getattr(self, "_zip_edit", None), None
-        if edit is not None:
-            _ZipRewrite.finish(*edit)
+        self._store.close()
 
     def __enter__(self) -> Package:
         return self
@@ -1096,19 +1192,15 @@ class Package:
 
     # --- sizes ----------------------------------------------------------------------------
     def stored_bytes(self, prefix: str = "") -> int:
-        """Bytes the package occupies in its store (under ``prefix``)."""
-        store = self._group.store
-
-        async def total() -> int:
-            n = 0
-            async for key in store.list_prefix(prefix):
-                n += await store.getsize(key)
-            return n
-
-        return sync(total())
+        """Bytes the package's objects occupy in its container (under ``prefix``; the
+        manifests themselves not counted)."""
+        return sum(self._store.object_size(k) or 0 for k in self._store.listed(prefix))
 
     def object_bytes(self, key: str) -> int:
-        return sync(self._group.store.getsize(key))
+        size = self._store.object_size(key)
+        if size is None:
+            raise ExpertNotFoundError(f"{self.where}: no object {key!r}")
+        return size
 
     def shard_key(self, lat: int, lon: int, depth: int) -> str:
         """The storage key of expert ``(lat, lon, depth)`` (one object)."""
@@ -1130,92 +1222,41 @@ def _as_storage(data: Any, dtype: str) -> np.ndarray:
     raise FormatError(f"rows are {arr.dtype}, the package holds {dtype}")
 
 
-def open(url: Any, mode: str = "r", *, storage_options: dict[str, Any] | None = None) -> Package:
+def open(url: Any, mode: str = "r", *, storage_options: dict[str, Any] | None = None,
+         lock_timeout: float = 0.0) -> Package:
     """Open a package.
 
     Parameters
     ----------
     url
-        A package directory, a ``.zip``, an fsspec URL (``memory://``, ``file://``, ``s3://``)
-        or a zarr ``Store``.
+        A package directory, a ``.zip``, a ``.vhd``, an fsspec URL (``memory://``, ``file://``,
+        ``s3://``) or a zarr ``Store``.
     mode
-        ``"r"`` (read) or ``"r+"`` (read and modify experts in place).
+        ``"r"`` (read) or ``"r+"`` (read and modify in place; one writer at a time).
     storage_options
         fsspec options for a URL (``endpoint_url``, ``key``, ``config_kwargs``...).
+    lock_timeout
+        With ``"r+"``: seconds to wait for another process that is writing the package (0:
+        refuse at once).
 
     Raises
     ------
     FormatError
         Not a package, an incomplete one, a newer format version, or malformed metadata.
+    PackageLockedError
+        ``"r+"`` while another process is writing the package.
     """
-    if mode == "r+" and not isinstance(url, zarr.abc.store.Store):
-        path = os.fspath(url)
-        path = path.removeprefix("file://")
-        if "://" not in path and path.endswith(".zip"):
-            return _ZipRewrite.open(path)
-    store, where, kind = open_store(url, mode, storage_options)
-    return Package(store, mode, where, kind)
-
-
-class _ZipRewrite:
-    """``r+`` on a zip package: a zip cannot be changed in place, so the package is unpacked
-    beside it, modified there as a directory, and on close written to a new zip that replaces
-    the old one in one rename (only when something changed).  An interruption leaves the old
-    zip as it was."""
-
-    @staticmethod
-    def open(path: str) -> Package:
-        import tempfile
-        import zipfile
-
-        if not os.path.isfile(path) or not zipfile.is_zipfile(path):
-            raise FormatError(f"{path}: not a zip file")
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.edit-", dir=folder)
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.extractall(tmp)  # extractall drops absolute paths and '..': nothing escapes tmp
-            pkg = Package(LocalStore(tmp, read_only=False), "r+", path, "zip")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        pkg._zip_edit = (path, tmp, _ZipRewrite.snapshot(tmp))
-        return pkg
-
-    @staticmethod
-    def snapshot(tmp: str) -> dict[str, tuple[int, int]]:
-        out = {}
-        for dirpath, _, files in os.walk(tmp):
-            for f in files:
-                st = os.stat(os.path.join(dirpath, f))
-                out[os.path.relpath(os.path.join(dirpath, f), tmp)] = (st.st_size, st.st_mtime_ns)
-        return out
-
-    @staticmethod
-    def finish(path: str, tmp: str, before: dict[str, tuple[int, int]]) -> None:
-        import zipfile
-
-        try:
-            now = _ZipRewrite.snapshot(tmp)
-            if now == before:
-                return
-            partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
-            try:
-                with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                    for rel in sorted(now):
-                        z.write(os.path.join(tmp, rel), rel.replace(os.sep, "/"))
-                os.replace(partial, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(partial)
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    store = open_package_store(url, mode, storage_options=storage_options, lock_timeout=lock_timeout)
+    try:
+        return Package(store, mode)
+    except BaseException:
+        store.close()
+        raise
 
 
 def is_package(url: Any, storage_options: dict[str, Any] | None = None) -> bool:
     """True when ``url`` holds a spherefmt package."""
-    from .storage import is_package as _is
+    from .store import is_package as _is
 
     return _is(url, storage_options)
 

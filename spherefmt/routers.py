@@ -161,20 +161,20 @@ def write_router(pkg: Any, name: str, router: Router) -> None:
     if router.cells != p * m or len(router.layers) != len(pkg.layer_depth):
         raise InputError(f"router has {len(router.layers)} layers x {router.cells} cells; the package "
                          f"{len(pkg.layer_depth)} x {p * m}")
-    root = pkg._group
-    top = root.require_group("router")
-    grp = top.create_group(name, overwrite=True) if name in top else top.create_group(name)
-    hidden = int(router.layers[0]["w1"].shape[1]) if "w1" in router.layers[0] else 0
-    grp.attrs.update({"kind": router.kind, "version": ROUTER_VERSION, "layers": len(router.layers),
-                      "cells": router.cells, "hidden": hidden, **router.meta})
-    for layer, arrays in enumerate(router.layers):
-        lg = grp.create_group(str(layer))
-        for key, a in arrays.items():
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            z = lg.create_array(key, shape=a.shape, dtype=np.float32, chunks=a.shape or None,
-                                compressors=[zarr.codecs.Crc32cCodec()])
-            z[...] = a
-    pkg._arrays = {k: v for k, v in pkg._arrays.items() if not k.startswith(f"router/{name}/")}
+    with pkg.transaction():  # the old router stays until the new one is whole
+        root = pkg._group
+        top = root.require_group("router")
+        grp = top.create_group(name, overwrite=True) if name in top else top.create_group(name)
+        hidden = int(router.layers[0]["w1"].shape[1]) if "w1" in router.layers[0] else 0
+        grp.attrs.update({"kind": router.kind, "version": ROUTER_VERSION, "layers": len(router.layers),
+                          "cells": router.cells, "hidden": hidden, **router.meta})
+        for layer, arrays in enumerate(router.layers):
+            lg = grp.create_group(str(layer))
+            for key, a in arrays.items():
+                a = np.ascontiguousarray(a, dtype=np.float32)
+                z = lg.create_array(key, shape=a.shape, dtype=np.float32, chunks=a.shape or None,
+                                    compressors=[zarr.codecs.Crc32cCodec()])
+                z[...] = a
 
 
 # --- training (torch) ----------------------------------------------------------------------------

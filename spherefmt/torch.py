@@ -227,26 +227,30 @@ class SphereModule:
         if pkg.mode != "r+":
             raise InputError(f"{pkg.where} is open read-only: load it with mode='r+' to save changes")
         digests, changed = self._state(self._baseline)
-        written: dict[str, Any] = {"experts": [], "tensors": [], "bytes": 0}
-        for key, data in changed.items():
-            if isinstance(key, str):
-                pkg.write_tensor(key, data)
-                written["tensors"].append(key)
-            else:
-                pkg.write_expert(*key, data)
-                written["experts"].append(key)
-            written["bytes"] += data.nbytes
-        self._baseline = digests
-        written["router"] = None
-        if self.router is not None and (now := self._router_state()) != self._router_digest:
-            from .routers import Router, write_router
+        with pkg.transaction():  # everything below commits at once, or none of it
+            written: dict[str, Any] = {"experts": [], "tensors": [], "bytes": 0}
+            for key, data in changed.items():
+                if isinstance(key, str):
+                    pkg.write_tensor(key, data)
+                    written["tensors"].append(key)
+                else:
+                    pkg.write_expert(*key, data)
+                    written["experts"].append(key)
+                written["bytes"] += data.nbytes
+            written["router"] = None
+            now = self._router_state() if self.router is not None else None
+            if self.router is not None and now != self._router_digest:
+                from .routers import Router, write_router
 
-            layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
-                      for lay in self.router]
-            old = self._router_meta
-            write_router(pkg, self.router_name, Router(old.kind, layers, old.cells, meta=old.meta))  # type: ignore[arg-type]
-            written["router"] = self.router_name
-            written["bytes"] += sum(a.nbytes for lay in layers for a in lay.values())
+                layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
+                          for lay in self.router]
+                old = self._router_meta
+                write_router(pkg, self.router_name, Router(old.kind, layers, old.cells, meta=old.meta))  # type: ignore[arg-type]
+                written["router"] = self.router_name
+                written["bytes"] += sum(a.nbytes for lay in layers for a in lay.values())
+        # only once committed do the written values become the baseline of the next save
+        self._baseline = digests
+        if written["router"] is not None:
             self._router_digest = now
         return written
 

@@ -99,11 +99,13 @@ def _footer(size: int, disk_type: int, data_offset: int, uid: bytes, timestamp: 
 
 
 def create_vhd(path: str | os.PathLike[str], size: int, *, dynamic: bool = True, block_size: int = DEFAULT_BLOCK,
-               timestamp: int | None = None) -> int:
+               timestamp: int | None = None, inplace: bool = False) -> int:
     """Create an empty VHD of at least ``size`` virtual bytes (see :func:`disk_size`).
 
     Dynamic images start at a few KiB and grow as blocks are written; fixed images occupy
-    their size plus 512 bytes.  Returns the virtual size.
+    their size plus 512 bytes.  The image is written beside ``path`` and renamed onto it,
+    unless ``inplace`` (``path`` is a file of the caller's that nobody sees yet).  Returns the
+    virtual size.
     """
     if size <= 0 or size > MAX_SIZE:
         raise FormatError(f"{path}: VHD size must be 1..{MAX_SIZE} bytes, not {size}")
@@ -112,7 +114,7 @@ def create_vhd(path: str | os.PathLike[str], size: int, *, dynamic: bool = True,
         raise FormatError(f"{path}: VHD block size must be a power of two >= 4096, not {block_size}")
     ts = int(time.time()) - VHD_EPOCH if timestamp is None else timestamp
     uid = uuid.uuid4().bytes
-    tmp = Path(f"{os.fspath(path)}.partial")
+    tmp = Path(path) if inplace else Path(f"{os.fspath(path)}.partial")
     with open(tmp, "wb") as f:
         if not dynamic:
             f.truncate(size)
@@ -128,7 +130,8 @@ def create_vhd(path: str | os.PathLike[str], size: int, *, dynamic: bool = True,
             f.write(footer + bytes(header) + b"\xff" * bat_bytes + footer)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not inplace:
+        os.replace(tmp, path)
     return size
 
 

@@ -13,6 +13,7 @@ fsspec filesystem (protocol ``vhd``) over those files: zarr opens the store thro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -22,7 +23,8 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
-from .errors import FormatError, ReadOnlyError
+from .containers.base import disk_full, storage_failure
+from .errors import FormatError, IntegrityError, PackageLockedError, ReadOnlyError
 from .vhd import SECTOR, VHDImage, create_vhd
 
 __all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
@@ -139,18 +141,20 @@ def _fix_fsinfo(vhd: VHDImage) -> None:
         vhd.write(base + at * SECTOR + 488, struct.pack("<II", free, nxt))
 
 
-def create_package_image(path: str | os.PathLike[str], size: int) -> int:
-    """Create a dynamic VHD of (at least) ``size`` bytes holding an empty FAT32 partition."""
+def create_package_image(path: str | os.PathLike[str], size: int, *, inplace: bool = False) -> int:
+    """Create a dynamic VHD of (at least) ``size`` bytes holding an empty FAT32 partition
+    (``inplace``: into the caller's file at ``path``, see :func:`spherefmt.vhd.create_vhd`)."""
     from .vhd import disk_size
 
     _fat_layout(disk_size(size) // SECTOR - PARTITION_START)  # too small: refuse before any file exists
-    real = create_vhd(path, size)
+    real = create_vhd(path, size, inplace=inplace)
     try:
         with VHDImage(path, "r+") as v:
             format_disk(v)
             v.flush()
     except BaseException:
-        os.unlink(path)
+        if not inplace:
+            os.unlink(path)
         raise
     return real
 
@@ -174,9 +178,10 @@ class VHDFileSystem(AbstractFileSystem):
     cachable = False
     root_marker = "/"
 
-    def __init__(self, fo: str, mode: str = "r", durable: bool = True, **kwargs: Any) -> None:
+    def __init__(self, fo: str, mode: str = "r", durable: bool = True, where: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_path, self.mode, self.durable = os.fspath(fo), mode, durable
+        self.where = where or self.image_path
         self._vhd = VHDImage(self.image_path, mode)
         self._lockf = None
         if mode == "r+":
@@ -188,7 +193,7 @@ class VHDFileSystem(AbstractFileSystem):
             except OSError:
                 self._lockf.close()
                 self._vhd.close()
-                raise ReadOnlyError(f"{self.image_path}: another process is writing this package") from None
+                raise PackageLockedError(f"{self.where}: another process is writing this package") from None
         self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
         self._mount()
 
@@ -200,7 +205,7 @@ class VHDFileSystem(AbstractFileSystem):
             self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=PARTITION_START * SECTOR, lazy_load=True)
         except Exception as e:  # noqa: BLE001 - pyfatfs raises many kinds on a bad filesystem
             self.close()
-            raise FormatError(f"{self.image_path}: no readable FAT32 filesystem at sector {PARTITION_START} "
+            raise FormatError(f"{self.where}: no readable FAT32 filesystem at sector {PARTITION_START} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
@@ -265,7 +270,7 @@ class VHDFileSystem(AbstractFileSystem):
                     else:
                         runs.append((off, per))
             if sum(n for _, n in runs) < size:
-                raise FormatError(f"{self.image_path}: {path}: cluster chain shorter than the file")
+                raise FormatError(f"{self.where}: {path}: cluster chain shorter than the file")
             self._extent_cache[path] = (size, runs)
             return size, runs
 
@@ -276,7 +281,7 @@ class VHDFileSystem(AbstractFileSystem):
         for c in fat.get_cluster_chain(first):
             chain.append(c)
             if len(chain) > len(fat.fat):
-                raise FormatError(f"{self.image_path}: a FAT cluster chain loops")
+                raise FormatError(f"{self.where}: a FAT cluster chain loops")
         return chain
 
     def _cluster_bytes(self, first: int) -> bytes:
@@ -355,7 +360,7 @@ class VHDFileSystem(AbstractFileSystem):
                 raise
             except Exception as e:  # noqa: BLE001 - pyfatfs's errors on a chain a writer just changed
                 if self.mode != "r" or attempt == 3:
-                    raise FormatError(f"{self.image_path}: cannot read {path} ({type(e).__name__}: "
+                    raise IntegrityError(f"{self.where}: cannot read {path} ({type(e).__name__}: "
                                       f"{str(e)[:120]})") from None
                 self.refresh()  # a writer in another process changed the filesystem: look again
         raise AssertionError("unreachable")
@@ -386,7 +391,7 @@ class VHDFileSystem(AbstractFileSystem):
         """Write a whole file.  An existing file is replaced atomically (see
         :meth:`_replace_contents`); a new one is written in place."""
         if self.mode != "r+":
-            raise ReadOnlyError(f"{self.image_path}: opened read-only")
+            raise ReadOnlyError(f"{self.where}: opened read-only")
         path = self._strip_protocol(path)
         parent, name = path.rsplit("/", 1)
         self._extent_cache.pop(path, None)
@@ -401,17 +406,20 @@ class VHDFileSystem(AbstractFileSystem):
                 with self._fat.openbin(path, "w") as f:
                     f.write(bytes(value))
             except Exception as e:  # noqa: BLE001 - pyfatfs signals a full volume in several ways
-                if self._fat.exists(path):
-                    self._fat.remove(path)
-                full = "free" in str(e).lower() or "space" in str(e).lower()
-                if full:
+                host = disk_full(e)  # the disk holding the image, not the filesystem inside it
+                with contextlib.suppress(Exception):
+                    if self._fat.exists(path):
+                        self._fat.remove(path)
+                if host:
+                    raise storage_failure(e, self.where, path.lstrip("/"), os.path.dirname(self.where)) from None
+                if "free" in str(e).lower() or "space" in str(e).lower():
                     raise self._full() from None
                 raise
             if self.durable:  # in-place edits: the FAT reaches the disk with each file
                 self._fat.fs.flush_fat()
 
     def _full(self) -> OSError:
-        return OSError(28, f"{self.image_path}: the filesystem inside is full; convert into a larger image: "
+        return OSError(28, f"{self.where}: the filesystem inside the image is full; convert into a larger image: "
                            "sphere convert THIS.vhd BIGGER.vhd --vhd-size SIZE")
 
     def _replace_contents(self, path: str, data: bytes) -> None:
@@ -433,9 +441,11 @@ class VHDFileSystem(AbstractFileSystem):
         if data:
             try:
                 first = fat.allocate_bytes(len(data))[0]
-            except Exception as e:  # noqa: BLE001 - pyfatfs's "not enough free space"
+                fat.write_data_to_cluster(data, first, extend_cluster=False)
+            except Exception as e:  # noqa: BLE001 - pyfatfs's "not enough free space", or the host's
+                if disk_full(e):
+                    raise storage_failure(e, self.where, path.lstrip("/"), os.path.dirname(self.where)) from None
                 raise self._full() from e
-            fat.write_data_to_cluster(data, first, extend_cluster=False)
         fat.flush_fat()
         self._vhd.flush()
         entry.set_cluster(first)

@@ -14,9 +14,10 @@ import torch
 import zarr
 
 import spherefmt
-from spherefmt.errors import FormatError, PackageExistsError
+from spherefmt.errors import FormatError, IntegrityError, PackageExistsError
 from spherefmt.sources import TensorSource
 from spherefmt.testing import save_hf_folder
+from spherefmt.testing.packages import remanifest
 
 from .conftest import model
 
@@ -166,25 +167,32 @@ def test_interrupted_conversion_leaves_nothing_complete(tmp_path, after):
     assert before == {p: p.read_bytes() for p in Path(old).rglob("*") if p.is_file()}  # old package intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sphere"]
     # object stores are written in place: the package stays marked 'writing' and open refuses it
+    # object stores are written in place: an interrupted conversion removes what it wrote
     url = f"memory://interrupted-{tmp_path.name}-{after}"
     with pytest.raises(KeyboardInterrupt):
         spherefmt.save(_Failing(sd, cfg, after), url)
-    with pytest.raises(FormatError, match="incomplete") as e:
+    assert not spherefmt.is_package(url)
+    with pytest.raises(FormatError, match="not a spherefmt package") as e:
         spherefmt.open(url)
     _one_line(e, url)
 
 
 def _edit_header(url: str, fn) -> None:
+    """Edit the header as an attacker would, then give the package a matching manifest (so
+    that the header's own validation is what answers)."""
     p = Path(url) / "zarr.json"
     meta = json.loads(p.read_text())
     fn(meta["attributes"]["spherefmt"])
     p.write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="zarr.json does not match"):
+        spherefmt.open(url)  # as it is, the edit is caught by the manifest
+    remanifest(url)
 
 
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda h: h.update(version=2), "newer than this spherefmt supports"),
+        (lambda h: h.update(version=3), "newer than this spherefmt supports"),
         (lambda h: h.update(format="other"), "not a spherefmt package"),
         (lambda h: h.update(graticule=[500, 2]), "parallels must be"),
         (lambda h: h.update(depth=11), "depth 11"),
@@ -220,6 +228,7 @@ def test_corrupt_chunk_and_bad_index(tmp_path):
     idx = g["sphere/d1/index"][...]
     idx[0, 0, 0, 0] = idx[0, 0, 0, 1]  # a duplicated neuron index
     g["sphere/d1/index"][...] = idx
+    remanifest(url)
     with pytest.raises(FormatError, match="not a permutation"):
         spherefmt.open(url).expert(0, 0, 1)
 
@@ -229,6 +238,7 @@ def test_core_array_shape_disagrees_with_header(tmp_path):
     url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
     g = zarr.open_group(url, mode="r+")
     g.create_array("core/transformer.wte.weight", shape=(2, 2), dtype="float32", overwrite=True)
+    remanifest(url)
     with pytest.raises(FormatError, match="header says"):
         spherefmt.open(url).tensor("transformer.wte.weight")
 
@@ -261,6 +271,7 @@ def test_malformed_zarr_metadata(tmp_path):
     url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg)
     meta = Path(url) / "core" / "transformer.wte.weight" / "zarr.json"
     meta.write_text('{"zarr_format": 3, "node_type": "array", "shape": "nope"}')
+    remanifest(url)
     pkg = spherefmt.open(url)
     with pytest.raises(FormatError, match="malformed metadata") as e:
         pkg.tensor("transformer.wte.weight")
@@ -268,8 +279,10 @@ def test_malformed_zarr_metadata(tmp_path):
     with pytest.raises(FormatError, match="malformed metadata"):
         pkg.state_dict()
     (Path(url) / "zarr.json").write_text("{garbage")
+    remanifest(url)
     with pytest.raises(FormatError, match="zarr.json is not valid JSON"):
         spherefmt.open(url)
     (Path(url) / "zarr.json").write_text('{"zarr_format": 2}')
+    remanifest(url)
     with pytest.raises(FormatError, match="not a Zarr v3 group"):
         spherefmt.open(url)

@@ -183,12 +183,13 @@ def test_interrupted_growth_reads_as_before(tmp_path, monkeypatch):
     pkg = tmp_path / "m.sphere"
     spherefmt.save(src, pkg, graticule="2x4")
     base = _runtime_logits(pkg)
-    import spherefmt.grow as g
+    from spherefmt.store import PackageStore
 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(g, "_commit", crash)  # everything written but the header
+    # everything written but the manifest, and nothing cleaned up: what a SIGKILL leaves
+    monkeypatch.setattr(PackageStore, "_commit", crash)
     for fn in (lambda: grow_neurons(pkg, 40, cell=(0, 1), depth=1), lambda: grow_layers(pkg, 1)):
         with pytest.raises(KeyboardInterrupt):
             fn()

@@ -16,7 +16,7 @@ from zarr.storage import LocalStore, WrapperStore
 import spherefmt
 from spherefmt.errors import FormatError, ReadOnlyError
 
-from .conftest import dest, model
+from .conftest import changed_keys, dest, model
 
 
 def test_plain_zarr_reads_every_array(tmp_path):
@@ -24,7 +24,7 @@ def test_plain_zarr_reads_every_array(tmp_path):
     url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2)
     g = zarr.open_group(url, mode="r")  # plain zarr, no spherefmt
     header = g.attrs["spherefmt"]
-    assert header["format"] == "spherefmt" and header["version"] == 1 and header["state"] == "complete"
+    assert header["format"] == "spherefmt" and header["version"] == 2 and header["state"] == "complete"
     arrays = dict(g.arrays())
     assert set(arrays) == {"core", "sphere"} or True
     n = 0
@@ -165,7 +165,9 @@ def test_write_one_layer_and_refusals(tmp_path):
         key = pkg.shard_key(0, 1, 1)
     with zipfile.ZipFile(z) as zf:
         after = {n: zf.read(n) for n in zf.namelist()}
-    assert {n for n in after if after[n] != before.get(n)} == {key} and set(after) == set(before)
+    assert changed_keys(before, after) == {key}
+    assert {n for n in set(after) ^ set(before) if n.startswith("manifest/")} == {
+        "manifest/00000000000000000002/zarr.json"}  # one commit: one new manifest
     with spherefmt.open(z) as pkg:
         assert (pkg.expert(0, 1, 1).neurons[e.index >= 0] == 0.5).all()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

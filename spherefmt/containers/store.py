@@ -1,0 +1,55 @@
+"""A package in a zarr ``Store`` that the caller opened (``spherefmt.open(store)``): the
+caller's store is used as it is and stays open after the package is closed.  ``create``
+uses the store's ``set_if_not_exists`` and checks what it left."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .base import Blob, CommitConflict, Container
+
+__all__ = ["StoreContainer"]
+
+
+class StoreContainer(Container):
+    """A caller's zarr store (see the module docstring)."""
+
+    remote = True  # its I/O runs on zarr's event loop: callers on that loop use a thread
+    borrowed = True
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.where = str(getattr(store, "where", None) or type(store).__name__)
+
+    def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False
+            ) -> Blob | None:
+        req: Any = None
+        if start is not None and start < 0:
+            req = SuffixByteRequest(-start)
+        elif start is not None or end is not None:
+            req = RangeByteRequest(start or 0, end if end is not None else 2**62)
+        buf = sync(self.store.get(key, prototype=default_buffer_prototype(), byte_range=req))
+        return None if buf is None else buf.to_bytes()
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        async def collect() -> list[str]:
+            return [k async for k in self.store.list_prefix(prefix)]
+
+        return iter(sorted(sync(collect())))
+
+    def put(self, key: str, data: Blob) -> None:
+        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(data))))
+
+    def create(self, key: str, data: Blob) -> None:
+        value = bytes(data)
+        sync(self.store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(value)))
+        if self.get(key) != value:
+            raise CommitConflict(f"{self.where}: {key} exists: another writer committed first")
+
+    def delete(self, key: str) -> None:
+        sync(self.store.delete(key))
