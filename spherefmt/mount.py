@@ -8,6 +8,7 @@ start (about 12-20 s without KVM) and is only for people and checks, never the r
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -40,19 +41,58 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def kvm_works() -> bool:
+    """Whether the libguestfs appliance really boots under KVM here.  ``/dev/kvm`` can create a
+    VM and the appliance still hang at boot (nested virtualisation, seen on these machines), so
+    an empty appliance is started once, in a child bounded by a timeout."""
+    if not kvm_usable() or shutil.which("guestfish") is None:
+        return False
+    try:  # the answer holds until the machine reboots: kept per boot
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        boot = ""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spherefmt",
+                         f"kvm-{boot}")
+    try:
+        return open(cache).read().strip() == "yes"
+    except OSError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k != "LIBGUESTFS_BACKEND_SETTINGS"}
+    env.setdefault("LIBGUESTFS_BACKEND", "direct")
+    try:
+        r = subprocess.run(["guestfish", "--ro", "-a", "/dev/null", "run"], env=env, capture_output=True,
+                           timeout=KVM_PROBE_SECONDS, check=False)
+        works = r.returncode == 0
+    except subprocess.TimeoutExpired:
+        works = False
+    if boot:
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with open(cache, "w") as f:
+                f.write("yes\n" if works else "no\n")
+        except OSError:
+            pass
+    return works
+
+
+#: an appliance boots in a few seconds under KVM; one that takes longer is taken for a hang
+KVM_PROBE_SECONDS = 40
+
+
 def guest_env(tcg: bool = False) -> dict[str, str]:
-    """Environment for libguestfs: the direct backend, and TCG when asked or when KVM is absent."""
+    """Environment for libguestfs: the direct backend, and TCG when asked or when KVM does not
+    work (the user's own ``LIBGUESTFS_BACKEND_SETTINGS`` wins)."""
     env = dict(os.environ)
     env.setdefault("LIBGUESTFS_BACKEND", "direct")
-    if tcg or not kvm_usable():
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and (tcg or not kvm_works()):
         env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
     return env
 
 
 def _attempts() -> list[bool]:
-    """TCG flags to try: KVM first where it may work, then TCG (KVM can open and create a VM
-    yet fail inside the appliance, as on these CI machines)."""
-    return [True] if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") == "force_tcg" or not kvm_usable() else [False, True]
+    """TCG flags to try: KVM first where it works, then TCG."""
+    return [True] if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") == "force_tcg" or not kvm_works() else [False, True]
 
 
 def mount(pkg: str, directory: str, *, rw: bool = False) -> None:

@@ -19,6 +19,19 @@ pytestmark = pytest.mark.skipif(shutil.which("guestmount") is None or not os.pat
                                 reason="needs libguestfs-tools and python3-guestfs")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tcg():
+    """This machine's /dev/kvm creates VMs whose appliance then hangs at boot; the tests run the
+    appliance under TCG rather than wait for spherefmt.mount's one-time KVM probe."""
+    saved = os.environ.get("LIBGUESTFS_BACKEND_SETTINGS")
+    os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+    yield
+    if saved is None:
+        os.environ.pop("LIBGUESTFS_BACKEND_SETTINGS", None)
+    else:
+        os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = saved
+
+
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
     sd, cfg = model("llama", "BF16")

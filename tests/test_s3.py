@@ -18,7 +18,7 @@ from spherefmt.runtime import Session
 import spherefmt
 from spherefmt.cli import main
 from spherefmt.errors import FormatError, StorageError
-from spherefmt.storage import client_options, close_store, open_store
+from spherefmt.containers.remote import client_options
 from spherefmt.testing.s3 import S3Server
 
 from .conftest import run_cli
@@ -127,14 +127,9 @@ def test_endpoint_from_fsspec_config_and_storage_options(bucket_pkg, server, mon
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     s3fs.S3FileSystem.clear_instance_cache()
     opts = {"endpoint_url": server.url}
-    store, where, _ = open_store(url, storage_options=opts)
-    try:
-        assert where == url
-        with spherefmt.open(store) as p:
-            assert p.where == url and p.metadata["state"] == "complete"
-    finally:
-        close_store(store)
-    # the public API takes them too: save into the bucket, then open
+    with spherefmt.open(url, storage_options=opts) as p:
+        assert p.where == url and p.metadata["state"] == "complete"
+    # save into the bucket too, then open
     spherefmt.save(TINY, "s3://models/opts", storage_options=opts)
     assert spherefmt.is_package("s3://models/opts", storage_options=opts)
     with spherefmt.open("s3://models/opts", storage_options=opts) as p:
