@@ -46,6 +46,7 @@ def package_info(pkg: Any) -> dict[str, Any]:
         "package": pkg.where,
         "format": h["format"],
         "version": h["version"],
+        "generation": pkg.generation,
         "architecture": h["architecture"],
         "tensors": len(h["tensors"]),
         "codec": h["codec"],
@@ -104,6 +105,7 @@ def cli() -> None:
       sphere run model.sphere --prompt "def " --budget 25%   # streaming inference
       sphere route-train model.sphere --text sample.txt       # a learned top-k router
       sphere map model.sphere -o map.png                      # the graticule as world maps
+      sphere verify model.sphere                              # every object against the manifest
     """
 
 
@@ -159,7 +161,8 @@ def info(pkg: str, as_json: bool) -> None:
         click.echo(json.dumps(d, indent=2))
         return
     click.echo(f"package       {d['package']}")
-    click.echo(f"format        {d['format']} v{d['version']}, codec {d['codec']}")
+    gen = f", generation {d['generation']}" if d["generation"] is not None else " (no manifest)"
+    click.echo(f"format        {d['format']} v{d['version']}{gen}, codec {d['codec']}")
     click.echo(f"architecture  {d['architecture']}, {d['tensors']} tensors")
     click.echo(f"size          {_size(d['stored_bytes'])} stored / {_size(d['raw_bytes'])} raw ({d['ratio']:.3f})")
     if "graticule" in d:
@@ -180,6 +183,38 @@ def info(pkg: str, as_json: bool) -> None:
                        + (f", cell {g['cell']}" if g.get("cell") else ""))
     if d["warning"]:
         click.echo(f"warning       {d['warning']}")
+
+
+@cli.command()
+@click.argument("pkg")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def verify(pkg: str, as_json: bool, quiet: bool) -> None:
+    """Check every object of a package against its manifest (exit 1 when any is missing or
+    damaged).  Objects the manifest does not list are leftovers, never read; the next writer
+    removes them."""
+    from tqdm.auto import tqdm
+
+    from .package import open as open_package
+
+    with open_package(pkg) as p:
+        with tqdm(total=p.stored_bytes(), unit="B", unit_scale=True, desc="verify", disable=quiet or as_json,
+                  leave=False) as bar:
+            d = {"package": p.where, **p.verify(progress=bar.update)}
+    d["ok"] = not d["missing"] and not d["mismatched"]
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(f"{d['package']}: generation {d['generation']}, {d['objects']} objects, {_size(d['bytes'])}: "
+                   + ("ok" if d["ok"] else f"{len(d['missing'])} missing, {len(d['mismatched'])} damaged"))
+        for what in ("missing", "mismatched"):
+            for key in d[what][:20]:
+                click.echo(f"  {what:10s} {key}")
+        if d["unlisted"]:
+            click.echo(f"  {len(d['unlisted'])} unlisted objects (leftovers of interrupted writers; never read)")
+    if not d["ok"]:
+        sys.exit(1)
 
 
 @cli.command()

@@ -1,12 +1,12 @@
 """The manifest: every object of a package with its size and checksums, and the commit point of
 every change (``spec/FORMAT.md`` section 10).
 
-A version-2 package holds manifests ``manifest/<generation>/zarr.json``: each is the metadata
-document of an (empty) Zarr group, so plain Zarr readers walk past them, and its attributes
-list the objects of the package.  The one with the highest generation is the package: an object it lists MUST exist and match
-its size and checksums, an object it does not list is never read as data, and a change (a
-conversion, a growth, a write-back of trained experts) becomes visible at once when its
-manifest is created.  Nothing here does I/O: :mod:`spherefmt.store` reads and writes manifests
+A version-2 package holds one manifest, ``manifest/zarr.json``: the metadata document of an
+(empty) Zarr group, so plain Zarr readers walk past it, whose attributes list every object of
+the package.  An object it lists MUST exist and match its size and checksums, an object it does
+not list is never read as data, and a change (a conversion, a growth, a write-back of trained
+experts) becomes visible at once when the manifest is replaced by the next generation's, in
+one atomic step that fails if another writer replaced it first.  Nothing here does I/O: :mod:`spherefmt.store` reads and writes manifests
 through a container.
 
 The checks are designed to be fused with reads that happen anyway: every chunk spherefmt writes
@@ -29,15 +29,13 @@ import crc32c
 from .constants import MANIFEST_FORMAT, MANIFEST_PREFIX, MANIFEST_VERSION, MAX_MANIFEST_BYTES, STAGING_PREFIX
 from .errors import FormatError
 
-__all__ = ["Entry", "Manifest", "entry_for", "generation_of", "manifest_key", "trailers_of"]
+__all__ = ["MANIFEST_KEY", "Entry", "Manifest", "entry_for", "trailers_of"]
 
 #: A missing inner chunk of a shard (the shard index holds 2^64 - 1 twice) in ``trailers``.
 NO_CHUNK = None
 _MISSING = 2**64 - 1
-_NAME = re.compile(r"^manifest/(\d{20})/zarr\.json$")
-#: the group document of ``manifest/`` itself (a plain Zarr group, listed like any object)
-MANIFEST_GROUP = "manifest/zarr.json"
-GROUP_DOC = b'{"zarr_format":3,"node_type":"group","attributes":{}}'
+#: the one manifest object: the metadata document of the Zarr group ``manifest``
+MANIFEST_KEY = f"{MANIFEST_PREFIX}/zarr.json"
 _ATTR = "spherefmt_manifest"
 #: What a stored key may look like: relative, ``/``-separated, no ``.``/``..`` parts, no NUL.
 _BAD_PART = re.compile(r"(^|/)\.{1,2}(/|$)|//|^/|\x00|\\")
@@ -87,21 +85,6 @@ class Entry:
         if not ok:
             raise FormatError(f"{where}: manifest entry for {key[:120]!r} is malformed")
         return cls(v[0], crc, trailers)
-
-
-def manifest_key(generation: int) -> str:
-    return f"{MANIFEST_PREFIX}/{generation:020d}/zarr.json"
-
-
-def generation_of(key: str) -> int | None:
-    """The generation of a manifest key (``manifest/<20 digits>/zarr.json``), or ``None``."""
-    m = _NAME.match(key)
-    return int(m.group(1)) if m else None
-
-
-def staging_key(generation: int, key: str) -> str:
-    """Where a transaction that commits ``generation`` stages the new bytes of an existing key."""
-    return f"{STAGING_PREFIX}/{generation}/{key}"
 
 
 def reserved(key: str) -> bool:

@@ -1196,6 +1196,11 @@ class Package:
         manifests themselves not counted)."""
         return sum(self._store.object_size(k) or 0 for k in self._store.listed(prefix))
 
+    def verify(self, progress: Any = None) -> dict[str, Any]:
+        """Read every object of the package whole and check it against the manifest; see
+        :meth:`spherefmt.store.PackageStore.verify` (``sphere verify``)."""
+        return self._store.verify(progress)
+
     def object_bytes(self, key: str) -> int:
         size = self._store.object_size(key)
         if size is None:

@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -55,7 +56,7 @@ from .containers import Container, open_container
 from .containers.base import CommitConflict, clip
 from .containers.directory import is_leftover
 from .errors import ConcurrentWriteError, FormatError, IntegrityError, ReadOnlyError, SpherefmtError, StorageError
-from .manifest import GROUP_DOC, MANIFEST_GROUP, ChunkLayout, Entry, Manifest, array_of, entry_for, generation_of, manifest_key, trailers_of
+from .manifest import MANIFEST_KEY, ChunkLayout, Entry, Manifest, array_of, entry_for, trailers_of
 
 __all__ = ["PackageStore", "is_package", "open_package_store"]
 
@@ -78,9 +79,12 @@ class Transaction:
     writes: dict[str, tuple[str, Entry]] = field(default_factory=dict)
     deletes: set[str] = field(default_factory=set)
     depth: int = 1
+    staged: int = 0
 
     def staging(self, key: str) -> str:
-        return f"{STAGING_PREFIX}/{self.generation}-{self.txid}/{key}"
+        """A flat name in ``staging/`` (no folders to make, one per transaction's object)."""
+        self.staged += 1
+        return f"{STAGING_PREFIX}/{self.generation}-{self.txid}-{self.staged}"
 
 
 class PackageStore(Store):
@@ -112,6 +116,7 @@ class PackageStore(Store):
         self._layouts: dict[str, ChunkLayout | None] = {}
         self._trailer_sets: dict[str, frozenset[int | None]] = {}
         self.upgrading = False
+        self._version: str | None = None  # of the manifest object this store read
         if new:
             self.manifest: Manifest | None = Manifest(0)
             return
@@ -135,27 +140,29 @@ class PackageStore(Store):
         return self.container.size("zarr.json") is not None
 
     def _latest(self) -> Manifest | None:
-        """The manifest of the highest generation, or ``None`` (a version-1 package)."""
-        for attempt in range(4):
-            gens = sorted((g for k in self.container.keys(MANIFEST_PREFIX) if (g := generation_of(k)) is not None),
-                          reverse=True)
-            if not gens:
-                return None
-            key = manifest_key(gens[0])
-            raw = self.container.get(key)
-            if raw is None:  # removed by a writer between the listing and the read: list again
-                self.container.refresh()
-                continue
+        """The package's manifest, or ``None`` (a version-1 package); remembers the version of
+        the object it was read from, which the next commit must still find."""
+        for attempt in range(6):
             try:
-                m = Manifest.decode(bytes(raw), f"{self.where}: {key}")
+                version = self.container.version(MANIFEST_KEY)
+                raw = self.container.get(MANIFEST_KEY) if version is not None else None
+                if raw is None and version is not None:
+                    raise IntegrityError(f"{self.where}: {MANIFEST_KEY} vanished")
+                if not raw:  # none, or an empty one a killed first commit left: no manifest
+                    self._version = version
+                    return None
+                m = Manifest.decode(bytes(raw), f"{self.where}: {MANIFEST_KEY}")
+                self._version = version if self.container.version(MANIFEST_KEY) == version else None
+                if self._version is None and version is not None:
+                    raise IntegrityError(f"{self.where}: {MANIFEST_KEY} changed while being read")
+                return m
             except FormatError:
-                if attempt == 3 or not self.container.refresh():
+                # beside a writer a read can be stale (a VHD's FAT, a replaced object): look again
+                if attempt == 5:
                     raise
-                continue
-            if m.generation != gens[0]:
-                raise FormatError(f"{self.where}: {key} says it is generation {m.generation}")
-            return m
-        raise IntegrityError(f"{self.where}: its manifests kept changing while being read")
+                self.container.refresh()
+                time.sleep(0.01 * (attempt + 1))
+        raise IntegrityError(f"{self.where}: its manifest kept changing while being read")
 
     @property
     def generation(self) -> int | None:
@@ -201,13 +208,9 @@ class PackageStore(Store):
                 self.container.move(phys, key)
             else:
                 self.container.delete(phys)
-        keep = {manifest_key(m.generation)}
         for key in list(self.container.keys()):
-            if key in m.objects or key in keep or not _owned(key):
+            if key in m.objects or key == MANIFEST_KEY or not _owned(key):
                 continue
-            g = generation_of(key)
-            if g is not None and g > m.generation:
-                continue  # never: a newer manifest would have been the latest
             self.container.delete(key)
 
     # -- checks -------------------------------------------------------------------------------
@@ -344,6 +347,37 @@ class PackageStore(Store):
             self._layouts[arr] = layout
         return self._layouts[arr]
 
+    def verify(self, progress: Any = None) -> dict[str, Any]:
+        """Check every object the manifest lists, whole (size and CRC-32C of all its bytes, and
+        its chunk checksums), and list what the container holds that the manifest does not.
+
+        Returns
+        -------
+        dict
+            ``generation``, ``objects`` and ``bytes`` checked, and the keys found ``missing``,
+            ``mismatched`` and ``unlisted`` (leftovers a writer will remove; never read).
+        """
+        m = self.manifest
+        if m is None:
+            raise FormatError(f"{self.where}: a version-1 package has no manifest to verify against")
+        out: dict[str, Any] = {"generation": m.generation, "objects": 0, "bytes": 0, "missing": [],
+                               "mismatched": [], "unlisted": []}
+        for key, e in sorted(m.objects.items()):
+            places = [key] + ([m.pending[key]] if key in m.pending else [])
+            blobs = [b for b in (self.container.get(p) for p in places) if b is not None]
+            if not blobs:
+                out["missing"].append(key)
+            elif not any(len(b) == e.size and crc32c.crc32c(b) == e.crc and self._check(e, b, None, None, key)
+                         for b in blobs):
+                out["mismatched"].append(key)
+            out["objects"] += 1
+            out["bytes"] += e.size
+            if progress is not None:
+                progress(e.size)
+        keep = set(m.objects) | set(m.pending.values()) | {MANIFEST_KEY}
+        out["unlisted"] = [k for k in self.container.keys() if k not in keep]
+        return out
+
     # -- transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -424,8 +458,6 @@ class PackageStore(Store):
         if not txn.writes and not txn.deletes:
             return
         base = self.manifest or Manifest(0)
-        if MANIFEST_GROUP not in base.objects and MANIFEST_GROUP not in txn.writes:
-            self.write(MANIFEST_GROUP, GROUP_DOC)  # manifests sit in a plain Zarr group
         objects = {k: e for k, e in base.objects.items() if k not in txn.deletes}
         for k, (_, e) in txn.writes.items():
             objects[k] = e
@@ -433,7 +465,7 @@ class PackageStore(Store):
         new = Manifest(txn.generation, objects, pending)
         try:
             self.container.sync()
-            self.container.create(manifest_key(new.generation), new.encode())  # the commit
+            self.container.replace(MANIFEST_KEY, new.encode(), self._version)  # the commit
         except CommitConflict:
             self._abort(txn)
             raise ConcurrentWriteError(f"{self.where}: another writer committed a change first; nothing of this one "
@@ -442,6 +474,7 @@ class PackageStore(Store):
             self._abort(txn)
             raise
         self.manifest = new
+        self._version = self.container.version(MANIFEST_KEY)
         self.upgrading = False
         self._trailer_sets.clear()
         try:
@@ -456,10 +489,6 @@ class PackageStore(Store):
                 self.container.move(phys, key)
         for key in deletes:
             self.container.delete(key)
-        for key in list(self.container.keys(MANIFEST_PREFIX)):
-            g = generation_of(key)
-            if g is not None and g < m.generation - 1:  # the one before stays for readers between the two
-                self.container.delete(key)
 
     def _abort(self, txn: Transaction) -> None:
         for phys, _ in txn.writes.values():

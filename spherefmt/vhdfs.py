@@ -159,6 +159,26 @@ def create_package_image(path: str | os.PathLike[str], size: int, *, inplace: bo
     return real
 
 
+def _flush_fat_before_directories(fat: Any) -> None:
+    """Make pyfatfs write the FAT before each directory it writes.
+
+    pyfatfs writes a new file's or folder's directory entry, which names its first cluster,
+    before it writes the FAT that marks that cluster used (it flushes the FAT last, or when the
+    file closes).  A writer killed in between leaves an entry pointing at a free cluster, and
+    every later listing of that folder fails ("FREE_CLUSTER mark found").  With the FAT written
+    first, any cluster a directory entry names is already marked on disk; a removal still
+    writes its directory before the freed clusters reach the FAT.  A kill then leaks clusters at
+    worst (fsck reclaims them), never breaks a folder.
+    """
+    write_dir = fat.update_directory_entry
+
+    def update_directory_entry(dir_entry: Any) -> None:
+        fat.flush_fat()
+        write_dir(dir_entry)
+
+    fat.update_directory_entry = update_directory_entry
+
+
 class VHDFileSystem(AbstractFileSystem):
     """fsspec filesystem over the files inside a package VHD (protocol ``vhd``).
 
@@ -207,9 +227,11 @@ class VHDFileSystem(AbstractFileSystem):
             self.close()
             raise FormatError(f"{self.where}: no readable FAT32 filesystem at sector {PARTITION_START} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
+        if self.mode == "r+" and self.durable:
+            _flush_fat_before_directories(self._fat.fs)
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
-        self._listings: dict[int, dict[str, tuple[int, int, bool]]] = {}  # see _listing
+        self._listings: dict[int, dict[str, tuple[int, int, bool, str]]] = {}  # see _listing
         self._root_cluster = int(self._fat.fs.bpb_header["BPB_RootClus"])
 
     def refresh(self) -> None:
@@ -290,15 +312,15 @@ class VHDFileSystem(AbstractFileSystem):
         return b"".join(self._vhd.read(base + fat.get_data_cluster_address(c), fat.bytes_per_cluster)
                         for c in self._chain(first))
 
-    def _listing(self, first: int) -> dict[str, tuple[int, int, bool]]:
-        """A directory's entries, ``name.lower() -> (first cluster, size, is_dir)``, parsed from
+    def _listing(self, first: int) -> dict[str, tuple[int, int, bool, str]]:
+        """A directory's entries, ``name.lower() -> (first cluster, size, is_dir, name)``, parsed from
         its clusters (FAT 8.3 entries with their long names).  Much cheaper than pyfatfs's
         lookup, which is where reading a freshly opened package spent its time."""
         hit = self._listings.get(first)
         if hit is not None:
             return hit
         raw = self._cluster_bytes(first)
-        out: dict[str, tuple[int, int, bool]] = {}
+        out: dict[str, tuple[int, int, bool, str]] = {}
         lfn: list[str] = []
         for i in range(0, len(raw) - 31, 32):
             e = raw[i : i + 32]
@@ -322,7 +344,7 @@ class VHDFileSystem(AbstractFileSystem):
             if name in (".", ".."):
                 continue
             cluster = struct.unpack_from("<H", e, 20)[0] << 16 | struct.unpack_from("<H", e, 26)[0]
-            out[name.lower()] = (cluster, struct.unpack_from("<I", e, 28)[0], bool(attr & 0x10))
+            out[name.lower()] = (cluster, struct.unpack_from("<I", e, 28)[0], bool(attr & 0x10), name)
         self._listings[first] = out
         return out
 
@@ -335,8 +357,37 @@ class VHDFileSystem(AbstractFileSystem):
             hit = self._listing(cluster).get(name.lower())
             if hit is None:
                 raise FileNotFoundError(path)
-            cluster, size, is_dir = hit
+            cluster, size, is_dir, _ = hit
         return cluster, size, is_dir
+
+    def walk_files(self, path: str = "/") -> list[tuple[str, int]]:
+        """Every file under ``path`` with its size, from the directory clusters themselves
+        (:meth:`_listing`; names as stored).  Raises :class:`IntegrityError` on a directory tree
+        that does not hold together (a stale view beside a writer, or a damaged image)."""
+        path = self._strip_protocol(path)
+        try:
+            with self._io:
+                first, _, is_dir = self._lookup(path)
+                if not is_dir:
+                    raise FileNotFoundError(path)
+                out: list[tuple[str, int]] = []
+                todo = [(path.rstrip("/"), first)]
+                seen: set[int] = set()
+                while todo:
+                    base, cluster = todo.pop()
+                    if cluster in seen:
+                        raise FormatError(f"{self.where}: the directory tree loops")
+                    seen.add(cluster)
+                    for _, (c, size, sub, name) in sorted(self._listing(cluster).items()):
+                        if sub:
+                            todo.append((f"{base}/{name}", c))
+                        else:
+                            out.append((f"{base}/{name}", size))
+                return sorted(out)
+        except FileNotFoundError:
+            raise
+        except (FormatError, Exception) as e:  # noqa: BLE001 - pyfatfs and parse errors on a stale chain
+            raise IntegrityError(f"{self.where}: cannot list {path} ({type(e).__name__}: {str(e)[:120]})") from None
 
     def _dir_entry(self, path: str) -> Any:
         hit = self._dirs.get(path)
@@ -487,6 +538,7 @@ class VHDFileSystem(AbstractFileSystem):
                     self._fat.fs.flush_fat()
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        self._listings.clear()
         with self._io:
             self._fat.makedirs(self._strip_protocol(path), recreate=True)
 

@@ -71,7 +71,7 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
         from .remote import FsspecContainer
 
         c = FsspecContainer(os.fspath(url), storage_options)
-        if mode == "r+" and not c.exclusive_create:
+        if mode == "r+" and not c.conditional:
             raise ReadOnlyError(f"{c.where}: {c.protocol}:// offers no conditional write, so two writers could "
                                 "overwrite each other: open it read-only, or copy the package to a directory, "
                                 ".vhd or s3:// to modify it")

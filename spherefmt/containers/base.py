@@ -14,8 +14,10 @@ Contract (``spherefmt/testing/containers.py`` checks every implementation agains
   not exist.  With ``mapped=True`` a container MAY return a read-only view of a memory map.
 * ``put(key, data)`` stores an object; a reader sees its old bytes or its new bytes, never a
   mix, and never a truncated object.
-* ``create(key, data)`` stores an object only if no object of that key exists, atomically
-  against other writers (this is how a manifest commits); otherwise :class:`CommitConflict`.
+* ``version(key)`` is a token that changes whenever the object is replaced (``None`` when it
+  does not exist); ``replace(key, data, expect)`` stores an object only if its version is still
+  ``expect``, atomically against other writers (this is how a manifest commits); otherwise
+  :class:`CommitConflict`.
 * ``move(src, dst)`` makes ``dst`` hold ``src``'s bytes (atomically, as ``put``) and removes
   ``src``; ``delete(key)`` removes an object (absent: nothing happens).
 * ``keys(prefix)`` lists the stored keys under ``prefix``.
@@ -23,7 +25,7 @@ Contract (``spherefmt/testing/containers.py`` checks every implementation agains
 * ``lock(timeout)`` makes this process the one writer of the package (``PackageLockedError``
   when another one is); ``can_lock`` says whether the container can lock at all.  A container
   that cannot lock writes every change to staging keys and relies on ``create`` to refuse a
-  second writer's commit (``exclusive_create``); one that can do neither refuses ``r+``.
+  second writer's commit (``conditional``); one that can do neither refuses ``r+``.
 * ``refresh()`` forgets what was cached of the container (a VHD's FAT) after another process
   changed it; ``close()`` releases it.  A container created for a new package is made visible
   by ``finish()`` (an atomic rename where there is one) or dropped by ``abort()``.
@@ -51,7 +53,7 @@ Blob = bytes | bytearray | memoryview
 
 
 class CommitConflict(SpherefmtError, FileExistsError):
-    """``create`` found the key taken: another writer committed first."""
+    """``replace`` found the object changed: another writer committed first."""
 
 
 class Container(ABC):
@@ -61,8 +63,8 @@ class Container(ABC):
     where: str = "<container>"
     #: ``lock`` works (local files); otherwise every change is staged and ``create`` guards
     can_lock: bool = False
-    #: ``create`` is atomic against other processes
-    exclusive_create: bool = True
+    #: ``replace`` is atomic against other processes
+    conditional: bool = True
     #: I/O blocks on a network: callers on an event loop run it in a thread
     remote: bool = False
     #: the caller owns the underlying store: ``close`` leaves it open
@@ -76,8 +78,21 @@ class Container(ABC):
     @abstractmethod
     def put(self, key: str, data: Blob) -> None: ...
 
-    @abstractmethod
-    def create(self, key: str, data: Blob) -> None: ...
+    def version(self, key: str) -> str | None:
+        """A token of the object's current bytes (by default their CRC-32C)."""
+        import crc32c
+
+        data = self.get(key)
+        return None if data is None else f"{len(data)}:{crc32c.crc32c(data):08x}"
+
+    def replace(self, key: str, data: Blob, expect: str | None) -> None:
+        """Store ``data`` at ``key`` if its version is still ``expect`` (``None``: absent).  The
+        default, for containers with a writer lock, checks and then puts: the lock keeps other
+        writers out in between."""
+        if self.version(key) != expect:
+            raise CommitConflict(f"{self.where}: {key} changed: another writer committed first")
+        self.put(key, data)
+        self.sync()
 
     @abstractmethod
     def delete(self, key: str) -> None: ...

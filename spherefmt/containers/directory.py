@@ -134,15 +134,22 @@ class DirectoryContainer(Container):
         with self._unsynced_lock:
             self._unsynced.append(path)
 
-    def create(self, key: str, data: Blob) -> None:
+    def version(self, key: str) -> str | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"  # a replaced file is a new inode
+
+    def replace(self, key: str, data: Blob, expect: str | None) -> None:
         path = self._path(key)
         tmp = self._write_new(path, data, key)
         try:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.link(tmp, path)  # fails if the key exists: an atomic create
-        except FileExistsError:
-            raise CommitConflict(f"{self.where}: {key} exists: another writer committed first") from None
+            if self.version(key) != expect:  # the writer lock keeps others out from here on
+                raise CommitConflict(f"{self.where}: {key} changed: another writer committed first")
+            os.replace(tmp, path)
         except OSError as e:
             raise storage_failure(e, self.where, key, str(self.root)) from None
         finally:

@@ -1,9 +1,9 @@
 """A package at an fsspec URL (``s3://``, ``memory://``, ``gs://``...): one object per key.
 
 Object storage has no rename and no lock.  A writer therefore stages every change under
-``staging/`` and commits by *creating* the next manifest with a conditional write (S3's
-``If-None-Match: *``, fsspec's ``mode="create"``): when two writers race, one creation fails and
-that writer's change is refused as a whole.  Filesystems where spherefmt cannot make such a
+``staging/`` and commits by replacing the manifest with a conditional write (S3's ``If-Match``
+on the manifest's ETag, or ``If-None-Match: *`` for the first one): when two writers race, one
+write fails and that writer's change is refused as a whole.  Filesystems where spherefmt cannot make such a
 write are read-only (``r+`` is refused with a clear message); new packages can still be written.
 
 Service failures (a server gone, a timeout, a refused request) surface as one-line
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,8 +37,10 @@ S3_DEFAULTS: dict[str, Any] = {
 #: botocore's attempts).  s3fs has no option for it, only a class attribute (5), so it is set on
 #: the filesystem spherefmt opens; botocore's retries above cover the same failures.
 S3FS_ATTEMPTS = 1
-#: protocols whose ``pipe_file(mode="create")`` is an atomic create-if-absent (tested here)
-EXCLUSIVE_CREATE = ("s3", "s3a", "memory")
+#: protocols where spherefmt makes a conditional write: S3's ``If-Match`` / ``If-None-Match``,
+#: and the process-local memory filesystem (under a lock); tested here with a real S3 server
+CONDITIONAL = ("s3", "s3a", "memory")
+_MEMORY_LOCK = threading.Lock()
 #: Modules whose exceptions mean "the storage service failed" (not "the object is missing").
 _REMOTE_ERRORS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "requests", "urllib3")
 
@@ -106,7 +109,7 @@ class FsspecContainer(Container):
         if self.protocol in ("s3", "s3a") and "retries" not in vars(fs):
             fs.retries = S3FS_ATTEMPTS
         self.fs, self.root = fs, root.rstrip("/")
-        self.exclusive_create = self.protocol in EXCLUSIVE_CREATE
+        self.conditional = self.protocol in CONDITIONAL
 
     def _p(self, key: str) -> str:
         if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
@@ -165,16 +168,31 @@ class FsspecContainer(Container):
     def put(self, key: str, data: Blob) -> None:
         self._call(key, self.fs.pipe_file, self._p(key), bytes(data))
 
-    def create(self, key: str, data: Blob) -> None:
-        if not self.exclusive_create:
-            raise CommitConflict(f"{self.where}: {self.protocol}:// has no conditional write")
+    def version(self, key: str) -> str | None:
+        if self.protocol not in ("s3", "s3a"):
+            return super().version(key)
         try:
-            self.fs.pipe_file(self._p(key), bytes(data), mode="create")
+            info = self._call(key, self.fs.info, self._p(key), refresh=True)
+        except FileNotFoundError:
+            return None
+        return str(info.get("ETag") or info.get("etag") or "")
+
+    def replace(self, key: str, data: Blob, expect: str | None) -> None:
+        if self.protocol == "memory":  # one process holds a memory filesystem: a lock will do
+            with _MEMORY_LOCK:
+                super().replace(key, data, expect)
+            return
+        if self.protocol not in ("s3", "s3a"):
+            raise CommitConflict(f"{self.where}: {self.protocol}:// has no conditional write")
+        bucket, _, path = self._p(key).partition("/")
+        cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=bytes(data), **cond)
         except Exception as e:  # noqa: BLE001 - a failed precondition is the answer we need
             if _precondition_failed(e):
-                raise CommitConflict(f"{self.where}: {key} exists: another writer committed first") from None
+                raise CommitConflict(f"{self.where}: {key} changed: another writer committed first") from None
             err = storage_error(e, self.where, key)
-            raise (err if err is not e else StorageError(f"{self.where}: cannot create {key} ({e})")) from None
+            raise (err if err is not e else StorageError(f"{self.where}: cannot write {key} ({e})")) from None
         self.fs.invalidate_cache(self._p(key))
 
     def move(self, src: str, dst: str) -> None:

@@ -1,6 +1,7 @@
 """A package in a zarr ``Store`` that the caller opened (``spherefmt.open(store)``): the
-caller's store is used as it is and stays open after the package is closed.  ``create``
-uses the store's ``set_if_not_exists`` and checks what it left."""
+caller's store is used as it is and stays open after the package is closed.  A zarr store has
+no lock and no conditional write: ``replace`` checks, then writes, which is safe for one writer
+process (the caller's own store is the caller's to share)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .base import Blob, CommitConflict, Container
+from .base import Blob, Container
 
 __all__ = ["StoreContainer"]
 
@@ -45,11 +46,6 @@ class StoreContainer(Container):
     def put(self, key: str, data: Blob) -> None:
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(data))))
 
-    def create(self, key: str, data: Blob) -> None:
-        value = bytes(data)
-        sync(self.store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(value)))
-        if self.get(key) != value:
-            raise CommitConflict(f"{self.where}: {key} exists: another writer committed first")
 
     def delete(self, key: str) -> None:
         sync(self.store.delete(key))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, FormatError
-from .base import AnonymousFile, Blob, CommitConflict, Container, FileLock, lock_path, storage_failure
+from .base import AnonymousFile, Blob, Container, FileLock, lock_path, storage_failure
 
 __all__ = ["VHDContainer"]
 
@@ -77,12 +77,11 @@ class VHDContainer(Container):
         return int(info["size"]) if info["type"] == "file" else None
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        base = "/" + prefix.strip("/")
         try:
-            found = self.fs.find(base)
+            found = self.fs.walk_files("/" + prefix.strip("/"))
         except FileNotFoundError:
             return iter(())
-        return iter(sorted(p.lstrip("/") for p in found))
+        return iter(p.lstrip("/") for p, _ in found)
 
     def put(self, key: str, data: Blob) -> None:
         try:
@@ -90,11 +89,15 @@ class VHDContainer(Container):
         except OSError as e:
             raise storage_failure(e, self.where, key, str(self.path.parent)) from None
 
-    def create(self, key: str, data: Blob) -> None:
-        if self.fs.exists(self._p(key)):
-            raise CommitConflict(f"{self.where}: {key} exists: another writer committed first")
-        self.put(key, data)
-        self.sync()
+    def replace(self, key: str, data: Blob, expect: str | None) -> None:
+        """As the base class, but a file that does not exist yet is first created empty: the
+        filesystem replaces existing files atomically, and a new file is then one (an empty
+        manifest left by a kill is no manifest, section 10 of ``FORMAT.md``)."""
+        if expect is None and self.size(key) is None:
+            self.put(key, b"")
+            self.sync()
+            expect = self.version(key)
+        super().replace(key, data, expect)
 
     def delete(self, key: str) -> None:
         self.fs.rm_file(self._p(key))

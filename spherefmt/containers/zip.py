@@ -86,7 +86,7 @@ class ZipContainer(Container):
     def _ro(self, *_: object) -> None:
         raise ReadOnlyError(f"{self.where}: opened read-only")
 
-    put = create = delete = move = _ro  # type: ignore[assignment]
+    put = replace = delete = move = _ro  # type: ignore[assignment]
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -119,8 +119,8 @@ class ZipEditContainer(DirectoryContainer):
     def lock(self, timeout: float = 0.0) -> None:
         pass  # the zip's own lock is held from open to close
 
-    def create(self, key: str, data: Blob) -> None:
-        super().create(key, data)
+    def replace(self, key: str, data: Blob, expect: str | None) -> None:
+        super().replace(key, data, expect)
         self.changed = True  # a manifest committed: the zip gets rewritten on close
 
     def finish(self) -> None:

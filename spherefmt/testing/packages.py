@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..containers import open_container
-from ..manifest import Manifest, manifest_key, reserved
+from ..manifest import MANIFEST_KEY, Manifest, reserved
 from ..store import PackageStore
 
 __all__ = ["remanifest"]
@@ -22,7 +22,7 @@ def remanifest(url: Any) -> int:
         gen = (store.generation or 0) + 1
         store.manifest = None  # list what the container holds, not what the old manifest said
         objects = {k: e for k, e in PackageStore._scan(store).items() if not reserved(k)}
-        c.create(manifest_key(gen), Manifest(gen, objects).encode())
+        c.replace(MANIFEST_KEY, Manifest(gen, objects).encode(), c.version(MANIFEST_KEY))
         return gen
     finally:
         c.close()
