@@ -130,7 +130,12 @@ class BlockLoader:
 
     def load(self, key: Key) -> dict[str, np.ndarray]:
         """Read and convert one block (float32 host arrays, freshly allocated: the caller may
-        hand them to a backend without copying).  Safe to call from several threads."""
+        hand them to a backend without copying).  Safe to call from several threads.  When a
+        writer in another process commits under it, the block is read again from the new state
+        (:meth:`spherefmt.Package.consistent`)."""
+        return self.pkg.consistent(self._load, key)
+
+    def _load(self, key: Key) -> dict[str, np.ndarray]:
         kind = key[0]
         if kind == "cell":
             return self._cell(*key[1:])

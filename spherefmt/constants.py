@@ -107,9 +107,9 @@ STATE_COMPLETE = "complete"
 # --- 10. Manifest (format version 2) ---------------------------------------------------------
 MANIFEST_FORMAT = "spherefmt-manifest"
 MANIFEST_VERSION = 1
-#: manifests live at ``manifest/<generation, 20 digits>.json``; the highest generation commits
+#: the manifest is ``manifest/zarr.json``; replacing it commits a change
 MANIFEST_PREFIX = "manifest"
-#: new bytes of existing objects wait at ``staging/<generation>/<key>`` until moved into place
+#: new bytes of existing objects wait at ``staging/<generation>-<id>-<n>`` until moved into place
 STAGING_PREFIX = "staging"
 #: a manifest file larger than this is refused on open
 MAX_MANIFEST_BYTES = 256_000_000

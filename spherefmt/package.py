@@ -776,6 +776,8 @@ class Package:
         if arr is None:
             try:
                 arr = self._group[path]
+            except SpherefmtError:
+                raise  # a damaged or missing metadata object, named by the store
             except KeyError:
                 if sync(self._group.store.exists(f"{path}/zarr.json")):
                     raise FormatError(f"{self.where}: array {path!r} has malformed metadata") from None

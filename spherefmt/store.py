@@ -10,13 +10,14 @@ through a :meth:`PackageStore.transaction` (``spec/FORMAT.md`` section 10):
   and the object.  The checks cost a 4-byte comparison for chunks (their stored crc32c, which
   the decoder verifies anyway) and one crc32c pass for metadata.
 * **Writing**: a transaction writes new objects in place (nothing lists them yet) and new bytes
-  of existing objects at ``staging/<generation>-<id>/<key>``; its commit is the creation of the
-  next manifest, which lists the staged copies as *pending*; then they are moved into place.
+  of existing objects at ``staging/<generation>-<id>-<n>``; its commit replaces the manifest
+  (atomically, and only if it is still the one this writer read) with the next generation's,
+  which lists the staged copies as *pending*; then they are moved into place.
   A process killed before the commit leaves the old package; after it, the new one (a reader
   finds a pending object at its staging key until it has been moved).  The next writer finishes
   the moves and removes what killed writers left.
 * **One writer**: opening ``r+`` takes the container's writer lock.  Object storage has none: a
-  writer there stages everything and a second writer's commit fails on the conditional create.
+  writer there stages everything and a second writer's commit fails on the conditional write.
 * **Readers beside a writer** see one generation at a time: when an object no longer matches
   (a writer committed since), :meth:`PackageStore.refresh` loads the new manifest and the
   package re-reads (``Package`` retries, bounded by ``MAX_REREADS`` / ``MAX_REREAD_SECONDS``).

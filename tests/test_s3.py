@@ -204,3 +204,13 @@ def test_killed_conversion_leaves_no_package(server, capsys):
     assert code == 0, err
     with spherefmt.open(url) as p:
         assert p.metadata["state"] == "complete"
+
+
+def test_two_writers_in_a_bucket_the_second_commit_is_refused(server):
+    """S3 has no lock: the commit is a conditional PUT of the manifest (If-Match its ETag), and
+    moto's server answers 412 to the writer that lost the race."""
+    from .conftest import model
+    from .test_integrity import race
+
+    sd, cfg = model("gpt2", "F32")
+    race(spherefmt.save(sd, "s3://models/race", config=cfg, graticule="2x2", depth=2))

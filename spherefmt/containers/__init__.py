@@ -84,7 +84,7 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
 
         if not path.is_file():
             raise FormatError(f"{path}: not a VHD file")
-        return VHDContainer(path, mode)
+        return VHDContainer(path, mode, lock_timeout=lock_timeout)
     if kind == "zip":
         if not path.is_file():
             raise FormatError(f"{path}: not a zip file")

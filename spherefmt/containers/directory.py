@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import FormatError
-from .base import Blob, CommitConflict, Container, FileLock, clip, fsync_dir, lock_path, storage_failure
+from .base import Blob, CommitConflict, Container, FileLock, clip, fsync_dir, lock_path, remove_leftovers, storage_failure
 
 __all__ = ["DirectoryContainer"]
 
@@ -198,6 +198,8 @@ class DirectoryContainer(Container):
     def lock(self, timeout: float = 0.0) -> None:
         if not self._lock.held:
             self._lock.acquire(timeout)
+            if self.root.name and self._lock.path == lock_path(self.root):
+                remove_leftovers(self.root)  # staging beside it, from writers that were killed
 
     def unlock(self) -> None:
         self._lock.release()

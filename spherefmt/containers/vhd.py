@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, FormatError
-from .base import AnonymousFile, Blob, Container, FileLock, lock_path, storage_failure
+from .base import AnonymousFile, Blob, Container, FileLock, lock_path, remove_leftovers, storage_failure
 
 __all__ = ["VHDContainer"]
 
@@ -45,16 +45,23 @@ class VHDContainer(Container):
 
     can_lock = True
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, image: AnonymousFile | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, image: AnonymousFile | None = None,
+                 lock_timeout: float = 0.0) -> None:
         self.path = Path(path)
         self.where = str(self.path)
         self.mode = mode
         self._image = image
         self._lock = FileLock(lock_path(self.path), self.where)
         fs_cls = _vhdfs()
+        if mode == "r+" and image is None:  # the package lock first: the image's own is taken next
+            self.lock(lock_timeout)
         # a new image is only visible once finished: its FAT is written once, at the end
-        self.fs = fs_cls(image.path if image is not None else str(self.path), mode, durable=image is None,
-                         where=self.where)
+        try:
+            self.fs = fs_cls(image.path if image is not None else str(self.path), mode, durable=image is None,
+                             where=self.where)
+        except BaseException:
+            self.unlock()
+            raise
 
     @staticmethod
     def _p(key: str) -> str:
@@ -120,6 +127,8 @@ class VHDContainer(Container):
     def lock(self, timeout: float = 0.0) -> None:
         if not self._lock.held:
             self._lock.acquire(timeout)
+            if self._image is None:
+                remove_leftovers(self.path)  # partial images beside it, from writers that were killed
 
     def unlock(self) -> None:
         self._lock.release()
