@@ -131,6 +131,8 @@ class PackageStore(Store):
                     self.manifest = Manifest(0, self._scan()) if self.upgrading else None
                 elif container.can_lock:
                     self._recover()
+                else:
+                    self._drop_dead_staging()
         except BaseException:
             if not container.borrowed:
                 container.close()
@@ -213,6 +215,19 @@ class PackageStore(Store):
             if key in m.objects or key == MANIFEST_KEY or not _owned(key):
                 continue
             self.container.delete(key)
+
+    def _drop_dead_staging(self) -> None:
+        """Without a lock (object storage) other writers may be staging right now; but a staged
+        object of a generation that is not newer than the committed one belongs to a transaction
+        that is over (committed and moved, or refused): those are removed."""
+        m = self.manifest
+        if m is None:
+            return
+        live = set(m.pending.values())
+        for key in list(self.container.keys(STAGING_PREFIX)):
+            gen = key.split("/", 1)[-1].split("-", 1)[0]
+            if key not in live and gen.isdigit() and int(gen) <= m.generation:
+                self.container.delete(key)
 
     # -- checks -------------------------------------------------------------------------------
     def _trailers(self, key: str, e: Entry) -> frozenset[int | None]:

@@ -24,6 +24,8 @@ from spherefmt.grow import grow_neurons
 from .conftest import model, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = [pytest.mark.filterwarnings("ignore:Filesystem was not cleanly unmounted"),  # every killed VHD writer
+              pytest.mark.filterwarnings("ignore:One or more FATs differ")]
 
 
 def _save(tmp_path: Path, name: str = "m.sphere", arch: str = "gpt2", seed: int = 0, **kw):

@@ -142,6 +142,17 @@ class Container(ABC):
         return f"<{type(self).__name__} {self.where!r}>"
 
 
+def safe_key(key: str, where: str) -> str:
+    """``key`` if it is relative and ``/``-separated without empty, ``.`` or ``..`` parts (no
+    key can reach outside a container), else :class:`~spherefmt.errors.FormatError`."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key \
+            or any(part in ("", ".", "..") for part in key.split("/")):
+        from ..errors import FormatError
+
+        raise FormatError(f"{where}: unsafe object key {key[:120]!r}")
+    return key
+
+
 def disk_full(e: BaseException) -> bool:
     """True when ``e`` (or what caused it) is the host's ENOSPC / EDQUOT."""
     seen = 0

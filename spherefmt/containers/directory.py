@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import FormatError
-from .base import Blob, CommitConflict, Container, FileLock, clip, fsync_dir, lock_path, remove_leftovers, storage_failure
+from .base import Blob, CommitConflict, Container, FileLock, clip, fsync_dir, lock_path, remove_leftovers, safe_key, storage_failure
 
 __all__ = ["DirectoryContainer"]
 
@@ -66,10 +66,7 @@ class DirectoryContainer(Container):
         self.on_abort: Callable[[], None] | None = None
 
     def _path(self, key: str) -> Path:
-        if not key or key.startswith("/") or "\\" in key or "\x00" in key \
-                or any(part in ("", ".", "..") for part in key.split("/")):
-            raise FormatError(f"{self.where}: unsafe object key {key[:120]!r}")
-        return self.root / key
+        return self.root / safe_key(key, self.where)
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False

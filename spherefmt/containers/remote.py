@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import BackendUnavailableError, FormatError, SpherefmtError, StorageError
-from .base import Blob, CommitConflict, Container
+from .base import Blob, CommitConflict, Container, safe_key
 
 __all__ = ["S3_DEFAULTS", "FsspecContainer", "client_options"]
 
@@ -83,7 +83,9 @@ def storage_error(e: BaseException, where: str, key: str) -> BaseException:
 
 def _precondition_failed(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}"
-    return isinstance(e, FileExistsError) or "PreconditionFailed" in text or "412" in text
+    # s3fs turns S3's 412 PreconditionFailed into OSError(EINVAL, "At least one of the
+    # pre-conditions you specified did not hold")
+    return isinstance(e, FileExistsError) or any(s in text for s in ("PreconditionFailed", "412", "pre-condition"))
 
 
 class FsspecContainer(Container):
@@ -112,9 +114,7 @@ class FsspecContainer(Container):
         self.conditional = self.protocol in CONDITIONAL
 
     def _p(self, key: str) -> str:
-        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
-            raise FormatError(f"{self.where}: unsafe object key {key[:120]!r}")
-        return f"{self.root}/{key}"
+        return f"{self.root}/{safe_key(key, self.where)}"
 
     def _call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -12,7 +12,7 @@ from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .base import Blob, Container
+from .base import Blob, Container, safe_key
 
 __all__ = ["StoreContainer"]
 
@@ -29,6 +29,7 @@ class StoreContainer(Container):
 
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False
             ) -> Blob | None:
+        safe_key(key, self.where)
         req: Any = None
         if start is not None and start < 0:
             req = SuffixByteRequest(-start)

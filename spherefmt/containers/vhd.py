@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, FormatError
-from .base import AnonymousFile, Blob, Container, FileLock, lock_path, remove_leftovers, storage_failure
+from .base import AnonymousFile, Blob, Container, FileLock, lock_path, remove_leftovers, safe_key, storage_failure
 
 __all__ = ["VHDContainer"]
 
@@ -63,11 +63,8 @@ class VHDContainer(Container):
             self.unlock()
             raise
 
-    @staticmethod
-    def _p(key: str) -> str:
-        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
-            raise FormatError(f"unsafe object key {key[:120]!r}")
-        return "/" + key
+    def _p(self, key: str) -> str:
+        return "/" + safe_key(key, self.where)
 
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False
             ) -> Blob | None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FormatError, ReadOnlyError
-from .base import AnonymousFile, Blob, Container, FileLock, clip, lock_path, remove_leftovers, storage_failure
+from .base import AnonymousFile, Blob, Container, FileLock, clip, lock_path, remove_leftovers, safe_key, storage_failure
 from .directory import DirectoryContainer, is_leftover
 
 __all__ = ["ZipContainer", "ZipEditContainer", "write_zip"]
@@ -59,7 +59,7 @@ class ZipContainer(Container):
 
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False
             ) -> Blob | None:
-        info = self._members.get(key)
+        info = self._members.get(safe_key(key, self.where))
         if info is None:
             return None
         try:
