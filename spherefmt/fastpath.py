@@ -33,7 +33,7 @@ from zarr.core.sync import sync
 
 from .errors import IntegrityError
 
-__all__ = ["FastArray", "ChunkError", "open_arrays", "read_many"]
+__all__ = ["FastArray", "ChunkError", "open_arrays", "parallel_map", "read_many"]
 
 _MISSING = 2**64 - 1
 
@@ -154,10 +154,15 @@ class FastArray:
                 return np.full(self.outer_shape, self.fill, dtype=self.dtype)
             out[...] = self.fill
             return out
-        raw = blob.as_numpy_array().view(np.uint8) if hasattr(blob, "as_numpy_array") else np.frombuffer(blob, np.uint8)
+        if isinstance(blob, memoryview):  # a view of a map: verified once per map (see _Verified)
+            raw: Any = blob
+        elif hasattr(blob, "as_numpy_array"):
+            raw = blob.as_numpy_array().view(np.uint8)
+        else:
+            raw = np.frombuffer(blob, np.uint8)
         if self.sharded:
             return self._decode_shard(raw, key, out)
-        block = self._decode_chunk(raw, key)
+        block = self._decode(_MAPS.checked(raw, 0, key), key)
         if out is None:
             return block
         out[...] = block
@@ -189,6 +194,35 @@ class FastArray:
         if blob is None:
             return np.full(self.outer_shape, self.fill, dtype=self.dtype)
         return self._decode(_MAPS.checked(blob, 0, key), key)
+
+    def shard_chunks(self, outer: Sequence[int]) -> list[np.ndarray | None]:
+        """Every inner chunk of one shard (``None`` for an absent one), in index order.  For an
+        uncompressed chain on a local package the chunks are read-only views of the shard's
+        memory map, each verified once (no copy at all); otherwise decoded."""
+        if not self.sharded:
+            raise ValueError("shard_chunks needs a sharded array")
+        key = self.key(outer)
+        grid = tuple(o // i for o, i in zip(self.outer_shape, self.inner_shape, strict=True))
+        n = math.prod(grid)
+        blob = _read_range(self.store, key, 0, None, mapped=not self.steps)
+        if blob is None:
+            return [None] * n
+        mv = memoryview(blob)
+        if len(mv) < 16 * n + 4:
+            raise ChunkError(f"{key}: shard of {len(mv)} bytes is too short for its index")
+        body = len(mv) - 16 * n - 4
+        index = np.frombuffer(_MAPS.checked(mv[body:], body, key + " (shard index)"), "<u8").reshape(n, 2)
+        out: list[np.ndarray | None] = []
+        for flat in range(n):
+            off, size = int(index[flat, 0]), int(index[flat, 1])
+            if (off, size) == (_MISSING, _MISSING):
+                out.append(None)
+                continue
+            if size < 4 or off + size > body:
+                raise ChunkError(f"{key}: shard index points outside the shard")
+            what = f"{key} chunk {flat}"
+            out.append(self._decode(_MAPS.checked(mv[off : off + size], off, what), what))
+        return out
 
     def read_inner(self, outer: Sequence[int], inner: Sequence[int], index_cache: dict[str, Any] | None = None
                    ) -> tuple[np.ndarray, int]:
@@ -275,9 +309,10 @@ def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool 
     return None if buf is None else buf.to_bytes()
 
 
-def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
+def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence[bool] | None = None) -> None:
     """Fetch every key and call ``decode(i, blob)`` (blob ``None`` for an absent key) on the
-    decode pool as each object arrives, so that reading and decoding overlap."""
+    decode pool as each object arrives, so that reading and decoding overlap (``mapped[i]``:
+    object ``i`` may come as a view of a memory map)."""
     if not keys:
         return
     from .store import PackageStore
@@ -289,7 +324,7 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
             return
 
         def run_one(i: int) -> None:  # plain reads on the decode pool: no event-loop round trips
-            decode(i, store.read(keys[i]))
+            decode(i, store.read(keys[i], mapped=bool(mapped and mapped[i])))
 
         if len(keys) == 1:
             run_one(0)
@@ -310,6 +345,14 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any) -> None:
         await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
 
     sync(run())
+
+
+def parallel_map(fn: Any, items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on the decode pool (numpy's copies and the codecs release the
+    GIL), in order."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    return list(_decode_pool().map(fn, items))
 
 
 def _decode_pool() -> Any:
@@ -376,5 +419,7 @@ def read_many(arrays: Sequence[FastArray]) -> list[np.ndarray]:
         sel = tuple(slice(j * o, min((j + 1) * o, s)) for j, o, s in zip(c, fa.outer_shape, shape, strict=True))
         out[sel] = block[tuple(slice(0, s.stop - s.start) for s in sel)]
 
-    _fetch_decode(arrays[0].store if arrays else None, keys, place)
+    # uncompressed chunks come as views of their memory maps (local packages): one copy, into out
+    mapped = [not fa.steps for fa, _, _, _ in where]
+    _fetch_decode(arrays[0].store if arrays else None, keys, place, mapped)
     return [plan[4] for plan in plans]

@@ -25,7 +25,7 @@ from .arch import Field, Layout, detect, rows_from_tensors
 from .dtypes import _contig, numpy_view, storage_dtype, to_float32, to_torch
 from .containers import create_container
 from .errors import ExpertNotFoundError, FormatError, IntegrityError, ReadOnlyError, SpherefmtError
-from .fastpath import ChunkError, FastArray, open_arrays, read_many
+from .fastpath import ChunkError, FastArray, open_arrays, parallel_map, read_many
 from .placement import (
     Grid,
     assign,
@@ -618,7 +618,7 @@ class Package:
         self._arrays: dict[str, zarr.Array] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rows_cache: tuple[int, dict[str, np.ndarray]] | None = None
-        self._shell_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._shell_cache: tuple[int, dict[int, list[np.ndarray | None]]] | None = None
         self._inner_index: dict[str, np.ndarray] = {}  # shard key -> its index (cell_layer reads)
         if self.architecture != C.ARCH_GENERIC:
             h = self._header
@@ -957,65 +957,99 @@ class Package:
             raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
         return numpy_view(rows, self._layout.dtype), index[t, lat, lon].copy(), nbytes
 
-    def _shell_block(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """Occupied flat cells of a shell and their decoded experts ``(cells, layers, K, F)``;
-        the last shell read is kept, so reading a shell's layers one by one reads it once."""
+    def _shell_chunks(self, depth: int) -> dict[int, list[np.ndarray | None]]:
+        """Per occupied flat cell of a shell, its ``(K, F)`` rows for each layer of the shell
+        (``None``: not stored, all zeros).  For an uncompressed local package these are views of
+        the shard's memory map, for others the decoded shards; the last shell read is kept, so
+        that reading its layers one by one reads it once."""
         if self._shell_cache is not None and self._shell_cache[0] == depth:
-            return self._shell_cache[1], self._shell_cache[2]
+            return self._shell_cache[1]
         self._shell_cache = None
         neurons, index, _ = self._shell_arrays(depth)
         p, m = self.graticule  # type: ignore[misc]
         n_layers, k = index.shape[0], index.shape[3]
-        occupied = np.flatnonzero((index.reshape(n_layers, p * m, k) >= 0).any(axis=(0, 2)))
+        f = neurons.shape[4]
+        occupied = [int(c) for c in np.flatnonzero((index.reshape(n_layers, p * m, k) >= 0).any(axis=(0, 2)))]
         what = f"{shell_path(depth)}/neurons"
         fa = FastArray.maybe(neurons) if self._single_object(neurons, depth) else None
         try:
-            if fa is not None:
-                block = np.empty((len(occupied), *fa.outer_shape), dtype=fa.dtype)
-                fa.read_objects([(0, int(c) // m, int(c) % m, 0, 0) for c in occupied], out=block)
-                block = block.reshape(len(occupied), n_layers, k, -1)
-            else:
-                block = np.asarray(neurons[:n_layers, :, :, :k]).reshape(n_layers, p * m, k, -1)[:, occupied]
-                block = block.transpose(1, 0, 2, 3)
+            if fa is not None and fa.sharded and fa.inner_shape == (1, 1, 1, k, f):
+                shards = parallel_map(lambda c: fa.shard_chunks((0, c // m, c % m, 0, 0)), occupied)
+                chunks = {c: [None if x is None else x.reshape(k, f) for x in parts]
+                          for c, parts in zip(occupied, shards, strict=True)}
+            else:  # a grown shell (experts of several objects): zarr reads it whole
+                block = np.asarray(neurons[:n_layers, :, :, :k]).reshape(n_layers, p * m, k, f)
+                chunks = {c: [block[t, c] for t in range(n_layers)] for c in occupied}
+        except ChunkError as e:
+            raise IntegrityError(f"{self.where}: cannot read {what} ({e})") from None
         except SpherefmtError:
             raise
         except Exception as e:  # noqa: BLE001 - checksum and codec errors become FormatError
+            if "checksum" in str(e).lower():
+                raise IntegrityError(f"{self.where}: cannot read {what} ({str(e)[:160]})") from None
             raise FormatError(f"{self.where}: cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
-        self._shell_cache = (depth, occupied, block)
-        return occupied, block
+        self._shell_cache = (depth, chunks)
+        return chunks
 
-    def _layer_gather(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """The shell's decoded rows of ``layer`` as a flat ``(cells * K, F)`` array, and for each
-        original neuron its position in it."""
+    def _layer_cells(self, layer: int, held: dict[int, Any] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each occupied cell of a layer: the original indices of its neurons and their rows
+        (views; no copy).  ``held``: shells already read (depth -> :meth:`_shell_chunks`)."""
         depth = self.layer_depth[layer]
-        _, index, _ = self._shell_arrays(depth)
-        occupied, block = self._shell_block(depth)
+        _, index, _ = self._shell_arrays(depth)  # checked: a permutation of the layer's neurons
         t = self._shells[depth]["layers"].index(layer)
-        idx = index[t].reshape(-1, index.shape[3])[occupied].reshape(-1)
-        pos = np.empty(self._layout.neurons[layer], dtype=np.intp)
-        real = np.flatnonzero(idx >= 0)
-        pos[idx[real]] = real  # index was checked to be a permutation on load
-        return block[:, t].reshape(-1, block.shape[-1]), pos
+        m = self.graticule[1]  # type: ignore[index]
+        out = []
+        chunks = held[depth] if held is not None else self._shell_chunks(depth)
+        for c, parts in chunks.items():
+            idx = index[t, c // m, c % m]
+            real = idx >= 0
+            n = int(real.sum())
+            if n == 0:
+                continue
+            rows = parts[t]
+            if rows is None:  # not stored: every byte zero
+                rows = np.zeros((idx.shape[0], self._header["neuron_layout"]["row_width"]),
+                                dtype=storage_dtype(self._layout.dtype))
+            if real[:n].all():  # real neurons first (spec section 4): a view
+                out.append((idx[:n], rows[:n]))
+            else:
+                out.append((idx[real], rows[real]))
+        return out
 
     @_consistent
     def layer_rows(self, layer: int) -> np.ndarray:
         """All ``(N, F)`` neuron rows of one layer in original neuron order (storage dtype)."""
-        flat, pos = self._layer_gather(layer)
-        return flat[pos]
+        cells = self._layer_cells(layer)
+        out = np.empty((self._layout.neurons[layer], self._header["neuron_layout"]["row_width"]),
+                       dtype=storage_dtype(self._layout.dtype))
+        for idx, rows in cells:
+            out[idx] = rows
+        return out
 
-    def _layer_tensors(self, layer: int) -> dict[str, np.ndarray]:
-        """Every FFN tensor of a layer rebuilt from the sphere (one gather per field); the last
-        layer is kept so that reading its tensors one by one rebuilds them once."""
-        if self._rows_cache and self._rows_cache[0] == layer:
-            return self._rows_cache[1]
-        flat, pos = self._layer_gather(layer)
+    def _build_layer(self, layer: int, held: dict[int, Any] | None = None) -> dict[str, np.ndarray]:
+        """Every FFN tensor of a layer, rebuilt from its cells: each neuron's slice of a field is
+        copied once into place (and a field whose neuron axis is not the first, GPT-2's
+        ``c_fc``, Llama's ``down``, transposed once, by blocks)."""
+        cells = self._layer_cells(layer, held)
+        n = self._layout.neurons[layer]
+        st = storage_dtype(self._layout.dtype)
         out = {}
         for f, sl in zip(self._layout.fields, self._layout.slices().values(), strict=True):
             name = self._layout.layers[layer][f.name]
             shape = tuple(self._tensors[name]["shape"])
             moved = (shape[f.axis],) + tuple(s for i, s in enumerate(shape) if i != f.axis)
-            rows = flat[pos, sl].reshape(moved)  # one gather, neuron-major
-            out[name] = rows if f.axis == 0 else np.ascontiguousarray(np.moveaxis(rows, 0, f.axis))
+            rows = np.empty((n, sl.stop - sl.start), dtype=st)
+            for idx, r in cells:
+                rows[idx] = r[:, sl]
+            out[name] = rows.reshape(moved) if f.axis == 0 else _move_first_axis(rows.reshape(moved), f.axis)
+        return out
+
+    def _layer_tensors(self, layer: int) -> dict[str, np.ndarray]:
+        """:meth:`_build_layer`, keeping the last layer: reading its tensors one by one rebuilds
+        them once."""
+        if self._rows_cache and self._rows_cache[0] == layer:
+            return self._rows_cache[1]
+        out = self._build_layer(layer)
         self._rows_cache = (layer, out)
         return out
 
@@ -1070,9 +1104,31 @@ class Package:
         if framework not in ("numpy", "torch", "pt"):
             raise ValueError(f"framework must be 'numpy' or 'torch', not {framework!r}")
         core = self._bulk_core([n for n, t in self._tensors.items() if t["where"] == "core"])
+        ffn: dict[str, np.ndarray] = {}
+        if self.graticule is not None:
+            # shells are read (views of maps cost no memory; decoded ones are held up to a
+            # bound), then their layers rebuilt in parallel
+            held: dict[int, Any] = {}
+            decoded = 0
+            for depth in range(self.depth):
+                self._shell_cache = None
+                held[depth] = self._shell_chunks(depth)
+                decoded += sum(x.nbytes for parts in held[depth].values() for x in parts
+                               if x is not None and not _is_mapped(x))
+                if decoded > _HOLD_BYTES or depth == self.depth - 1:
+                    layers = [lay for d in held for lay in self._shells[d]["layers"]]
+                    for built in parallel_map(lambda lay: self._build_layer(lay, held), layers):
+                        ffn.update(built)
+                    held, decoded = {}, 0
+            self._shell_cache = None
         out = {}
         for name, t in self._tensors.items():
-            arr = core.pop(name) if name in core else self._storage(name, padded)
+            if name in core:
+                arr = core.pop(name)
+            elif name in ffn and not (padded and self._pad_axis(name) is not None):
+                arr = ffn.pop(name)
+            else:
+                arr = self._storage(name, padded)
             out[name] = numpy_view(arr, t["dtype"]) if framework == "numpy" else to_torch(arr, t["dtype"])
         self._shell_cache = self._rows_cache = None
         return out
@@ -1080,8 +1136,11 @@ class Package:
     def _bulk_core(self, names: list[str]) -> dict[str, np.ndarray]:
         """Core tensors read together (metadata in one round, chunks in another)."""
         paths = [core_key(n) for n in names]
+        todo = [p for p in paths if p not in self._arrays]
+        opened = dict(zip(todo, open_arrays(self._group.store, todo), strict=True)) if todo else {}
         fast, fast_names = [], []
-        for name, path, arr in zip(names, paths, open_arrays(self._group.store, paths), strict=True):
+        for name, path in zip(names, paths, strict=True):
+            arr = self._arrays[path] if path in self._arrays else opened[path]
             if isinstance(arr, Exception):
                 continue  # the per-tensor path reports it with the usual message
             self._arrays[path] = arr
@@ -1212,6 +1271,32 @@ class Package:
     def shard_key(self, lat: int, lon: int, depth: int) -> str:
         """The storage key of expert ``(lat, lon, depth)`` (one object)."""
         return f"{shell_path(depth)}/{C.NEURONS_ARRAY}/c/0/{lat}/{lon}/0/0"
+
+
+#: decoded shells ``state_dict`` holds at once before rebuilding their layers in parallel
+_HOLD_BYTES = 256 * 1024**2
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    """True for a view of a memory map (it holds no memory of its own)."""
+    import mmap
+
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, mmap.mmap) or (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap))
+
+
+def _move_first_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` with its first axis moved to ``axis``, as a new contiguous array; a 2-D transpose is
+    copied by blocks of rows (about twice as fast as numpy's element-wise transposed copy)."""
+    if a.ndim != 2 or axis != 1:
+        return np.ascontiguousarray(np.moveaxis(a, 0, axis))
+    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
+    step = 64
+    for i in range(0, a.shape[0], step):
+        out[:, i : i + step] = a[i : i + step].T
+    return out
 
 
 def _as_storage(data: Any, dtype: str) -> np.ndarray:
