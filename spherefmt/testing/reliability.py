@@ -93,6 +93,7 @@ def _prepare(op: str, pkg: str, args: dict[str, Any]) -> Any:
 
         import spherefmt.torch as st
 
+        torch.set_num_threads(1)  # the same reductions in the same order: the reference is reproducible
         torch.manual_seed(0)
         m = st.load(pkg, trainable=[tuple(e) for e in args["experts"]])
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
