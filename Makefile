@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/bench_gguf.py
 	$(PY) bench/bench_s3.py
 	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_reliability.py
 
 clean:
 	rm -rf demo-out build dist *.egg-info
