@@ -1117,7 +1117,7 @@ class Package:
                                if x is not None and not _is_mapped(x))
                 if decoded > _HOLD_BYTES or depth == self.depth - 1:
                     layers = [lay for d in held for lay in self._shells[d]["layers"]]
-                    for built in parallel_map(lambda lay: self._build_layer(lay, held), layers):
+                    for built in parallel_map(functools.partial(self._build_layer, held=held), layers):
                         ffn.update(built)
                     held, decoded = {}, 0
             self._shell_cache = None

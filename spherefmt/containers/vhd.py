@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, FormatError
+from ..errors import BackendUnavailableError
 from .base import AnonymousFile, Blob, Container, FileLock, lock_path, remove_leftovers, safe_key, storage_failure
 
 __all__ = ["VHDContainer"]
