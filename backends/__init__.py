@@ -15,8 +15,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import BackendUnavailableError, SpherefmtError, UnknownBackendError
-from .base import Backend
+from spherefmt.backends.base import Backend
+from spherefmt.errors import BackendUnavailableError, SpherefmtError, UnknownBackendError
 
 __all__ = ["Backend", "register", "get_backend", "names", "probe", "PREFERENCE", "UnknownBackendError"]
 
@@ -81,19 +81,19 @@ def probe() -> list[dict[str, Any]]:
 def _numpy(device: str) -> Backend:
     if device not in ("", "cpu"):
         raise BackendUnavailableError(f"backend numpy:{device}: numpy runs on the CPU only")
-    from .numpy import NumpyBackend
+    from spherefmt.backends.numpy import NumpyBackend
 
     return NumpyBackend()
 
 
 def _torch(device: str) -> Backend:
-    from .torch import TorchBackend
+    from spherefmt.backends.torch import TorchBackend
 
     return TorchBackend(device or None)
 
 
 def _vulkan(device: str) -> Backend:
-    from .vulkan import VulkanBackend
+    from spherefmt.backends.vulkan import VulkanBackend
 
     return VulkanBackend(device)
 

@@ -99,7 +99,7 @@ class Backend(ABC):
     def to_host(self, t: Any) -> np.ndarray:
         """A float32 numpy copy of ``t``."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Wait until queued work is done (asynchronous devices override this)."""
 
     @abstractmethod

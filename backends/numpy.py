@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Accountant, AccountedMemory, Backend
+from spherefmt.backends.base import Accountant, AccountedMemory, Backend
 
 __all__ = ["NumpyBackend"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
-from .base import Accountant, Backend
+from spherefmt.backends.base import Accountant, Backend
+from spherefmt.errors import BackendUnavailableError
 
 __all__ = ["TorchBackend"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
-from .base import Accountant, AccountedMemory, Backend
+from spherefmt.backends.base import Accountant, AccountedMemory, Backend
+from spherefmt.errors import BackendUnavailableError
 
 __all__ = ["VulkanBackend"]
 

@@ -356,7 +356,7 @@ def bench_dtype(dtype: str, cfg: dict[str, Any], tmp: Path, args: argparse.Names
     sd = make_gpt2(gpt2_config(**cfg), dtype=dtype, seed=0)
     save_hf_folder(hf, sd, gpt2_config(**cfg))
     params = int(sum(a.size for a in sd.values()))
-    big = max(sd, key=lambda k: sd[k].nbytes)
+    big = max(sd.items(), key=lambda kv: kv[1].nbytes)[0]
     res["model"] = {"params": params, "tensors": len(sd),
                     "largest_tensor": {"name": big, "shape": list(sd[big].shape), "bytes": int(sd[big].nbytes)},
                     "make_s": round(time.perf_counter() - t0, 2)}

@@ -36,12 +36,12 @@ def main() -> None:
         for quant in (False, True):
             src = make_llama_gguf(tmp / "m.gguf", layers=8, d=1024, ff=2816, vocab=32000, quantized_ffn=quant)
             size = src.stat().st_size
-            copy_s = timed(lambda: shutil.copyfile(src, tmp / "copy.gguf"))
+            copy_s = timed(lambda src=src: shutil.copyfile(src, tmp / "copy.gguf"))
             for codec in ("default", "none"):
                 pkg = tmp / f"m-{codec}.sphere"
-                conv_s = timed(lambda: spherefmt.save(src, pkg, codec=codec))
+                conv_s = timed(lambda src=src, pkg=pkg, codec=codec: spherefmt.save(src, pkg, codec=codec))
                 out = tmp / "back.gguf"
-                exp_s = timed(lambda: spherefmt.export(pkg, out))
+                exp_s = timed(lambda pkg=pkg, out=out: spherefmt.export(pkg, out))
                 same = out.read_bytes() == src.read_bytes()
                 stored = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
                 with spherefmt.open(pkg) as p:

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 import spherefmt
-from spherefmt.routers import OracleRouter, train_router, write_router
+from spherefmt.format.routers import write_router
 from spherefmt.runtime import Session
+from spherefmt.runtime.routing import OracleRouter
 from spherefmt.tinymodel import default_model
+from spherefmt.training.routers import train_router
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,7 @@ a random-weight **bfloat16** checkpoint is written locally as a Hugging Face
 as ``save_pretrained`` writes them, tensors sorted by name inside a shard as the ``safetensors``
 library does).  Tensors are generated one at a time (seeded per tensor, N(0, 0.02) drawn in
 float32 slabs of a few MiB and cast to bf16 with ``ml_dtypes``; layer norms 1/0) and streamed
-to disk with :func:`spherefmt.safetensors_io.write_safetensors`, so the model is never in memory
+to disk with :func:`spherefmt.interop.safetensors.write_safetensors`, so the model is never in memory
 whole.  Names are those of ``GPT2LMHeadModel.save_pretrained`` (``transformer.h.N.mlp.c_fc.weight``
 ..., ``lm_head.weight`` tied to ``wte`` and left out).
 
@@ -230,7 +230,8 @@ def worker_generate(spec: dict[str, Any]) -> dict[str, Any]:
     import ml_dtypes
     import numpy as np
 
-    from spherefmt.safetensors_io import TensorInfo, write_safetensors
+    from spherefmt.dtypes import TensorInfo
+    from spherefmt.interop.safetensors import write_safetensors
 
     rss0 = _start()
     t0 = time.perf_counter()
@@ -310,8 +311,8 @@ def worker_verify(spec: dict[str, Any]) -> dict[str, Any]:
     """Compare every tensor of the export with the source: names, dtypes, shapes, bytes."""
     import numpy as np
 
-    from spherefmt.safetensors_io import SafetensorsFile
-    from spherefmt.sources import open_source
+    from spherefmt.interop.registry import open_source
+    from spherefmt.interop.safetensors import SafetensorsFile
 
     t0 = time.perf_counter()
     bad: list[str] = []
@@ -354,6 +355,7 @@ def worker_experts(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_session(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
+
     from spherefmt.runtime import Session
 
     rss0 = _start()

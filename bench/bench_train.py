@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import spherefmt
-import spherefmt.torch as st
+import spherefmt.training.modules as st
 from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +85,7 @@ def _snapshot(p: Path) -> dict[str, tuple[int, int]]:
 def grow_rows(tmp: Path) -> list[dict]:
     from safetensors.numpy import save_file
 
-    from spherefmt.grow import grow_layers, grow_neurons
+    from spherefmt.training.grow import grow_layers, grow_neurons
 
     pkg = tmp / "grow.sphere"
     spherefmt.save(tmp / "src", pkg)

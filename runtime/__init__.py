@@ -11,6 +11,6 @@ budget: load -> use -> release, with a Belady-style cache and a background prefe
 
 from __future__ import annotations
 
-from .session import Session, parse_budget
+from spherefmt.runtime.session import Session, parse_budget
 
 __all__ = ["Session", "parse_budget"]

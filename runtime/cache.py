@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spherefmt.errors import BudgetExceededError
-
-from .loader import Key
+from spherefmt.runtime.loader import Key
 
 __all__ = ["WeightCache", "CacheStats"]
 

@@ -23,8 +23,9 @@ import numpy as np
 
 from spherefmt.dtypes import storage_dtype, to_float32
 from spherefmt.errors import FormatError, SpherefmtError
-from spherefmt.fastpath import ChunkError, FastArray, read_many
-from spherefmt.package import Package, core_key
+from spherefmt.format.chunks import ChunkError, FastArray, read_many
+from spherefmt.format.keys import core_key
+from spherefmt.format.package import Package
 
 __all__ = ["BlockLoader", "Key"]
 
@@ -61,7 +62,7 @@ class BlockLoader:
         self.core = core
         self.tables = tables
         self.split = split or {}
-        self.layout = pkg._layout
+        self.layout = pkg.layout
         self.slices = self.layout.slices()
         p, m = pkg.graticule  # type: ignore[misc]
         self.grid = (p, m)
@@ -72,10 +73,10 @@ class BlockLoader:
         # real neurons per (layer, lat, lon), from the index arrays (read once, small)
         self.counts = np.zeros((self.n_layers, p, m), dtype=np.int64)
         for depth in range(pkg.depth):
-            _, index, _ = pkg._shell_arrays(depth)
-            for t, layer in enumerate(pkg._shells[depth]["layers"]):
+            _, index, _ = pkg.shell_arrays(depth)
+            for t, layer in enumerate(pkg.shell_layers(depth)):
                 self.counts[layer] = (index[t] >= 0).sum(axis=-1)
-        self.row_width = pkg._header["neuron_layout"]["row_width"]
+        self.row_width = self.layout.row_width
         # vocabulary blocks: about the size of one attention block, so the minimum budget is not
         # set by the embedding table; a whole number of core chunks when chunks are smaller
         self.table_rows: dict[str, int] = {}
@@ -113,7 +114,7 @@ class BlockLoader:
 
     # --- reading ------------------------------------------------------------------------------
     def _array(self, tensor: str) -> Any:
-        return self.pkg._array(core_key(tensor))
+        return self.pkg.array(core_key(tensor))
 
     def _count(self, nbytes: int) -> None:
         with self.lock:
@@ -161,7 +162,7 @@ class BlockLoader:
         for part, tensor in parts.items():
             a = raw.get(tensor)
             if a is None:
-                a = self.pkg._storage(tensor)
+                a = self.pkg.stored(tensor)
             self._count(a.nbytes)
             out[part] = _f32(a, self.pkg.tensor_info(tensor).dtype)
         for part, (axis, names) in self.split.items():

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from spherefmt import constants as C
 from spherefmt.errors import FormatError
-from spherefmt.package import Package
-
-from .loader import BlockLoader, Key
+from spherefmt.format.package import Package
+from spherefmt.runtime.loader import BlockLoader, Key
 
 __all__ = ["Model", "GPT2", "Llama", "build"]
 
@@ -41,7 +41,7 @@ class Model(ABC):
         self.pkg = pkg
         self.config = dict(pkg.config or {})
         self.n_layers = len(pkg.layer_depth)
-        first = pkg._layout.layers[0][pkg._layout.fields[0].name]
+        first = pkg.layout.layers[0][pkg.layout.fields[0].name]
         if ".0.mlp." not in first:
             raise FormatError(f"{pkg.where}: the runtime reads Hugging Face tensor names and this package has "
                               f"{first!r} (llama.cpp's GGUF names); streaming GGUF-named packages is not built yet: "
@@ -50,6 +50,9 @@ class Model(ABC):
         self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
         self.period = self.n_layers + 2  # embed, layers..., head
         self.loader: BlockLoader = None  # type: ignore[assignment] - set by subclasses
+        #: called with ``(layer, FFN input as host float32)`` before each FFN (router training and
+        #: co-activation placement learn from these; ``Session.ffn_inputs``)
+        self.ffn_input_hook: Callable[[int, np.ndarray], None] | None = None
 
     # --- geometry -------------------------------------------------------------------------
     d: int
@@ -108,8 +111,8 @@ class Model(ABC):
         for blk in np.unique(ids // r):
             local = np.where(ids // r == blk, ids - blk * r, -1)
             with rt.use(("vocab", table, int(blk))) as t:
-                part = rt.b.gather_rows(t["table"], local)
-            out = part if out is None else rt.b.add(out, part)
+                part = rt.backend.gather_rows(t["table"], local)
+            out = part if out is None else rt.backend.add(out, part)
         return out
 
     def head(self, rt: Any, x: Any) -> np.ndarray:
@@ -118,8 +121,8 @@ class Model(ABC):
         out = np.empty((self.shape0(x), self.vocab), dtype=np.float32)
         for blk in range(self.loader.table_blocks("head")):
             with rt.use(("vocab", "head", blk)) as w:
-                y = rt.b.matmul(x, w["table"], transpose_w=True)
-            out[:, blk * t : blk * t + y.shape[1]] = rt.b.to_host(y)
+                y = rt.backend.matmul(x, w["table"], transpose_w=True)
+            out[:, blk * t : blk * t + y.shape[1]] = rt.backend.to_host(y)
         return out
 
     @staticmethod
@@ -128,11 +131,13 @@ class Model(ABC):
 
     def ffn(self, rt: Any, layer: int, m: Any) -> Any:
         """Sum over the routed cells of the layer of each cell's FFN contribution."""
+        if self.ffn_input_hook is not None:
+            self.ffn_input_hook(layer, rt.backend.to_host(m))
         acc = None
         for lat, lon, mask in rt.route(layer, m):
             with rt.use(("cell", layer, lat, lon)) as c:
-                y = self.cell_ffn(rt.b, m, c, mask)
-            acc = y if acc is None else rt.b.add(acc, y)
+                y = self.cell_ffn(rt.backend, m, c, mask)
+            acc = y if acc is None else rt.backend.add(acc, y)
         return acc
 
     @abstractmethod
@@ -193,7 +198,7 @@ class GPT2(Model):
         return b.matmul(h, c["rows"], cols=self.cols["w_out"])
 
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
-        b = rt.b
+        b = rt.backend
         rt.at(0)
         x = self.embed_rows(rt, self.embed_table, ids)
         with rt.use(("pos",)) as pos:
@@ -280,7 +285,7 @@ class Llama(Model):
         return b.matmul(h, rows, cols=cols["down"])
 
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
-        b = rt.b
+        b = rt.backend
         rt.at(0)
         x = self.embed_rows(rt, self.embed_table, ids)
         pos = np.arange(start, start + len(ids), dtype=np.float32)

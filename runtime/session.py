@@ -21,18 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from spherefmt.backends import get_backend
 from spherefmt.errors import BudgetExceededError, FormatError, InputError
-from spherefmt.package import Package
-from spherefmt.package import open as open_package
+from spherefmt.format.package import Package
+from spherefmt.format.package import open as open_package
+from spherefmt.format.routers import Router, read_router, router_names
+from spherefmt.runtime.cache import WeightCache
+from spherefmt.runtime.loader import Key
+from spherefmt.runtime.models import Model, build
+from spherefmt.runtime.routing import centroid_router
+from spherefmt.runtime.tokenizer import load_tokenizer
 from spherefmt.units import format_size, parse_size
 
-from ..backends import get_backend
-from .cache import WeightCache
-from .loader import Key
-from .models import Model, build
-from .tokenizer import load_tokenizer
-
-__all__ = ["Session", "parse_budget"]
+__all__ = ["Session", "ffn_inputs", "parse_budget"]
 
 _UNLIMITED = 1 << 62
 #: prefill tokens per forward chunk by default: bounds attention scratch.  A fixed size (not one
@@ -66,7 +67,7 @@ def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
 
 class _Router:
     """Per token and layer, the ``k`` best-scoring occupied cells under a router (see
-    :mod:`spherefmt.routers`), or ``k`` random ones (the baseline any router must beat)."""
+    :mod:`spherefmt.format.routers`), or ``k`` random ones (the baseline any router must beat)."""
 
     def __init__(self, model: Model, k_of: Sequence[int], router: Any, seed: int = 0) -> None:
         self.k_of = list(k_of)
@@ -116,7 +117,7 @@ class Session:
         Alternatively the share of each layer's cells per token (``0.25`` or ``"25%"``).
     router
         For top-k: a stored router's name, ``"centroid"``, ``"random"`` or a
-        :class:`~spherefmt.routers.Router`; default the stored ``learned`` one, else centroid.
+        :class:`~spherefmt.format.routers.Router`; default the stored ``learned`` one, else centroid.
     prefetch
         Load the next layer's likely blocks in background threads while this one computes.
         ``None`` (default): on when the backend computes on a GPU, or on a CPU with at least 4
@@ -164,7 +165,7 @@ class Session:
         else:
             k_of = None
         self.top_k = k_of
-        self.b = get_backend(backend)
+        self.backend = get_backend(backend)
         need = self.minimum_budget(1)
         if self.budget is not None and self.budget < need:
             raise BudgetExceededError(
@@ -174,11 +175,11 @@ class Session:
         if prefetch is None:
             import os
 
-            prefetch = self.b.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
+            prefetch = self.backend.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
         self.router = None
         if k_of is not None and any(k < c for k, c in zip(k_of, cells, strict=True)):
             self.router = _Router(m, k_of, self._load_router(router))
-        self.cache = WeightCache(self.b, m.loader.load, m.loader.nbytes, m.position, m.period,
+        self.cache = WeightCache(self.backend, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
         if self.router is not None:
             self.cache.sparse = lambda key: key[0] == "cell"
@@ -191,13 +192,11 @@ class Session:
                           "routed_cells": 0, "possible_cells": 0}
         self._prefetch_ok = prefetch
         self._last_chunk = 0
-        self.b.reset_peak()
+        self.backend.reset_peak()
 
     def _load_router(self, router: Any) -> Any:
         """``None``: the stored ``learned`` router if any, else ``centroid``; a stored name;
-        ``"random"``; or a :class:`~spherefmt.routers.Router`."""
-        from spherefmt.routers import Router, centroid_router, read_router, router_names
-
+        ``"random"``; or a :class:`~spherefmt.format.routers.Router`."""
         if isinstance(router, Router) or hasattr(router, "scores") or router == "random":
             return router
         stored = router_names(self.pkg)
@@ -236,13 +235,13 @@ class Session:
             self.cache.resize(self.budget - self._kv_bytes(n_ctx) - self.model.scratch_bytes(chunk, n_ctx))
         self._last_chunk = chunk
         kv_dim = self.model.kv_dim
-        self.kv = [(self.b.zeros((n_ctx, kv_dim)), self.b.zeros((n_ctx, kv_dim))) for _ in range(self.model.n_layers)]
+        self.kv = [(self.backend.zeros((n_ctx, kv_dim)), self.backend.zeros((n_ctx, kv_dim))) for _ in range(self.model.n_layers)]
         return chunk
 
     def _free_kv(self) -> None:
         for k, v in self.kv:
-            self.b.free(k)
-            self.b.free(v)
+            self.backend.free(k)
+            self.backend.free(v)
         self.kv = []
 
     # --- the runtime context the forward pass sees ----------------------------------------------
@@ -268,7 +267,7 @@ class Session:
             self._counters["routed_cells"] += len(cells) * self.model.shape0(m)
             self._counters["possible_cells"] += len(cells) * self.model.shape0(m)
             return [(lat, lon, None) for lat, lon in cells]
-        m_host = self.b.to_host(m)
+        m_host = self.backend.to_host(m)
         sel = self.router.pick(layer, m_host)
         self.usage[layer, self.router.flat[layer]] += sel.sum(axis=0)
         self._counters["routed_cells"] += int(sel.sum())
@@ -281,7 +280,7 @@ class Session:
         for j in np.flatnonzero(sel.any(axis=0)):
             lat, lon = self.router.cells[layer][j]
             col = sel[:, j]
-            out.append((lat, lon, None if col.all() else self.b.upload(col[:, None].astype(np.float32))))
+            out.append((lat, lon, None if col.all() else self.backend.upload(col[:, None].astype(np.float32))))
         return out
 
     # --- inputs ---------------------------------------------------------------------------
@@ -330,12 +329,32 @@ class Session:
         try:
             t0 = time.perf_counter()
             out = self._forward(ids, 0, chunk, last_only=False)
-            self.b.synchronize()
+            self.backend.synchronize()
             self._counters["prefill_tokens"] += len(ids)
             self._counters["prefill_s"] += time.perf_counter() - t0
             return out
         finally:
             self._free_kv()
+
+    def ffn_inputs(self, ids: Sequence[int] | np.ndarray, window: int) -> list[np.ndarray]:
+        """Per layer, the FFN inputs ``(tokens, d)`` of the model on ``ids`` (host float32), run
+        in windows of ``window`` tokens: what router training and co-activation placement learn
+        from."""
+        captured: list[list[np.ndarray]] = []
+
+        def keep(layer: int, x: np.ndarray) -> None:
+            while len(captured) <= layer:
+                captured.append([])
+            captured[layer].append(x)
+
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.model.ffn_input_hook = keep
+        try:
+            for st in range(0, len(ids) - 1, window):
+                self.logits(ids[st : st + window])
+        finally:
+            self.model.ffn_input_hook = None
+        return [np.concatenate(c) for c in captured]
 
     def nll(self, ids: Sequence[int] | np.ndarray, progress: bool = False) -> tuple[float, int]:
         """Summed negative log-likelihood of ``ids[1:]`` given their prefixes, over windows of the
@@ -376,7 +395,7 @@ class Session:
         try:
             t0 = time.perf_counter()
             logits = self._forward(ids, 0, chunk, last_only=True)[-1]
-            self.b.synchronize()
+            self.backend.synchronize()
             self._counters["prefill_tokens"] += len(ids)
             self._counters["prefill_s"] += time.perf_counter() - t0
             pos = len(ids)
@@ -387,7 +406,7 @@ class Session:
                     break
                 t0 = time.perf_counter()
                 logits = self.model.forward(self, np.array([tok]), pos, True)[-1]
-                self.b.synchronize()
+                self.backend.synchronize()
                 self._counters["decode_tokens"] += 1
                 self._counters["decode_s"] += time.perf_counter() - t0
                 pos += 1
@@ -414,14 +433,14 @@ class Session:
         c = self._counters
         lookups = s.hits + s.misses
         return {
-            **self.b.describe(),
+            **self.backend.describe(),
             "package": self.pkg.where,
             "prefetch": self._prefetch_ok,
             "mode": "dense" if self.router is None else
                     f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)",
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,
-            "peak_device_bytes": self.b.peak_memory(),
+            "peak_device_bytes": self.backend.peak_memory(),
             "resident_bytes": self.cache.used,
             "bytes_read": self.model.loader.bytes_read,
             "bytes_uploaded": s.bytes_uploaded,
@@ -457,3 +476,10 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ffn_inputs(pkg: Package, ids: np.ndarray, window: int) -> list[np.ndarray]:
+    """Per layer, the FFN inputs ``(tokens, d)`` of the dense model on ``ids`` (numpy backend),
+    run in windows of ``window`` tokens (:meth:`Session.ffn_inputs`)."""
+    with Session(pkg, backend="numpy", prefetch=False) as s:
+        return s.ffn_inputs(ids, window)

@@ -11,15 +11,18 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
-from . import constants as C
-from .errors import SpherefmtError
-from .units import format_size as _size
-from .units import parse_size
+from spherefmt import constants as C
+from spherefmt.errors import SpherefmtError
+from spherefmt.units import format_size as _size
+from spherefmt.units import parse_size
+
+if TYPE_CHECKING:  # the CLI imports its commands' modules lazily: `sphere --help` stays fast
+    from spherefmt.format.package import Package
 
 __all__ = ["main", "cli", "package_info"]
 
@@ -37,44 +40,43 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def package_info(pkg: Any) -> dict[str, Any]:
+def package_info(pkg: Package) -> dict[str, Any]:
     """The summary ``sphere info`` prints (also its ``--json`` document)."""
-    h = pkg.metadata
+    h = pkg.header
     raw = sum(pkg.tensor_info(n).nbytes for n in pkg.keys())
-    core_raw = sum(pkg.tensor_info(n).nbytes for n in pkg.keys() if pkg._tensors[n]["where"] == "core")
+    core_raw = sum(pkg.tensor_info(n).nbytes for n in pkg.keys() if pkg.entry(n).where == "core")
     out: dict[str, Any] = {
         "package": pkg.where,
-        "format": h["format"],
-        "version": h["version"],
+        "format": C.FORMAT_NAME,
+        "version": h.version,
         "generation": pkg.generation,
-        "architecture": h["architecture"],
-        "tensors": len(h["tensors"]),
-        "codec": h["codec"],
+        "architecture": h.architecture,
+        "tensors": len(h.tensors),
+        "codec": h.codec,
         "raw_bytes": raw,
         "stored_bytes": pkg.stored_bytes(),
-        "core": {"tensors": sum(t["where"] == "core" for t in h["tensors"]), "raw_bytes": core_raw,
+        "core": {"tensors": sum(t.where == "core" for t in h.tensors), "raw_bytes": core_raw,
                  "stored_bytes": pkg.stored_bytes(C.CORE_GROUP)},
-        "files": h.get("files", []),
-        "warning": h.get("warning"),
+        "files": list(h.files),
+        "warning": h.warning,
     }
     out["ratio"] = out["stored_bytes"] / raw if raw else 1.0
-    if pkg.graticule:
-        p, m = pkg.graticule
-        nl = h["neuron_layout"]
+    if h.graticule is not None and h.neuron_layout is not None:
+        p, m = h.graticule
+        nl = h.neuron_layout
         out.update({
-            "layers": len(h["layers"]),
-            "neurons_per_layer": [lay["neurons"] for lay in h["layers"]],
+            "layers": len(h.layers),
+            "neurons_per_layer": [lay.neurons for lay in h.layers],
             "graticule": [p, m],
-            "depth": h["depth"],
-            "layer_depth": h["layer_depth"],
-            "shells": [{"depth": s["depth"], "layers": s["layers"], "capacity": s["capacity"]} for s in h["shells"]],
-            "experts": p * m * h["depth"],
-            "neuron_row": {"dtype": nl["dtype"], "width": nl["row_width"],
-                           "fields": {f["name"]: f["width"] for f in nl["fields"]}},
-            "placement": h["placement"],
+            "depth": h.depth,
+            "layer_depth": list(h.layer_depth),
+            "shells": [s.to_json() for s in h.shells],
+            "experts": p * m * h.depth,
+            "neuron_row": {"dtype": nl.dtype, "width": nl.row_width, "fields": {f.name: f.width for f in nl.fields}},
+            "placement": h.placement,
             "sphere": {"raw_bytes": raw - core_raw, "stored_bytes": pkg.stored_bytes(C.SPHERE_GROUP)},
         })
-        from .routers import read_router, router_names
+        from spherefmt.format.routers import read_router, router_names
 
         routers = {}
         for name in router_names(pkg):
@@ -130,7 +132,7 @@ def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec:
             vhd_size: str | None, placement: str, sample_file: str | None, quiet: bool) -> None:
     """Convert a model (SRC: HF folder, .safetensors, .gguf, .pt/.bin, or a package) into a package at DST
     (a directory, a .zip, a .vhd disk image, or an fsspec URL such as memory:// or s3://)."""
-    from .package import save
+    from spherefmt.convert import save
 
     size = parse_size(vhd_size) if vhd_size else None
     with warnings.catch_warnings(record=True) as caught:
@@ -153,7 +155,7 @@ def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec:
 @_user_errors
 def info(pkg: str, as_json: bool) -> None:
     """Architecture, layers, graticule, depth map, experts, sizes and codecs of a package."""
-    from .package import open as open_package
+    from spherefmt.format.package import open as open_package
 
     with open_package(pkg) as p:
         d = package_info(p)
@@ -196,7 +198,7 @@ def verify(pkg: str, as_json: bool, quiet: bool) -> None:
     removes them."""
     from tqdm.auto import tqdm
 
-    from .package import open as open_package
+    from spherefmt.format.package import open as open_package
 
     with open_package(pkg) as p:
         with tqdm(total=p.stored_bytes(), unit="B", unit_scale=True, desc="verify", disable=quiet or as_json,
@@ -226,7 +228,7 @@ def verify(pkg: str, as_json: bool, quiet: bool) -> None:
 @_user_errors
 def cell(pkg: str, lat: int, lon: int, depth: int, as_json: bool) -> None:
     """One expert (LAT, LON, DEPTH): its layers, neuron counts, original indices and bytes."""
-    from .package import open as open_package
+    from spherefmt.format.package import open as open_package
 
     with open_package(pkg) as p:
         e = p.expert(lat, lon, depth)
@@ -265,8 +267,8 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, quiet: bool) -> None:
     """Write every tensor back to DST (.safetensors, or .pt/.pth/.bin for a torch state dict)."""
     import os
 
-    from .errors import PackageExistsError
-    from .export import export
+    from spherefmt.errors import PackageExistsError
+    from spherefmt.interop.registry import export
 
     if os.path.exists(dst) and not overwrite:
         raise PackageExistsError(f"{dst}: exists; pass --overwrite to replace it")
@@ -283,7 +285,7 @@ def mount_cmd(pkg: str, directory: str, rw: bool) -> None:
 
     Windows mounts the same file natively: Disk Management > Attach VHD, or in PowerShell
     `Mount-DiskImage -ImagePath C:\\path\\model.vhd`."""
-    from .mount import mount
+    from spherefmt.containers.vhd.mount import mount
 
     mount(pkg, directory, rw=rw)
     click.echo(f"mounted {pkg} on {directory} ({'read-write' if rw else 'read-only'}); `sphere unmount {directory}` "
@@ -295,7 +297,7 @@ def mount_cmd(pkg: str, directory: str, rw: bool) -> None:
 @_user_errors
 def unmount_cmd(directory: str) -> None:
     """Unmount a DIRECTORY mounted by `sphere mount`."""
-    from .mount import unmount
+    from spherefmt.containers.vhd.mount import unmount
 
     unmount(directory)
 
@@ -322,14 +324,14 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
              router: str | None, prefetch: bool | None) -> Any:
-    from .runtime import Session
+    from spherefmt.runtime import Session
 
     return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch, router=router)
 
 
 def _load_ids(path: str) -> np.ndarray:
     """Token ids from a ``.npy`` file (no pickles), 1-D integers."""
-    from .errors import FormatError, InputError
+    from spherefmt.errors import FormatError, InputError
 
     try:
         ids = np.load(path, allow_pickle=False)
@@ -371,7 +373,7 @@ def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int,
         backend: str | None, budget: str | None, top_k: int | None, active: str | None,
         router: str | None, prefetch: bool | None, show_stats: bool, as_json: bool) -> None:
     """Generate text from PKG, streaming tokens as they come, under a device memory budget."""
-    from .errors import InputError
+    from spherefmt.errors import InputError
 
     if (prompt is None) == (ids_file is None):
         raise InputError("give --prompt TEXT or --ids FILE.npy")
@@ -420,7 +422,7 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
     """Mean negative log-likelihood and perplexity of PKG on a text (windows of the model's context)."""
     import math
 
-    from .errors import InputError
+    from spherefmt.errors import InputError
 
     if (text_file is None) == (ids_file is None):
         raise InputError("give --text FILE or --ids FILE.npy")
@@ -458,10 +460,11 @@ def route_train(pkg: str, text_file: str | None, ids_file: str | None, steps: in
                 max_tokens: int, quiet: bool) -> None:
     """Train a router for PKG by distillation from its own FFN on sample text and store it in the
     package, in place (also inside a .vhd): only router/NAME objects are written."""
-    from .errors import InputError
-    from .package import open as open_package
-    from .routers import train_router, write_router
-    from .runtime.tokenizer import load_tokenizer
+    from spherefmt.errors import InputError
+    from spherefmt.format.package import open as open_package
+    from spherefmt.format.routers import write_router
+    from spherefmt.runtime.tokenizer import load_tokenizer
+    from spherefmt.training.routers import train_router
 
     if (text_file is None) == (ids_file is None):
         raise InputError("give --text FILE or --ids FILE.npy")
@@ -492,14 +495,14 @@ def route_train(pkg: str, text_file: str | None, ids_file: str | None, steps: in
 def map_cmd(pkg: str, output: str, layer: int | None, usage_file: str | None, active: str, router: str | None,
             trees: bool) -> None:
     """Draw PKG's graticule as world maps (Mollweide, one panel per depth shell) or its lightning trees."""
-    from .package import open as open_package
-    from .viz import draw_map, draw_trees
+    from spherefmt.format.package import open as open_package
+    from spherefmt.viz import draw_map, draw_trees
 
     with open_package(pkg) as p:
         if trees:
             out = draw_trees(p, output)
         elif usage_file:
-            from .runtime import Session
+            from spherefmt.runtime import Session
 
             with Session(p, backend="numpy", active=active, router=router, prefetch=False) as s:
                 with open(usage_file, encoding="utf-8", errors="replace") as f:
@@ -512,7 +515,7 @@ def map_cmd(pkg: str, output: str, layer: int | None, usage_file: str | None, ac
 
 
 def _expert_address(text: str) -> tuple[int, int, int]:
-    from .errors import InputError
+    from spherefmt.errors import InputError
 
     try:
         lat, lon, depth = (int(v) for v in text.split(","))
@@ -542,9 +545,9 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
     import torch
     from tqdm.auto import tqdm
 
-    from .errors import InputError
-    from .runtime.tokenizer import load_tokenizer
-    from .torch import load
+    from spherefmt.errors import InputError
+    from spherefmt.runtime.tokenizer import load_tokenizer
+    from spherefmt.training.modules import load
 
     if bool(experts) == train_all:
         raise InputError("give --experts LAT,LON,DEPTH (one or more) or --all")
@@ -576,9 +579,9 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
     finally:
         m.pkg.close()
     out = plot or f"{str(pkg).rstrip('/')}-loss.png"
-    from .viz import _plt
+    from spherefmt.viz import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, linewidth=0.8)
     ax.set_xlabel("step")
@@ -606,8 +609,8 @@ def grow(pkg: str, neurons: int, cell: str | None, depth: int | None, layers: in
     weights, new layers with zero output projections.  Train them afterwards (sphere train).
     Inside a .vhd the image grows; objects already stored are not rewritten, except experts
     whose free slots receive neurons."""
-    from .errors import InputError
-    from .grow import grow_layers, grow_neurons
+    from spherefmt.errors import InputError
+    from spherefmt.training.grow import grow_layers, grow_neurons
 
     if (neurons > 0) == (layers > 0) or neurons < 0 or layers < 0:
         raise InputError("give --neurons N or --layers N (a positive number, one of the two)")
@@ -639,7 +642,7 @@ def grow(pkg: str, neurons: int, cell: str | None, depth: int | None, layers: in
 @_user_errors
 def backends(as_json: bool) -> None:
     """Every compute backend, whether it starts here, and why not."""
-    from .backends import probe
+    from spherefmt.backends import probe
 
     rows = probe()
     if as_json:

@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         del e
     back = out / "roundtrip.safetensors"
     _sphere("export", str(pkg), str(back), "--overwrite", "-q")
-    from safetensors import safe_open
-
     import torch
+    from safetensors import safe_open
 
     same, n = True, 0
     with safe_open(str(back), framework="pt") as f:

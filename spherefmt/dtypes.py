@@ -8,15 +8,17 @@ never converted.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from .constants import DTYPES
-from .errors import FormatError
+from spherefmt.constants import DTYPES, MAX_NDIM
+from spherefmt.errors import FormatError
 
-__all__ = ["_contig", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+__all__ = ["TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
 
 _NUMPY_USER = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -29,7 +31,38 @@ _FROM_NUMPY[np.dtype("uint16")] = "U16"
 _FROM_NUMPY[np.dtype("uint8")] = "U8"
 
 
-def _contig(arr: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype (safetensors spelling), shape and byte size of one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def check_shape(shape: object, where: str) -> tuple[int, ...]:
+    """Validate a shape from untrusted input; return it as a tuple of ints."""
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_NDIM:
+        raise FormatError(f"{where}: shape must be a list of at most {MAX_NDIM} integers")
+    out = []
+    for s in shape:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0 or s > 2**48:
+            raise FormatError(f"{where}: bad shape entry {s!r}")
+        out.append(s)
+    return tuple(out)
+
+
+def check_dtype(dtype: object, where: str) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    return dtype
+
+
+def contiguous(arr: np.ndarray) -> np.ndarray:
     """C-contiguous array of the same shape (``np.ascontiguousarray`` turns 0-d into 1-d)."""
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
@@ -50,7 +83,7 @@ def from_numpy(arr: np.ndarray) -> tuple[str, np.ndarray]:
     name = _FROM_NUMPY.get(arr.dtype)
     if name is None:
         raise FormatError(f"numpy dtype {arr.dtype} has no safetensors equivalent")
-    arr = _contig(arr)
+    arr = contiguous(arr)
     return name, arr.view(storage_dtype(name))
 
 
@@ -98,7 +131,7 @@ def to_torch(arr: np.ndarray, dtype: str) -> Any:
     want = inv.get(dtype)
     if want is None:
         raise FormatError(f"dtype {dtype} has no torch equivalent in this torch build")
-    arr = _contig(arr)
+    arr = contiguous(arr)
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:  # torch lacks from_numpy for uint16..64
         arr = arr.view(f"int{arr.dtype.itemsize * 8}")
     t = torch.from_numpy(arr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import FormatError
+from spherefmt.errors import FormatError
 
 __all__ = ["parse_size", "format_size"]
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, InputError
+from spherefmt.errors import BackendUnavailableError, InputError
+from spherefmt.format.package import Package
 
-__all__ = ["draw_map", "draw_trees"]
+__all__ = ["draw_map", "draw_trees", "pyplot"]
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (PNG files, no screen)."""
     try:
         import matplotlib
 
@@ -29,21 +31,21 @@ def _plt() -> Any:
     return plt
 
 
-def _counts(pkg: Any) -> np.ndarray:
+def _counts(pkg: Package) -> np.ndarray:
     """Real neurons per (layer, cell)."""
     p, m = pkg.graticule
     out = np.zeros((len(pkg.layer_depth), p * m), dtype=np.int64)
     for depth in range(pkg.depth):
-        _, index, _ = pkg._shell_arrays(depth)
-        for t, layer in enumerate(pkg._shells[depth]["layers"]):
+        _, index, _ = pkg.shell_arrays(depth)
+        for t, layer in enumerate(pkg.shell_layers(depth)):
             out[layer] = (index[t] >= 0).sum(axis=-1).reshape(-1)
     return out
 
 
-def draw_map(pkg: Any, out: str | Path, layer: int | None = None, usage: np.ndarray | None = None,
+def draw_map(pkg: Package, out: str | Path, layer: int | None = None, usage: np.ndarray | None = None,
              title: str | None = None) -> Path:
     """Write a PNG: one Mollweide panel per depth shell (or one for ``layer``)."""
-    plt = _plt()
+    plt = pyplot()
     if pkg.graticule is None:
         raise InputError(f"{pkg.where} has no sphere to draw ({pkg.architecture})")
     p, m = pkg.graticule
@@ -87,11 +89,11 @@ def draw_map(pkg: Any, out: str | Path, layer: int | None = None, usage: np.ndar
     return out
 
 
-def draw_trees(pkg: Any, out: str | Path, neurons: int = 300, seed: int = 0) -> Path:
+def draw_trees(pkg: Package, out: str | Path, neurons: int = 300, seed: int = 0) -> Path:
     """Write a PNG of lightning trees in 3D: each drawn neuron sits at its cell's direction, at a
     radius growing with its layer, joined to its tree parent in the previous layer."""
-    plt = _plt()
-    from .placement import cell_centers
+    plt = pyplot()
+    from spherefmt.format.placement import cell_centers
 
     p, m = pkg.graticule
     centers = cell_centers(p, m)
@@ -99,8 +101,8 @@ def draw_trees(pkg: Any, out: str | Path, neurons: int = 300, seed: int = 0) -> 
     where: list[dict[int, int]] = [dict() for _ in range(n_layers)]  # layer -> neuron -> flat cell
     parents: list[dict[int, int]] = [dict() for _ in range(n_layers)]
     for depth in range(pkg.depth):
-        _, index, parent = pkg._shell_arrays(depth)
-        for t, layer in enumerate(pkg._shells[depth]["layers"]):
+        _, index, parent = pkg.shell_arrays(depth)
+        for t, layer in enumerate(pkg.shell_layers(depth)):
             idx, par = index[t].reshape(p * m, -1), parent[t].reshape(p * m, -1)
             for c in range(p * m):
                 for n, pa in zip(idx[c], par[c], strict=True):

@@ -62,7 +62,7 @@ def object_digests(path) -> dict[str, str]:
         with zipfile.ZipFile(path) as z:
             return {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
     if path.suffix == ".vhd":
-        from spherefmt.vhdfs import VHDFileSystem
+        from spherefmt.containers.vhd.filesystem import VHDFileSystem
 
         fs = VHDFileSystem(fo=str(path))
         try:
@@ -80,7 +80,7 @@ def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 
 def train_steps(m, ids, steps: int, lr: float = 1e-2) -> list[float]:
-    """A few Adam steps of a :mod:`spherefmt.torch` module on ``ids`` (its own labels)."""
+    """A few Adam steps of a :mod:`spherefmt.training.modules` module on ``ids`` (its own labels)."""
     import torch
 
     opt = torch.optim.Adam(m.parameters(), lr=lr)

@@ -14,8 +14,8 @@ import torch
 import zarr
 
 import spherefmt
-from spherefmt.errors import FormatError, IntegrityError, PackageExistsError
-from spherefmt.sources import TensorSource
+from spherefmt.errors import FormatError, InputError, IntegrityError, PackageExistsError
+from spherefmt.interop.base import TensorSource
 from spherefmt.testing import save_hf_folder
 from spherefmt.testing.packages import remanifest
 
@@ -139,7 +139,7 @@ class _Failing(TensorSource):
     """A source that dies after some tensors: an interrupted conversion."""
 
     def __init__(self, sd, cfg, after):
-        from spherefmt.sources import MappingSource
+        from spherefmt.interop.base import MappingSource
 
         self.inner, self.config, self.after, self.n = MappingSource(sd), cfg, after, 0
         self.where = "<failing>"
@@ -252,7 +252,7 @@ def test_not_a_package(tmp_path):
     with pytest.raises(FormatError, match="not a zip"):
         spherefmt.open(f)
     np.save(tmp_path / "a.npy", np.zeros(2))
-    with pytest.raises(FormatError, match="unknown model file type"):
+    with pytest.raises(InputError, match="unknown model file type"):
         spherefmt.save(tmp_path / "a.npy", tmp_path / "o.sphere")
 
 

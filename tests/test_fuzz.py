@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 import spherefmt
 from spherefmt.errors import FormatError
-from spherefmt.package import _validate_header, core_key
-from spherefmt.safetensors_io import SafetensorsFile
+from spherefmt.format.header import Header
+from spherefmt.format.keys import core_key
+from spherefmt.interop.safetensors import SafetensorsFile
 
 from .conftest import model
 
@@ -100,7 +101,7 @@ def test_mutated_package_headers(data):
         except (KeyError, IndexError, TypeError):
             continue
     try:
-        _validate_header({"spherefmt": h}, "fuzz")
+        Header.parse({"spherefmt": h}, "fuzz")
     except FormatError:
         pass
 

@@ -14,9 +14,9 @@ import spherefmt
 from spherefmt.errors import FormatError
 
 gguf = pytest.importorskip("gguf")
-from spherefmt.testing.gguf import make_llama_gguf
+from spherefmt.testing.gguf import make_llama_gguf  # noqa: E402 - after the importorskip above
 
-from .conftest import run_cli
+from .conftest import run_cli  # noqa: E402 - after the importorskip above
 
 
 def _fields(path) -> list[tuple]:
@@ -116,7 +116,7 @@ def test_fuzz_gguf_reader_only_raises_format_error(tmp_path_factory, data):
     d = tmp_path_factory.mktemp("f")
     path = d / "x.gguf"
     path.write_bytes(bytes(blob[:cut]))
-    from spherefmt.gguf_io import GGUFSource
+    from spherefmt.interop.gguf import GGUFSource
 
     try:
         with GGUFSource(path) as s:

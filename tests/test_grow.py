@@ -6,18 +6,18 @@ import json
 
 import numpy as np
 import pytest
-from spherefmt.runtime import Session
 
 import spherefmt
 from spherefmt.cli import main
-from spherefmt.grow import grow_layers, grow_neurons
+from spherefmt.runtime import Session
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
+from spherefmt.training.grow import grow_layers, grow_neurons
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import spherefmt.torch as st
+import spherefmt.training.modules as st  # noqa: E402 - after the importorskip above
 
-from .conftest import changed_keys, object_digests, train_steps
+from .conftest import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
 
 IDS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
@@ -71,7 +71,7 @@ def test_new_neurons_change_nothing_until_trained(tmp_path, arch):
     spherefmt.save(src, pkg, graticule="2x4")
     base = _hf_logits(src, tmp_path)
     with spherefmt.open(pkg) as p:
-        n0, k0 = list(p._layout.neurons), p._slots(1)
+        n0, k0 = list(p.layout.neurons), p.slots(1)
     before = object_digests(pkg)
     # spread over every layer, then 40 more into one cell of shell 1: more than its free slots
     grow_neurons(pkg, 8)
@@ -79,15 +79,15 @@ def test_new_neurons_change_nothing_until_trained(tmp_path, arch):
     rep = grow_neurons(pkg, 40, cell=(0, 1), depth=1)
     after = object_digests(pkg)
     with spherefmt.open(pkg) as p:
-        d1 = p._shells[1]["layers"]
-        assert [n for n in p._layout.neurons] == [n + 8 + (40 if i in d1 else 0) for i, n in enumerate(n0)]
-        assert p._slots(1) > k0 and rep["shells"][0]["capacity"][1] == p._slots(1)
-        assert p.config["n_inner" if arch == "gpt2" else "intermediate_size"] == max(p._layout.neurons)
+        d1 = p.shell_layers(1)
+        assert [n for n in p.layout.neurons] == [n + 8 + (40 if i in d1 else 0) for i, n in enumerate(n0)]
+        assert p.slots(1) > k0 and rep["shells"][0]["capacity"][1] == p.slots(1)
+        assert p.config["n_inner" if arch == "gpt2" else "intermediate_size"] == max(p.layout.neurons)
         e = p.expert(0, 1, 1)
         new = e.index >= np.array([n0[la] + 8 for la in e.layers])[:, None]
         assert new.sum() == 40 * len(d1)
-        assert not e.field(p._header["neuron_layout"]["out_field"])[new].astype(np.float32).any()  # zero outputs
-        assert e.field(p._header["neuron_layout"]["in_field"])[new].astype(np.float32).any()  # real inputs
+        assert not e.field(p.layout.out_field)[new].astype(np.float32).any()  # zero outputs
+        assert e.field(p.layout.in_field)[new].astype(np.float32).any()  # real inputs
         keys, full = set(p.expert_keys(0, 1, 1)), p.shard_key(0, 1, 1)
     # the first growth gave every cell one neuron per layer (each full cell got a second slot
     # block); the second wrote only expert (0, 1, 1)'s later slot blocks (its first is full) and
@@ -110,7 +110,7 @@ def test_new_layers_are_identity_blocks(tmp_path, arch):
     out = grow_layers(pkg, 2)
     assert out == {"layers": [4, 5], "depth": 4, "new_shell": True}
     with spherefmt.open(pkg) as p:
-        assert p.depth == 5 and p.layer_depth[-2:] == [4, 4] and len(p._layout.neurons) == 6
+        assert p.depth == 5 and p.layer_depth[-2:] == [4, 4] and len(p.layout.neurons) == 6
         assert p.config["n_layer" if arch == "gpt2" else "num_hidden_layers"] == 6
         names = p.keys()
         assert names.index(next(n for n in names if ".5." in n)) > names.index(next(n for n in names if ".3." in n))
@@ -128,7 +128,7 @@ def test_at_ten_shells_new_layers_join_the_surface_shell(tmp_path):
     before = object_digests(pkg)
     assert grow_layers(pkg, 1) == {"layers": [10], "depth": 0, "new_shell": False}
     with spherefmt.open(pkg) as p:
-        assert p.depth == 10 and p._shells[0]["layers"] == [9, 10]
+        assert p.depth == 10 and p.shell_layers(0) == [9, 10]
     np.testing.assert_array_equal(_runtime_logits(pkg), base)
     new = {k for k in changed_keys(before, object_digests(pkg)) if not k.endswith("zarr.json")}
     # the surface shell's new layer lives in new objects (c/1/...): old experts untouched
@@ -183,7 +183,7 @@ def test_interrupted_growth_reads_as_before(tmp_path, monkeypatch):
     pkg = tmp_path / "m.sphere"
     spherefmt.save(src, pkg, graticule="2x4")
     base = _runtime_logits(pkg)
-    from spherefmt.store import PackageStore
+    from spherefmt.format.store import PackageStore
 
     def crash(*a, **k):
         raise KeyboardInterrupt
@@ -194,7 +194,7 @@ def test_interrupted_growth_reads_as_before(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             fn()
         with spherefmt.open(pkg) as p:
-            assert p._slots(1) == 32 and len(p.layer_depth) == 4
+            assert p.slots(1) == 32 and len(p.layer_depth) == 4
         np.testing.assert_array_equal(_runtime_logits(pkg), base)
     monkeypatch.undo()
     grow_neurons(pkg, 40, cell=(0, 1), depth=1)  # run again: completes

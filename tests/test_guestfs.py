@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import spherefmt
-from spherefmt.vhdfs import VHDFileSystem
+from spherefmt.containers.vhd.filesystem import VHDFileSystem
 
 from .conftest import model
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(shutil.which("guestmount") is None or not os.pat
 @pytest.fixture(scope="module", autouse=True)
 def _tcg():
     """This machine's /dev/kvm creates VMs whose appliance then hangs at boot; the tests run the
-    appliance under TCG rather than wait for spherefmt.mount's one-time KVM probe."""
+    appliance under TCG rather than wait for spherefmt.containers.vhd.mount's one-time KVM probe."""
     saved = os.environ.get("LIBGUESTFS_BACKEND_SETTINGS")
     os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
     yield
@@ -41,7 +41,7 @@ def pkg(tmp_path_factory):
 
 
 def test_libguestfs_reads_the_same_bytes(pkg, tmp_path):
-    from spherefmt.mount import open_guestfs
+    from spherefmt.containers.vhd.mount import open_guestfs
 
     g = open_guestfs(pkg)
     try:
@@ -66,7 +66,7 @@ def test_libguestfs_reads_the_same_bytes(pkg, tmp_path):
     sd, _ = model("llama", "BF16")
     for t in root.attrs["spherefmt"]["tensors"]:
         if t["where"] == "core":
-            assert root[spherefmt.package.core_key(t["name"])][...].tobytes() == sd[t["name"]].tobytes()
+            assert root[spherefmt.format.keys.core_key(t["name"])][...].tobytes() == sd[t["name"]].tobytes()
 
 
 def test_sphere_mount_and_unmount(pkg, tmp_path):

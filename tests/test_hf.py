@@ -12,7 +12,7 @@ from spherefmt.errors import FormatError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import spherefmt.hf
+import spherefmt.interop.hf  # noqa: E402 - after the importorskip above
 
 TINY = Path(spherefmt.__file__).parent / "data" / "tiny-gpt2"
 IDS = torch.from_numpy(np.random.default_rng(0).integers(0, 4000, (2, 20)))
@@ -51,7 +51,7 @@ def test_load_model_equals_from_pretrained(tmp_path, arch, dtype):
     with spherefmt.open(pkg) as p:
         assert p.graticule is not None and sum(1 for _ in p.experts()) > 1  # FFN on the sphere
         assert ("tokenizer.json" in p.metadata["files"]) == (arch == "gpt2")
-    ours = spherefmt.hf.load_model(pkg)
+    ours = spherefmt.interop.hf.load_model(pkg)
     assert next(ours.parameters()).dtype == dt  # "auto": the package's dtype
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
     np.testing.assert_array_equal(_logits(ours), _logits(theirs))
@@ -67,10 +67,10 @@ def test_load_model_from_bare_names_and_refusals(tmp_path):
     cfg = gpt2_config(n_layer=2, n_embd=32, n_head=4, vocab_size=4096)
     sd = make_gpt2(cfg, "F32", 0)
     bare = {k.removeprefix("transformer."): v for k, v in sd.items()}  # a state dict without the prefix
-    m = spherefmt.hf.load_model(spherefmt.save(bare, tmp_path / "bare.sphere", config=cfg), dtype=torch.float32)
+    m = spherefmt.interop.hf.load_model(spherefmt.save(bare, tmp_path / "bare.sphere", config=cfg), dtype=torch.float32)
     np.testing.assert_array_equal(m.transformer.h[1].mlp.c_fc.weight.detach().numpy(),
                                   sd["transformer.h.1.mlp.c_fc.weight"])
     with pytest.warns(UserWarning, match="not GPT-2 or Llama"):
         generic = spherefmt.save({"w": np.ones(3, np.float32)}, tmp_path / "g.sphere")
     with pytest.raises(FormatError, match="GPT-2 and Llama"):
-        spherefmt.hf.load_model(generic)
+        spherefmt.interop.hf.load_model(generic)

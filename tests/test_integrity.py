@@ -19,7 +19,7 @@ import pytest
 
 import spherefmt
 from spherefmt.errors import ConcurrentWriteError, DiskFullError, IntegrityError, PackageLockedError, ReadOnlyError
-from spherefmt.grow import grow_neurons
+from spherefmt.training.grow import grow_neurons
 
 from .conftest import model, run_cli
 
@@ -73,8 +73,8 @@ def test_renamed_zip_entry_is_missing_not_zeros(tmp_path):
 
 
 def test_one_byte_of_a_fat_short_name_changed_is_missing_not_zeros(tmp_path):
-    from spherefmt.vhd import VHDImage
-    from spherefmt.vhdfs import PARTITION_START, VHDFileSystem
+    from spherefmt.containers.vhd.filesystem import PARTITION_START, VHDFileSystem
+    from spherefmt.containers.vhd.image import VHDImage
 
     url, _ = _save(tmp_path, "m.vhd")
     key = "sphere/d0/neurons/c/0/1/1/0/0"
@@ -165,7 +165,7 @@ def test_a_second_writer_is_refused_at_once_or_waits(tmp_path, suffix):
 
 GROW_BESIDE_WRITES = r"""
 import sys, numpy as np, spherefmt
-from spherefmt.grow import grow_neurons
+from spherefmt.training.grow import grow_neurons
 url, role, n0 = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for i in range(6):
     with spherefmt.open(url, "r+", lock_timeout=60) as p:

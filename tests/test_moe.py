@@ -11,9 +11,10 @@ import pytest
 
 import spherefmt
 from spherefmt.cli import main
-from spherefmt.routers import read_router, router_names, train_router, write_router
+from spherefmt.format.routers import read_router, router_names, write_router
 from spherefmt.runtime import Session
 from spherefmt.tinymodel import default_model
+from spherefmt.training.routers import train_router
 
 pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
@@ -95,7 +96,7 @@ def test_placement_quality_is_reported(pkg, capsys):
 
 
 def _objects(vhd) -> dict[str, str]:
-    from spherefmt.vhdfs import VHDFileSystem
+    from spherefmt.containers.vhd.filesystem import VHDFileSystem
 
     fs = VHDFileSystem(fo=str(vhd))
     try:
@@ -173,12 +174,13 @@ def test_coactivation_placement_groups_neurons_that_fire_together(pkg, tmp_path,
     with spherefmt.open(out) as a, spherefmt.open(again) as b, spherefmt.open(pkg) as base:
         assert a.metadata["placement"]["policy"] == "coactivation-balanced"
         for d in range(4):  # deterministic
-            assert np.array_equal(a._shell_arrays(d)[1], b._shell_arrays(d)[1])
+            assert np.array_equal(a.shell_arrays(d)[1], b.shell_arrays(d)[1])
         for name in base.keys():  # the same model, bit for bit, only placed differently
             assert a.tensor(name).tobytes() == base.tensor(name).tobytes()
         # co-active neurons share cells more often than with the weight-direction placement
-        from spherefmt.routers import _ffn_inputs, _targets
         from spherefmt.runtime.loader import BlockLoader
+        from spherefmt.runtime.routing import cell_targets as _targets
+        from spherefmt.runtime.session import ffn_inputs as _ffn_inputs
 
         with Session(a, backend="numpy") as s:
             ids = np.asarray(s.encode(texts[1]), dtype=np.int64)[:600]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import spherefmt
-from spherefmt.placement import assign, cell_centers, default_grid, layer_shells, own_directions, tree_parents
+from spherefmt.format.placement import assign, cell_centers, default_grid, layer_shells, own_directions, tree_parents
 
 from .conftest import model
 
@@ -37,7 +37,7 @@ def test_assignment_prefers_nearby_cells():
 
 def test_default_grid_rule():
     from spherefmt.constants import MAX_PLANE_WASTE, MIN_PLANE_BYTES
-    from spherefmt.placement import Grid, plane_waste
+    from spherefmt.format.placement import Grid, plane_waste
 
     assert default_grid(3072, 1537, 2, 12) == Grid(3, 6, 10)  # GPT-2 small, as the spec says
     for n, f, item, layers in [(3072, 1537, 2, 12), (6400, 3201, 2, 48), (11008, 12288, 2, 32), (4096, 2049, 4, 24)]:

@@ -147,7 +147,7 @@ def test_file_url_and_zarr_store_object(tmp_path):
 
 def test_large_core_tensors_are_written_in_slabs(tmp_path, monkeypatch):
     from spherefmt import constants
-    from spherefmt.safetensors_io import SafetensorsFile
+    from spherefmt.interop.safetensors import SafetensorsFile
 
     sd, cfg = model("gpt2", "BF16")
     folder = save_hf_folder(tmp_path / "hf", sd, cfg)
@@ -157,6 +157,6 @@ def test_large_core_tensors_are_written_in_slabs(tmp_path, monkeypatch):
         assert f.read("transformer.wte.weight", 70, 999).tobytes() == full[70:].tobytes()
     monkeypatch.setattr(constants, "CORE_CHUNK_BYTES", 640)  # 10 rows of wte per chunk, 40 per slab
     pkg = spherefmt.open(spherefmt.save(folder, tmp_path / "m.sphere"))
-    assert pkg._array("core/transformer.wte.weight").chunks == (10, 32)
+    assert pkg.array("core/transformer.wte.weight").chunks == (10, 32)
     for k, v in sd.items():
         assert same_bytes(pkg.tensor(k), v), k

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from spherefmt.backends import get_backend
-from spherefmt.runtime import Session, parse_budget
 
 import spherefmt
+from spherefmt.backends import get_backend
 from spherefmt.errors import BackendUnavailableError, BudgetExceededError, FormatError, InputError, UnknownBackendError
+from spherefmt.runtime import Session, parse_budget
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
 
 from .conftest import run_cli

@@ -13,12 +13,12 @@ from pathlib import Path
 import fsspec.config
 import numpy as np
 import pytest
-from spherefmt.runtime import Session
 
 import spherefmt
 from spherefmt.cli import main
-from spherefmt.errors import FormatError, StorageError
 from spherefmt.containers.remote import client_options
+from spherefmt.errors import FormatError, StorageError
+from spherefmt.runtime import Session
 from spherefmt.testing.s3 import S3Server
 
 from .conftest import run_cli

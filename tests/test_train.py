@@ -11,9 +11,9 @@ from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, 
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import spherefmt.torch as st
+import spherefmt.training.modules as st  # noqa: E402 - after the importorskip above
 
-from .conftest import changed_keys, object_digests, train_steps
+from .conftest import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -103,7 +103,8 @@ def test_cli_train(tmp_path, capsys):
 
 
 def test_router_trains_and_writes_back_alone(tmp_path):
-    from spherefmt.routers import read_router, train_router, write_router
+    from spherefmt.format.routers import read_router, write_router
+    from spherefmt.training.routers import train_router
 
     cfg = gpt2_config(n_layer=2, n_embd=32, n_head=4, vocab_size=300)
     save_hf_folder(tmp_path / "src", make_gpt2(cfg, "F32", 0), cfg)

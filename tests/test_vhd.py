@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spherefmt.containers.vhd.image import SECTOR, VHDImage, chs_geometry, create_vhd, disk_size
 from spherefmt.errors import FormatError, ReadOnlyError
-from spherefmt.vhd import SECTOR, VHDImage, chs_geometry, create_vhd, disk_size
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (Debian qemu-utils)")
 MiB = 1024 * 1024

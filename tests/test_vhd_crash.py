@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import spherefmt
-from spherefmt.vhd import VHDImage
+from spherefmt.containers.vhd.image import VHDImage
 
 from .conftest import model
 

@@ -16,9 +16,9 @@ import pytest
 import zarr
 
 import spherefmt
+from spherefmt.containers.vhd.filesystem import PARTITION_START, VHDFileSystem
 from spherefmt.errors import ReadOnlyError
 from spherefmt.testing import save_hf_folder
-from spherefmt.vhdfs import PARTITION_START, VHDFileSystem
 
 from .conftest import model, same_bytes
 
@@ -78,8 +78,8 @@ def test_image_is_real_vpc_with_clean_fat32_and_plain_zarr_reads_it(vhd_pkg):
     part.unlink()
     store = out if (out / "zarr.json").exists() else next(p.parent for p in out.rglob("zarr.json") if p.parent.parent == out)
     g = zarr.open_group(str(store), mode="r")  # plain zarr, files copied out by another FAT implementation
-    for name, entry in ((t["name"], t) for t in g.attrs["spherefmt"]["tensors"] if t["where"] == "core"):
-        arr = g[spherefmt.package.core_key(name)][...]
+    for name, _entry in ((t["name"], t) for t in g.attrs["spherefmt"]["tensors"] if t["where"] == "core"):
+        arr = g[spherefmt.format.keys.core_key(name)][...]
         assert arr.tobytes() == sd[name].tobytes(), name
     assert g["sphere/d0/neurons"].shape[1:3] == (2, 3)
 
@@ -152,7 +152,7 @@ def test_looping_cluster_chain_is_refused_not_followed(vhd_pkg, tmp_path):
     first, _, _ = fs._lookup("/zarr.json")
     fat_offset = PARTITION_START * 512 + 32 * 512  # reserved sectors, then FAT 1
     fs.close()
-    from spherefmt.vhd import VHDImage
+    from spherefmt.containers.vhd.image import VHDImage
 
     with VHDImage(bad, "r+") as v:  # make zarr.json's cluster point at itself
         v.write(fat_offset + 4 * first, struct.pack("<I", first))
@@ -166,7 +166,7 @@ def test_looping_cluster_chain_is_refused_not_followed(vhd_pkg, tmp_path):
 
 @pytest.mark.slow
 def test_full_filesystem_is_a_clear_error_and_keeps_old_bytes(tmp_path):
-    from spherefmt.vhdfs import create_package_image
+    from spherefmt.containers.vhd.filesystem import create_package_image
 
     img = tmp_path / "small.vhd"
     create_package_image(img, 2200 * 1024**2)  # about the smallest FAT32 volume

@@ -17,6 +17,7 @@ package it replaces stays whole until then).  The interface is :class:`.base.Con
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-from ..errors import FormatError, PackageExistsError, ReadOnlyError
-from .base import AnonymousFile, CommitConflict, Container, FileLock, lock_path, remove_leftovers
+from spherefmt.constants import MAX_HEADER_JSON, ROOT_ATTR
+from spherefmt.containers.base import AnonymousFile, CommitConflict, Container, FileLock, lock_path, remove_leftovers
+from spherefmt.errors import FormatError, PackageExistsError, ReadOnlyError, SpherefmtError
 
-__all__ = ["CommitConflict", "Container", "create_container", "kind_of", "open_container"]
+__all__ = ["CommitConflict", "Container", "create_container", "holds_package", "kind_of", "open_container"]
 
 #: Virtual size of a new package VHD unless given: the larger of this and VHD_SIZE_FACTOR times
 #: the model's raw bytes (dynamic images only occupy what is written).
@@ -57,18 +59,18 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
     """The container of an existing package (``mode`` ``"r"`` or ``"r+"``).
 
     For ``r+`` the writer lock is not taken here but by the store on top
-    (:class:`spherefmt.store.PackageStore`), except for a zip, which is unpacked for writing
+    (:class:`spherefmt.format.store.PackageStore`), except for a zip, which is unpacked for writing
     under its lock at once.
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
     kind = kind_of(url)
     if kind == "store":
-        from .store import StoreContainer
+        from spherefmt.containers.store import StoreContainer
 
         return StoreContainer(url)
     if kind == "fsspec":
-        from .remote import FsspecContainer
+        from spherefmt.containers.remote import FsspecContainer
 
         c = FsspecContainer(os.fspath(url), storage_options)
         if mode == "r+" and not c.conditional:
@@ -80,7 +82,7 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
     if not path.exists():
         raise FormatError(f"{path}: no such package")
     if kind == "vhd":
-        from .vhd import VHDContainer
+        from spherefmt.containers.vhd.container import VHDContainer
 
         if not path.is_file():
             raise FormatError(f"{path}: not a VHD file")
@@ -88,12 +90,12 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
     if kind == "zip":
         if not path.is_file():
             raise FormatError(f"{path}: not a zip file")
-        from .zip import ZipContainer, ZipEditContainer
+        from spherefmt.containers.zip import ZipContainer, ZipEditContainer
 
         return ZipEditContainer(path, lock_timeout=lock_timeout) if mode == "r+" else ZipContainer(path)
     if not path.is_dir():
         raise FormatError(f"{path}: not a package directory")
-    from .directory import DirectoryContainer
+    from spherefmt.containers.directory import DirectoryContainer
 
     return DirectoryContainer(path)
 
@@ -112,20 +114,18 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
         ``dst`` holds a package and ``overwrite`` is false, or holds anything else (never
         replaced, even with ``overwrite``).
     """
-    from ..store import is_package
-
     kind = kind_of(dst)
     if kind == "store":
-        from .store import StoreContainer
+        from spherefmt.containers.store import StoreContainer
 
         return StoreContainer(dst)
     if kind == "fsspec":
-        from .remote import FsspecContainer
+        from spherefmt.containers.remote import FsspecContainer
 
         c = FsspecContainer(os.fspath(dst), storage_options)
         existing = list(c.keys())
         if existing:
-            pkg = is_package(c)
+            pkg = holds_package(c)
             if not (overwrite and pkg):
                 raise PackageExistsError(f"{c.where}: already holds a {'package' if pkg else 'Zarr store or other data'}; "
                                          "pass --overwrite to replace a package")
@@ -134,7 +134,7 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
         return c
     path = Path(local_path(dst))
     if path.exists():
-        pkg = is_package(path)
+        pkg = _path_holds_package(path)
         empty_dir = path.is_dir() and not any(path.iterdir())
         if pkg and not overwrite:
             raise PackageExistsError(f"{path}: already holds a package; pass --overwrite to replace it")
@@ -143,7 +143,7 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
     if not path.parent.is_dir():
         raise FormatError(f"{path.parent}: no such directory")
     if kind == "zip":
-        from .zip import ZipEditContainer
+        from spherefmt.containers.zip import ZipEditContainer
 
         return ZipEditContainer(path, new=True)
     lock = FileLock(lock_path(path), str(path))
@@ -158,9 +158,33 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
         raise
 
 
+def holds_package(c: Container) -> bool:
+    """True when the container's root ``zarr.json`` names a spherefmt package, complete or not
+    (what decides whether ``overwrite`` may replace it; reading one is :mod:`spherefmt.format`'s
+    job, and checks everything)."""
+    try:
+        blob = c.get("zarr.json", 0, MAX_HEADER_JSON + 1)
+        doc = json.loads(bytes(blob)) if blob is not None and len(blob) <= MAX_HEADER_JSON else None
+    except (OSError, ValueError, SpherefmtError):
+        return False
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return isinstance(attrs, dict) and ROOT_ATTR in attrs
+
+
+def _path_holds_package(path: Path) -> bool:
+    try:
+        c = open_container(path, "r")
+    except (OSError, ValueError, SpherefmtError):
+        return False
+    try:
+        return holds_package(c)
+    finally:
+        c.close()
+
+
 def _new_vhd(path: Path, lock: FileLock, size: int) -> Container:
-    from ..vhdfs import create_package_image
-    from .vhd import VHDContainer
+    from spherefmt.containers.vhd.container import VHDContainer
+    from spherefmt.containers.vhd.filesystem import create_package_image
 
     image = AnonymousFile(path)
     try:
@@ -174,7 +198,7 @@ def _new_vhd(path: Path, lock: FileLock, size: int) -> Container:
 
 
 def _new_dir(path: Path, lock: FileLock) -> Container:
-    from .directory import DirectoryContainer
+    from spherefmt.containers.directory import DirectoryContainer
 
     stage = path.with_name(f".{path.name}.partial-{os.getpid()}")
     stage.mkdir()

@@ -3,7 +3,7 @@
 A *container* stores named objects (bytes) for one package: a directory, a zip file, the FAT
 filesystem inside a ``.vhd`` image, an fsspec URL (``memory://``, ``s3://``...), or a zarr
 ``Store`` handed in by the caller.  Everything above it (the manifest, transactions, zarr,
-the package API) is written once against this interface, in :mod:`spherefmt.store`.
+the package API) is written once against this interface, in :mod:`spherefmt.format.store`.
 
 Contract (``spherefmt/testing/containers.py`` checks every implementation against it):
 
@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import DiskFullError, PackageLockedError, SpherefmtError, StorageError
+from spherefmt.errors import DiskFullError, PackageLockedError, SpherefmtError, StorageError
 
 __all__ = ["CommitConflict", "Container", "FileLock", "disk_full", "storage_failure"]
 
@@ -147,7 +147,7 @@ def safe_key(key: str, where: str) -> str:
     key can reach outside a container), else :class:`~spherefmt.errors.FormatError`."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key \
             or any(part in ("", ".", "..") for part in key.split("/")):
-        from ..errors import FormatError
+        from spherefmt.errors import FormatError
 
         raise FormatError(f"{where}: unsafe object key {key[:120]!r}")
     return key

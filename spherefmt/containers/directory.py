@@ -21,7 +21,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .base import Blob, CommitConflict, Container, FileLock, clip, fsync_dir, lock_path, remove_leftovers, safe_key, storage_failure
+from spherefmt.containers.base import (
+    Blob,
+    CommitConflict,
+    Container,
+    FileLock,
+    clip,
+    fsync_dir,
+    lock_path,
+    remove_leftovers,
+    safe_key,
+    storage_failure,
+)
 
 __all__ = ["DirectoryContainer"]
 

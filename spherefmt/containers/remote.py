@@ -19,8 +19,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import BackendUnavailableError, FormatError, SpherefmtError, StorageError
-from .base import Blob, CommitConflict, Container, safe_key
+from spherefmt.containers.base import Blob, CommitConflict, Container, safe_key
+from spherefmt.errors import BackendUnavailableError, FormatError, SpherefmtError, StorageError
 
 __all__ = ["S3_DEFAULTS", "FsspecContainer", "client_options"]
 

@@ -12,7 +12,7 @@ from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .base import Blob, Container, safe_key
+from spherefmt.containers.base import Blob, Container, safe_key
 
 __all__ = ["StoreContainer"]
 

@@ -20,9 +20,19 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import FormatError, ReadOnlyError
-from .base import AnonymousFile, Blob, Container, FileLock, clip, lock_path, remove_leftovers, safe_key, storage_failure
-from .directory import DirectoryContainer, is_leftover
+from spherefmt.containers.base import (
+    AnonymousFile,
+    Blob,
+    Container,
+    FileLock,
+    clip,
+    lock_path,
+    remove_leftovers,
+    safe_key,
+    storage_failure,
+)
+from spherefmt.containers.directory import DirectoryContainer, is_leftover
+from spherefmt.errors import FormatError, ReadOnlyError
 
 __all__ = ["ZipContainer", "ZipEditContainer", "write_zip"]
 

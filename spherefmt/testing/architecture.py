@@ -197,16 +197,28 @@ def private_reaches(mods: dict[str, Module]) -> list[Reach]:
     out: list[Reach] = []
     for mod in mods.values():
         own = _defined_names(mod.tree)
+        foreign = _foreign_names(mod.tree)
         for node in ast.walk(mod.tree):
             if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
                 v = node.value
-                if isinstance(v, ast.Name) and v.id in ("self", "cls"):
-                    continue
+                if isinstance(v, ast.Name) and (v.id in ("self", "cls") or v.id in foreign):
+                    continue  # own members, or another library's (os._exit)
                 out.append(Reach(mod.name, node.lineno, node.attr))
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(mod, node.level, node.module)
                 if base.split(".")[0] == "spherefmt":
                     out += [Reach(mod.name, node.lineno, a.name) for a in node.names if _private(a.name)]
+    return out
+
+
+def _foreign_names(tree: ast.Module) -> set[str]:
+    """Names bound by importing modules that are not spherefmt's."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {(a.asname or a.name).split(".")[0] for a in node.names if not a.name.startswith("spherefmt")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and not (node.module or "").startswith("spherefmt"):
+            out |= {a.asname or a.name for a in node.names}
     return out
 
 
@@ -228,6 +240,7 @@ LAYERS: list[tuple[str, str]] = [
     ("spherefmt.constants", "ground"),
     ("spherefmt.units", "ground"),
     ("spherefmt.dtypes", "ground"),
+    ("spherefmt.progress", "ground"),
     ("spherefmt.backends", "backends"),
     ("spherefmt.runtime", "runtime"),
     ("spherefmt.format", "format"),

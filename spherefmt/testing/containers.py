@@ -26,7 +26,7 @@ _n = itertools.count()
 
 
 def _model() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from .models import gpt2_config, make_gpt2
+    from spherefmt.testing.models import gpt2_config, make_gpt2
 
     cfg = gpt2_config(n_layer=2, n_embd=32, vocab_size=80)
     return make_gpt2(cfg, "F32", 0), cfg
@@ -183,7 +183,7 @@ class ContainerSuite:
             b.close()
 
     def test_what_a_killed_writer_left_is_never_read_and_then_removed(self, tmp_path: Any) -> None:
-        from spherefmt.store import PackageStore
+        from spherefmt.format.store import PackageStore
 
         url = self.package(tmp_path)
         before = self._state(url)

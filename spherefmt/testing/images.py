@@ -14,7 +14,7 @@ def check_vhd(image: str | Path, scratch: str | Path) -> dict:
     """Convert ``image`` to raw with ``qemu-img`` and check its FAT32 partition with
     ``fsck.vfat -n``; return ``qemu-img info``.  Raises ``AssertionError`` with the tool's output
     when either tool objects (qemu-img has no ``check`` for vpc images, so conversion is the test)."""
-    from spherefmt.vhdfs import PARTITION_START
+    from spherefmt.containers.vhd.filesystem import PARTITION_START
 
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True,
                                      text=True, check=True).stdout)

@@ -13,8 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ..safetensors_io import TensorInfo, write_safetensors
-from ..dtypes import from_numpy
+from spherefmt.dtypes import TensorInfo, from_numpy
+from spherefmt.interop.safetensors import write_safetensors
 
 __all__ = ["gpt2_config", "llama_config", "make_gpt2", "make_llama", "save_hf_folder"]
 

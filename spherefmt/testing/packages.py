@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..containers import open_container
-from ..manifest import MANIFEST_KEY, Manifest, reserved
-from ..store import PackageStore
+from spherefmt.containers import open_container
+from spherefmt.format.manifest import MANIFEST_KEY, Manifest, reserved
+from spherefmt.format.store import PackageStore
 
 __all__ = ["remanifest"]
 
@@ -21,7 +21,7 @@ def remanifest(url: Any) -> int:
         store = PackageStore(c, "r")
         gen = (store.generation or 0) + 1
         store.manifest = None  # list what the container holds, not what the old manifest said
-        objects = {k: e for k, e in PackageStore._scan(store).items() if not reserved(k)}
+        objects = {k: e for k, e in store.scan().items() if not reserved(k)}
         c.replace(MANIFEST_KEY, Manifest(gen, objects).encode(), c.version(MANIFEST_KEY))
         return gen
     finally:

@@ -91,7 +91,7 @@ def _prepare(op: str, pkg: str, args: dict[str, Any]) -> Any:
     if op == "train":
         import torch
 
-        import spherefmt.torch as st
+        import spherefmt.training.modules as st
 
         torch.set_num_threads(1)  # the same reductions in the same order: the reference is reproducible
         torch.manual_seed(0)
@@ -111,7 +111,7 @@ def _change(op: str, pkg: str, args: dict[str, Any], handle: Any) -> None:
     import spherefmt
 
     if op == "grow":
-        from spherefmt.grow import grow_neurons
+        from spherefmt.training.grow import grow_neurons
 
         grow_neurons(handle, args.get("neurons", 24), cell=(0, 1), depth=0, seed=1)
         handle.close()  # a zip is rewritten here: part of the change
@@ -137,7 +137,7 @@ class Trials:
 
     def __init__(self) -> None:
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["numpy", "zarr", "torch", "spherefmt", "spherefmt.grow", "spherefmt.torch",
+        self.ctx.set_forkserver_preload(["numpy", "zarr", "torch", "spherefmt", "spherefmt.training.grow", "spherefmt.training.modules",
                                          "spherefmt.testing.reliability"])
 
     def run(self, op: str, pkg: str | Path, args: dict[str, Any], delay: float | None) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class TestVHD(ContainerSuite):
         return tmp_path / f"p{next(_n)}.vhd"
 
     def remove_object(self, url, key):
-        from spherefmt.vhdfs import VHDFileSystem
+        from spherefmt.containers.vhd.filesystem import VHDFileSystem
 
         fs = VHDFileSystem(str(url), "r+")
         try:

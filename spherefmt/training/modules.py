@@ -1,6 +1,6 @@
 """Packages as trainable torch modules, and writing back only what changed.
 
-    >>> import spherefmt.torch as st
+    >>> import spherefmt.training.modules as st
     >>> m = st.load("model.sphere", trainable=[(0, 1, 2)])   # one expert trainable, the rest frozen
     >>> ...train m.model (a transformers model) as usual...
     >>> m.save_changes()                                     # rewrites expert (0, 1, 2) only
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
-from .package import Package
-from .package import open as open_package
+from spherefmt.errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
+from spherefmt.format.package import Package
+from spherefmt.format.package import open as open_package
 
 __all__ = ["SphereModule", "load"]
 
@@ -32,7 +32,7 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError as e:
-        raise BackendUnavailableError("spherefmt.torch needs torch (pip install torch==2.13.0)") from e
+        raise BackendUnavailableError("spherefmt.training.modules needs torch (pip install torch==2.13.0)") from e
     return torch
 
 
@@ -43,7 +43,7 @@ class SphereModule:
     def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all",
                  router: str | None = None) -> None:
         _torch()
-        from .hf import build
+        from spherefmt.interop.hf import build
 
         self.pkg = pkg
         # float32 for training; padded: after uneven growth every layer gets the largest FFN
@@ -54,20 +54,20 @@ class SphereModule:
         #: the cell scores of FFN inputs ``x``), when asked for or when ``trainable="router"``
         self.router, self.router_name = None, router
         if trainable == "router" and router is None:
-            from .routers import router_names
+            from spherefmt.format.routers import router_names
 
             names = router_names(pkg)
             if not names:
                 raise InputError(f"{pkg.where} holds no router to train: sphere route-train makes one")
             self.router_name = "learned" if "learned" in names else names[0]
         if self.router_name is not None:
-            from .routers import read_router
+            from spherefmt.format.routers import read_router
 
             self._router_meta = read_router(pkg, self.router_name)
             self.router = _router_modules(self._router_meta)
             self.router.requires_grad_(trainable in ("all", "router"))
         self._params = dict(self.model.named_parameters())
-        self._ffn = set(pkg._layout.ffn_tensors())
+        self._ffn = set(pkg.layout.ffn_tensors())
         self._ffn_params = {self._module_name(n) for n in self._ffn}
         self._trainable = trainable
         self._experts = self._select(trainable)
@@ -95,7 +95,7 @@ class SphereModule:
             return None
         chosen = [tuple(int(v) for v in e) for e in trainable]
         for lat, lon, depth in chosen:
-            self.pkg._check_address(lat, lon, depth)
+            self.pkg.check_address(lat, lon, depth)
         return chosen  # type: ignore[return-value]
 
     def _apply_trainable(self, trainable: Any) -> None:
@@ -113,24 +113,24 @@ class SphereModule:
             else:
                 p.requires_grad_(is_ffn)
         size = self.pkg.ffn_size() or 0
-        padded = any(n != size for n in self.pkg._layout.neurons)
+        padded = any(n != size for n in self.pkg.layout.neurons)
         if self._experts is None and not padded:
             return
         # per FFN tensor, a 0/1 mask over the neuron axis: only the chosen experts' neurons learn,
         # and the zero neurons that pad a grown layer to the common size never do
         keep: dict[int, np.ndarray] = {}
-        for layer, n in enumerate(self.pkg._layout.neurons):
+        for layer, n in enumerate(self.pkg.layout.neurons):
             keep[layer] = np.zeros(size, dtype=bool)
             if self._experts is None:
                 keep[layer][:n] = True
         for lat, lon, depth in self._experts or []:
-            _, index, _ = self.pkg._shell_arrays(depth)
-            for t, layer in enumerate(self.pkg._shells[depth]["layers"]):
+            _, index, _ = self.pkg.shell_arrays(depth)
+            for t, layer in enumerate(self.pkg.shell_layers(depth)):
                 idx = index[t, lat, lon]
                 keep[layer][idx[idx >= 0]] = True
-        for layer, tensors in enumerate(self.pkg._layout.layers):
+        for layer, tensors in enumerate(self.pkg.layout.layers):
             mask = torch.from_numpy(keep[layer])
-            for f in self.pkg._layout.fields:
+            for f in self.pkg.layout.fields:
                 p = self._params[self._module_name(tensors[f.name])]
                 if not p.requires_grad:
                     continue
@@ -158,7 +158,7 @@ class SphereModule:
         arrays of those that differ from ``baseline``."""
         import hashlib
 
-        pkg, layout = self.pkg, self.pkg._layout
+        pkg, layout = self.pkg, self.pkg.layout
         digests: dict[Any, bytes] = dict(baseline or {})
         changed: dict[Any, np.ndarray] = {}
         current: dict[str, np.ndarray] = {}
@@ -168,7 +168,7 @@ class SphereModule:
         ffn_live = check_all or any(self._params[self._module_name(n)].requires_grad for n in self._ffn)
         experts = None if check_all or self._experts is None else set(self._experts)
         layers_needed = set(range(len(layout.layers))) if experts is None else \
-            {la for (_, _, d) in experts for la in pkg._shells[d]["layers"]}
+            {la for (_, _, d) in experts for la in pkg.shell_layers(d)}
         for name in pkg.keys():
             try:
                 p = self._params[self._module_name(name)]
@@ -176,11 +176,11 @@ class SphereModule:
                 continue  # e.g. a tied lm_head the package does not store
             if not check_all and not p.requires_grad:
                 continue
-            if name in self._ffn and (not ffn_live or pkg._owner[name][0] not in layers_needed):
+            if name in self._ffn and (not ffn_live or pkg.owner(name)[0] not in layers_needed):
                 continue
             value = p.detach().cpu().float().numpy()
             if name in self._ffn:  # drop the zero neurons that pad a grown layer
-                layer, field = pkg._owner[name]
+                layer, field = pkg.owner(name)
                 axis = next(f.axis for f in layout.fields if f.name == field)
                 value = np.take(value, np.arange(layout.neurons[layer]), axis=axis)
             current[name] = _cast(value, pkg.tensor_info(name).dtype)
@@ -188,7 +188,7 @@ class SphereModule:
                 digests[name] = hashlib.blake2b(current[name].tobytes(), digest_size=16).digest()
                 if baseline is not None and baseline.get(name) != digests[name]:
                     changed[name] = current[name]
-        from .arch import rows_from_tensors
+        from spherefmt.format.arch import rows_from_tensors
 
         if not ffn_live:
             return digests, changed
@@ -196,8 +196,8 @@ class SphereModule:
                 for layer in sorted(layers_needed)}
         p_, m_ = pkg.graticule  # type: ignore[misc]
         for depth in range(pkg.depth):
-            arr, index, _ = pkg._shell_arrays(depth)
-            layers = pkg._shells[depth]["layers"]
+            arr, index, _ = pkg.shell_arrays(depth)
+            layers = pkg.shell_layers(depth)
             if not set(layers) <= layers_needed:
                 continue
             for lat in range(p_):
@@ -207,7 +207,7 @@ class SphereModule:
                     idx = index[:, lat, lon]
                     if not (idx >= 0).any():
                         continue
-                    new = np.zeros((len(layers), pkg._slots(depth), arr.shape[4]), dtype=arr.dtype)
+                    new = np.zeros((len(layers), pkg.slots(depth), arr.shape[4]), dtype=arr.dtype)
                     for t, layer in enumerate(layers):
                         real = idx[t] >= 0
                         new[t, real] = rows[layer][idx[t][real]]
@@ -240,7 +240,7 @@ class SphereModule:
             written["router"] = None
             now = self._router_state() if self.router is not None else None
             if self.router is not None and now != self._router_digest:
-                from .routers import Router, write_router
+                from spherefmt.format.routers import Router, write_router
 
                 layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
                           for lay in self.router]
@@ -257,7 +257,7 @@ class SphereModule:
 
 def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values to the package's storage array for ``dtype`` (BF16 rounds to nearest even)."""
-    from .dtypes import storage_dtype
+    from spherefmt.dtypes import storage_dtype
 
     if dtype == "BF16":
         import ml_dtypes

@@ -1,7 +1,7 @@
 """The zarr store of a package: a container seen through its manifest, with transactions.
 
 Every byte spherefmt reads from a package comes through :class:`PackageStore`, zarr's own reads
-and the direct chunk reads of :mod:`spherefmt.fastpath` alike, and every byte it writes goes
+and the direct chunk reads of :mod:`spherefmt.format.chunks` alike, and every byte it writes goes
 through a :meth:`PackageStore.transaction` (``spec/FORMAT.md`` section 10):
 
 * **Reading** (version 2): an object the latest manifest does not list reads as absent (zarr's
@@ -44,7 +44,7 @@ import crc32c
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from .constants import (
+from spherefmt.constants import (
     CORE_GROUP,
     MANIFEST_PREFIX,
     MAX_HEADER_JSON,
@@ -53,11 +53,18 @@ from .constants import (
     SPHERE_GROUP,
     STAGING_PREFIX,
 )
-from .containers import Container, open_container
-from .containers.base import CommitConflict, clip
-from .containers.directory import is_leftover
-from .errors import ConcurrentWriteError, FormatError, IntegrityError, ReadOnlyError, SpherefmtError, StorageError
-from .manifest import MANIFEST_KEY, ChunkLayout, Entry, Manifest, array_of, entry_for, trailers_of
+from spherefmt.containers import Container, open_container
+from spherefmt.containers.base import CommitConflict, clip
+from spherefmt.containers.directory import is_leftover
+from spherefmt.errors import (
+    ConcurrentWriteError,
+    FormatError,
+    IntegrityError,
+    ReadOnlyError,
+    SpherefmtError,
+    StorageError,
+)
+from spherefmt.format.manifest import MANIFEST_KEY, ChunkLayout, Entry, Manifest, array_of, entry_for, trailers_of
 
 __all__ = ["PackageStore", "is_package", "open_package_store"]
 
@@ -128,7 +135,7 @@ class PackageStore(Store):
             if mode == "r+":
                 if self.manifest is None:  # version 1: every object as it is, upgraded on commit
                     self.upgrading = self._has_root()
-                    self.manifest = Manifest(0, self._scan()) if self.upgrading else None
+                    self.manifest = Manifest(0, self.scan()) if self.upgrading else None
                 elif container.can_lock:
                     self._recover()
                 else:
@@ -139,6 +146,11 @@ class PackageStore(Store):
             raise
 
     # -- the manifest ------------------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        """True inside :meth:`transaction` (changes are staged until it ends)."""
+        return self._txn is not None
+
     def _has_root(self) -> bool:
         return self.container.size("zarr.json") is not None
 
@@ -186,7 +198,7 @@ class PackageStore(Store):
             return "changed"
         return "view" if view else ""
 
-    def _scan(self) -> dict[str, Entry]:
+    def scan(self) -> dict[str, Entry]:
         """Entries for every object of a version-1 package (read once, as they are)."""
         out: dict[str, Entry] = {}
         keys = [k for k in self.container.keys() if _owned(k) and not k.startswith((MANIFEST_PREFIX, STAGING_PREFIX))

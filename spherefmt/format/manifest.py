@@ -6,7 +6,7 @@ A version-2 package holds one manifest, ``manifest/zarr.json``: the metadata doc
 the package.  An object it lists MUST exist and match its size and checksums, an object it does
 not list is never read as data, and a change (a conversion, a growth, a write-back of trained
 experts) becomes visible at once when the manifest is replaced by the next generation's, in
-one atomic step that fails if another writer replaced it first.  Nothing here does I/O: :mod:`spherefmt.store` reads and writes manifests
+one atomic step that fails if another writer replaced it first.  Nothing here does I/O: :mod:`spherefmt.format.store` reads and writes manifests
 through a container.
 
 The checks are designed to be fused with reads that happen anyway: every chunk spherefmt writes
@@ -26,8 +26,8 @@ from typing import Any
 
 import crc32c
 
-from .constants import MANIFEST_FORMAT, MANIFEST_PREFIX, MANIFEST_VERSION, MAX_MANIFEST_BYTES, STAGING_PREFIX
-from .errors import FormatError
+from spherefmt.constants import MANIFEST_FORMAT, MANIFEST_PREFIX, MANIFEST_VERSION, MAX_MANIFEST_BYTES, STAGING_PREFIX
+from spherefmt.errors import FormatError
 
 __all__ = ["MANIFEST_KEY", "Entry", "Manifest", "entry_for", "trailers_of"]
 

@@ -14,47 +14,17 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .constants import DTYPES, MAX_NDIM, MAX_SAFETENSORS_HEADER
-from .dtypes import _contig
-from .errors import FormatError
+from spherefmt.constants import DTYPES, MAX_SAFETENSORS_HEADER
+from spherefmt.dtypes import TensorInfo, check_dtype, check_shape, contiguous
+from spherefmt.errors import FormatError
+from spherefmt.interop.base import TensorSource, read_json
 
-__all__ = ["TensorInfo", "SafetensorsFile", "write_safetensors"]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, dtype (safetensors spelling), shape and byte size of one tensor."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
-
-
-def check_shape(shape: object, where: str) -> tuple[int, ...]:
-    """Validate a shape from untrusted input; return it as a tuple of ints."""
-    if not isinstance(shape, list | tuple) or len(shape) > MAX_NDIM:
-        raise FormatError(f"{where}: shape must be a list of at most {MAX_NDIM} integers")
-    out = []
-    for s in shape:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0 or s > 2**48:
-            raise FormatError(f"{where}: bad shape entry {s!r}")
-        out.append(s)
-    return tuple(out)
-
-
-def check_dtype(dtype: object, where: str) -> str:
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    return dtype
+__all__ = ["SafetensorsFile", "SafetensorsSource", "export_safetensors", "open_safetensors", "write_safetensors"]
 
 
 class SafetensorsFile:
@@ -132,7 +102,7 @@ class SafetensorsFile:
             self._entries[name] = (info, begin)
             spans.append((begin, end, name))
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
+        for (_b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
             if b1 < e0 and b1 != e1:  # empty tensors may sit anywhere
                 raise FormatError(f"{where}: tensors {n0!r} and {n1!r} overlap")
         # Keep the file's own order (by offset) so exports come out in the same order.
@@ -220,7 +190,7 @@ def write_safetensors(
             f.write(struct.pack("<Q", len(hb)))
             f.write(hb)
             for t in infos:
-                arr = _contig(get(t.name))
+                arr = contiguous(get(t.name))
                 if arr.nbytes != t.nbytes:
                     raise FormatError(f"{path}: tensor {t.name!r} has {arr.nbytes} bytes, header says {t.nbytes}")
                 f.write(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
@@ -230,3 +200,57 @@ def write_safetensors(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files (a sharded checkpoint is a name -> file map)."""
+
+    def __init__(self, files: list[Path], where: str) -> None:
+        self.where = where
+        self._files: list[SafetensorsFile] = []
+        self._owner: dict[str, SafetensorsFile] = {}
+        self._order: list[str] = []
+        self.metadata = {}
+        try:
+            for p in files:
+                f = SafetensorsFile(p)
+                self._files.append(f)
+                self.metadata.update(f.metadata)
+                for k in f.keys():
+                    if k in self._owner:
+                        raise FormatError(f"{p}: tensor {k!r} also appears in {self._owner[k].path}")
+                    self._owner[k] = f
+                    self._order.append(k)
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self._order)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._owner[name].info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._owner[name].read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._owner[name].read(name, start, stop)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def open_safetensors(path: Path) -> SafetensorsSource:
+    """A ``.safetensors`` file as a source; a ``config.json`` beside it is the model's config."""
+    src = SafetensorsSource([path], str(path))
+    cfg = path.with_name("config.json")
+    src.config = read_json(cfg) if cfg.exists() else None
+    return src
+
+
+def export_safetensors(pkg: Any, dst: Path, storage: Callable[[str], np.ndarray], progress: Callable[[int], Any]) -> None:
+    """Write every tensor of a package to one ``.safetensors`` file, one tensor in memory at a time."""
+    infos = [pkg.tensor_info(n, padded=True) for n in pkg.keys()]
+    write_safetensors(dst, infos, storage, metadata=pkg.header.metadata or None, progress=progress)

@@ -31,9 +31,9 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.sync import sync
 
-from .errors import IntegrityError
+from spherefmt.errors import IntegrityError
 
-__all__ = ["FastArray", "ChunkError", "open_arrays", "parallel_map", "read_many"]
+__all__ = ["ChunkError", "FastArray", "open_arrays", "parallel_map", "read_many", "shard_shape"]
 
 _MISSING = 2**64 - 1
 
@@ -294,13 +294,13 @@ def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool 
                 ) -> bytes | memoryview | None:
     """Bytes ``[start, end)`` of one object (``start < 0``: the last ``-start`` bytes), or None
     when the package has no such object.  A package's own store checks them against its
-    manifest (:meth:`spherefmt.store.PackageStore.read`); ``mapped`` lets an uncompressed local
+    manifest (:meth:`spherefmt.format.store.PackageStore.read`); ``mapped`` lets an uncompressed local
     chunk come as a view of its memory map (no copy).  Compressed chunks are decoded into new
     memory anyway, so they are read with one ``pread``: mapping would populate the whole object
     into the process for one byte range (bench/bench_scale.py)."""
     from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
-    from .store import PackageStore
+    from spherefmt.format.store import PackageStore
 
     if isinstance(store, PackageStore):
         return store.read(key, start, end, mapped=mapped)
@@ -315,7 +315,7 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence
     object ``i`` may come as a view of a memory map)."""
     if not keys:
         return
-    from .store import PackageStore
+    from spherefmt.format.store import PackageStore
 
     if isinstance(store, PackageStore):
         if store.container.remote and len(keys) > 1:  # one concurrent round of requests, then decode
@@ -345,6 +345,11 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence
         await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
 
     sync(run())
+
+
+def shard_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """The shard shape of a sharded array (its chunk shape when not sharded)."""
+    return tuple(arr.metadata.chunk_grid.chunk_shape)
 
 
 def parallel_map(fn: Any, items: Sequence[Any]) -> list[Any]:

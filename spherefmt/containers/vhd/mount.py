@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .errors import BackendUnavailableError, SpherefmtError
+from spherefmt.errors import BackendUnavailableError, SpherefmtError
 
 __all__ = ["guest_env", "kvm_usable", "mount", "unmount", "open_guestfs", "INSTALL_HINT"]
 

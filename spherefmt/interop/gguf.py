@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .constants import GGUF_SIDE_FILE
-from .errors import BackendUnavailableError, FormatError
-from .safetensors_io import TensorInfo
-from .sources import TensorSource
+from spherefmt.constants import GGUF_SIDE_FILE
+from spherefmt.dtypes import TensorInfo
+from spherefmt.errors import BackendUnavailableError, FormatError
+from spherefmt.interop.base import TensorSource
 
-__all__ = ["GGUFSource", "export_gguf", "GGUF_SIDE_FILE"]
+if TYPE_CHECKING:
+    from spherefmt.format.package import Package
+
+__all__ = ["GGUF_SIDE_FILE", "GGUFSource", "export_gguf", "open_gguf"]
 
 _FLOAT = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 _MIN_FILE = 24  # magic, version, tensor count, kv count
@@ -176,14 +180,20 @@ class GGUFSource(TensorSource):
         self._reader = None
 
 
-def export_gguf(pkg: Any, dst: str | os.PathLike[str], storage: Any = None, progress: Any = None) -> None:
+def open_gguf(path: Path) -> GGUFSource:
+    """A ``.gguf`` file as a source."""
+    return GGUFSource(path)
+
+
+def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,
+                progress: Callable[[int], Any] | None = None) -> None:
     """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring).
 
     Tensors come from the package as it is now (trained or grown); layer and FFN counts in the
     metadata follow the tensors.  Written beside ``dst`` and renamed into place.
     """
     gguf = _gguf()
-    if GGUF_SIDE_FILE not in pkg.metadata.get("files", []):
+    if GGUF_SIDE_FILE not in pkg.header.files:
         raise FormatError(f"{pkg.where}: not converted from GGUF, so it has no GGUF metadata to write; export to "
                           ".safetensors (llama.cpp's convert_hf_to_gguf.py makes a GGUF from that)")
     try:
@@ -232,7 +242,7 @@ def export_gguf(pkg: Any, dst: str | os.PathLike[str], storage: Any = None, prog
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name in plan:
-            arr = storage(name) if storage is not None else pkg._storage(name, padded=True)
+            arr = storage(name) if storage is not None else pkg.stored(name, padded=True)
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             w.write_tensor_data(data.reshape(-1))
             if progress is not None:

@@ -30,12 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from . import constants as C
-from .dtypes import numpy_view, storage_dtype, to_float32
-from .errors import FormatError, InputError
-from .package import Package, _shard_shape, core_key, shell_path
-from .package import open as open_package
-from .placement import tree_parents
+from spherefmt import constants as C
+from spherefmt.dtypes import numpy_view, storage_dtype, to_float32
+from spherefmt.errors import FormatError, InputError
+from spherefmt.format.arch import Layout
+from spherefmt.format.chunks import shard_shape
+from spherefmt.format.header import Header, LayerEntry, Shell, TensorEntry
+from spherefmt.format.keys import core_key, shell_path
+from spherefmt.format.package import Package
+from spherefmt.format.package import open as open_package
+from spherefmt.format.placement import tree_parents
 
 __all__ = ["grow_layers", "grow_neurons"]
 
@@ -46,7 +50,7 @@ OUTPUT_PROJECTIONS = ("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.bias
                       "attn_output.weight", "attn_output.bias")
 
 
-def _open(pkg: Any) -> tuple[Package, bool]:
+def _open(pkg: str | Package) -> tuple[Package, bool]:
     if isinstance(pkg, Package):
         if pkg.mode != "r+":
             raise InputError(f"{pkg.where} is open read-only: open it with mode='r+' to grow it")
@@ -64,7 +68,7 @@ def _ffn_size_key(arch: str) -> str:
     return "n_inner" if arch == C.ARCH_GPT2 else "intermediate_size"
 
 
-def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth: int | None = None,
+def grow_neurons(pkg: str | Package, n: int, *, cell: tuple[int, int] | None = None, depth: int | None = None,
                  seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Add ``n`` neurons to every layer (of shell ``depth`` when given), function-preserving.
 
@@ -99,9 +103,9 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
         if depth is not None and not 0 <= depth < p.depth:
             raise InputError(f"{p.where}: no depth shell {depth} (the package has {p.depth})")
         if cell is not None:
-            p._check_address(cell[0], cell[1], depth)  # type: ignore[arg-type]
-        header = copy.deepcopy(p._header)
-        layout, sl = p._layout, p._layout.slices()
+            p.check_address(cell[0], cell[1], depth)
+        header = copy.deepcopy(p.header)
+        layout, sl = p.layout, p.layout.slices()
         st = storage_dtype(layout.dtype)
         rng = np.random.default_rng(seed)
         report: dict[str, Any] = {"neurons": n, "shells": []}
@@ -118,10 +122,10 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
         with p.transaction():  # all of it commits at once, or none of it
             shells = [depth] if depth is not None else list(range(p.depth))
             for d in shells:
-                arr, index, parent = p._shell_arrays(d)
-                layers = p._shells[d]["layers"]
-                ls, k = len(layers), p._slots(d)
-                k0 = _shard_shape(arr)[3]
+                arr, index, parent = p.shell_arrays(d)
+                layers = p.shell_layers(d)
+                ls, k = len(layers), p.slots(d)
+                k0 = shard_shape(arr)[3]
                 counts = (index >= 0).sum(axis=-1).reshape(ls, P * M)
                 add = np.zeros((ls, P * M), dtype=np.int64)
                 for t in range(ls):
@@ -165,7 +169,7 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
                         writes.setdefault((lat, lon), []).append((t, first, stored[o:o + a]))
                         o += a
                     nxt += total
-                    header["layers"][layer]["neurons"] = nxt
+                    header.layers[layer].neurons = nxt
                 for (lat, lon), hits_all in sorted(writes.items()):
                     for b in range(k_new // k0):
                         lo, hi = b * k0, (b + 1) * k0
@@ -180,37 +184,42 @@ def grow_neurons(pkg: Any, n: int, *, cell: tuple[int, int] | None = None, depth
                         arr[:ls, lat, lon, lo:hi] = block
                 # 3. index and parent (entries >= a layer's old count read as padding until the commit)
                 for name, data in ((C.INDEX_ARRAY, new_index), (C.PARENT_ARRAY, new_parent)):
-                    ia = p._array(f"{shell_path(d)}/{name}")
+                    ia = p.array(f"{shell_path(d)}/{name}")
                     if ia.shape[3] < k_new:
                         ia.resize((ia.shape[0], P, M, k_new))
                     ia[:ls, :, :, :k_new] = data
-                next(s for s in header["shells"] if s["depth"] == d)["capacity"] = k_new
+                header.shell(d).capacity = k_new
                 report["shells"].append({"depth": d, "capacity": [k, k_new],
                                          "experts": [(c // M, c % M, d) for c in touched]})
             # 4. the header: tensor shapes, FFN size in the config, growth log; then commit
             _update_ffn_shapes(header, layout)
-            header.setdefault("placement", {}).setdefault("growth", []).append(
-                {"op": "neurons", "count": n, "depth": depth, "cell": list(cell) if cell else None, "seed": seed})
-            p._commit_header(header)
+            _log_growth(header, {"op": "neurons", "count": n, "depth": depth, "cell": list(cell) if cell else None,
+                                 "seed": seed})
+            p.write_header(header)
         return report
     finally:
         if own:
             p.close()
 
 
-def _update_ffn_shapes(header: dict[str, Any], layout: Any) -> None:
-    tensors = {t["name"]: t for t in header["tensors"]}
-    for layer, entry in enumerate(header["layers"]):
+def _update_ffn_shapes(header: Header, layout: Layout) -> None:
+    tensors = {t.name: t for t in header.tensors}
+    for entry in header.layers:
         for f in layout.fields:
-            t = tensors[entry["tensors"][f.name]]
-            t["shape"][f.axis] = entry["neurons"]
-    cfg = header.get("config")
-    if isinstance(cfg, dict):
+            tensors[entry.tensors[f.name]].shape[f.axis] = entry.neurons
+    if isinstance(header.config, dict):
         # transformers needs one FFN size: exports pad smaller layers with zero neurons
-        cfg[_ffn_size_key(header["architecture"])] = max(e["neurons"] for e in header["layers"])
+        header.config[_ffn_size_key(header.architecture)] = max(e.neurons for e in header.layers)
 
 
-def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
+def _log_growth(header: Header, record: dict[str, Any]) -> None:
+    """Growth is recorded in the header's placement member (``spec/FORMAT.md`` 7.2)."""
+    if header.placement is None:
+        header.placement = {}
+    header.placement.setdefault("growth", []).append(record)
+
+
+def grow_layers(pkg: str | Package, n: int, *, progress: bool = False) -> dict[str, Any]:
     """Append ``n`` identity transformer blocks after the last one (function-preserving).
 
     Each new block copies the last block with its output projections zeroed; its neurons take
@@ -228,8 +237,8 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
     try:
         if p.graticule is None:
             raise InputError(f"{p.where}: the package has no sphere to grow")
-        header = copy.deepcopy(p._header)
-        layout, sl = p._layout, p._layout.slices()
+        header = copy.deepcopy(p.header)
+        layout, sl = p.layout, p.layout.slices()
         n_layers = len(p.layer_depth)
         last = n_layers - 1
         probe = layout.layers[last][layout.in_field]
@@ -244,29 +253,29 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
 
         with p.transaction():  # all of it commits at once, or none of it
             new_layers = list(range(n_layers, n_layers + n))
-            root = p._group
+            root = p.group
             # 1. core tensors of the new blocks (new arrays: invisible until the header names them)
-            last_all = [t for t in header["tensors"] if t["name"].startswith(own_prefix)]
-            entries: list[dict[str, Any]] = []
+            last_all = [t for t in header.tensors if t.name.startswith(own_prefix)]
+            entries: list[TensorEntry] = []
             for layer in new_layers:
                 for t in last_all:
-                    name = renamed(t["name"], layer)
-                    entries.append({**copy.deepcopy(t), "name": name})
-                    if t["where"] != "core":
+                    name = renamed(t.name, layer)
+                    entries.append(TensorEntry(name, t.dtype, list(t.shape), t.where))
+                    if t.where != "core":
                         continue
-                    src = p._array(core_key(t["name"]))
+                    src = p.array(core_key(t.name))
                     dst = root.create_array(core_key(name), shape=src.shape, dtype=src.dtype, chunks=src.chunks,
                                             compressors=src.compressors, fill_value=0, overwrite=True,
                                             config={"write_empty_chunks": True},
-                                            attributes={"name": name, "dtype": t["dtype"]})
-                    zero = t["name"].endswith(OUTPUT_PROJECTIONS)
+                                            attributes={"name": name, "dtype": t.dtype})
+                    zero = t.name.endswith(OUTPUT_PROJECTIONS)
                     if src.shape:
-                        dst[...] = np.zeros(src.shape, src.dtype) if zero else p._storage(t["name"])
+                        dst[...] = np.zeros(src.shape, src.dtype) if zero else p.stored(t.name)
             # 2. neurons: the last layer's rows with the output field zeroed, in the same slots
             d_last = p.layer_depth[last]
-            arr_last, index_last, _ = p._shell_arrays(d_last)
-            t_last = p._shells[d_last]["layers"].index(last)
-            k = p._slots(d_last)
+            arr_last, index_last, _ = p.shell_arrays(d_last)
+            t_last = p.shell_layers(d_last).index(last)
+            k = p.slots(d_last)
             P, M = p.graticule
             rows = np.asarray(arr_last[t_last, :, :, :k])  # (P, M, K, F)
             out_cols = sl[layout.out_field]
@@ -277,7 +286,7 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
             if new_shell:
                 d = p.depth
                 g = root.require_group(shell_path(d))
-                shard = _shard_shape(arr_last)
+                shard = shard_shape(arr_last)
                 narr = g.create_array(C.NEURONS_ARRAY, shape=(n, P, M, k, rows.shape[-1]), dtype=arr_last.dtype,
                                       chunks=(1, 1, 1, shard[3], rows.shape[-1]), shards=(n, 1, 1, shard[3], rows.shape[-1]),
                                       compressors=arr_last.compressors, fill_value=0, overwrite=True,
@@ -286,28 +295,28 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
                                       attributes={"dtype": layout.dtype, "layers": new_layers})
                 narr[...] = np.broadcast_to(rows, (n, *rows.shape))
                 for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
-                    ia = p._array(f"{shell_path(d_last)}/{name}")
+                    ia = p.array(f"{shell_path(d_last)}/{name}")
                     g.create_array(name, shape=(n, P, M, k), dtype=C.INDEX_DTYPE, chunks=(n, P, M, k),
                                    compressors=ia.compressors, fill_value=C.PADDING_INDEX, overwrite=True,
                                    config={"write_empty_chunks": True}, dimension_names=("layer", "lat", "lon", "slot")
                                    )[...] = np.broadcast_to(data, (n, *data.shape))
-                header["shells"].append({"depth": d, "layers": new_layers, "capacity": k})
-                header["depth"] = d + 1
+                header.shells.append(Shell(d, list(new_layers), k))
+                header.depth = d + 1
             else:  # D = 10: the surface shell grows along its layer axis (new layers, new objects)
                 d = d_last
-                ls = len(p._shells[d]["layers"])
+                ls = len(p.shell_layers(d))
                 if arr_last.shape[0] < ls + n:
                     arr_last.resize((ls + n, *arr_last.shape[1:]))
                 arr_last[ls:ls + n, :, :, :k] = np.broadcast_to(rows, (n, *rows.shape))
                 for name, data in ((C.INDEX_ARRAY, idx), (C.PARENT_ARRAY, par)):
-                    ia = p._array(f"{shell_path(d)}/{name}")
+                    ia = p.array(f"{shell_path(d)}/{name}")
                     if ia.shape[0] < ls + n:
                         ia.resize((ls + n, *ia.shape[1:]))
                     ia[ls:ls + n, :, :, :k] = np.broadcast_to(data, (n, *data.shape))
-                next(s for s in header["shells"] if s["depth"] == d)["layers"].extend(new_layers)
+                header.shell(d).layers.extend(new_layers)
             # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
             if "router" in root:
-                for rname, grp in root["router"].groups():
+                for _name, grp in root["router"].groups():
                     for layer in new_layers:
                         lg = grp.require_group(str(layer))
                         for key, a in grp[str(last)].arrays():
@@ -315,13 +324,13 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
                                             overwrite=True)[...] = a[...]
                     grp.attrs["layers"] = n_layers + n
             # 4. the header, then commit
-            pos = max(i for i, t in enumerate(header["tensors"]) if t["name"].startswith(own_prefix)) + 1
+            pos = max(i for i, t in enumerate(header.tensors) if t.name.startswith(own_prefix)) + 1
             for layer in new_layers:
-                tensors = {f: renamed(tn, layer) for f, tn in header["layers"][last]["tensors"].items()}
-                header["layers"].append({"neurons": header["layers"][last]["neurons"], "tensors": tensors})
-                header["layer_depth"].append(d)
-            header["tensors"][pos:pos] = entries
-            cfg = header.get("config")
+                tensors = {f: renamed(tn, layer) for f, tn in header.layers[last].tensors.items()}
+                header.layers.append(LayerEntry(header.layers[last].neurons, tensors))
+                header.layer_depth.append(d)
+            header.tensors[pos:pos] = entries
+            cfg = header.config
             if isinstance(cfg, dict):
                 for key in ("n_layer", "num_hidden_layers"):
                     if isinstance(cfg.get(key), int):
@@ -329,8 +338,8 @@ def grow_layers(pkg: Any, n: int, *, progress: bool = False) -> dict[str, Any]:
                 for key, v in cfg.items():  # per-layer lists (e.g. layer_types) follow the last layer
                     if isinstance(v, list) and len(v) == n_layers:
                         cfg[key] = v + [copy.deepcopy(v[-1]) for _ in range(n)]
-            header.setdefault("placement", {}).setdefault("growth", []).append({"op": "layers", "count": n, "depth": d})
-            p._commit_header(header)
+            _log_growth(header, {"op": "layers", "count": n, "depth": d})
+            p.write_header(header)
         return {"layers": new_layers, "depth": d, "new_shell": new_shell}
     finally:
         if own:

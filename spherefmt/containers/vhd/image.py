@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import FormatError, ReadOnlyError
+from spherefmt.errors import FormatError, ReadOnlyError
 
 __all__ = ["VHDImage", "create_vhd", "chs_geometry", "disk_size"]
 

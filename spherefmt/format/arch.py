@@ -17,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from .constants import ARCH_GENERIC, ARCH_GPT2, ARCH_LLAMA, GGUF_LLAMA_FIELDS, GPT2_FIELDS, LLAMA_FIELDS, SPHERE_DTYPES
-from .errors import FormatError
-from .safetensors_io import TensorInfo
+from spherefmt.constants import (
+    ARCH_GENERIC,
+    ARCH_GPT2,
+    ARCH_LLAMA,
+    GGUF_LLAMA_FIELDS,
+    GPT2_FIELDS,
+    LLAMA_FIELDS,
+    SPHERE_DTYPES,
+)
+from spherefmt.dtypes import TensorInfo
+from spherefmt.errors import FormatError
 
 __all__ = ["Field", "Layout", "detect", "rows_from_tensors"]
 
@@ -125,7 +133,7 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     dtypes = set()
     for layer in range(n_layers):
         names_l = {fname: f"{pre}{layer}.{suffix}" for fname, suffix, _ in spec}
-        for fname, tname in names_l.items():
+        for tname in names_l.values():
             if tname not in infos:
                 raise FormatError(f"{where}: layer {layer} lacks FFN tensor {tname!r}")
         shapes = {fname: infos[t].shape for fname, t in names_l.items()}

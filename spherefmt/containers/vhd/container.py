@@ -1,5 +1,5 @@
 """A package inside a ``.vhd`` image: the objects are files of the FAT32 filesystem in it
-(:mod:`spherefmt.vhdfs`, over the image of :mod:`spherefmt.vhd`).
+(:mod:`spherefmt.containers.vhd.filesystem`, over the image of :mod:`spherefmt.containers.vhd.image`).
 
 An existing file is replaced atomically inside the image (new clusters, then its directory
 entry, then the old clusters freed: ``spec/VHD.md``), so readers in other processes see old or
@@ -14,8 +14,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import BackendUnavailableError
-from .base import AnonymousFile, Blob, Container, FileLock, lock_path, remove_leftovers, safe_key, storage_failure
+from spherefmt.containers.base import (
+    AnonymousFile,
+    Blob,
+    Container,
+    FileLock,
+    lock_path,
+    remove_leftovers,
+    safe_key,
+    storage_failure,
+)
+from spherefmt.errors import BackendUnavailableError
 
 __all__ = ["VHDContainer"]
 
@@ -25,7 +34,7 @@ def _vhdfs() -> type:
         import pyfatfs  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("VHD packages need pyfatfs: pip install 'spherefmt[vhd]'") from None
-    from ..vhdfs import VHDFileSystem
+    from spherefmt.containers.vhd.filesystem import VHDFileSystem
 
     return VHDFileSystem
 

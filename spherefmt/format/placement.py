@@ -20,11 +20,13 @@ Everything is deterministic for a given model and parameters (stable sorts, fixe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .constants import (
+from spherefmt.constants import (
     EARTH_GRATICULE,
     MAX_DEPTH,
     MAX_MERIDIANS,
@@ -33,9 +35,9 @@ from .constants import (
     MIN_PLANE_BYTES,
     ZSTD_BLOCK,
 )
-from .errors import FormatError
+from spherefmt.errors import FormatError
 
-__all__ = ["Grid", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
+__all__ = ["Grid", "PlacementPlan", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
            "bend", "assign", "cell_centers"]
 
 
@@ -48,6 +50,18 @@ class Grid:
     @property
     def cells(self) -> int:
         return self.parallels * self.meridians
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Cells chosen above the format, handed to :func:`spherefmt.format.write.save`.
+
+    ``cells`` maps each layer to the flat cell (``lat * M + lon``) of each of its neurons, in
+    original neuron order; ``record`` is what the header's ``placement`` member says (policy,
+    version and the policy's parameters, ``spec/FORMAT.md`` 7.1)."""
+
+    cells: Mapping[int, np.ndarray]
+    record: Mapping[str, Any]
 
 
 def parse_graticule(text: str) -> tuple[int, int]:

@@ -1,0 +1,311 @@
+"""Writing a package (``save``): a model's tensors placed on the sphere, chunked and compressed.
+
+The pipeline streams the source tensor by tensor (bounded memory): side files, core tensors in
+slabs of whole chunks, then each depth shell's experts, layer by layer.  Everything is written in
+one transaction of the package store, so a conversion that stops leaves no package
+(``spec/FORMAT.md`` section 10).  Where the neurons go is decided by
+:mod:`spherefmt.format.placement` (``lightning-pca-balanced``), or handed in as a
+:class:`~spherefmt.format.placement.PlacementPlan` computed above the format (co-activation
+placement runs the model: :mod:`spherefmt.runtime.coactivation`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import Shuffle
+from zarr.core.sync import sync
+
+from spherefmt import constants as C
+from spherefmt.containers import create_container
+from spherefmt.dtypes import TensorInfo, storage_dtype, to_float32
+from spherefmt.errors import FormatError, InputError
+from spherefmt.format.arch import Layout, detect, rows_from_tensors
+from spherefmt.format.header import Header, new_header
+from spherefmt.format.keys import core_key, file_key, shell_path
+from spherefmt.format.placement import (
+    Grid,
+    PlacementPlan,
+    assign,
+    bend,
+    check_grid,
+    default_grid,
+    own_directions,
+    parse_graticule,
+    tree_parents,
+)
+from spherefmt.format.store import PackageStore
+from spherefmt.interop.base import TensorSource, bounded_heap
+from spherefmt.interop.registry import open_source
+from spherefmt.progress import progress_bar
+
+__all__ = ["save"]
+
+# numcodecs.shuffle is a numcodecs codec registered with zarr, readable by any zarr-python;
+# zarr warns that other implementations may lack it, which we document in the spec instead.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
+
+
+def _compressors(codec: str, itemsize: int) -> list[Any]:
+    if codec == C.CODEC_NONE:
+        return [Crc32cCodec()]
+    chain: list[Any] = [Shuffle(elementsize=itemsize)] if itemsize > 1 else []
+    return [*chain, ZstdCodec(level=C.ZSTD_LEVEL), Crc32cCodec()]
+
+
+def _core_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    row = max(1, math.prod(shape[1:]) * itemsize)
+    return (max(1, min(shape[0], C.CORE_CHUNK_BYTES // row)), *(max(1, s) for s in shape[1:]))
+
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # -0.0 chunks must be stored: bit-exact, not fill
+
+
+def save(
+    src: Any,
+    dst: Any,
+    *,
+    config: Mapping[str, Any] | None = None,
+    graticule: str | tuple[int, int] | None = None,
+    depth: int | None = None,
+    codec: str = C.CODEC_DEFAULT,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
+    vhd_size: int | None = None,
+    placement: str | PlacementPlan = "pca",
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Convert a model to a sphere package.
+
+    Parameters
+    ----------
+    src
+        A state dict (numpy arrays or torch tensors), a ``.safetensors`` file, a torch
+        ``.pt``/``.bin`` file, a Hugging Face folder, or another package.
+    dst
+        Package location: a directory, a ``.zip`` path, an fsspec URL or a zarr ``Store``.
+    config
+        The model's ``config.json`` as a dict (overrides one found beside ``src``).
+    graticule
+        ``"PxM"``, ``"earth"`` or ``(P, M)``; default adapts to the model (``spec/FORMAT.md``).
+    depth
+        Number of depth shells, ``1..10``; default ``min(10, layers)``.
+    codec
+        ``"default"`` (shuffle + zstd + crc32c) or ``"none"`` (crc32c only).
+    overwrite
+        Replace a package already at ``dst``.  Anything that is not a package is never replaced.
+    metadata
+        Extra string-to-string metadata, merged over the source's.
+    progress
+        Show a progress bar.
+    vhd_size
+        Virtual size in bytes of a new ``.vhd`` package (default: the larger of 4 GiB and 8x
+        the model's raw size; the file on disk is about the size of the content).
+    placement
+        ``"pca"`` (``lightning-pca-balanced``: cells from weight directions), or a
+        :class:`~spherefmt.format.placement.PlacementPlan` made above the format (the
+        co-activation plan of :func:`spherefmt.runtime.coactivation.coactivation_plan`, which
+        :func:`spherefmt.save` makes for ``placement="coactivation"``).
+    storage_options
+        fsspec options when ``dst`` is a URL (``endpoint_url``, ``key``...).
+
+    Returns
+    -------
+    str
+        Where the package was written.
+
+    Raises
+    ------
+    FormatError
+        Malformed input, or parameters out of range.
+    PackageExistsError
+        ``dst`` is taken.
+
+    Examples
+    --------
+    >>> import numpy as np, spherefmt
+    >>> spherefmt.save({"w": np.ones(3, np.float32)}, "memory://doc-example")
+    'memory://doc-example'
+    """
+    if codec not in C.CODEC_PRESETS:
+        raise FormatError(f"codec {codec!r}: expected one of {', '.join(C.CODEC_PRESETS)}")
+    if isinstance(placement, PlacementPlan):
+        plan: PlacementPlan | None = placement
+    elif placement == "pca":
+        plan = None
+    else:
+        raise InputError(f"placement {placement!r}: expected 'pca' or a PlacementPlan (spherefmt.save makes the "
+                         "'coactivation' one)")
+    with open_source(src) as source:
+        if config is not None:
+            source.config = dict(config)
+        infos = {name: source.info(name) for name in source.keys()}
+        layout = detect(infos, source.config, source.where)
+        if layout.warning:
+            warnings.warn(layout.warning, stacklevel=2)
+        grid = None
+        if layout.arch != C.ARCH_GENERIC:
+            n_layers = len(layout.layers)
+            auto = default_grid(max(layout.neurons), layout.row_width, C.DTYPES[layout.dtype][1], n_layers)
+            if graticule is None:
+                p, m = auto.parallels, auto.meridians
+            elif isinstance(graticule, str):
+                p, m = parse_graticule(graticule)
+            else:
+                p, m = (int(graticule[0]), int(graticule[1]))
+            d = auto.depth if depth is None else int(depth)
+            check_grid(p, m, d, n_layers)
+            grid = Grid(p, m, d)
+        elif graticule is not None or depth is not None:
+            warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
+        dest = create_container(dst, overwrite=overwrite, vhd_size=vhd_size,
+                                content_bytes=sum(i.nbytes for i in infos.values()), storage_options=storage_options)
+        try:
+            store = PackageStore(dest, "r+", new=True)
+            with bounded_heap(), store.transaction():  # freed arrays go back to the system
+                _write(source, infos, layout, grid, codec, store, metadata, progress, plan)
+            dest.finish()  # the manifest committed above; this puts the package in place
+        except BaseException:
+            dest.abort()
+            raise
+        return dest.where
+
+
+def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None, codec: str,
+           store: Any, metadata: Mapping[str, str] | None, progress: bool, plan: PlacementPlan | None = None) -> None:
+    header = new_header(layout=layout, grid=grid, infos=infos, config=source.config,
+                        metadata={**source.metadata, **(metadata or {})}, files=list(source.files), codec=codec,
+                        placement=None if plan is None else dict(plan.record))
+    root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header.to_json()})
+    total = sum(i.nbytes for i in infos.values())
+    with progress_bar(total, "convert", progress) as bar:
+        for name, blob in sorted(source.files.items()):
+            arr = root.create_array(file_key(name), shape=(len(blob),), dtype="uint8", chunks=(max(1, len(blob)),),
+                                    compressors=_compressors(codec, 1), fill_value=0, config=_ARRAY_CONFIG,
+                                    attributes={"name": name})
+            arr[...] = np.frombuffer(blob, dtype=np.uint8)
+        ffn = layout.ffn_tensors()
+        for name, info in infos.items():
+            if name in ffn:
+                continue
+            st = storage_dtype(info.dtype)
+            chunks = _core_chunks(info.shape, st.itemsize)
+            arr = root.create_array(core_key(name), shape=info.shape, dtype=st, chunks=chunks,
+                                    compressors=_compressors(codec, st.itemsize), fill_value=0, config=_ARRAY_CONFIG,
+                                    attributes={"name": name, "dtype": info.dtype})
+            if not info.shape or info.shape[0] == 0:
+                data = source.read(name)
+                _check_read(data, info, source.where)
+                if data.size:
+                    arr[...] = data
+                bar.update(info.nbytes)
+                continue
+            # large tensors go in slabs of whole chunks, read by row range: memory stays bounded
+            step = chunks[0] * C.CORE_SLAB_CHUNKS
+            for start in range(0, info.shape[0], step):
+                stop = min(start + step, info.shape[0])
+                data = source.read_rows(name, start, stop)
+                _check_read(data, TensorInfo(name, info.dtype, (stop - start, *info.shape[1:])), source.where)
+                arr[start:stop] = data
+                bar.update(data.nbytes)
+        if grid is not None:
+            _write_sphere(source, infos, layout, grid, codec, root, header, bar, None if plan is None else plan.cells)
+    header.state = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
+    root.update_attributes({C.ROOT_ATTR: header.to_json()})
+
+
+def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
+    if data.shape != info.shape or data.dtype != storage_dtype(info.dtype):
+        raise FormatError(f"{where}: tensor {info.name!r} read as {data.dtype}{list(data.shape)}, "
+                          f"expected {info.dtype}{list(info.shape)}")
+
+
+def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
+                  root: zarr.Group, header: Header, bar: Any, cells_of: Mapping[int, np.ndarray] | None = None
+                  ) -> None:
+    p, m, cells = grid.parallels, grid.meridians, grid.cells
+    st = storage_dtype(layout.dtype)
+    f = layout.row_width
+    sl = layout.slices()
+    prev_out = prev_dirs = None
+    for shell in sorted(header.shells, key=lambda s: s.layers[0]):
+        depth, layers, k = shell.depth, shell.layers, shell.capacity
+        g = root.require_group(shell_path(depth))
+        neurons = g.create_array(
+            C.NEURONS_ARRAY, shape=(len(layers), p, m, k, f), dtype=st, chunks=(1, 1, 1, k, f),
+            shards=(len(layers), 1, 1, k, f), compressors=_compressors(codec, st.itemsize), fill_value=0,
+            # experts with no neurons (common on fine graticules) are not stored at all
+            config={"write_empty_chunks": False}, dimension_names=("layer", "lat", "lon", "slot", "row"),
+            attributes={"dtype": layout.dtype, "layers": layers})
+        index = np.full((len(layers), cells, k), C.PADDING_INDEX, dtype=np.int32)
+        parent = np.full_like(index, C.PADDING_INDEX)
+        for t, layer in enumerate(layers):
+            tensors = {}
+            for name in layout.layers[layer].values():
+                tensors[name] = source.read(name)
+                _check_read(tensors[name], infos[name], source.where)
+            rows = rows_from_tensors(layout, tensors, layer)
+            del tensors
+            w_in = to_float32(rows[:, sl[layout.in_field]], layout.dtype)
+            own = own_directions(w_in)
+            if prev_out is None:
+                dirs, par = own, np.full(rows.shape[0], C.PADDING_INDEX, dtype=np.int32)
+            else:
+                par = tree_parents(prev_out, w_in)
+                dirs = bend(own, prev_dirs[par], C.DEFAULT_BEND)
+            # peak memory is a few copies of one layer's rows: drop each as soon as it is used
+            del w_in
+            prev_out = None
+            prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
+            cell = assign(dirs, p, m, capacity=k) if cells_of is None else cells_of[layer]
+            order = np.lexsort((np.arange(rows.shape[0]), cell))  # by cell, then original index
+            sorted_cells = cell[order]
+            first = np.searchsorted(sorted_cells, np.arange(cells))
+            slot = np.arange(rows.shape[0]) - first[sorted_cells]
+            slot_of = np.empty_like(slot)
+            slot_of[order] = slot  # each neuron's slot, in original order
+            block = np.zeros((cells, k, f), dtype=st)
+            block[cell, slot_of] = rows  # scattered in place (no sorted copy of the rows)
+            rows_nbytes = rows.nbytes
+            del rows
+            index[t, sorted_cells, slot] = order
+            parent[t, sorted_cells, slot] = par[order]
+            # zarr drops chunks that compare equal to the fill value; a float chunk of -0.0 would
+            # compare equal to 0 and come back as +0.0, so such layers keep every chunk.
+            exact = st.kind != "f" or not np.signbit(block[block == 0]).any()
+            target = neurons if exact else neurons.with_config(_ARRAY_CONFIG)
+            occupied = np.unique(sorted_cells)
+            if occupied.size == cells:
+                target[t] = block.reshape(p, m, k, f)
+            else:  # sparse (fine graticules): touch only the occupied cells' shards
+                _cells_io(target, t, occupied, m, block[occupied])
+            del block
+            prev_dirs = dirs
+            bar.update(rows_nbytes)
+        for name, data in ((C.INDEX_ARRAY, index), (C.PARENT_ARRAY, parent)):
+            g.create_array(name, shape=(len(layers), p, m, k), dtype=C.INDEX_DTYPE, chunks=(len(layers), p, m, k),
+                           compressors=_compressors(codec, 4), fill_value=C.PADDING_INDEX, config=_ARRAY_CONFIG,
+                           dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
+
+
+def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray) -> None:
+    """Write ``blocks`` into layer ``t`` of the given flat cells, concurrently in one event-loop
+    round: zarr handles each cell's shard independently."""
+    import asyncio
+
+    aa = arr.async_array
+
+    async def run() -> None:
+        await asyncio.gather(*(aa.setitem((t, int(c) // m, int(c) % m), b) for c, b in zip(cells, blocks, strict=True)))
+
+    sync(run())
+

@@ -1,0 +1,165 @@
+"""Tensor sources: what ``sphere convert`` reads, one tensor at a time (the interface of every
+format module; :mod:`spherefmt.interop.registry` picks the module for a path).
+
+Contract of :class:`TensorSource` (every source implements these hooks):
+
+* ``keys()`` - tensor names in the source's own order;
+* ``info(name)`` - :class:`TensorInfo` (dtype in safetensors spelling, shape) without reading data;
+* ``read(name)`` - the tensor's *storage* array (bfloat16 as uint16 words), a fresh array;
+* ``metadata`` - string-to-string metadata (safetensors ``__metadata__``), ``config`` - the
+  model's ``config.json`` as a dict or ``None``.
+
+Peak memory of a conversion is therefore one tensor at a time plus what placement keeps of the
+previous layer.  Inputs are hostile: paths named inside an index never escape the model folder,
+torch files load with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spherefmt.constants import MAX_HEADER_JSON
+from spherefmt.dtypes import TensorInfo, from_numpy, from_torch
+from spherefmt.errors import FormatError
+
+__all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "read_json"]
+
+#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)
+_M_MMAP_THRESHOLD = -3
+#: the highest threshold glibc's dynamic rule reaches (``DEFAULT_MMAP_THRESHOLD_MAX``, 64-bit)
+_GLIBC_DYNAMIC_MAX = 32 * 1024 * 1024
+
+
+def _glibc() -> Any:
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_HEAP_LOCK = threading.Lock()
+_HEAP_USERS = [0]
+
+
+@contextmanager
+def bounded_heap(threshold: int = 4 * 1024 * 1024) -> Iterator[None]:
+    """Give freed large arrays back to the system while a conversion or an export runs.
+
+    glibc's malloc raises its mmap threshold each time it frees a large mapped block (up to
+    32 MiB); after that, arrays of a few MiB to 32 MiB (one tensor, one layer's temporaries,
+    zarr's encoded chunks in its codec threads) come from the heap and arenas, and once freed
+    stay in the process as fragmented free space.  On a GPT-2 XL conversion that was about
+    180 MiB above the live arrays at the peak, growing with the layer size (bench/bench_scale.py).
+    Inside this block allocations of ``threshold`` bytes and more get their own maps, unmapped
+    when freed, so the process holds what is live.  On exit free heap pages are released
+    (``malloc_trim``) and the threshold is left at 32 MiB, where glibc's dynamic rule ends up in
+    any process that has freed a large array (glibc cannot switch the dynamic rule back on).
+    Nothing changes off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment.
+    """
+    libc = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _glibc()
+    if libc is None:
+        yield
+        return
+    with _HEAP_LOCK:
+        _HEAP_USERS[0] += 1
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        with _HEAP_LOCK:
+            _HEAP_USERS[0] -= 1
+            if not _HEAP_USERS[0]:  # the last of nested or concurrent users
+                libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MAX)
+                libc.malloc_trim(0)
+
+
+class TensorSource(ABC):
+    """A read-only collection of named tensors (see the module docstring for the contract)."""
+
+    metadata: dict[str, str] = {}
+    config: dict[str, Any] | None = None
+    #: Extra files carried along (name -> bytes), e.g. a tokenizer.json.
+    files: dict[str, bytes] = {}
+    where: str = "<source>"
+
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def info(self, name: str) -> TensorInfo: ...
+
+    @abstractmethod
+    def read(self, name: str) -> np.ndarray: ...
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (axis 0) of a tensor; sources that can read a byte range override
+        this so that large tensors never sit whole in memory."""
+        return self.read(name)[start:stop]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files held open."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MappingSource(TensorSource):
+    """An in-memory state dict of numpy arrays or torch tensors."""
+
+    def __init__(self, tensors: Mapping[str, Any], where: str = "<state dict>") -> None:
+        self.where = where
+        self._t: dict[str, tuple[str, np.ndarray]] = {}
+        for k, v in tensors.items():
+            if not isinstance(k, str) or not k:
+                raise FormatError(f"{where}: tensor names must be non-empty strings, got {k!r}")
+            if isinstance(v, np.ndarray):
+                self._t[k] = from_numpy(v)
+            elif type(v).__module__.startswith("torch") and hasattr(v, "dtype"):
+                self._t[k] = from_torch(v)
+            else:
+                raise FormatError(f"{where}: {k!r} is a {type(v).__name__}, not a tensor")
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def info(self, name: str) -> TensorInfo:
+        dtype, arr = self._t[name]
+        return TensorInfo(name, dtype, tuple(arr.shape))
+
+    def read(self, name: str) -> np.ndarray:
+        return self._t[name][1]
+
+
+def read_json(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_HEADER_JSON:
+        raise FormatError(f"{path}: {size} bytes is too large for a JSON side file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({type(e).__name__})") from None
+
+
+def inside(folder: Path, name: object, where: Path) -> Path:
+    """Resolve a file named inside an index, refusing anything that leaves ``folder``."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise FormatError(f"{where}: shard file name {name!r} must be a plain file name in the same folder")
+    return folder / name

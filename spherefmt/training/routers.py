@@ -1,0 +1,63 @@
+"""Router training: distil a ``learned`` router from the package's own dense FFN (torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spherefmt.format.package import Package
+from spherefmt.format.routers import Router
+from spherefmt.progress import progress_bar
+from spherefmt.runtime.loader import BlockLoader
+from spherefmt.runtime.routing import cell_targets
+from spherefmt.runtime.session import ffn_inputs
+
+__all__ = ["train_router"]
+
+
+def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int = 128, seed: int = 0,
+                 progress: bool = True) -> Router:
+    """Distil a ``learned`` router from the package's own dense FFN on token ``ids``."""
+    import torch  # noqa: PLC0415 - torch is an optional extra
+
+    loader = BlockLoader(pkg, {}, {})
+    ctx = int(pkg.config.get("n_positions") or pkg.config.get("max_position_embeddings") or 1024)
+    xs = ffn_inputs(pkg, ids, min(ctx, 256))
+    p, m = pkg.graticule
+    torch.manual_seed(seed)
+    layers = []
+    bar = progress_bar(steps * len(xs), "route-train", progress, unit="step")
+    quality = []
+    for layer, x in enumerate(xs):
+        t, q = cell_targets(pkg, loader, layer, x)
+        quality.append(q)
+        occupied = t.sum(axis=0) > 0
+        target = torch.from_numpy(t / np.maximum(t.sum(axis=1, keepdims=True), 1e-12))
+        xt = torch.from_numpy(x)
+        mu, sd = xt.mean(0), xt.std(0) + 1e-6  # folded into w1/b1 afterwards
+        d = x.shape[1]
+        net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, p * m))
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        mask = torch.from_numpy(np.where(occupied, 0.0, -1e9).astype(np.float32))
+        gen = torch.Generator().manual_seed(seed + layer)
+        for _ in range(steps):
+            idx = torch.randint(0, len(xt), (min(512, len(xt)),), generator=gen)
+            logits = net((xt[idx] - mu) / sd) + mask
+            loss = -(target[idx] * torch.log_softmax(logits, dim=1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+        with torch.no_grad():
+            w1 = (net[0].weight / sd).T.contiguous()
+            b1 = net[0].bias - (net[0].weight * (mu / sd)).sum(1)
+            b2 = net[2].bias + mask
+        layers.append({"w1": w1.numpy(), "b1": b1.numpy(), "w2": net[2].weight.T.contiguous().detach().numpy(),
+                       "b2": b2.numpy()})
+    bar.close()
+    same = float(np.mean([q["same_cell"] for q in quality]))
+    rand = float(np.mean([q["random_balanced"] for q in quality]))
+    meta = {"trained_tokens": int(len(ids)), "steps": steps,
+            "placement_quality": {"co_active_pairs_same_cell": same, "random_balanced_placement": rand,
+                                  "lift": same / rand if rand else None,
+                                  "per_layer": [round(q["same_cell"], 5) for q in quality]}}
+    return Router("learned", layers, p * m, meta=meta)
