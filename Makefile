@@ -1,12 +1,12 @@
 # Two commands on a fresh machine:
 #   make demo   - set up .venv, make a small GPT-2, convert it, print `sphere info`, read an expert back
-#   make test   - set up .venv and run the whole test suite (what .ci/run calls)
+#   make test   - set up .venv, run the static checks (ruff, mypy) and the whole test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spherefmt-installed
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo check test bench clean
 
 setup: $(STAMP) system-deps
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m spherefmt.demo --out demo-out
 
-test: setup
+# static checks: ruff (pyflakes, pycodestyle, bugbear, isort, pyupgrade) and mypy
+check: setup
+	$(VENV)/bin/ruff check spherefmt backends runtime tests bench
+	PYTHON=$(abspath $(PY)) .ci/typecheck.sh
+
+test: setup check
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

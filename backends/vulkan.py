@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from spherefmt.backends.base import Accountant, AccountedMemory, Backend
-from spherefmt.errors import BackendUnavailableError
+from spherefmt.errors import BackendUnavailableError, InputError
 
 __all__ = ["VulkanBackend"]
 
@@ -371,7 +371,7 @@ class VulkanBackend(AccountedMemory, Backend):
         else:
             k_w = w.shape[0]
         if k_w != k:
-            raise ValueError(f"matmul: x has {k} columns, w gives {k_w}")
+            raise InputError(f"matmul: x has {k} columns, w gives {k_w}")
         out = self._new((m, n))
         args = ((m, n, k, ld, c0, int(transpose_w), int(bias is not None)), (),
                 [x.buf, w.buf, bias.buf if bias is not None else self._dummy, out.buf], m * n)
@@ -393,7 +393,7 @@ class VulkanBackend(AccountedMemory, Backend):
         elif len(a.shape) == 2 and tuple(b.shape) == (a.shape[0], 1):
             mode = 2
         else:
-            raise ValueError(f"cannot broadcast {b.shape} over {a.shape}")
+            raise InputError(f"cannot broadcast {b.shape} over {a.shape}")
         out = self._new(a.shape)
         self._run("binary", (n, cols, mode, op), (), [a.buf, b.buf, out.buf], n)
         return out

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from spherefmt.backends import get_backend
-from spherefmt.errors import BudgetExceededError, FormatError, InputError
+from spherefmt.errors import BudgetExceededError, InputError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.format.routers import Router, read_router, router_names
@@ -47,7 +47,7 @@ def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
     if budget is None or (isinstance(budget, str) and budget.strip().lower() in ("", "none", "unlimited")):
         return None
     if isinstance(budget, bool) or (isinstance(budget, (int, float)) and budget <= 0):
-        raise FormatError(f"budget {budget!r}: expected a positive size")
+        raise InputError(f"budget {budget!r}: expected a positive size")
     if isinstance(budget, (int, float)):
         return int(budget)
     text = str(budget).strip()
@@ -55,14 +55,14 @@ def parse_budget(budget: int | str | None, weight_bytes: int) -> int | None:
         try:
             share = float(text[:-1])
         except ValueError:
-            raise FormatError(f"budget {budget!r}: expected a size (512MiB) or a share of the weights (25%)") from None
+            raise InputError(f"budget {budget!r}: expected a size (512MiB) or a share of the weights (25%)") from None
         if not 0 < share <= 1000:
-            raise FormatError(f"budget {budget!r}: the share must be above 0%")
+            raise InputError(f"budget {budget!r}: the share must be above 0%")
         return int(weight_bytes * share / 100)
     try:
         return parse_size(text)
-    except FormatError:
-        raise FormatError(f"budget {budget!r}: expected a size (512MiB, 2G) or a share of the weights (25%)") from None
+    except InputError:
+        raise InputError(f"budget {budget!r}: expected a size (512MiB, 2G) or a share of the weights (25%)") from None
 
 
 class _Router:

@@ -76,8 +76,9 @@ class UnknownBackendError(SpherefmtError, ValueError):
 
 
 class InputError(SpherefmtError, ValueError):
-    """Input to a run that the model cannot take: token ids outside the vocabulary, a prompt
-    longer than the context, an empty prompt."""
+    """An argument the caller can fix: a malformed size, budget or graticule, an unknown file type
+    or mode, token ids outside the vocabulary, a prompt longer than the context.  (Bytes that
+    violate a format are :class:`FormatError`.)"""
 
 
 class StorageError(SpherefmtError, OSError):

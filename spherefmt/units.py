@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from spherefmt.errors import FormatError
+from spherefmt.errors import InputError
 
 __all__ = ["parse_size", "format_size"]
 
 
 def parse_size(text: str) -> int:
-    """``"16G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units); FormatError otherwise."""
+    """``"16G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units); :class:`InputError` otherwise."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
     num = t[:-1] if mult > 1 else t
     try:
         value = float(num)
     except ValueError:
-        raise FormatError(f"size {text!r}: expected a number with an optional K, M, G or T suffix") from None
+        raise InputError(f"size {text!r}: expected a number with an optional K, M, G or T suffix") from None
     if not 0 < value * mult < 1 << 50:
-        raise FormatError(f"size {text!r} is out of range")
+        raise InputError(f"size {text!r} is out of range")
     return int(value * mult)
 
 

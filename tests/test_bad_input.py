@@ -261,7 +261,7 @@ def test_bad_parameters(tmp_path):
     for kw, match in [({"graticule": "0x3"}, "parallels"), ({"graticule": "181x2"}, "parallels"),
                       ({"graticule": "axb"}, "expected PxM"), ({"depth": 11}, "depth 11"),
                       ({"depth": 4}, "only 3 layers"), ({"codec": "lz4"}, "codec")]:
-        with pytest.raises(FormatError, match=match):
+        with pytest.raises(InputError, match=match):
             spherefmt.save(sd, tmp_path / "o.sphere", config=cfg, **kw)
     assert not (tmp_path / "o.sphere").exists()
 

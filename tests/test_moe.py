@@ -191,5 +191,5 @@ def test_coactivation_placement_groups_neurons_that_fire_together(pkg, tmp_path,
             q = [_targets(p, loader, layer, xs[layer])[1] for layer in range(len(xs))]
             lift[name] = np.mean([x["same_cell"] / x["random_balanced"] for x in q])
     assert lift["coact"] > 1.5 * lift["pca"], lift
-    with pytest.raises(spherefmt.FormatError, match="sample"):
+    with pytest.raises(spherefmt.errors.InputError, match="sample"):
         spherefmt.save(MODEL, tmp_path / "x.sphere", placement="coactivation")

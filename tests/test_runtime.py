@@ -182,7 +182,7 @@ def test_bad_inputs_are_one_line_errors(model):
     with pytest.raises(UnknownBackendError, match="known: .*numpy"):
         Session(pkg, backend="tpu")
     for bad in ("12x", "-5", "0%", "lots"):
-        with pytest.raises(FormatError, match="budget"):
+        with pytest.raises(InputError, match="budget"):
             Session(pkg, backend="numpy", budget=bad)
     with Session(pkg, backend="numpy") as s:
         with pytest.raises(InputError, match="outside the vocabulary"):

@@ -27,7 +27,7 @@ from zarr.abc.store import Store
 
 from spherefmt.constants import MAX_HEADER_JSON, ROOT_ATTR
 from spherefmt.containers.base import AnonymousFile, CommitConflict, Container, FileLock, lock_path, remove_leftovers
-from spherefmt.errors import FormatError, PackageExistsError, ReadOnlyError, SpherefmtError
+from spherefmt.errors import FormatError, InputError, PackageExistsError, ReadOnlyError, SpherefmtError
 
 __all__ = ["CommitConflict", "Container", "create_container", "holds_package", "kind_of", "open_container"]
 
@@ -63,7 +63,7 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
     under its lock at once.
     """
     if mode not in ("r", "r+"):
-        raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        raise InputError(f"mode must be 'r' or 'r+', not {mode!r}")
     kind = kind_of(url)
     if kind == "store":
         from spherefmt.containers.store import StoreContainer

@@ -31,7 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.sync import sync
 
-from spherefmt.errors import IntegrityError
+from spherefmt.errors import FormatError, InputError, IntegrityError
 
 __all__ = ["ChunkError", "FastArray", "open_arrays", "parallel_map", "read_many", "shard_shape"]
 
@@ -188,7 +188,7 @@ class FastArray:
         """One whole object of an unsharded array, decoded.  For an uncompressed local object
         this is a read-only view of its memory map (no copy); ``fill_value`` when absent."""
         if self.sharded:
-            raise ValueError("read_chunk needs an unsharded array")
+            raise InputError("read_chunk needs an unsharded array")
         key = self.key(coords)
         blob = _read_range(self.store, key, 0, None, mapped=not self.steps)
         if blob is None:
@@ -200,7 +200,7 @@ class FastArray:
         uncompressed chain on a local package the chunks are read-only views of the shard's
         memory map, each verified once (no copy at all); otherwise decoded."""
         if not self.sharded:
-            raise ValueError("shard_chunks needs a sharded array")
+            raise InputError("shard_chunks needs a sharded array")
         key = self.key(outer)
         grid = tuple(o // i for o, i in zip(self.outer_shape, self.inner_shape, strict=True))
         n = math.prod(grid)
@@ -229,7 +229,7 @@ class FastArray:
         """One inner chunk of a shard, by byte range: the shard index (kept in ``index_cache``
         when given), then the chunk's bytes.  Returns the decoded chunk and the bytes fetched."""
         if not self.sharded:
-            raise ValueError("read_inner needs a sharded array")
+            raise InputError("read_inner needs a sharded array")
         key = self.key(outer)
         grid = tuple(o // i for o, i in zip(self.outer_shape, self.inner_shape, strict=True))
         n = math.prod(grid)
@@ -396,10 +396,10 @@ def open_arrays(store: Any, paths: Sequence[str]) -> list[zarr.Array | Exception
         try:
             md = json.loads(b.to_bytes())
             if not isinstance(md, dict) or md.get("node_type") != "array":
-                raise ValueError("not an array")
+                raise FormatError("not an array")
             out.append(zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(md), StorePath(store, p))))
         except Exception as e:  # noqa: BLE001 - reported per array by the caller
-            out.append(ValueError(f"{type(e).__name__}: {str(e)[:120]}"))
+            out.append(FormatError(f"{type(e).__name__}: {str(e)[:120]}"))
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from spherefmt import constants as C
 from spherefmt.dtypes import TensorInfo, check_dtype, check_shape
-from spherefmt.errors import FormatError
+from spherefmt.errors import FormatError, InputError
 from spherefmt.format.arch import Field, Layout
 from spherefmt.format.placement import Grid, check_grid, layer_shells
 
@@ -234,7 +234,7 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     d = _get(h, "depth", int, where)
     try:
         check_grid(p, m, d)
-    except FormatError as e:
+    except InputError as e:
         raise FormatError(f"{where}: {e}") from None
     layers = _get(h, "layers", list, where)
     ld = h.get("layer_depth")

@@ -35,7 +35,7 @@ from spherefmt.constants import (
     MIN_PLANE_BYTES,
     ZSTD_BLOCK,
 )
-from spherefmt.errors import FormatError
+from spherefmt.errors import FormatError, InputError
 
 __all__ = ["Grid", "PlacementPlan", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
            "bend", "assign", "cell_centers"]
@@ -65,13 +65,13 @@ class PlacementPlan:
 
 
 def parse_graticule(text: str) -> tuple[int, int]:
-    """Parse ``"18x36"`` or ``"earth"`` into ``(P, M)``; raise :class:`FormatError` otherwise."""
+    """Parse ``"18x36"`` or ``"earth"`` into ``(P, M)``; raise :class:`InputError` otherwise."""
     t = text.strip().lower()
     if t == "earth":
         return EARTH_GRATICULE
     parts = t.split("x")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise FormatError(f"graticule {text!r}: expected PxM (e.g. 18x36) or 'earth'")
+        raise InputError(f"graticule {text!r}: expected PxM (e.g. 18x36) or 'earth'")
     p, m = int(parts[0]), int(parts[1])
     check_grid(p, m, 1)
     return p, m
@@ -79,11 +79,11 @@ def parse_graticule(text: str) -> tuple[int, int]:
 
 def check_grid(p: int, m: int, d: int, n_layers: int | None = None) -> None:
     if not (1 <= p <= MAX_PARALLELS and 1 <= m <= MAX_MERIDIANS):
-        raise FormatError(f"graticule {p}x{m}: parallels must be 1..{MAX_PARALLELS}, meridians 1..{MAX_MERIDIANS}")
+        raise InputError(f"graticule {p}x{m}: parallels must be 1..{MAX_PARALLELS}, meridians 1..{MAX_MERIDIANS}")
     if not 1 <= d <= MAX_DEPTH:
-        raise FormatError(f"depth {d}: must be 1..{MAX_DEPTH}")
+        raise InputError(f"depth {d}: must be 1..{MAX_DEPTH}")
     if n_layers is not None and d > n_layers:
-        raise FormatError(f"depth {d}: the model has only {n_layers} layers")
+        raise InputError(f"depth {d}: the model has only {n_layers} layers")
 
 
 def plane_waste(capacity: int, row_width: int, itemsize: int) -> float:

@@ -59,6 +59,7 @@ from spherefmt.containers.directory import is_leftover
 from spherefmt.errors import (
     ConcurrentWriteError,
     FormatError,
+    InputError,
     IntegrityError,
     ReadOnlyError,
     SpherefmtError,
@@ -548,7 +549,7 @@ class PackageStore(Store):
         elif isinstance(byte_range, SuffixByteRequest):
             start = -byte_range.suffix
         else:
-            raise TypeError(f"unexpected byte range {byte_range!r}")
+            raise InputError(f"unexpected byte range {byte_range!r}")
         blob = await self._run(self.read, key, start, end)
         return None if blob is None else prototype.buffer.from_bytes(bytes(blob))
 

@@ -137,7 +137,7 @@ def save(
     'memory://doc-example'
     """
     if codec not in C.CODEC_PRESETS:
-        raise FormatError(f"codec {codec!r}: expected one of {', '.join(C.CODEC_PRESETS)}")
+        raise InputError(f"codec {codec!r}: expected one of {', '.join(C.CODEC_PRESETS)}")
     if isinstance(placement, PlacementPlan):
         plan: PlacementPlan | None = placement
     elif placement == "pca":

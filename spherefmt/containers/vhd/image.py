@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from spherefmt.errors import FormatError, ReadOnlyError
+from spherefmt.errors import FormatError, InputError, ReadOnlyError
 
 __all__ = ["VHDImage", "create_vhd", "chs_geometry", "disk_size"]
 
@@ -153,7 +153,7 @@ class VHDImage:
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
         if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+            raise InputError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.path = Path(path)
         self.mode = mode
         self._lock = threading.Lock()
@@ -248,7 +248,7 @@ class VHDImage:
     # -- I/O -----------------------------------------------------------------------------
     def _check_range(self, offset: int, n: int) -> None:
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise ValueError(f"{self.path}: range [{offset}, {offset + n}) outside the {self.size}-byte disk")
+            raise FormatError(f"{self.path}: range [{offset}, {offset + n}) outside the {self.size}-byte disk")
 
     def read(self, offset: int, n: int) -> bytes:
         """``n`` bytes of the virtual disk at ``offset`` (unallocated blocks read as zeros)."""

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# mypy over spherefmt/, backends/ and runtime/ as they install (backends/ and runtime/ become
+# spherefmt.backends and spherefmt.runtime, a mapping mypy cannot follow in the source tree):
+# a tree of links in build/typecheck gives it the installed layout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=build/typecheck
+rm -rf "$root"
+mkdir -p "$root/spherefmt"
+for f in spherefmt/*; do ln -s "$PWD/$f" "$root/spherefmt/"; done
+ln -s "$PWD/backends" "$root/spherefmt/backends"
+ln -s "$PWD/runtime" "$root/spherefmt/runtime"
+cd "$root"
+exec "${PYTHON:-python}" -m mypy --config-file "$OLDPWD/pyproject.toml" -p spherefmt
