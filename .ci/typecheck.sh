@@ -3,6 +3,8 @@
 # spherefmt.backends and spherefmt.runtime, a mapping mypy cannot follow in the source tree):
 # a tree of links in build/typecheck gives it the installed layout.
 set -euo pipefail
+py=${PYTHON:-python}
+[[ $py == */* ]] && py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"  # absolute, links kept (a venv)
 cd "$(dirname "$0")/.."
 root=build/typecheck
 rm -rf "$root"
@@ -11,4 +13,4 @@ for f in spherefmt/*; do ln -s "$PWD/$f" "$root/spherefmt/"; done
 ln -s "$PWD/backends" "$root/spherefmt/backends"
 ln -s "$PWD/runtime" "$root/spherefmt/runtime"
 cd "$root"
-exec "${PYTHON:-python}" -m mypy --config-file "$OLDPWD/pyproject.toml" -p spherefmt
+exec "$py" -m mypy --config-file "$OLDPWD/pyproject.toml" -p spherefmt

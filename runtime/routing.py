@@ -21,7 +21,7 @@ def centroid_router(pkg: Package) -> Router:
     """The training-free router of a package (reads every layer of every expert once)."""
     field_name = "w_in" if pkg.architecture == "gpt2" else "gate"
     loader = BlockLoader(pkg, {}, {})
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     layers = []
     for layer in range(len(pkg.layer_depth)):
         cells, cent = loader.host_centroids(layer, field_name)
@@ -63,7 +63,7 @@ def cell_targets(pkg: Package, loader: BlockLoader, layer: int, x: np.ndarray) -
     """``(T, cells)`` output norm of each cell's FFN contribution (0 for empty cells), and the
     layer's placement quality: of the pairs of neurons active together on a token (each token's
     top 10% activations), the share in one cell, and that share for a random balanced placement."""
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     out = np.zeros((x.shape[0], p * m), np.float32)
     sl = loader.slices
     acts = []

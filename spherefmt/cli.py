@@ -557,7 +557,7 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
         vocab = m.model.get_input_embeddings().weight.shape[0]
         with open(text_file, encoding="utf-8", errors="replace") as f:
             ids = np.asarray(load_tokenizer(m.pkg, vocab).encode(f.read()), dtype=np.int64)
-        ctx = int(m.pkg.config.get("n_positions") or m.pkg.config.get("max_position_embeddings") or 1024)
+        ctx = int((m.pkg.config or {}).get("n_positions") or (m.pkg.config or {}).get("max_position_embeddings") or 1024)
         seq = min(seq, ctx)
         if len(ids) <= seq + 1:
             raise InputError(f"{text_file}: {len(ids)} tokens; need more than {seq + 1}")

@@ -33,7 +33,7 @@ def pyplot() -> Any:
 
 def _counts(pkg: Package) -> np.ndarray:
     """Real neurons per (layer, cell)."""
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     out = np.zeros((len(pkg.layer_depth), p * m), dtype=np.int64)
     for depth in range(pkg.depth):
         _, index, _ = pkg.shell_arrays(depth)
@@ -48,7 +48,7 @@ def draw_map(pkg: Package, out: str | Path, layer: int | None = None, usage: np.
     plt = pyplot()
     if pkg.graticule is None:
         raise InputError(f"{pkg.where} has no sphere to draw ({pkg.architecture})")
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     n_layers = len(pkg.layer_depth)
     if layer is not None and not 0 <= layer < n_layers:
         raise InputError(f"layer {layer}: the package has layers 0..{n_layers - 1}")
@@ -95,7 +95,7 @@ def draw_trees(pkg: Package, out: str | Path, neurons: int = 300, seed: int = 0)
     plt = pyplot()
     from spherefmt.format.placement import cell_centers
 
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     centers = cell_centers(p, m)
     n_layers = len(pkg.layer_depth)
     where: list[dict[int, int]] = [dict() for _ in range(n_layers)]  # layer -> neuron -> flat cell

@@ -336,7 +336,7 @@ class Package:
         (:mod:`spherefmt.training.grow`) resizes them before it rewrites the header, and a package whose
         growth was interrupted between the two must still read exactly as before."""
         s = self.shells[depth]
-        p, m = self._grid()
+        p, m = self.require_graticule()
         shape = (len(s.layers), p, m, s.capacity)
         f = self.layout.row_width
         neurons = self.array(f"{shell_path(depth)}/{C.NEURONS_ARRAY}")
@@ -372,7 +372,8 @@ class Package:
         """The global layer indices a depth shell holds, in order."""
         return list(self.shells[depth].layers)
 
-    def _grid(self) -> tuple[int, int]:
+    def require_graticule(self) -> tuple[int, int]:
+        """``(P, M)``, or :class:`ExpertNotFoundError` for a package without a sphere."""
         g = self.graticule
         if g is None:
             raise ExpertNotFoundError(f"{self.where}: package has no sphere (architecture {self.architecture})")
@@ -497,7 +498,7 @@ class Package:
             return self._shell_cache[1]
         self._shell_cache = None
         neurons, index, _ = self.shell_arrays(depth)
-        p, m = self._grid()
+        p, m = self.require_graticule()
         n_layers, k = index.shape[0], index.shape[3]
         f = neurons.shape[4]
         occupied = [int(c) for c in np.flatnonzero((index.reshape(n_layers, p * m, k) >= 0).any(axis=(0, 2)))]
@@ -528,7 +529,7 @@ class Package:
         depth = self.layer_depth[layer]
         _, index, _ = self.shell_arrays(depth)  # checked: a permutation of the layer's neurons
         t = self.shells[depth].layers.index(layer)
-        m = self._grid()[1]
+        m = self.require_graticule()[1]
         out = []
         chunks = held[depth] if held is not None else self._shell_chunks(depth)
         for c, parts in chunks.items():

@@ -88,14 +88,14 @@ def read_router(pkg: Package, name: str) -> Router:
         raise FormatError(f"{pkg.where}: no router {name!r} (stored: {', '.join(router_names(pkg)) or 'none'})") \
             from None
     attrs = dict(grp.attrs)
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     n_layers = len(pkg.layer_depth)
     if attrs.get("version") != ROUTER_VERSION or attrs.get("layers") != n_layers or attrs.get("cells") != p * m:
         raise FormatError(f"{where}: attributes {attrs} do not match the package ({n_layers} layers, {p * m} cells)")
     hidden = attrs.get("hidden")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 <= hidden <= 65536:
         raise FormatError(f"{where}: hidden must be an integer in 0..65536")
-    d = int(pkg.config.get("n_embd") or pkg.config.get("hidden_size"))
+    d = int((pkg.config or {}).get("n_embd") or (pkg.config or {}).get("hidden_size"))
     want = {"w2": (hidden or d, p * m), "b2": (p * m,)}
     if hidden:
         want.update({"w1": (d, hidden), "b1": (hidden,)})
@@ -121,7 +121,7 @@ def write_router(pkg: Package, name: str, router: Router) -> None:
         raise ReadOnlyError(f"{pkg.where}: opened read-only; open with mode 'r+' to write a router")
     if not _NAME.match(name):
         raise InputError(f"router name {name!r}: use 1-32 of a-z, 0-9, _ and -")
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     if router.cells != p * m or len(router.layers) != len(pkg.layer_depth):
         raise InputError(f"router has {len(router.layers)} layers x {router.cells} cells; the package "
                          f"{len(pkg.layer_depth)} x {p * m}")
@@ -136,7 +136,7 @@ def write_router(pkg: Package, name: str, router: Router) -> None:
             lg = grp.create_group(str(layer))
             for key, a in arrays.items():
                 a = np.ascontiguousarray(a, dtype=np.float32)
-                z = lg.create_array(key, shape=a.shape, dtype=np.float32, chunks=a.shape or None,
+                z = lg.create_array(key, shape=a.shape, dtype=np.float32, chunks=a.shape or "auto",
                                     compressors=[zarr.codecs.Crc32cCodec()])
                 z[...] = a
 

@@ -29,6 +29,7 @@ import math
 from typing import Any
 
 import numpy as np
+import zarr
 
 from spherefmt import constants as C
 from spherefmt.dtypes import numpy_view, storage_dtype, to_float32
@@ -102,7 +103,7 @@ def grow_neurons(pkg: str | Package, n: int, *, cell: tuple[int, int] | None = N
         P, M = p.graticule
         if depth is not None and not 0 <= depth < p.depth:
             raise InputError(f"{p.where}: no depth shell {depth} (the package has {p.depth})")
-        if cell is not None:
+        if cell is not None and depth is not None:
             p.check_address(cell[0], cell[1], depth)
         header = copy.deepcopy(p.header)
         layout, sl = p.layout, p.layout.slices()
@@ -315,8 +316,9 @@ def grow_layers(pkg: str | Package, n: int, *, progress: bool = False) -> dict[s
                     ia[ls:ls + n, :, :, :k] = np.broadcast_to(data, (n, *data.shape))
                 header.shell(d).layers.extend(new_layers)
             # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
-            if "router" in root:
-                for _name, grp in root["router"].groups():
+            routers = root.get("router")
+            if isinstance(routers, zarr.Group):
+                for _name, grp in routers.groups():
                     for layer in new_layers:
                         lg = grp.require_group(str(layer))
                         for key, a in grp[str(last)].arrays():

@@ -176,11 +176,11 @@ class SphereModule:
                 continue  # e.g. a tied lm_head the package does not store
             if not check_all and not p.requires_grad:
                 continue
-            if name in self._ffn and (not ffn_live or pkg.owner(name)[0] not in layers_needed):
+            if name in self._ffn and (not ffn_live or _owner(pkg, name)[0] not in layers_needed):
                 continue
             value = p.detach().cpu().float().numpy()
             if name in self._ffn:  # drop the zero neurons that pad a grown layer
-                layer, field = pkg.owner(name)
+                layer, field = _owner(pkg, name)
                 axis = next(f.axis for f in layout.fields if f.name == field)
                 value = np.take(value, np.arange(layout.neurons[layer]), axis=axis)
             current[name] = _cast(value, pkg.tensor_info(name).dtype)
@@ -234,7 +234,8 @@ class SphereModule:
                     pkg.write_tensor(key, data)
                     written["tensors"].append(key)
                 else:
-                    pkg.write_expert(*key, data)
+                    lat, lon, depth = key
+                    pkg.write_expert(lat, lon, depth, data)
                     written["experts"].append(key)
                 written["bytes"] += data.nbytes
             written["router"] = None
@@ -264,6 +265,14 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
         return a.astype(ml_dtypes.bfloat16).view(np.uint16)
     return a.astype(storage_dtype(dtype))
+
+
+def _owner(pkg: Package, name: str) -> tuple[int, str]:
+    """``(layer, field)`` of an FFN tensor (the caller knows it is one)."""
+    owner = pkg.owner(name)
+    if owner is None:
+        raise FormatError(f"{pkg.where}: {name!r} is not an FFN tensor")
+    return owner
 
 
 def _router_modules(router: Any) -> Any:

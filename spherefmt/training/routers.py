@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from spherefmt.format.package import Package
@@ -20,9 +22,9 @@ def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int
     import torch  # noqa: PLC0415 - torch is an optional extra
 
     loader = BlockLoader(pkg, {}, {})
-    ctx = int(pkg.config.get("n_positions") or pkg.config.get("max_position_embeddings") or 1024)
+    ctx = int((pkg.config or {}).get("n_positions") or (pkg.config or {}).get("max_position_embeddings") or 1024)
     xs = ffn_inputs(pkg, ids, min(ctx, 256))
-    p, m = pkg.graticule
+    p, m = pkg.require_graticule()
     torch.manual_seed(seed)
     layers = []
     bar = progress_bar(steps * len(xs), "route-train", progress, unit="step")
@@ -47,11 +49,12 @@ def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int
             loss.backward()
             opt.step()
             bar.update(1)
+        first, last = cast(torch.nn.Linear, net[0]), cast(torch.nn.Linear, net[2])
         with torch.no_grad():
-            w1 = (net[0].weight / sd).T.contiguous()
-            b1 = net[0].bias - (net[0].weight * (mu / sd)).sum(1)
-            b2 = net[2].bias + mask
-        layers.append({"w1": w1.numpy(), "b1": b1.numpy(), "w2": net[2].weight.T.contiguous().detach().numpy(),
+            w1 = (first.weight / sd).T.contiguous()
+            b1 = first.bias - (first.weight * (mu / sd)).sum(1)
+            b2 = last.bias + mask
+        layers.append({"w1": w1.numpy(), "b1": b1.numpy(), "w2": last.weight.T.contiguous().detach().numpy(),
                        "b2": b2.numpy()})
     bar.close()
     same = float(np.mean([q["same_cell"] for q in quality]))
