@@ -1,94 +1,13 @@
+"""pytest fixtures shared by the suite; helpers are in ``tests/helpers.py``."""
+
 from __future__ import annotations
 
-import itertools
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama
-
-_counter = itertools.count()
+from spherefmt.testing import gpt2_config, make_gpt2
 
 
 @pytest.fixture
 def small_gpt2():
     cfg = gpt2_config(n_layer=3, n_embd=32, vocab_size=80)
     return make_gpt2(cfg, "F32"), cfg
-
-
-def model(arch: str, dtype: str, seed: int = 0):
-    if arch == "gpt2":
-        cfg = gpt2_config(n_layer=3, n_embd=32, vocab_size=80)
-        return make_gpt2(cfg, dtype, seed), cfg
-    cfg = llama_config(num_hidden_layers=3, hidden_size=32, intermediate_size=88)
-    return make_llama(cfg, dtype, seed), cfg
-
-
-def dest(kind: str, tmp_path: Path) -> str:
-    n = next(_counter)
-    if kind == "dir":
-        return str(tmp_path / f"m{n}.sphere")
-    if kind == "zip":
-        return str(tmp_path / f"m{n}.zip")
-    return f"memory://t{tmp_path.name}-{n}"
-
-
-def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``sphere ARGS`` in-process: exit code, stdout, stderr."""
-    from spherefmt.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def object_digests(path) -> dict[str, str]:
-    """sha256 of every stored object of a package (directory, ``.zip`` or ``.vhd``), by key."""
-    import hashlib
-
-    path = Path(path)
-    if path.suffix == ".zip":
-        import zipfile
-
-        with zipfile.ZipFile(path) as z:
-            return {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
-    if path.suffix == ".vhd":
-        from spherefmt.containers.vhd.filesystem import VHDFileSystem
-
-        fs = VHDFileSystem(fo=str(path))
-        try:
-            return {p.lstrip("/"): hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.find("/")}
-        finally:
-            fs.close()
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
-
-
-def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
-    """Objects added, removed or rewritten with other bytes (the manifests, which every commit
-    adds, not counted)."""
-    keys = {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
-    return {k for k in keys if not k.startswith("manifest/")}
-
-
-def train_steps(m, ids, steps: int, lr: float = 1e-2) -> list[float]:
-    """A few Adam steps of a :mod:`spherefmt.training.modules` module on ``ids`` (its own labels)."""
-    import torch
-
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = m.model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses

@@ -18,8 +18,7 @@ from spherefmt.errors import FormatError, InputError, IntegrityError, PackageExi
 from spherefmt.interop.base import TensorSource
 from spherefmt.testing import save_hf_folder
 from spherefmt.testing.packages import remanifest
-
-from .conftest import model
+from tests.helpers import model
 
 
 def _st(path: Path, header: dict | bytes, data: bytes = b"") -> Path:

@@ -12,8 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from spherefmt.testing import save_hf_folder
-
-from .conftest import model
+from tests.helpers import model
 
 SPHERE = [sys.executable, "-m", "spherefmt.cli"]
 

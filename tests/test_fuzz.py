@@ -16,8 +16,7 @@ from spherefmt.errors import FormatError
 from spherefmt.format.header import Header
 from spherefmt.format.keys import core_key
 from spherefmt.interop.safetensors import SafetensorsFile
-
-from .conftest import model
+from tests.helpers import model
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

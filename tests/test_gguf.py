@@ -15,8 +15,7 @@ from spherefmt.errors import FormatError
 
 gguf = pytest.importorskip("gguf")
 from spherefmt.testing.gguf import make_llama_gguf  # noqa: E402 - after the importorskip above
-
-from .conftest import run_cli  # noqa: E402 - after the importorskip above
+from tests.helpers import run_cli  # noqa: E402 - after the importorskip above
 
 
 def _fields(path) -> list[tuple]:

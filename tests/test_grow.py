@@ -16,8 +16,7 @@ from spherefmt.training.grow import grow_layers, grow_neurons
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import spherefmt.training.modules as st  # noqa: E402 - after the importorskip above
-
-from .conftest import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
+from tests.helpers import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
 
 IDS = np.random.default_rng(0).integers(0, 300, (2, 24))
 

@@ -12,8 +12,7 @@ import pytest
 
 import spherefmt
 from spherefmt.containers.vhd.filesystem import VHDFileSystem
-
-from .conftest import model
+from tests.helpers import model
 
 pytestmark = pytest.mark.skipif(shutil.which("guestmount") is None or not os.path.exists("/usr/lib/python3/dist-packages/guestfs.py"),
                                 reason="needs libguestfs-tools and python3-guestfs")

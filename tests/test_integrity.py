@@ -20,8 +20,7 @@ import pytest
 import spherefmt
 from spherefmt.errors import ConcurrentWriteError, DiskFullError, IntegrityError, PackageLockedError, ReadOnlyError
 from spherefmt.training.grow import grow_neurons
-
-from .conftest import model, run_cli
+from tests.helpers import model, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = [pytest.mark.filterwarnings("ignore:Filesystem was not cleanly unmounted"),  # every killed VHD writer

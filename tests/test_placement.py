@@ -9,8 +9,7 @@ import pytest
 
 import spherefmt
 from spherefmt.format.placement import assign, cell_centers, default_grid, layer_shells, own_directions, tree_parents
-
-from .conftest import model
+from tests.helpers import model
 
 
 @pytest.mark.parametrize("n,p,m", [(100, 3, 4), (3072, 4, 8), (50, 10, 20), (7, 1, 1)])

@@ -10,8 +10,7 @@ from safetensors import safe_open
 import spherefmt
 from spherefmt.dtypes import from_numpy
 from spherefmt.testing import save_hf_folder
-
-from .conftest import dest, model, same_bytes
+from tests.helpers import dest, model, same_bytes
 
 
 @pytest.mark.parametrize("store", ["dir", "zip", "memory"])

@@ -14,8 +14,7 @@ from spherefmt.backends import get_backend
 from spherefmt.errors import BackendUnavailableError, BudgetExceededError, FormatError, InputError, UnknownBackendError
 from spherefmt.runtime import Session, parse_budget
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -20,8 +20,7 @@ from spherefmt.containers.remote import client_options
 from spherefmt.errors import FormatError, StorageError
 from spherefmt.runtime import Session
 from spherefmt.testing.s3 import S3Server
-
-from .conftest import run_cli
+from tests.helpers import run_cli
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -209,7 +208,8 @@ def test_killed_conversion_leaves_no_package(server, capsys):
 def test_two_writers_in_a_bucket_the_second_commit_is_refused(server):
     """S3 has no lock: the commit is a conditional PUT of the manifest (If-Match its ETag), and
     moto's server answers 412 to the writer that lost the race."""
-    from .conftest import model
+    from tests.helpers import model
+
     from .test_integrity import race
 
     sd, cfg = model("gpt2", "F32")

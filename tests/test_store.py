@@ -15,8 +15,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 import spherefmt
 from spherefmt.errors import FormatError, ReadOnlyError
-
-from .conftest import changed_keys, dest, model
+from tests.helpers import changed_keys, dest, model
 
 
 def test_plain_zarr_reads_every_array(tmp_path):

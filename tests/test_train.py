@@ -12,8 +12,7 @@ from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import spherefmt.training.modules as st  # noqa: E402 - after the importorskip above
-
-from .conftest import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
+from tests.helpers import changed_keys, object_digests, train_steps  # noqa: E402 - after the importorskip above
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -16,8 +16,7 @@ import pytest
 
 import spherefmt
 from spherefmt.containers.vhd.image import VHDImage
-
-from .conftest import model
+from tests.helpers import model
 
 TRIALS = 12  # the crash benchmark (bench/bench_reliability.py) runs hundreds
 

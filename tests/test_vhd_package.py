@@ -19,8 +19,7 @@ import spherefmt
 from spherefmt.containers.vhd.filesystem import PARTITION_START, VHDFileSystem
 from spherefmt.errors import ReadOnlyError
 from spherefmt.testing import save_hf_folder
-
-from .conftest import model, same_bytes
+from tests.helpers import model, same_bytes
 
 TOOLS = ("qemu-img", "fsck.vfat", "mcopy")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
