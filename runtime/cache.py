@@ -116,7 +116,7 @@ class WeightCache:
         plus, for a block not used at every visit of its position (a routed expert), the
         expected cycles skipped, ``1/p - 1`` with ``p`` its observed use rate there."""
         if b.position == self.now and b.visit == self.visit:
-            d = self.period  # used at this visit: next needed a whole cycle later at the earliest
+            d: float = self.period  # used at this visit: next needed a whole cycle later at the earliest
         else:
             d = (b.position - self.now) % self.period
         if self.sparse(b.key):
@@ -125,7 +125,7 @@ class WeightCache:
             d += self.period * (1 / p - 1)
         return d
 
-    def _make_room(self, need: int, farther_than: int | None) -> bool:
+    def _make_room(self, need: int, farther_than: float | None) -> bool:
         """Evict until ``need`` more bytes fit; with ``farther_than``, only blocks needed later
         than that distance.  Called with the lock held."""
         if self.used + need <= self.capacity:

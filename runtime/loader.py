@@ -64,7 +64,7 @@ class BlockLoader:
         self.split = split or {}
         self.layout = pkg.layout
         self.slices = self.layout.slices()
-        p, m = pkg.graticule  # type: ignore[misc]
+        p, m = pkg.require_graticule()
         self.grid = (p, m)
         self.n_layers = len(pkg.layer_depth)
         self.lock = threading.Lock()  # guards the counters; reads themselves run in parallel

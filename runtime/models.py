@@ -36,6 +36,8 @@ class Model(ABC):
     """A decoder-only transformer over one package."""
 
     arch: str
+    #: the block reader; each subclass's ``__init__`` builds it once it knows the tensor names
+    loader: BlockLoader
 
     def __init__(self, pkg: Package) -> None:
         self.pkg = pkg
@@ -49,7 +51,6 @@ class Model(ABC):
         self.prefix = first[: first.index(f".{0}.mlp.")] + "."  # e.g. "transformer.h." or "model.layers."
         self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
         self.period = self.n_layers + 2  # embed, layers..., head
-        self.loader: BlockLoader = None  # type: ignore[assignment] - set by subclasses
         #: called with ``(layer, FFN input as host float32)`` before each FFN (router training and
         #: co-activation placement learn from these; ``Session.ffn_inputs``)
         self.ffn_input_hook: Callable[[int, np.ndarray], None] | None = None

@@ -73,7 +73,7 @@ class _Router:
         self.k_of = list(k_of)
         self.router = router
         self.rng = np.random.default_rng(seed)
-        m = model.pkg.graticule[1]  # type: ignore[index]
+        m = model.pkg.require_graticule()[1]
         self.cells = [model.loader.cells(i) for i in range(model.n_layers)]
         self.flat = [np.array([lat * m + lon for lat, lon in cells], dtype=np.int64) for cells in self.cells]
         self.name = "random" if router == "random" else router.kind
@@ -134,7 +134,7 @@ class Session:
             raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
         self.chunk = chunk
         self._own = not isinstance(pkg, Package)
-        self.pkg = open_package(pkg) if self._own else pkg  # type: ignore[arg-type]
+        self.pkg: Package = pkg if isinstance(pkg, Package) else open_package(pkg)
         try:
             self._init(backend, budget, top_k, active, prefetch, router)
         except BaseException:
@@ -183,7 +183,7 @@ class Session:
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
         if self.router is not None:
             self.cache.sparse = lambda key: key[0] == "cell"
-        p, mm = self.pkg.graticule  # type: ignore[misc]
+        p, mm = self.pkg.require_graticule()
         #: token-selections per (layer, cell ``lat * M + lon``) since the session started
         self.usage = np.zeros((m.n_layers, p * mm), dtype=np.int64)
         self.kv: list[tuple[Any, Any]] = []
@@ -261,7 +261,7 @@ class Session:
     def route(self, layer: int, m: Any) -> list[tuple[int, int, Any]]:
         cells = self.model.loader.cells(layer)
         if self.router is None:
-            g = self.pkg.graticule[1]  # type: ignore[index]
+            g = self.pkg.require_graticule()[1]
             for lat, lon in cells:
                 self.usage[layer, lat * g + lon] += self.model.shape0(m)
             self._counters["routed_cells"] += len(cells) * self.model.shape0(m)

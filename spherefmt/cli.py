@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 import numpy as np
@@ -233,7 +233,7 @@ def cell(pkg: str, lat: int, lon: int, depth: int, as_json: bool) -> None:
     with open_package(pkg) as p:
         e = p.expert(lat, lon, depth)
         key = p.shard_key(lat, lon, depth)
-        d = {
+        d: dict[str, Any] = {
             "expert": [lat, lon, depth],
             "object": key,
             "stored_bytes": p.object_bytes(key),
@@ -378,7 +378,7 @@ def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int,
     if (prompt is None) == (ids_file is None):
         raise InputError("give --prompt TEXT or --ids FILE.npy")
     with _session(pkg, backend, budget, top_k, active, router, prefetch) as s:
-        ids = _load_ids(ids_file) if ids_file else s.encode(prompt)  # type: ignore[arg-type]
+        ids = _load_ids(ids_file) if ids_file else s.encode(prompt)
         out: list[int] = []
         shown = ""
         text_ok = prompt is not None
@@ -431,7 +431,7 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
             with open(text_file, encoding="utf-8", errors="replace") as f:
                 ids = np.asarray(s.encode(f.read()), dtype=np.int64)
         else:
-            ids = _load_ids(ids_file)  # type: ignore[arg-type]
+            ids = _load_ids(cast(str, ids_file))  # not None: exactly one of --text, --ids (checked above)
         if max_tokens:
             ids = ids[:max_tokens]
         total, n = s.nll(ids, progress=not quiet and not as_json)
@@ -473,7 +473,7 @@ def route_train(pkg: str, text_file: str | None, ids_file: str | None, steps: in
             with open(text_file, encoding="utf-8", errors="replace") as f:
                 ids = np.asarray(load_tokenizer(p).encode(f.read()), dtype=np.int64)
         else:
-            ids = _load_ids(ids_file)  # type: ignore[arg-type]
+            ids = _load_ids(cast(str, ids_file))  # not None: exactly one of --text, --ids (checked above)
         ids = ids[:max_tokens]
         if len(ids) < 16:
             raise InputError(f"need at least 16 sample tokens, got {len(ids)}")

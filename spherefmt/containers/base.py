@@ -156,10 +156,11 @@ def safe_key(key: str, where: str) -> str:
 def disk_full(e: BaseException) -> bool:
     """True when ``e`` (or what caused it) is the host's ENOSPC / EDQUOT."""
     seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        cur = cur.__cause__ or cur.__context__
         seen += 1
     return False
 

@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from spherefmt.containers.base import (
     AnonymousFile,
@@ -93,10 +94,10 @@ class ZipContainer(Container):
     def keys(self, prefix: str = "") -> Iterator[str]:
         return iter(sorted(k for k in self._members if k.startswith(prefix)))
 
-    def _ro(self, *_: object) -> None:
+    def _ro(self, *_: object, **__: object) -> NoReturn:
         raise ReadOnlyError(f"{self.where}: opened read-only")
 
-    put = replace = delete = move = _ro  # type: ignore[assignment]
+    put = replace = delete = move = _ro
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -19,7 +19,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from itertools import product
-from typing import Any
+from typing import Any, cast
 
 import crc32c
 import numcodecs
@@ -28,7 +28,9 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from spherefmt.errors import FormatError, InputError, IntegrityError
@@ -78,17 +80,23 @@ class FastArray:
         self.path = arr.store_path.path
         self.dtype = np.dtype(arr.dtype)
         self.sharded = sharded
-        codecs = arr.metadata.codecs
-        self.outer_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
-        self.inner_shape = tuple(codecs[0].chunk_shape) if sharded else self.outer_shape
-        self.steps = _chain(inner)
+        md = cast(ArrayV3Metadata, arr.metadata)  # maybe() admits only zarr v3 arrays
+        codecs = md.codecs
+        self.outer_shape = tuple(cast(RegularChunkGrid, md.chunk_grid).chunk_shape)
+        self.inner_shape = tuple(cast(ShardingCodec, codecs[0]).chunk_shape) if sharded else self.outer_shape
+        steps = _chain(inner)
+        if steps is None:
+            raise FormatError(f"{arr.path}: codec chain {[type(c).__name__ for c in inner]} has no fast decoder")
+        self.steps = steps
         fv = arr.metadata.fill_value
         self.fill = np.asarray(fv, dtype=self.dtype)
 
     @classmethod
     def maybe(cls, arr: zarr.Array) -> FastArray | None:
-        md = arr.metadata
-        if getattr(md, "zarr_format", None) != 3 or type(md.chunk_key_encoding) is not DefaultChunkKeyEncoding:
+        if getattr(arr.metadata, "zarr_format", None) != 3:
+            return None
+        md = cast(ArrayV3Metadata, arr.metadata)
+        if type(md.chunk_key_encoding) is not DefaultChunkKeyEncoding:
             return None
         if md.chunk_key_encoding.separator != "/" or not hasattr(md.chunk_grid, "chunk_shape"):
             return None
@@ -111,7 +119,7 @@ class FastArray:
     # -- decoding ------------------------------------------------------------------------
     def _decode(self, payload: memoryview, what: str) -> np.ndarray:
         data: Any = payload
-        for step in self.steps:  # type: ignore[union-attr]
+        for step in self.steps:
             data = step.decode(data)
         out = np.frombuffer(data, dtype=self.dtype)
         if out.size != math.prod(self.inner_shape):
@@ -298,13 +306,19 @@ def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool 
     chunk come as a view of its memory map (no copy).  Compressed chunks are decoded into new
     memory anyway, so they are read with one ``pread``: mapping would populate the whole object
     into the process for one byte range (bench/bench_scale.py)."""
-    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+    from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
     from spherefmt.format.store import PackageStore
 
     if isinstance(store, PackageStore):
         return store.read(key, start, end, mapped=mapped)
-    req = SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, end)  # type: ignore[arg-type]
+    req: ByteRequest
+    if start < 0:
+        req = SuffixByteRequest(-start)
+    elif end is None:  # to the end: a RangeByteRequest needs an int end (zarr's LocalStore computes end - start)
+        req = OffsetByteRequest(start)
+    else:
+        req = RangeByteRequest(start, end)
     buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=req))
     return None if buf is None else buf.to_bytes()
 
@@ -349,7 +363,7 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence
 
 def shard_shape(arr: zarr.Array) -> tuple[int, ...]:
     """The shard shape of a sharded array (its chunk shape when not sharded)."""
-    return tuple(arr.metadata.chunk_grid.chunk_shape)
+    return tuple(cast(RegularChunkGrid, arr.metadata.chunk_grid).chunk_shape)  # spherefmt writes regular grids
 
 
 def parallel_map(fn: Any, items: Sequence[Any]) -> list[Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from spherefmt import constants as C
 from spherefmt.dtypes import TensorInfo, check_dtype, check_shape
@@ -184,7 +184,7 @@ def _get(h: Mapping[str, Any], key: str, typ: type, where: str) -> Any:
     return v
 
 
-def _ints(v: Any, n: int | None = None) -> bool:
+def _ints(v: Any, n: int | None = None) -> TypeGuard[list[int]]:
     return isinstance(v, list) and (n is None or len(v) == n) and all(_is_int(x) for x in v)
 
 

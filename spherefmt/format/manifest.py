@@ -160,7 +160,7 @@ class Manifest:
         return cls(gen, entries, dict(pending))
 
 
-def trailers_of(blob: bytes | memoryview, shard_chunks: int | None) -> tuple[int | None, ...]:
+def trailers_of(blob: bytes | bytearray | memoryview, shard_chunks: int | None) -> tuple[int | None, ...]:
     """The checksums stored in an object whose chunks end with a crc32c codec: for a plain chunk
     its last 4 bytes; for a shard of ``shard_chunks`` inner chunks (index at the end, ``bytes`` +
     ``crc32c``), each present chunk's last 4 bytes in index order, then the index's.
@@ -195,7 +195,7 @@ def trailers_of(blob: bytes | memoryview, shard_chunks: int | None) -> tuple[int
     return tuple(out)
 
 
-def entry_for(blob: bytes | memoryview, layout: ChunkLayout | None) -> Entry:
+def entry_for(blob: bytes | bytearray | memoryview, layout: ChunkLayout | None) -> Entry:
     """The manifest entry of an object about to be stored (``layout``: how its array stores
     chunks, ``None`` for metadata and other objects)."""
     crc = crc32c.crc32c(blob)

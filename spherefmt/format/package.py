@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zarr
@@ -91,7 +91,7 @@ def _consistent(fn: _F) -> _F:
     def run(self: Package, *args: Any, **kwargs: Any) -> Any:
         return self.consistent(fn, self, *args, **kwargs)
 
-    return run  # type: ignore[return-value]
+    return cast(_F, run)  # functools.wraps: run stands for fn
 
 
 class Package:
@@ -292,7 +292,7 @@ class Package:
         arr = self._arrays.get(path)
         if arr is None:
             try:
-                arr = self._group[path]
+                node = self._group[path]
             except SpherefmtError:
                 raise  # a damaged or missing metadata object, named by the store
             except KeyError:
@@ -301,9 +301,9 @@ class Package:
                 raise FormatError(f"{self.where}: array {path!r} is missing") from None
             except (ValueError, TypeError) as e:
                 raise FormatError(f"{self.where}: array {path!r} has malformed metadata ({str(e)[:120]})") from None
-            if not isinstance(arr, zarr.Array):
+            if not isinstance(node, zarr.Array):
                 raise FormatError(f"{self.where}: {path!r} is not an array")
-            self._arrays[path] = arr
+            arr = self._arrays[path] = node
         return arr
 
     def read_array(self, arr: zarr.Array, sel: Any, what: str) -> np.ndarray:
@@ -594,11 +594,11 @@ class Package:
         t = self.entry(name)
         shape = tuple(t.shape)
         if t.where == "core":
-            arr = self.array(core_key(name))
-            if arr.shape != shape or arr.dtype != storage_dtype(t.dtype):
-                raise FormatError(f"{self.where}: {core_key(name)} is {arr.dtype}{arr.shape}, header says "
+            z = self.array(core_key(name))
+            if z.shape != shape or z.dtype != storage_dtype(t.dtype):
+                raise FormatError(f"{self.where}: {core_key(name)} is {z.dtype}{z.shape}, header says "
                                   f"{t.dtype}{list(shape)}")
-            data = self.read_array(arr, Ellipsis, core_key(name))
+            data = self.read_array(z, Ellipsis, core_key(name))
             return data.reshape(shape)  # zarr returns 0-d arrays as shape (1,)
         layer, _ = self._owners[name]
         return self._layer_tensors(layer)[name]

@@ -95,7 +95,11 @@ def read_router(pkg: Package, name: str) -> Router:
     hidden = attrs.get("hidden")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 <= hidden <= 65536:
         raise FormatError(f"{where}: hidden must be an integer in 0..65536")
-    d = int((pkg.config or {}).get("n_embd") or (pkg.config or {}).get("hidden_size"))
+    config = pkg.config or {}
+    width = config.get("n_embd") or config.get("hidden_size")
+    if width is None:
+        raise FormatError(f"{where}: the model config lacks 'n_embd' (or 'hidden_size')")
+    d = int(width)
     want = {"w2": (hidden or d, p * m), "b2": (p * m,)}
     if hidden:
         want.update({"w1": (d, hidden), "b1": (hidden,)})

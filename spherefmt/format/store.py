@@ -115,7 +115,7 @@ class PackageStore(Store):
     supports_writes = True
     supports_deletes = True
     supports_listing = True
-    supports_partial_writes = False  # type: ignore[assignment]
+    supports_partial_writes = False
 
     def __init__(self, container: Container, mode: str = "r", *, new: bool = False, lock_timeout: float = 0.0) -> None:
         super().__init__(read_only=mode == "r")
@@ -580,15 +580,15 @@ class PackageStore(Store):
             raise FileNotFoundError(key)
         return size
 
-    async def list(self) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list(self) -> AsyncIterator[str]:
         for k in self._listing():
             yield k
 
-    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
         for k in self.listed(prefix):
             yield k
 
-    async def list_dir(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         base = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         seen: set[str] = set()
         for k in self.listed(base):
@@ -664,4 +664,4 @@ def is_package(url: Any, storage_options: dict[str, Any] | None = None) -> bool:
                 store.close()
     except (FormatError, OSError, ValueError):
         return False
-    return bool(attrs) and ROOT_ATTR in attrs
+    return attrs is not None and ROOT_ATTR in attrs  # (an empty dict has no ROOT_ATTR either)

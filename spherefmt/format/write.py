@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
+from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.sync import sync
 
 from spherefmt import constants as C
@@ -66,7 +67,7 @@ def _core_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (max(1, min(shape[0], C.CORE_CHUNK_BYTES // row)), *(max(1, s) for s in shape[1:]))
 
 
-_ARRAY_CONFIG = {"write_empty_chunks": True}  # -0.0 chunks must be stored: bit-exact, not fill
+_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # -0.0 chunks must be stored: bit-exact, not fill
 
 
 def save(
@@ -236,7 +237,8 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
     st = storage_dtype(layout.dtype)
     f = layout.row_width
     sl = layout.slices()
-    prev_out = prev_dirs = None
+    prev_out: np.ndarray | None = None
+    prev_dirs: np.ndarray | None = None  # set with prev_out, after the first layer
     for shell in sorted(header.shells, key=lambda s: s.layers[0]):
         depth, layers, k = shell.depth, shell.layers, shell.capacity
         g = root.require_group(shell_path(depth))
@@ -257,7 +259,7 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             del tensors
             w_in = to_float32(rows[:, sl[layout.in_field]], layout.dtype)
             own = own_directions(w_in)
-            if prev_out is None:
+            if prev_out is None or prev_dirs is None:
                 dirs, par = own, np.full(rows.shape[0], C.PADDING_INDEX, dtype=np.int32)
             else:
                 par = tree_parents(prev_out, w_in)

@@ -226,10 +226,10 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
     plan = []
     for name in pkg.keys():
         info = pkg.tensor_info(name, padded=True)
-        e = entries.get(name)
-        if e is not None and e["raw"]:
-            kind = qt(int(e["ggml_type"]))
-            byte_shape = gguf.quant_shape_to_byte_shape(tuple(reversed(e["ne"])), kind)
+        entry = entries.get(name)
+        if entry is not None and entry["raw"]:
+            kind = qt(int(entry["ggml_type"]))
+            byte_shape = gguf.quant_shape_to_byte_shape(tuple(reversed(entry["ne"])), kind)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=kind)
         else:
             if info.dtype not in _FLOAT:

@@ -128,7 +128,8 @@ class SafetensorsFile:
             shape = (max(0, stop - start), *shape[1:])
         out = np.empty(shape, dtype=storage)
         nbytes = out.nbytes
-        buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        # .data: the array's buffer as a memoryview (numpy's stubs make ndarray a Buffer only on 3.12+)
+        buf = out.reshape(-1).view(np.uint8).data if out.size else memoryview(b"")
         got = 0
         while got < nbytes:
             k = os.preadv(self._fh.fileno(), [buf[got:]], self._data_start + begin + got)
@@ -193,7 +194,7 @@ def write_safetensors(
                 arr = contiguous(get(t.name))
                 if arr.nbytes != t.nbytes:
                     raise FormatError(f"{path}: tensor {t.name!r} has {arr.nbytes} bytes, header says {t.nbytes}")
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+                f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
                 if progress:
                     progress(t.nbytes)
         os.replace(tmp, path)

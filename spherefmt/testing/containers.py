@@ -17,7 +17,7 @@ import pytest
 
 import spherefmt
 from spherefmt.containers import open_container
-from spherefmt.containers.base import CommitConflict
+from spherefmt.containers.base import CommitConflict, Container
 from spherefmt.errors import ConcurrentWriteError, FormatError, IntegrityError, PackageLockedError
 
 __all__ = ["ContainerSuite"]
@@ -30,6 +30,13 @@ def _model() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
     cfg = gpt2_config(n_layer=2, n_embd=32, vocab_size=80)
     return make_gpt2(cfg, "F32", 0), cfg
+
+
+def _got(c: Container, key: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The bytes of an object the test expects to be there (absent: the test fails)."""
+    blob = c.get(key, start, end)
+    assert blob is not None, f"{key}: missing"
+    return bytes(blob)
 
 
 class ContainerSuite:
@@ -71,11 +78,11 @@ class ContainerSuite:
             assert "zarr.json" in keys and "manifest/zarr.json" in keys
             assert all(k.startswith(("core/", "sphere/", "manifest/", "zarr.json")) for k in keys)
             assert set(c.keys("sphere")) == {k for k in keys if k.startswith("sphere/")}
-            whole = bytes(c.get("zarr.json"))
+            whole = _got(c, "zarr.json")
             assert c.size("zarr.json") == len(whole) and c.get("nope/zarr.json") is None
-            assert bytes(c.get("zarr.json", 3, 10)) == whole[3:10]
-            assert bytes(c.get("zarr.json", -7)) == whole[-7:]
-            assert bytes(c.get("zarr.json", len(whole) - 2, len(whole) + 100)) == whole[-2:]  # clipped
+            assert _got(c, "zarr.json", 3, 10) == whole[3:10]
+            assert _got(c, "zarr.json", -7) == whole[-7:]
+            assert _got(c, "zarr.json", len(whole) - 2, len(whole) + 100) == whole[-2:]  # clipped
             for bad in ("../x", "/abs", "a//b", "a/./b"):
                 with pytest.raises(FormatError, match="unsafe"):
                     c.get(bad)
@@ -91,17 +98,17 @@ class ContainerSuite:
             assert v is None
             c.replace("extra/obj", b"one", None)
             v1 = c.version("extra/obj")
-            assert v1 is not None and bytes(c.get("extra/obj")) == b"one"
+            assert v1 is not None and _got(c, "extra/obj") == b"one"
             with pytest.raises(CommitConflict):
                 c.replace("extra/obj", b"two", None)  # it exists now
             c.replace("extra/obj", b"two", v1)
             assert c.version("extra/obj") != v1
             with pytest.raises(CommitConflict):
                 c.replace("extra/obj", b"three", v1)  # stale
-            assert bytes(c.get("extra/obj")) == b"two"
+            assert _got(c, "extra/obj") == b"two"
             c.put("extra/other", b"x")
             c.move("extra/other", "extra/moved")
-            assert c.get("extra/other") is None and bytes(c.get("extra/moved")) == b"x"
+            assert c.get("extra/other") is None and _got(c, "extra/moved") == b"x"
             c.delete("extra/moved")
             c.delete("extra/moved")  # absent: nothing happens
             assert c.get("extra/moved") is None
@@ -129,6 +136,7 @@ class ContainerSuite:
         before = self._state(url)
         with spherefmt.open(url, "r+") as p:
             g = p.generation
+            assert g is not None  # format version 2: a manifest generation
             with pytest.raises(KeyboardInterrupt), p.transaction():
                 for a in p.experts():
                     e = p.expert(*a)
@@ -191,12 +199,10 @@ class ContainerSuite:
             e = p.expert(1, 0, 1)
             rows = e.neurons.copy()
             rows[e.index >= 0] = 5
-            commit = PackageStore._commit
-            try:  # everything written but the commit, and no clean-up: what a SIGKILL leaves
-                PackageStore._commit = lambda *a: None  # type: ignore[method-assign]
+            # everything written but the commit, and no clean-up: what a SIGKILL leaves
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(PackageStore, "_commit", lambda *a: None)
                 p.write_expert(1, 0, 1, rows)
-            finally:
-                PackageStore._commit = commit  # type: ignore[method-assign]
         assert self._state(url) == before
         with spherefmt.open(url, "r+"):
             pass  # the next writer

@@ -17,7 +17,6 @@ import hashlib
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,8 @@ def state_of(pkg: str | Path) -> dict[str, str] | str:
 
     try:
         with spherefmt.open(pkg) as p:
-            out = {n: f"{t.dtype}{t.shape}:{hashlib.sha256(np.ascontiguousarray(t).view(np.uint8)).hexdigest()[:16]}"
+            out = {n: f"{t.dtype}{t.shape}:"
+                      f"{hashlib.sha256(np.ascontiguousarray(t).view(np.uint8).data).hexdigest()[:16]}"
                    for n, t in p.state_dict().items()}
             v = p.verify()
     except Exception as e:  # noqa: BLE001 - what a user would see is the outcome
@@ -158,12 +158,12 @@ class Trials:
                 return {"seconds": time.perf_counter() - t0, "finished": True}
             finished = done.wait(delay)
             if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
+                proc.kill()  # SIGKILL
             proc.join(30)
             return {"seconds": delay, "finished": finished}
         finally:
             if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
+                proc.kill()  # SIGKILL
                 proc.join(30)
 
     def trial(self, op: str, base: Path, work: Path, args: dict[str, Any], delay: float,

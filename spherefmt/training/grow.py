@@ -318,10 +318,13 @@ def grow_layers(pkg: str | Package, n: int, *, progress: bool = False) -> dict[s
             # 3. routers: a new layer's router starts as a copy of the last layer's (same cells)
             routers = root.get("router")
             if isinstance(routers, zarr.Group):
-                for _name, grp in routers.groups():
+                for rname, grp in routers.groups():
                     for layer in new_layers:
                         lg = grp.require_group(str(layer))
-                        for key, a in grp[str(last)].arrays():
+                        last_group = grp[str(last)]
+                        if not isinstance(last_group, zarr.Group):
+                            raise FormatError(f"{p.where}: router/{rname}/{last} is not a group")
+                        for key, a in last_group.arrays():
                             lg.create_array(key, shape=a.shape, dtype=a.dtype, chunks=a.chunks, compressors=a.compressors,
                                             overwrite=True)[...] = a[...]
                     grp.attrs["layers"] = n_layers + n

@@ -94,9 +94,11 @@ class SphereModule:
                                  "(lat, lon, depth)")
             return None
         chosen = [tuple(int(v) for v in e) for e in trainable]
+        experts: list[tuple[int, int, int]] = []
         for lat, lon, depth in chosen:
             self.pkg.check_address(lat, lon, depth)
-        return chosen  # type: ignore[return-value]
+            experts.append((lat, lon, depth))
+        return experts
 
     def _apply_trainable(self, trainable: Any) -> None:
         torch = _torch()
@@ -194,7 +196,7 @@ class SphereModule:
             return digests, changed
         rows = {layer: rows_from_tensors(layout, {n: current[n] for n in layout.layers[layer].values()}, layer)
                 for layer in sorted(layers_needed)}
-        p_, m_ = pkg.graticule  # type: ignore[misc]
+        p_, m_ = pkg.require_graticule()
         for depth in range(pkg.depth):
             arr, index, _ = pkg.shell_arrays(depth)
             layers = pkg.shell_layers(depth)
@@ -240,13 +242,14 @@ class SphereModule:
                 written["bytes"] += data.nbytes
             written["router"] = None
             now = self._router_state() if self.router is not None else None
-            if self.router is not None and now != self._router_digest:
+            # router_name is set whenever router is: its test narrows the type, it changes nothing
+            if self.router is not None and self.router_name is not None and now != self._router_digest:
                 from spherefmt.format.routers import Router, write_router
 
                 layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
                           for lay in self.router]
                 old = self._router_meta
-                write_router(pkg, self.router_name, Router(old.kind, layers, old.cells, meta=old.meta))  # type: ignore[arg-type]
+                write_router(pkg, self.router_name, Router(old.kind, layers, old.cells, meta=old.meta))
                 written["router"] = self.router_name
                 written["bytes"] += sum(a.nbytes for lay in layers for a in lay.values())
         # only once committed do the written values become the baseline of the next save
@@ -278,8 +281,9 @@ def _owner(pkg: Package, name: str) -> tuple[int, str]:
 def _router_modules(router: Any) -> Any:
     """A stored router as a ``ModuleList`` of per-layer scorers (``relu(x w1 + b1) w2 + b2``)."""
     torch = _torch()
+    module: Any = torch.nn.Module  # torch is imported lazily, so mypy cannot name the base class
 
-    class RouterLayer(torch.nn.Module):
+    class RouterLayer(module):
         def __init__(self, arrays: dict[str, np.ndarray]) -> None:
             super().__init__()
             for key in ("w1", "b1", "w2", "b2"):

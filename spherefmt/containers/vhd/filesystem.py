@@ -402,7 +402,8 @@ class VHDFileSystem(AbstractFileSystem):
             self._dirs[path] = hit
         return hit
 
-    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 **kwargs: Any) -> bytes | memoryview:  # a memoryview only for _view=True (read_range)
         path = self._strip_protocol(path)
         for attempt in range(4):
             try:
@@ -583,7 +584,7 @@ class VHDFileSystem(AbstractFileSystem):
                     self._vhd.flush()
         if getattr(self, "_vhd", None) is not None:
             self._vhd.close()
-            self._vhd = None
+            del self._vhd  # closed: no image, as when __init__ failed before opening one (hence the getattr)
         if self._lockf is not None:
             self._lockf.close()
             self._lockf = None
