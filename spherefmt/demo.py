@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+import spherefmt
+from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
+from spherefmt.tinymodel import default_model
+
 
 def _sphere(*args: str) -> str:
     cmd = [sys.executable, "-m", "spherefmt.cli", *args]
@@ -37,9 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-
-    import spherefmt
-    from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
 
     cfg = gpt2_config(n_layer=6, n_embd=256, n_head=8, vocab_size=8192, n_positions=512)
     src = out / "gpt2-6x256"
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
     np.save(ids, np.arange(1, 17))
     _sphere("run", str(pkg), "--ids", str(ids), "-n", "12", "--budget", "25%", "--backend", "numpy", "--stats")
     _sphere("eval", str(pkg), "--ids", str(ids), "--budget", "25%", "--active", "25%", "--backend", "numpy", "-q")
-
-    from spherefmt.tinymodel import default_model
 
     tiny = default_model()
     if not (tiny / "model.safetensors").exists():

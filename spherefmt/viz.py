@@ -15,6 +15,7 @@ import numpy as np
 
 from spherefmt.errors import BackendUnavailableError, InputError
 from spherefmt.format.package import Package
+from spherefmt.format.placement import cell_centers
 
 __all__ = ["draw_map", "draw_trees", "pyplot"]
 
@@ -93,8 +94,6 @@ def draw_trees(pkg: Package, out: str | Path, neurons: int = 300, seed: int = 0)
     """Write a PNG of lightning trees in 3D: each drawn neuron sits at its cell's direction, at a
     radius growing with its layer, joined to its tree parent in the previous layer."""
     plt = pyplot()
-    from spherefmt.format.placement import cell_centers
-
     p, m = pkg.require_graticule()
     centers = cell_centers(p, m)
     n_layers = len(pkg.layer_depth)

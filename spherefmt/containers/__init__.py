@@ -27,6 +27,10 @@ from zarr.abc.store import Store
 
 from spherefmt.constants import MAX_HEADER_JSON, ROOT_ATTR
 from spherefmt.containers.base import AnonymousFile, CommitConflict, Container, FileLock, lock_path, remove_leftovers
+from spherefmt.containers.directory import DirectoryContainer
+from spherefmt.containers.remote import FsspecContainer
+from spherefmt.containers.store import StoreContainer
+from spherefmt.containers.zip import ZipContainer, ZipEditContainer
 from spherefmt.errors import FormatError, InputError, PackageExistsError, ReadOnlyError, SpherefmtError
 
 __all__ = ["CommitConflict", "Container", "create_container", "holds_package", "kind_of", "open_container"]
@@ -66,12 +70,8 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
         raise InputError(f"mode must be 'r' or 'r+', not {mode!r}")
     kind = kind_of(url)
     if kind == "store":
-        from spherefmt.containers.store import StoreContainer
-
         return StoreContainer(url)
     if kind == "fsspec":
-        from spherefmt.containers.remote import FsspecContainer
-
         c = FsspecContainer(os.fspath(url), storage_options)
         if mode == "r+" and not c.conditional:
             raise ReadOnlyError(f"{c.where}: {c.protocol}:// offers no conditional write, so two writers could "
@@ -90,13 +90,9 @@ def open_container(url: Any, mode: str = "r", storage_options: dict[str, Any] | 
     if kind == "zip":
         if not path.is_file():
             raise FormatError(f"{path}: not a zip file")
-        from spherefmt.containers.zip import ZipContainer, ZipEditContainer
-
         return ZipEditContainer(path, lock_timeout=lock_timeout) if mode == "r+" else ZipContainer(path)
     if not path.is_dir():
         raise FormatError(f"{path}: not a package directory")
-    from spherefmt.containers.directory import DirectoryContainer
-
     return DirectoryContainer(path)
 
 
@@ -116,12 +112,8 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
     """
     kind = kind_of(dst)
     if kind == "store":
-        from spherefmt.containers.store import StoreContainer
-
         return StoreContainer(dst)
     if kind == "fsspec":
-        from spherefmt.containers.remote import FsspecContainer
-
         c = FsspecContainer(os.fspath(dst), storage_options)
         existing = list(c.keys())
         if existing:
@@ -143,8 +135,6 @@ def create_container(dst: Any, *, overwrite: bool = False, vhd_size: int | None 
     if not path.parent.is_dir():
         raise FormatError(f"{path.parent}: no such directory")
     if kind == "zip":
-        from spherefmt.containers.zip import ZipEditContainer
-
         return ZipEditContainer(path, new=True)
     lock = FileLock(lock_path(path), str(path))
     lock.acquire()
@@ -198,8 +188,6 @@ def _new_vhd(path: Path, lock: FileLock, size: int) -> Container:
 
 
 def _new_dir(path: Path, lock: FileLock) -> Container:
-    from spherefmt.containers.directory import DirectoryContainer
-
     stage = path.with_name(f".{path.name}.partial-{os.getpid()}")
     stage.mkdir()
     c = DirectoryContainer(stage, where=str(path), lock_at=path)

@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from spherefmt.errors import DiskFullError, PackageLockedError, SpherefmtError, StorageError
+from spherefmt.errors import DiskFullError, FormatError, PackageLockedError, SpherefmtError, StorageError
 
 __all__ = ["CommitConflict", "Container", "FileLock", "disk_full", "storage_failure"]
 
@@ -147,8 +147,6 @@ def safe_key(key: str, where: str) -> str:
     key can reach outside a container), else :class:`~spherefmt.errors.FormatError`."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key \
             or any(part in ("", ".", "..") for part in key.split("/")):
-        from spherefmt.errors import FormatError
-
         raise FormatError(f"{where}: unsafe object key {key[:120]!r}")
     return key
 

@@ -25,6 +25,7 @@ import crc32c
 import numcodecs
 import numpy as np
 import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
 from zarr.core.buffer import default_buffer_prototype
@@ -34,6 +35,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from spherefmt.errors import FormatError, InputError, IntegrityError
+from spherefmt.format.store import PackageStore
 
 __all__ = ["ChunkError", "FastArray", "open_arrays", "parallel_map", "read_many", "shard_shape"]
 
@@ -306,10 +308,6 @@ def _read_range(store: Any, key: str, start: int, end: int | None, mapped: bool 
     chunk come as a view of its memory map (no copy).  Compressed chunks are decoded into new
     memory anyway, so they are read with one ``pread``: mapping would populate the whole object
     into the process for one byte range (bench/bench_scale.py)."""
-    from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-
-    from spherefmt.format.store import PackageStore
-
     if isinstance(store, PackageStore):
         return store.read(key, start, end, mapped=mapped)
     req: ByteRequest
@@ -329,8 +327,6 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence
     object ``i`` may come as a view of a memory map)."""
     if not keys:
         return
-    from spherefmt.format.store import PackageStore
-
     if isinstance(store, PackageStore):
         if store.container.remote and len(keys) > 1:  # one concurrent round of requests, then decode
             blobs = store.read_many(list(keys))

@@ -19,6 +19,8 @@ import spherefmt
 from spherefmt.containers import open_container
 from spherefmt.containers.base import CommitConflict, Container
 from spherefmt.errors import ConcurrentWriteError, FormatError, IntegrityError, PackageLockedError
+from spherefmt.format.store import PackageStore
+from spherefmt.testing.models import gpt2_config, make_gpt2
 
 __all__ = ["ContainerSuite"]
 
@@ -26,8 +28,6 @@ _n = itertools.count()
 
 
 def _model() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from spherefmt.testing.models import gpt2_config, make_gpt2
-
     cfg = gpt2_config(n_layer=2, n_embd=32, vocab_size=80)
     return make_gpt2(cfg, "F32", 0), cfg
 
@@ -191,8 +191,6 @@ class ContainerSuite:
             b.close()
 
     def test_what_a_killed_writer_left_is_never_read_and_then_removed(self, tmp_path: Any) -> None:
-        from spherefmt.format.store import PackageStore
-
         url = self.package(tmp_path)
         before = self._state(url)
         with spherefmt.open(url, "r+") as p:

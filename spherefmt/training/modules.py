@@ -21,9 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from spherefmt.dtypes import storage_dtype
 from spherefmt.errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
+from spherefmt.format.arch import rows_from_tensors
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
+from spherefmt.format.routers import Router, read_router, router_names, write_router
+from spherefmt.interop.hf import build
 
 __all__ = ["SphereModule", "load"]
 
@@ -43,8 +47,6 @@ class SphereModule:
     def __init__(self, pkg: Package, trainable: str | Sequence[tuple[int, int, int]] = "all",
                  router: str | None = None) -> None:
         _torch()
-        from spherefmt.interop.hf import build
-
         self.pkg = pkg
         # float32 for training; padded: after uneven growth every layer gets the largest FFN
         # size, zero neurons filling (masked below, so they stay zero)
@@ -54,15 +56,11 @@ class SphereModule:
         #: the cell scores of FFN inputs ``x``), when asked for or when ``trainable="router"``
         self.router, self.router_name = None, router
         if trainable == "router" and router is None:
-            from spherefmt.format.routers import router_names
-
             names = router_names(pkg)
             if not names:
                 raise InputError(f"{pkg.where} holds no router to train: sphere route-train makes one")
             self.router_name = "learned" if "learned" in names else names[0]
         if self.router_name is not None:
-            from spherefmt.format.routers import read_router
-
             self._router_meta = read_router(pkg, self.router_name)
             self.router = _router_modules(self._router_meta)
             self.router.requires_grad_(trainable in ("all", "router"))
@@ -93,9 +91,12 @@ class SphereModule:
                 raise InputError(f"trainable {trainable!r}: all, experts, core, router, none, or a list of "
                                  "(lat, lon, depth)")
             return None
-        chosen = [tuple(int(v) for v in e) for e in trainable]
         experts: list[tuple[int, int, int]] = []
-        for lat, lon, depth in chosen:
+        for e in trainable:
+            try:
+                lat, lon, depth = (int(v) for v in e)
+            except (TypeError, ValueError):
+                raise InputError(f"trainable expert {e!r}: expected (lat, lon, depth)") from None
             self.pkg.check_address(lat, lon, depth)
             experts.append((lat, lon, depth))
         return experts
@@ -190,8 +191,6 @@ class SphereModule:
                 digests[name] = hashlib.blake2b(current[name].tobytes(), digest_size=16).digest()
                 if baseline is not None and baseline.get(name) != digests[name]:
                     changed[name] = current[name]
-        from spherefmt.format.arch import rows_from_tensors
-
         if not ffn_live:
             return digests, changed
         rows = {layer: rows_from_tensors(layout, {n: current[n] for n in layout.layers[layer].values()}, layer)
@@ -244,8 +243,6 @@ class SphereModule:
             now = self._router_state() if self.router is not None else None
             # router_name is set whenever router is: its test narrows the type, it changes nothing
             if self.router is not None and self.router_name is not None and now != self._router_digest:
-                from spherefmt.format.routers import Router, write_router
-
                 layers = [{k: p.detach().cpu().numpy().astype(np.float32) for k, p in lay.named_parameters()}
                           for lay in self.router]
                 old = self._router_meta
@@ -261,8 +258,6 @@ class SphereModule:
 
 def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values to the package's storage array for ``dtype`` (BF16 rounds to nearest even)."""
-    from spherefmt.dtypes import storage_dtype
-
     if dtype == "BF16":
         import ml_dtypes
 

@@ -24,7 +24,7 @@ from typing import Any
 from fsspec.spec import AbstractFileSystem
 
 from spherefmt.containers.base import disk_full, storage_failure
-from spherefmt.containers.vhd.image import SECTOR, VHDImage, create_vhd
+from spherefmt.containers.vhd.image import SECTOR, VHDImage, create_vhd, disk_size
 from spherefmt.errors import FormatError, IntegrityError, PackageLockedError, ReadOnlyError
 
 __all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
@@ -144,8 +144,6 @@ def _fix_fsinfo(vhd: VHDImage) -> None:
 def create_package_image(path: str | os.PathLike[str], size: int, *, inplace: bool = False) -> int:
     """Create a dynamic VHD of (at least) ``size`` bytes holding an empty FAT32 partition
     (``inplace``: into the caller's file at ``path``, see :func:`spherefmt.containers.vhd.image.create_vhd`)."""
-    from spherefmt.containers.vhd.image import disk_size
-
     _fat_layout(disk_size(size) // SECTOR - PARTITION_START)  # too small: refuse before any file exists
     real = create_vhd(path, size, inplace=inplace)
     try:
