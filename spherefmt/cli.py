@@ -260,11 +260,14 @@ def cell(pkg: str, lat: int, lon: int, depth: int, as_json: bool) -> None:
 @cli.command(name="export")
 @click.argument("pkg")
 @click.argument("dst")
-@click.option("--overwrite", is_flag=True, help="Replace an existing DST file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+@click.option("--format", "fmt", default=None, metavar="NAME",
+              help="safetensors, gguf, torch or hf (default: from DST's suffix; no suffix: hf).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
-def export_cmd(pkg: str, dst: str, overwrite: bool, quiet: bool) -> None:
-    """Write every tensor back to DST (.safetensors, or .pt/.pth/.bin for a torch state dict)."""
+def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quiet: bool) -> None:
+    """Write every tensor back to DST: a .safetensors file, a .gguf (packages converted from GGUF),
+    a torch state dict (.pt/.pth/.bin), or a Hugging Face save_pretrained folder (no suffix)."""
     import os
 
     from spherefmt.errors import PackageExistsError
@@ -272,7 +275,7 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, quiet: bool) -> None:
 
     if os.path.exists(dst) and not overwrite:
         raise PackageExistsError(f"{dst}: exists; pass --overwrite to replace it")
-    click.echo(f"wrote {export(pkg, dst, progress=not quiet)}")
+    click.echo(f"wrote {export(pkg, dst, fmt=fmt, progress=not quiet)}")
 
 
 @cli.command(name="mount")

@@ -74,3 +74,32 @@ def test_load_model_from_bare_names_and_refusals(tmp_path):
         generic = spherefmt.save({"w": np.ones(3, np.float32)}, tmp_path / "g.sphere")
     with pytest.raises(FormatError, match="GPT-2 and Llama"):
         spherefmt.interop.hf.load_model(generic)
+
+
+def test_export_to_a_folder_is_a_save_pretrained_folder(tmp_path, capsys):
+    """The registry's Hugging Face writer: a package exported to a folder loads with
+    ``from_pretrained`` and gives the original model's logits; the tensors are the original bytes
+    and the tokenizer and config come back."""
+    from safetensors.numpy import load_file
+
+    from spherefmt.cli import main
+    from spherefmt.interop.registry import FORMATS, format_for
+
+    folder = _saved(tmp_path, "gpt2", torch.float32)
+    pkg = spherefmt.save(folder, tmp_path / "m.sphere")
+    out = tmp_path / "back"
+    with pytest.raises(SystemExit) as e:
+        main(["export", pkg, str(out), "-q"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert format_for(out, writing=True) is FORMATS["hf"]
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    np.testing.assert_array_equal(_logits(back), _logits(theirs))
+    exported = load_file(out / "model.safetensors")
+    with spherefmt.open(pkg) as p:
+        assert set(exported) == set(p.keys())
+        for name, arr in exported.items():
+            assert arr.tobytes() == p.tensor(name).tobytes(), name
+    with pytest.raises(spherefmt.errors.InputError, match="unknown export format"):
+        spherefmt.export(pkg, tmp_path / "x.npy")

@@ -18,6 +18,7 @@ import io
 import os
 import struct
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -33,6 +34,9 @@ PARTITION_START = 2048  # sectors: 1 MiB alignment, as every partitioning tool d
 RESERVED = 32
 CLUSTER = 32 * 1024
 FAT32_MIN_CLUSTERS = 65525
+
+#: mounts a reader's refresh tries while a writer may be rewriting a directory (about 2 s in all)
+REMOUNT_TRIES = 25
 
 
 class DiskFile(io.RawIOBase):
@@ -215,14 +219,15 @@ class VHDFileSystem(AbstractFileSystem):
         self._io = threading.RLock()  # pyfatfs is not thread-safe; zarr calls from several threads
         self._mount()
 
-    def _mount(self) -> None:
+    def _mount(self, close_on_error: bool = True) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pyfatfs imports fs, which warns about pkg_resources
             from pyfatfs.PyFatFS import PyFatBytesIOFS
         try:
             self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=PARTITION_START * SECTOR, lazy_load=True)
         except Exception as e:  # noqa: BLE001 - pyfatfs raises many kinds on a bad filesystem
-            self.close()
+            if close_on_error:
+                self.close()
             raise FormatError(f"{self.where}: no readable FAT32 filesystem at sector {PARTITION_START} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         if self.mode == "r+" and self.durable:
@@ -238,9 +243,20 @@ class VHDFileSystem(AbstractFileSystem):
         if self.mode != "r":
             return
         with self._io:
-            self._vhd.close()
-            self._vhd = VHDImage(self.image_path, "r")  # the BAT may have grown too
-            self._mount()
+            # a writer in another process may be in the middle of rewriting a directory: a mount
+            # that reads it torn is tried again, a bounded number of times, before it is an error
+            for attempt in range(REMOUNT_TRIES):
+                last = attempt == REMOUNT_TRIES - 1
+                if getattr(self, "_vhd", None) is not None:
+                    self._vhd.close()
+                self._vhd = VHDImage(self.image_path, "r")  # the BAT may have grown too
+                try:
+                    self._mount(close_on_error=last)
+                    return
+                except FormatError:
+                    if last:
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
