@@ -33,8 +33,7 @@ from spherefmt.testing import architecture as A  # noqa: E402 - after the path a
 #: why each group of lazy (in-function) internal imports is left, by importing module
 LAZY_REASONS = {
     "spherefmt.cli": "each command imports what it runs: `sphere --help` loads no zarr, torch or runtime",
-    "spherefmt.containers": "a container's module loads when its kind is used: vhd needs the [vhd] extra "
-                            "(pyfatfs), fsspec URLs their filesystem's package",
+    "spherefmt.containers": "the vhd container loads when a .vhd is used: it needs the [vhd] extra (pyfatfs)",
     "spherefmt.containers.vhd.container": "pyfatfs (the [vhd] extra) loads when an image is opened",
     "spherefmt.testing.images": "pyfatfs (the [vhd] extra) loads when a test image is made",
     "spherefmt.backends": "backends are registered by name and imported when chosen (torch, wgpu are extras)",
@@ -112,7 +111,7 @@ def markdown(doc: dict[str, Any]) -> str:
              (a["duplicates"] or "-").split(", each")[0])]
     s = doc["suite_wall_s"]
     if s["before"] and s["after"]:
-        rows.append(("`make test` wall time, 2 cores", f"{s['before']:.0f} s", f"{s['after']:.0f} s"))
+        rows.append(("test suite wall time (pytest, 2 cores, same machine)", f"{s['before']:.0f} s", f"{s['after']:.0f} s"))
     lines = ["| | before | after |", "|---|---|---|"] + [f"| {k} | {x} | {y} |" for k, x, y in rows]
     return "\n".join(lines)
 

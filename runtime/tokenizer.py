@@ -3,9 +3,12 @@ the source carried one, else UTF-8 bytes (ids 0..255)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spherefmt.errors import BackendUnavailableError, FormatError, InputError
+
+if TYPE_CHECKING:
+    from spherefmt.format.package import Package
 
 __all__ = ["ByteTokenizer", "load_tokenizer"]
 
@@ -44,7 +47,7 @@ class HFTokenizer:
         return str(self.tok.decode(ids, skip_special_tokens=False))
 
 
-def load_tokenizer(pkg: Any, vocab: int | None = None) -> Any:
+def load_tokenizer(pkg: Package, vocab: int | None = None) -> Any:
     """The package's tokenizer, or bytes when it has none and its vocabulary holds 256 ids
     (``vocab``: the model's vocabulary size; default read from its embedding table)."""
     if vocab is None:

@@ -15,7 +15,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from spherefmt.constants import DTYPES, MAX_SAFETENSORS_HEADER
 from spherefmt.dtypes import TensorInfo, check_dtype, check_shape, contiguous
 from spherefmt.errors import FormatError
 from spherefmt.interop.base import TensorSource, read_json
+
+if TYPE_CHECKING:
+    from spherefmt.format.package import Package
 
 __all__ = ["SafetensorsFile", "SafetensorsSource", "export_safetensors", "open_safetensors", "write_safetensors"]
 
@@ -251,7 +254,7 @@ def open_safetensors(path: Path) -> SafetensorsSource:
     return src
 
 
-def export_safetensors(pkg: Any, dst: Path, storage: Callable[[str], np.ndarray], progress: Callable[[int], Any]) -> None:
+def export_safetensors(pkg: Package, dst: Path, storage: Callable[[str], np.ndarray], progress: Callable[[int], Any]) -> None:
     """Write every tensor of a package to one ``.safetensors`` file, one tensor in memory at a time."""
     infos = [pkg.tensor_info(n, padded=True) for n in pkg.keys()]
     write_safetensors(dst, infos, storage, metadata=pkg.header.metadata or None, progress=progress)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spherefmt.errors import BackendUnavailableError, FormatError
 from spherefmt.interop.base import MappingSource
+
+if TYPE_CHECKING:
+    from spherefmt.format.package import Package
 
 __all__ = ["export_torch", "open_torch", "torch_load"]
 
@@ -37,7 +40,7 @@ def open_torch(path: Path) -> MappingSource:
     return MappingSource(torch_load(path), str(path))
 
 
-def export_torch(pkg: Any, dst: Path, storage: Callable[[str], np.ndarray], progress: Callable[[int], Any]) -> None:
+def export_torch(pkg: Package, dst: Path, storage: Callable[[str], np.ndarray], progress: Callable[[int], Any]) -> None:
     """``torch.save`` of every tensor (the whole model in memory while saving), written beside
     ``dst`` and renamed over it."""
     try:
