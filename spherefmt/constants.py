@@ -58,10 +58,12 @@ DTYPES: dict[str, tuple[str, int]] = {
 SPHERE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 # --- 5. Codecs ------------------------------------------------------------------------------
-CODEC_DEFAULT = "default"  # bytes -> numcodecs.shuffle(itemsize) -> zstd(level 1) -> crc32c
+CODEC_DEFAULT = "default"  # bytes -> blosc(zstd, level 1, shuffle, typesize, one block per chunk) -> crc32c
 CODEC_NONE = "none"  # bytes -> crc32c
 CODEC_PRESETS = (CODEC_DEFAULT, CODEC_NONE)
 ZSTD_LEVEL = 1
+#: blosc blocks are one chunk, up to this size (c-blosc's limit on a block is below 2 GiB)
+BLOSC_MAX_BLOCK = 1 << 30
 #: zstd codes its input in blocks of this many bytes, one entropy table per block.
 ZSTD_BLOCK = 128 * 1024
 #: Default graticules keep each byte plane of a cell-layer chunk at least one zstd block long...

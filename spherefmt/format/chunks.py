@@ -2,8 +2,8 @@
 
 zarr-python spends about a millisecond of event-loop and task overhead per chunk, which made a
 full ``state_dict`` read run at ~30 MB/s.  For arrays whose metadata matches exactly a chain
-spherefmt writes (``bytes`` little-endian, optional ``numcodecs.shuffle``, optional ``zstd``,
-``crc32c``; optionally inside ``sharding_indexed`` with a ``bytes`` + ``crc32c`` index at the
+spherefmt writes (``bytes`` little-endian, then ``blosc`` or, in packages written before it
+became the default, optional ``numcodecs.shuffle`` and ``zstd``, then ``crc32c``; optionally inside ``sharding_indexed`` with a ``bytes`` + ``crc32c`` index at the
 end, default ``c/`` chunk keys), this module fetches every needed object in one gather through
 the same zarr store and decodes with the libraries zarr uses (numcodecs; crc32c for the same CRC-32C).
 Anything else returns ``None`` from :func:`FastArray.maybe` and is read through zarr.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import warnings
 from collections.abc import Sequence
 from itertools import product
 from typing import Any, cast
@@ -26,7 +27,7 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.numcodecs import Shuffle
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
@@ -36,6 +37,10 @@ from zarr.core.sync import sync
 
 from spherefmt.errors import FormatError, InputError, IntegrityError
 from spherefmt.format.store import PackageStore
+
+# numcodecs.shuffle (the default chain of packages written before blosc) is a numcodecs codec
+# registered with zarr; zarr warns that other implementations may lack it, each time it is built.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
 
 __all__ = ["ChunkError", "FastArray", "open_arrays", "parallel_map", "read_many", "shard_shape"]
 
@@ -47,13 +52,16 @@ class ChunkError(IntegrityError):
 
 
 def _chain(codecs: Sequence[Any]) -> list[Any] | None:
-    """Decoders for ``[bytes, (shuffle), (zstd), crc32c]``, or None for any other chain."""
+    """Decoders for ``[bytes, blosc, crc32c]``, ``[bytes, (shuffle), (zstd), crc32c]`` (packages
+    written before blosc became the default) or ``[bytes, crc32c]``; None for any other chain."""
     if not codecs or not isinstance(codecs[0], BytesCodec) or str(getattr(codecs[0].endian, "value", "little")) != "little":
         return None
     steps: list[Any] = []
     rest = list(codecs[1:])
     if not rest or not isinstance(rest[-1], Crc32cCodec):
         return None
+    if len(rest) == 2 and isinstance(rest[0], BloscCodec):
+        return [numcodecs.Blosc()]  # a blosc frame carries its own parameters
     for c in rest[:-1]:
         if isinstance(c, Shuffle) and not steps:
             steps.append(numcodecs.Shuffle(**{k: v for k, v in c.codec_config.items() if k != "id"}))
