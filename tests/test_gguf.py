@@ -124,3 +124,38 @@ def test_fuzz_gguf_reader_only_raises_format_error(tmp_path_factory, data):
     except FormatError as e:
         assert str(path) in str(e) and "\n" not in str(e)
     shutil.rmtree(d)
+
+
+def test_hostile_counts_are_refused_before_the_reader_allocates(tmp_path):
+    """A GGUF whose key/value array count or string length is far beyond the file (2^31 items in a
+    few hundred KB: minutes and gigabytes in the gguf reader) is refused at once, naming it."""
+    import struct
+    import time
+
+    import gguf
+
+    src = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(src, arch="other")  # no FFN to place: stored as a generic package
+    w.add_array("test.tokens", [f"t{i}" for i in range(100)])
+    w.add_array("test.scores", [0.5] * 100)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = src.read_bytes()
+    cases = {}
+    for key, what in ((b"test.tokens", "items cannot fit"), (b"test.scores", "items cannot fit")):
+        at = data.index(key) + len(key) + 4 + 4  # the key, its value type, the item type: then the count
+        cases[key.decode()] = (data[:at] + struct.pack("<Q", 2**31) + data[at + 8:], what)
+    at = data.index(b"test.tokens") - 8  # the key's own length
+    cases["key length"] = (data[:at] + struct.pack("<Q", 2**40) + data[at + 8:], "runs past the end")
+    cases["kv count"] = (data[:16] + struct.pack("<Q", 2**60) + data[24:], "cannot fit")
+    for name, (blob, match) in cases.items():
+        bad = tmp_path / f"{name}.gguf"
+        bad.write_bytes(blob)
+        t0 = time.monotonic()
+        with pytest.raises(FormatError, match=match):
+            spherefmt.save(bad, tmp_path / "x.sphere")
+        assert time.monotonic() - t0 < 5, name  # not minutes: nothing was read item by item
+    assert spherefmt.save(src, tmp_path / "ok.sphere")  # the untouched file converts

@@ -16,14 +16,16 @@ bytes, written tensor by tensor (one in memory at a time).
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spherefmt.constants import GGUF_SIDE_FILE
+from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM
 from spherefmt.dtypes import TensorInfo
 from spherefmt.errors import BackendUnavailableError, FormatError
 from spherefmt.interop.base import TensorSource
@@ -31,10 +33,90 @@ from spherefmt.interop.base import TensorSource
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
 
-__all__ = ["GGUF_SIDE_FILE", "GGUFSource", "export_gguf", "open_gguf"]
+__all__ = ["GGUF_SIDE_FILE", "GGUFSource", "check_gguf_header", "export_gguf", "open_gguf"]
 
 _FLOAT = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 _MIN_FILE = 24  # magic, version, tensor count, kv count
+
+
+#: GGUF value types: fixed item sizes (8: string, 9: array are variable)
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MAX_NESTING = 4
+
+
+def check_gguf_header(data: bytes | memoryview | mmap.mmap, where: str) -> None:
+    """Walk a GGUF header (key/values and tensor infos) checking every count, length and
+    offset against the bytes that are there, before the ``gguf`` reader allocates anything for
+    them: a count of 2^31 in a small file is refused at once instead of read for minutes.
+
+    Raises
+    ------
+    FormatError
+        Naming the first field that does not fit in the file.
+    """
+    size = len(data)
+    pos = 0
+
+    def take(n: int, what: str) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise FormatError(f"{where}: malformed GGUF ({what} at byte {pos} runs past the end of the "
+                              f"{size}-byte file)")
+        start = pos
+        pos += n
+        return start
+
+    def u32(what: str) -> int:
+        return int(struct.unpack_from("<I", data, take(4, what))[0])
+
+    def u64(what: str) -> int:
+        return int(struct.unpack_from("<Q", data, take(8, what))[0])
+
+    def string(what: str) -> None:
+        take(u64(f"{what} length"), what)
+
+    def value(vtype: int, what: str, depth: int) -> None:
+        if vtype in _GGUF_FIXED:
+            take(_GGUF_FIXED[vtype], what)
+        elif vtype == 8:
+            string(what)
+        elif vtype == 9:
+            if depth >= _GGUF_MAX_NESTING:
+                raise FormatError(f"{where}: malformed GGUF ({what}: arrays nested deeper than {_GGUF_MAX_NESTING})")
+            item, count = u32(f"{what} item type"), u64(f"{what} count")
+            smallest = _GGUF_FIXED.get(item, 8 if item in (8, 9) else 0)
+            if smallest == 0:
+                raise FormatError(f"{where}: malformed GGUF ({what}: unknown item type {item})")
+            if count * smallest > size - pos:
+                raise FormatError(f"{where}: malformed GGUF ({what}: {count} items cannot fit in the "
+                                  f"{size - pos} bytes left)")
+            if item in _GGUF_FIXED:
+                take(count * smallest, what)
+            else:
+                for _ in range(count):
+                    value(item, what, depth + 1)
+        else:
+            raise FormatError(f"{where}: malformed GGUF ({what}: unknown value type {vtype})")
+
+    if size < _MIN_FILE or bytes(data[:4]) != b"GGUF":
+        raise FormatError(f"{where}: not a GGUF file (no GGUF magic)")
+    take(4, "magic")
+    version = u32("version")
+    if version not in (2, 3):
+        raise FormatError(f"{where}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = u64("tensor count"), u64("key/value count")
+    if n_kv * 12 > size - pos or n_tensors * 24 > size - pos:
+        raise FormatError(f"{where}: malformed GGUF ({n_kv} key/values and {n_tensors} tensors cannot fit in "
+                          f"a {size}-byte file)")
+    for i in range(n_kv):
+        string(f"key {i}")
+        value(u32(f"key {i} type"), f"value {i}", 0)
+    for i in range(n_tensors):
+        string(f"tensor {i} name")
+        n_dims = u32(f"tensor {i} dimensions")
+        if n_dims > MAX_NDIM:
+            raise FormatError(f"{where}: malformed GGUF (tensor {i} has {n_dims} dimensions)")
+        take(8 * n_dims + 4 + 8, f"tensor {i} info")
 
 
 def _gguf() -> Any:
@@ -105,8 +187,10 @@ class GGUFSource(TensorSource):
         size = p.stat().st_size
         with open(p, "rb") as f:
             head = f.read(4)
-        if size < _MIN_FILE or head != b"GGUF":
-            raise FormatError(f"{p}: not a GGUF file (no GGUF magic)")
+            if size < _MIN_FILE or head != b"GGUF":
+                raise FormatError(f"{p}: not a GGUF file (no GGUF magic)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                check_gguf_header(mm, str(p))
         try:
             reader = gguf.GGUFReader(p, "r")
             meta = [_value(f, gguf, self.where) for name, f in reader.fields.items() if not name.startswith("GGUF.")]
