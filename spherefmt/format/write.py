@@ -151,7 +151,7 @@ def save(
         infos = {name: source.info(name) for name in source.keys()}
         layout = detect(infos, source.config, source.where)
         if layout.warning:
-            warnings.warn(layout.warning, stacklevel=2)
+            warnings.warn(layout.warning, stacklevel=3)  # the caller of spherefmt.save
         grid = None
         if layout.arch != C.ARCH_GENERIC:
             n_layers = len(layout.layers)
@@ -166,7 +166,7 @@ def save(
             check_grid(p, m, d, n_layers)
             grid = Grid(p, m, d)
         elif graticule is not None or depth is not None:
-            warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=2)
+            warnings.warn("graticule/depth ignored: the model has no sphere", stacklevel=3)
         dest = create_container(dst, overwrite=overwrite, vhd_size=vhd_size,
                                 content_bytes=sum(i.nbytes for i in infos.values()), storage_options=storage_options)
         try:
