@@ -285,3 +285,33 @@ def test_malformed_zarr_metadata(tmp_path):
     remanifest(url)
     with pytest.raises(FormatError, match="not a Zarr v3 group"):
         spherefmt.open(url)
+
+
+@pytest.mark.parametrize("member", ["manifest/zarr.json", "zarr.json", "core/transformer.wte.weight/c/0/0"])
+def test_zip_bombs_are_refused_before_they_inflate(tmp_path, member):
+    """A zip whose manifest, metadata or chunk member deflates 200 MiB of zeros into a few hundred
+    KB is refused from the declared sizes (the container's limits, or the size the manifest
+    lists), without inflating it: the process does not grow by it."""
+    import resource
+    import zipfile
+
+    sd, cfg = model("gpt2", "F32")
+    good = spherefmt.save(sd, tmp_path / "m.zip", config=cfg)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as out:
+        for info in src.infolist():
+            if info.filename != member:
+                out.writestr(info, src.read(info))
+                continue
+            zi = zipfile.ZipInfo(member)
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(zi, "w", force_zip64=True) as f:  # deflated, streamed
+                zero = bytes(1 << 20)
+                for _ in range(200):
+                    f.write(zero)
+    assert bomb.stat().st_size < 2 * 1024**2
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match="zip bomb|declares|does not match the package's manifest"):
+        with spherefmt.open(bomb) as p:
+            p.state_dict()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: not 200 MiB

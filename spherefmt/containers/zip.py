@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+from spherefmt.constants import MAX_HEADER_JSON
 from spherefmt.containers.base import (
     AnonymousFile,
     Blob,
@@ -39,6 +40,10 @@ __all__ = ["ZipContainer", "ZipEditContainer", "write_zip"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
+
+#: bytes a compressed member may inflate to beyond twice its compressed size (all-zero chunks
+#: compress to almost nothing; a real chunk is at most a few MiB)
+MAX_FREE_INFLATE = 64 * 1024**2
 
 class ZipContainer(Container):
     """A zip file, read-only (see the module docstring)."""
@@ -73,12 +78,13 @@ class ZipContainer(Container):
         info = self._members.get(safe_key(key, self.where))
         if info is None:
             return None
+        check_inflation(info, self.where)
         try:
             if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
                 lo, hi = clip(info.file_size, start, end)
                 return os.pread(self._fd, hi - lo, self._data_offset(info) + lo)
             with self._io:
-                data = self._zip.read(info)
+                data = self._zip.read(info)  # zipfile stops inflating at the declared size
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
             raise FormatError(f"{self.where}: cannot read member {key[:120]!r} ({type(e).__name__}: "
                               f"{str(e)[:120]})") from None
@@ -151,10 +157,27 @@ class ZipEditContainer(DirectoryContainer):
         self.close()
 
 
+def check_inflation(info: zipfile.ZipInfo, where: str) -> None:
+    """Refuse a compressed member that declares more bytes than a real chunk could: past
+    ``MAX_HEADER_JSON`` for metadata, else past twice its compressed size plus
+    ``MAX_FREE_INFLATE`` (spherefmt's chunks compress to about 0.7; a zip bomb to 0.001).
+    zipfile itself stops inflating at the declared size."""
+    name = info.filename[:120]
+    if info.filename.endswith("zarr.json") and info.file_size > MAX_HEADER_JSON:
+        raise FormatError(f"{where}: member {name!r} declares {info.file_size} bytes of metadata "
+                          f"(at most {MAX_HEADER_JSON})")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 2 * info.compress_size + MAX_FREE_INFLATE:
+        raise FormatError(f"{where}: member {name!r} inflates {info.compress_size} bytes to {info.file_size}: "
+                          "refused as a zip bomb")
+
+
 def unpack(src: Path, folder: Path) -> None:
-    """Every member of a zip into ``folder`` (zipfile drops absolute paths and ``..``)."""
+    """Every member of a zip into ``folder`` (zipfile drops absolute paths and ``..``; members
+    that would inflate like a zip bomb are refused first)."""
     try:
         with zipfile.ZipFile(src) as z:
+            for info in z.infolist():
+                check_inflation(info, str(src))
             z.extractall(folder)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
         raise FormatError(f"{src}: not a readable zip file ({type(e).__name__}: {str(e)[:120]})") from None
