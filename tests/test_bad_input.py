@@ -315,3 +315,51 @@ def test_zip_bombs_are_refused_before_they_inflate(tmp_path, member):
         with spherefmt.open(bomb) as p:
             p.state_dict()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: not 200 MiB
+
+
+def test_symbolic_links_are_not_followed_out_of_a_model_folder(tmp_path):
+    from spherefmt.testing import save_hf_folder
+
+    sd, cfg = model("gpt2", "F32")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    folder = tmp_path / "hf"
+    save_hf_folder(folder, sd, cfg)
+    (folder / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(FormatError, match="symbolic link out of the model folder"):
+        spherefmt.save(folder, tmp_path / "a.sphere")
+    assert not (tmp_path / "a.sphere").exists()
+    # a link inside the folder is fine, and so is a Hugging Face cache snapshot's link to its blobs
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "other.json").write_text("{}")
+    (folder / "tokenizer_config.json").symlink_to(folder / "other.json")
+    with spherefmt.open(spherefmt.save(folder, tmp_path / "b.sphere")) as p:
+        assert p.file("tokenizer_config.json") == b"{}"
+    cache = tmp_path / "models--org--tiny"
+    snap = cache / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            (cache / "blobs" / f.name).write_bytes(f.read_bytes())
+            (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    with spherefmt.open(spherefmt.save(snap, tmp_path / "c.sphere")) as p:
+        assert p.tensor("transformer.wte.weight").tobytes() == sd["transformer.wte.weight"].tobytes()
+
+
+def test_symbolic_links_inside_a_package_are_not_followed(tmp_path):
+    import shutil
+
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2)
+    outside = tmp_path / "elsewhere"
+    shard_dir = Path(url) / "sphere" / "d0" / "neurons" / "c"
+    shutil.move(str(shard_dir), str(outside))
+    shard_dir.symlink_to(outside, target_is_directory=True)
+    before = sorted(p.stat().st_mtime_ns for p in outside.rglob("*") if p.is_file())
+    with spherefmt.open(url, "r+") as p:
+        with pytest.raises(FormatError, match="symbolic link"):  # reads through the link are refused
+            p.expert(0, 0, 0)
+        with pytest.raises(FormatError, match="symbolic link"):
+            p.write_expert(0, 0, 0, np.zeros((len(p.shell_layers(0)), p.slots(0), p.layout.row_width), np.float32))
+    assert sorted(p.stat().st_mtime_ns for p in outside.rglob("*") if p.is_file()) == before

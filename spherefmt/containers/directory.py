@@ -33,6 +33,7 @@ from spherefmt.containers.base import (
     safe_key,
     storage_failure,
 )
+from spherefmt.errors import FormatError
 
 __all__ = ["DirectoryContainer"]
 
@@ -71,12 +72,28 @@ class DirectoryContainer(Container):
         self.where = where or str(self.root)
         self._lock = FileLock(lock_path(lock_at or self.root), self.where)
         self._unsynced: list[Path] = []
+        self._checked_dirs: set[Path] = set()  # directories of keys found free of links
         self._unsynced_lock = threading.Lock()
         self.on_finish: Callable[[], None] | None = None
         self.on_abort: Callable[[], None] | None = None
 
     def _path(self, key: str) -> Path:
-        return self.root / safe_key(key, self.where)
+        """The file of ``key``; a key that passes through a symbolic link inside the package is
+        refused (a link could make a read or a write land anywhere on the machine)."""
+        path = self.root / safe_key(key, self.where)
+        parent = path.parent
+        if parent not in self._checked_dirs:
+            p = self.root
+            for part in Path(key).parts[:-1]:
+                p = p / part
+                if p.is_symlink():
+                    raise FormatError(f"{self.where}: {key[:120]!r} passes through the symbolic link {part!r}: "
+                                      "packages never follow links")
+            if parent.is_dir():
+                self._checked_dirs.add(parent)
+        if path.is_symlink():
+            raise FormatError(f"{self.where}: {key[:120]!r} is a symbolic link: packages never follow links")
+        return path
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False

@@ -31,7 +31,7 @@ from spherefmt.constants import MAX_HEADER_JSON
 from spherefmt.dtypes import TensorInfo, from_numpy, from_torch
 from spherefmt.errors import FormatError
 
-__all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "read_json"]
+__all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "link_root", "no_escape", "read_json"]
 
 #: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -163,3 +163,25 @@ def inside(folder: Path, name: object, where: Path) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
         raise FormatError(f"{where}: shard file name {name!r} must be a plain file name in the same folder")
     return folder / name
+
+
+def link_root(folder: Path) -> Path:
+    """Where a symbolic link in a model folder may point: the folder itself, or for a Hugging
+    Face cache snapshot (``.../models--org--name/snapshots/<rev>/``, whose files are links to
+    ``../../blobs/``) the model's cache folder."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
+
+
+def no_escape(folder: Path, path: Path, where: Path | str) -> Path:
+    """``path`` (a file in ``folder``), refusing one that is a symbolic link to a file outside
+    :func:`link_root`: converting an untrusted folder never copies another file of the machine
+    (``~/.ssh/id_rsa`` behind a ``tokenizer_config.json``) into the package."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(link_root(folder)):
+            raise FormatError(f"{where}: {path.name!r} is a symbolic link out of the model folder (to {target}); "
+                              "refused")
+    return path

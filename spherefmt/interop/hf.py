@@ -28,7 +28,7 @@ from spherefmt import constants as C
 from spherefmt.errors import BackendUnavailableError, FormatError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
-from spherefmt.interop.base import MappingSource, TensorSource, inside, read_json
+from spherefmt.interop.base import MappingSource, TensorSource, inside, no_escape, read_json
 from spherefmt.interop.safetensors import SafetensorsSource, export_safetensors
 from spherefmt.interop.torchfile import torch_load
 
@@ -120,20 +120,20 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 def open_hf_folder(folder: Path) -> TensorSource:
     """A ``save_pretrained`` folder as a source: config, safetensors shards (or ``pytorch_model.bin``)
     and the side files a tokenizer needs."""
-    cfg_path = folder / "config.json"
+    cfg_path = no_escape(folder, folder / "config.json", folder)
     config = read_json(cfg_path) if cfg_path.exists() else None
     if config is not None and not isinstance(config, dict):
         raise FormatError(f"{cfg_path}: config must be a JSON object")
     src: TensorSource
     if (folder / "model.safetensors.index.json").exists():
-        ip = folder / "model.safetensors.index.json"
+        ip = no_escape(folder, folder / "model.safetensors.index.json", folder)
         index = read_json(ip)
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise FormatError(f"{ip}: weight_map must be a non-empty object")
         shards: list[Path] = []
         for name in dict.fromkeys(wm.values()):
-            p = inside(folder, name, ip)
+            p = no_escape(folder, inside(folder, name, ip), ip)
             if not p.exists():
                 raise FormatError(f"{ip}: shard {name!r} is missing")
             shards.append(p)
@@ -143,13 +143,13 @@ def open_hf_folder(folder: Path) -> TensorSource:
             src.close()
             raise FormatError(f"{ip}: tensors listed but absent from the shards: {sorted(missing)[:3]}")
     elif (folder / "model.safetensors").exists():
-        src = SafetensorsSource([folder / "model.safetensors"], str(folder))
+        src = SafetensorsSource([no_escape(folder, folder / "model.safetensors", folder)], str(folder))
     elif (folder / "pytorch_model.bin").exists():
-        src = MappingSource(torch_load(folder / "pytorch_model.bin"), str(folder))
+        src = MappingSource(torch_load(no_escape(folder, folder / "pytorch_model.bin", folder)), str(folder))
     else:
         raise FormatError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     src.config = config
-    src.files = {n: (folder / n).read_bytes() for n in CARRIED_FILES if (folder / n).is_file()}
+    src.files = {n: no_escape(folder, folder / n, folder).read_bytes() for n in CARRIED_FILES if (folder / n).is_file()}
     return src
 
 

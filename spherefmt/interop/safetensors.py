@@ -22,7 +22,7 @@ import numpy as np
 from spherefmt.constants import DTYPES, MAX_SAFETENSORS_HEADER
 from spherefmt.dtypes import TensorInfo, check_dtype, check_shape, contiguous
 from spherefmt.errors import FormatError
-from spherefmt.interop.base import TensorSource, read_json
+from spherefmt.interop.base import TensorSource, no_escape, read_json
 
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
@@ -249,7 +249,7 @@ class SafetensorsSource(TensorSource):
 def open_safetensors(path: Path) -> SafetensorsSource:
     """A ``.safetensors`` file as a source; a ``config.json`` beside it is the model's config."""
     src = SafetensorsSource([path], str(path))
-    cfg = path.with_name("config.json")
+    cfg = no_escape(path.parent, path.with_name("config.json"), path)
     src.config = read_json(cfg) if cfg.exists() else None
     return src
 
