@@ -363,3 +363,21 @@ def test_symbolic_links_inside_a_package_are_not_followed(tmp_path):
         with pytest.raises(FormatError, match="symbolic link"):
             p.write_expert(0, 0, 0, np.zeros((len(p.shell_layers(0)), p.slots(0), p.layout.row_width), np.float32))
     assert sorted(p.stat().st_mtime_ns for p in outside.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize("target", ["sphere/d0/neurons", "core/transformer.wte.weight"])
+def test_zero_chunk_shapes_are_a_format_error(tmp_path, target):
+    """Array metadata with a chunk (or a shard's inner chunk) of size 0, consistent with the
+    manifest, is a one-line FormatError, not a ZeroDivisionError from zarr's indexing."""
+    sd, cfg = model("gpt2", "F32")
+    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2)
+    meta = Path(url) / target / "zarr.json"
+    md = json.loads(meta.read_text())
+    if md["codecs"][0]["name"] == "sharding_indexed":
+        md["codecs"][0]["configuration"]["chunk_shape"][3] = 0
+    else:
+        md["chunk_grid"]["configuration"]["chunk_shape"][0] = 0
+    meta.write_text(json.dumps(md))
+    remanifest(url)
+    with spherefmt.open(url) as p, pytest.raises(FormatError, match="chunk shape .* (positive|tile)|malformed metadata"):
+        p.state_dict()

@@ -42,7 +42,7 @@ from spherefmt.format.store import PackageStore
 # registered with zarr; zarr warns that other implementations may lack it, each time it is built.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
 
-__all__ = ["ChunkError", "FastArray", "open_arrays", "parallel_map", "read_many", "shard_shape"]
+__all__ = ["ChunkError", "FastArray", "check_chunking", "open_arrays", "parallel_map", "read_many", "shard_shape"]
 
 _MISSING = 2**64 - 1
 
@@ -365,6 +365,23 @@ def _fetch_decode(store: Any, keys: Sequence[str], decode: Any, mapped: Sequence
     sync(run())
 
 
+def check_chunking(arr: zarr.Array, where: str) -> None:
+    """:class:`FormatError` unless the array's chunks (and a shard's inner chunks) are regular
+    grids of positive sizes, inner chunks tiling their shard: metadata that says otherwise would
+    divide by zero or loop in zarr's indexing."""
+    md = arr.metadata
+    grid = getattr(md, "chunk_grid", None)
+    outer = tuple(getattr(grid, "chunk_shape", ()) or ())
+    if len(outer) != len(arr.shape) or not all(isinstance(c, int) and c >= 1 for c in outer):
+        raise FormatError(f"{where}: chunk shape {list(outer)} is not a positive size per dimension of {arr.shape}")
+    for codec in getattr(md, "codecs", ()):
+        if isinstance(codec, ShardingCodec):
+            inner = tuple(codec.chunk_shape)
+            if len(inner) != len(outer) or not all(isinstance(c, int) and c >= 1 for c in inner) \
+                    or any(o % i for o, i in zip(outer, inner, strict=True)):
+                raise FormatError(f"{where}: inner chunk shape {list(inner)} does not tile the shard {list(outer)}")
+
+
 def shard_shape(arr: zarr.Array) -> tuple[int, ...]:
     """The shard shape of a sharded array (its chunk shape when not sharded)."""
     return tuple(cast(RegularChunkGrid, arr.metadata.chunk_grid).chunk_shape)  # spherefmt writes regular grids
@@ -415,7 +432,9 @@ def open_arrays(store: Any, paths: Sequence[str]) -> list[zarr.Array | Exception
             md = json.loads(b.to_bytes())
             if not isinstance(md, dict) or md.get("node_type") != "array":
                 raise FormatError("not an array")
-            out.append(zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(md), StorePath(store, p))))
+            arr = zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(md), StorePath(store, p)))
+            check_chunking(arr, p)
+            out.append(arr)
         except Exception as e:  # noqa: BLE001 - reported per array by the caller
             out.append(FormatError(f"{type(e).__name__}: {str(e)[:120]}"))
     return out

@@ -23,7 +23,7 @@ from spherefmt import constants as C
 from spherefmt.dtypes import TensorInfo, storage_dtype
 from spherefmt.errors import ExpertNotFoundError, FormatError, IntegrityError, SpherefmtError
 from spherefmt.format.arch import Layout
-from spherefmt.format.chunks import ChunkError, FastArray, shard_shape
+from spherefmt.format.chunks import ChunkError, FastArray, check_chunking, shard_shape
 from spherefmt.format.header import Header, Shell, TensorEntry
 from spherefmt.format.keys import shard_key, shell_path
 from spherefmt.format.store import PackageStore, root_attrs
@@ -158,10 +158,13 @@ class PackageView:
                 if sync(self._group.store.exists(f"{path}/zarr.json")):
                     raise FormatError(f"{self.where}: array {path!r} has malformed metadata") from None
                 raise FormatError(f"{self.where}: array {path!r} is missing") from None
-            except (ValueError, TypeError) as e:
-                raise FormatError(f"{self.where}: array {path!r} has malformed metadata ({str(e)[:120]})") from None
+            except (ValueError, TypeError, ArithmeticError, IndexError, AttributeError) as e:
+                # zarr validates metadata as it builds the array: a zero chunk size divides by zero
+                raise FormatError(f"{self.where}: array {path!r} has malformed metadata "
+                                  f"({type(e).__name__}: {str(e)[:120]})") from None
             if not isinstance(node, zarr.Array):
                 raise FormatError(f"{self.where}: {path!r} is not an array")
+            check_chunking(node, f"{self.where}: {path}")
             arr = self._arrays[path] = node
         return arr
 
