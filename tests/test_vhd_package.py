@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import zarr
 
 import spherefmt
 from spherefmt.containers.vhd.filesystem import PARTITION_START, VHDFileSystem
-from spherefmt.errors import ReadOnlyError
+from spherefmt.errors import FormatError, ReadOnlyError
 from spherefmt.testing import save_hf_folder
 from tests.helpers import model, same_bytes
 
@@ -190,3 +191,81 @@ def test_full_filesystem_is_a_clear_error_and_keeps_old_bytes(tmp_path):
     finally:
         fs.close()
     assert os.path.getsize(img) < 64 * 1024**2
+
+
+def _foreign_image(tmp_path: Path, pkg: Path, start: int) -> Path:
+    """A VHD made entirely by other tools: an MBR with one FAT32 partition at sector ``start``,
+    formatted by mkfs.vfat, the package copied in by mtools (which stores short lowercase names
+    as 8.3 entries with the lowercase flags and no long name, as Windows does), converted to vpc
+    by qemu-img."""
+    import struct
+
+    raw = tmp_path / "disk.raw"
+    sectors = 96 * 1024 * 1024 // 512
+    with open(raw, "wb") as f:
+        f.truncate(sectors * 512)
+        mbr = bytearray(512)
+        mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x0C, b"\xfe\xff\xff", start, sectors - start)
+        mbr[510:512] = b"\x55\xaa"
+        f.write(mbr)
+    subprocess.run(["mkfs.vfat", "-F", "32", "--offset", str(start), str(raw), str((sectors - start) // 2)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    items = [str(p) for p in sorted(pkg.iterdir())]
+    subprocess.run(["mcopy", "-s", "-i", f"{raw}@@{start * 512}", *items, "::/"], check=True, env=env,
+                   capture_output=True)
+    vhd = tmp_path / "foreign.vhd"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", str(raw), str(vhd)], check=True)
+    raw.unlink()
+    return vhd
+
+
+@pytest.mark.parametrize("start", [128, 63])
+def test_reads_an_image_made_by_mkfs_mtools_and_qemu_img(tmp_path, start):
+    sd, cfg = model("gpt2", "F32")
+    pkg = Path(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2))
+    vhd = _foreign_image(tmp_path, pkg, start)
+    with spherefmt.open(vhd) as p:
+        for name in p.keys():
+            assert p.tensor(name).tobytes() == sd[name].tobytes(), name
+        assert p.verify()["mismatched"] == []
+        assert p.stored_bytes("core") > 0  # listings come back with the names as written, lowercase
+
+
+def test_volumes_that_are_not_fat32_are_refused_by_name(tmp_path):
+    import struct
+
+    from spherefmt.containers.vhd.image import VHDImage, create_vhd
+
+    img = tmp_path / "x.vhd"
+    create_vhd(img, 64 * 1024 * 1024)
+    with VHDImage(img, "r+") as v:
+        mbr = bytearray(512)
+        mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", 2048, 100000)
+        mbr[510:512] = b"\x55\xaa"
+        v.write(0, bytes(mbr))
+    with pytest.raises(FormatError, match="no FAT32 partition .*type 0x83"):
+        spherefmt.open(img)
+    with VHDImage(img, "r+") as v:
+        mbr[450] = 0x06  # FAT16
+        v.write(0, bytes(mbr))
+    with pytest.raises(FormatError, match="no FAT32 partition .*FAT16"):
+        spherefmt.open(img)
+
+
+def test_a_boot_sector_that_does_not_fit_the_disk_is_refused_at_once(tmp_path):
+    """BPB_FATSz32 = 0xFFFFFFFF in a small image: refused from the boot sector, before any FAT is
+    read (pyfatfs would allocate the whole declared FAT)."""
+    import resource
+    import struct
+
+    sd, cfg = model("gpt2", "F32")
+    img = Path(spherefmt.save(sd, tmp_path / "m.vhd", config=cfg))
+    from spherefmt.containers.vhd.image import VHDImage
+
+    with VHDImage(img, "r+") as v:
+        v.write(PARTITION_START * 512 + 36, struct.pack("<I", 0xFFFFFFFF))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match="does not fit"):
+        spherefmt.open(img)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB

@@ -129,11 +129,98 @@ def format_disk(vhd: VHDImage) -> None:
     # the root directory cluster is already zero (unallocated blocks read as zeros)
 
 
-def _fix_fsinfo(vhd: VHDImage) -> None:
+#: MBR partition types: FAT32 (CHS and LBA), and the FAT12/16 ones refused by name
+_FAT32_TYPES = {0x0B, 0x0C}
+_OTHER_FAT_TYPES = {0x01: "FAT12", 0x04: "FAT16", 0x06: "FAT16", 0x0E: "FAT16"}
+_GPT_PROTECTIVE = 0xEE
+#: GPT partition type GUID of a Windows/FAT "basic data" partition (on disk, mixed endian)
+_GPT_BASIC_DATA = bytes.fromhex("a2a0d0ebe5b9334487c068b6b72699c7")
+
+
+def find_fat32(vhd: VHDImage, where: str) -> int:
+    """The first sector of the image's FAT32 volume: from the MBR partition table (any start
+    sector, as fdisk, parted or libguestfs place it), a GPT's basic-data partition, or sector 0
+    for a volume without a partition table.  Every field the volume is read with is checked
+    against the disk first (a hostile BPB must not make anything allocate gigabytes).
+
+    Raises
+    ------
+    FormatError
+        No FAT32 volume: FAT12/16, another filesystem's partition, or a BPB that does not fit.
+    """
+    disk = vhd.size // SECTOR
+    mbr = vhd.read(0, SECTOR)
+    if mbr[510:512] != b"\x55\xaa":
+        raise FormatError(f"{where}: no partition table or boot sector (no 55 AA signature in sector 0)")
+    if _is_fat32_bpb(mbr):
+        start = 0  # a "superfloppy": the volume fills the disk
+    else:
+        entries = [struct.unpack_from("<B3sB3sII", mbr, 446 + 16 * i) for i in range(4)]
+        used = [(t, lba, n) for _, _, t, _, lba, n in entries if t]
+        if not used:
+            raise FormatError(f"{where}: the partition table is empty")
+        if used[0][0] == _GPT_PROTECTIVE:
+            start = _gpt_basic_data(vhd, disk, where)
+        else:
+            fat32 = [(lba, n) for t, lba, n in used if t in _FAT32_TYPES]
+            if not fat32:
+                kinds = ", ".join(_OTHER_FAT_TYPES.get(t, f"type 0x{t:02X}") for t, _, _ in used)
+                raise FormatError(f"{where}: no FAT32 partition (found {kinds}); packages live on FAT32")
+            start, length = fat32[0]
+            if not 0 < start < disk or start + length > disk:
+                raise FormatError(f"{where}: the FAT32 partition (sectors {start}..{start + length}) lies outside "
+                                  f"the {disk}-sector disk")
+    boot = vhd.read(start * SECTOR, SECTOR)
+    if not _is_fat32_bpb(boot):
+        if boot[510:512] == b"\x55\xaa" and struct.unpack_from("<H", boot, 22)[0]:
+            raise FormatError(f"{where}: the volume at sector {start} is FAT12/16; packages live on FAT32")
+        raise FormatError(f"{where}: no FAT32 boot sector at sector {start}")
+    bps, spc, reserved, nfats = struct.unpack_from("<HBHB", boot, 11)
+    total, fatsz, _, _, root = struct.unpack_from("<IIHHI", boot, 32, )
+    if bps != SECTOR:
+        raise FormatError(f"{where}: {bps}-byte sectors (spherefmt reads 512-byte sectors)")
+    if spc not in (1, 2, 4, 8, 16, 32, 64, 128) or not reserved or nfats not in (1, 2):
+        raise FormatError(f"{where}: malformed FAT32 boot sector (sectors per cluster {spc}, reserved {reserved}, "
+                          f"FATs {nfats})")
+    if not total or start + total > disk or reserved + nfats * fatsz >= total:
+        raise FormatError(f"{where}: the FAT32 volume ({total} sectors, FATs of {fatsz}) does not fit its "
+                          f"{disk - start}-sector disk")
+    clusters = (total - reserved - nfats * fatsz) // spc
+    if fatsz * SECTOR // 4 < clusters + 2 or not 2 <= root < clusters + 2:
+        raise FormatError(f"{where}: malformed FAT32 boot sector (FAT of {fatsz} sectors for {clusters} clusters, "
+                          f"root at cluster {root})")
+    return start
+
+
+def _is_fat32_bpb(boot: bytes) -> bool:
+    """A FAT32 BPB: boot signature, 16-bit FAT size and root entry count zero, 32-bit FAT size set."""
+    return (boot[510:512] == b"\x55\xaa" and boot[0] in (0xEB, 0xE9) and struct.unpack_from("<H", boot, 17)[0] == 0
+            and struct.unpack_from("<H", boot, 22)[0] == 0 and struct.unpack_from("<I", boot, 36)[0] > 0)
+
+
+def _gpt_basic_data(vhd: VHDImage, disk: int, where: str) -> int:
+    head = vhd.read(SECTOR, 92)
+    if head[:8] != b"EFI PART":
+        raise FormatError(f"{where}: a protective MBR without a GPT header")
+    table, count, size = struct.unpack_from("<QII", head, 72)
+    if not 2 <= table < disk or not 0 < count <= 1024 or size < 128 or size > 4096:
+        raise FormatError(f"{where}: malformed GPT header (entries at {table}, {count} of {size} bytes)")
+    raw = vhd.read(table * SECTOR, count * size)
+    for i in range(count):
+        e = raw[i * size : i * size + 128]
+        if e[:16] == _GPT_BASIC_DATA:
+            first, last = struct.unpack_from("<QQ", e, 32)
+            if not 0 < first <= last < disk:
+                raise FormatError(f"{where}: GPT partition {i} (sectors {first}..{last}) lies outside the disk")
+            return int(first)
+    raise FormatError(f"{where}: no basic-data (FAT) partition in the GPT")
+
+
+def _fix_fsinfo(vhd: VHDImage, start: int = PARTITION_START) -> None:
     """Set FSInfo's free-cluster count from the FAT (pyfatfs leaves it stale; fsck would complain)."""
     import numpy as np
 
-    base = PARTITION_START * SECTOR
+    base = start * SECTOR
     boot = vhd.read(base, SECTOR)
     spc, reserved, fat = boot[13], struct.unpack_from("<H", boot, 14)[0], struct.unpack_from("<I", boot, 36)[0]
     part = struct.unpack_from("<I", boot, 32)[0]
@@ -224,11 +311,16 @@ class VHDFileSystem(AbstractFileSystem):
             warnings.simplefilter("ignore")  # pyfatfs imports fs, which warns about pkg_resources
             from pyfatfs.PyFatFS import PyFatBytesIOFS
         try:
-            self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=PARTITION_START * SECTOR, lazy_load=True)
+            self._start = find_fat32(self._vhd, self.where)
+            self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=self._start * SECTOR, lazy_load=True)
+        except FormatError:
+            if close_on_error:
+                self.close()
+            raise
         except Exception as e:  # noqa: BLE001 - pyfatfs raises many kinds on a bad filesystem
             if close_on_error:
                 self.close()
-            raise FormatError(f"{self.where}: no readable FAT32 filesystem at sector {PARTITION_START} "
+            raise FormatError(f"{self.where}: no readable FAT32 filesystem at sector {self._start} "
                               f"({type(e).__name__}: {str(e)[:120]})") from None
         if self.mode == "r+" and self.durable:
             _flush_fat_before_directories(self._fat.fs)
@@ -298,7 +390,7 @@ class VHDFileSystem(AbstractFileSystem):
             per = fat.bytes_per_cluster
             runs: list[tuple[int, int]] = []
             if size and first:
-                base = PARTITION_START * SECTOR
+                base = self._start * SECTOR
                 for cluster in self._chain(first):
                     off = base + fat.get_data_cluster_address(cluster)
                     if runs and runs[-1][0] + runs[-1][1] == off:
@@ -322,7 +414,7 @@ class VHDFileSystem(AbstractFileSystem):
 
     def _cluster_bytes(self, first: int) -> bytes:
         fat = self._fat.fs
-        base = PARTITION_START * SECTOR
+        base = self._start * SECTOR
         return b"".join(self._vhd.read(base + fat.get_data_cluster_address(c), fat.bytes_per_cluster)
                         for c in self._chain(first))
 
@@ -350,9 +442,13 @@ class VHDFileSystem(AbstractFileSystem):
                 continue
             if lfn:
                 name = "".join(lfn)
-            else:
+            else:  # an 8.3 name only: Windows and mtools mark all-lowercase parts with flags (byte 12)
                 base = e[0:8].decode("ascii", "replace").rstrip()
                 ext = e[8:11].decode("ascii", "replace").rstrip()
+                if e[12] & 0x08:
+                    base = base.lower()
+                if e[12] & 0x10:
+                    ext = ext.lower()
                 name = f"{base}.{ext}" if ext else base
             lfn = []
             if name in (".", ".."):
@@ -594,7 +690,7 @@ class VHDFileSystem(AbstractFileSystem):
                     fat.close()  # pyfatfs writes its FAT and marks the volume clean
                 self._fat = None
                 if self.mode == "r+":
-                    _fix_fsinfo(self._vhd)
+                    _fix_fsinfo(self._vhd, self._start)
                     self._vhd.flush()
         if getattr(self, "_vhd", None) is not None:
             self._vhd.close()
