@@ -269,3 +269,32 @@ def test_a_boot_sector_that_does_not_fit_the_disk_is_refused_at_once(tmp_path):
     with pytest.raises(FormatError, match="does not fit"):
         spherefmt.open(img)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+
+
+def test_writes_into_an_image_made_by_other_tools_keep_one_entry_per_name(tmp_path):
+    """write_expert on a volume whose directories mtools wrote as 8.3 entries with the lowercase
+    flags (``SPHERE``, no long name) writes into those directories: no second ``sphere`` beside
+    them, the package reads back the new expert, and fsck.vfat finds the volume clean."""
+    sd, cfg = model("gpt2", "F32")
+    pkg = Path(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2))
+    vhd = _foreign_image(tmp_path, pkg, 128)
+    with spherefmt.open(vhd, "r+") as p:
+        a = next(x for x in p.experts() if (p.expert(*x).index >= 0).any())
+        e = p.expert(*a)
+        new = e.neurons.copy()
+        new[e.index >= 0] += 1
+        p.write_expert(*a, new)
+    with spherefmt.open(vhd) as p:
+        assert np.array_equal(p.expert(*a).neurons, new) and p.verify()["mismatched"] == []
+    fs = VHDFileSystem(fo=str(vhd))
+    try:
+        assert fs.ls("/", detail=False) == ["/core", "/manifest", "/sphere", "/zarr.json"]
+    finally:
+        fs.close()
+    raw = tmp_path / "check.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(raw)], check=True)
+    with open(raw, "rb") as f, open(tmp_path / "part.raw", "wb") as out:
+        f.seek(128 * 512)
+        shutil.copyfileobj(f, out, 1 << 20)
+    fsck = subprocess.run(["fsck.vfat", "-n", str(tmp_path / "part.raw")], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

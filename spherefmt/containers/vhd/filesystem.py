@@ -222,14 +222,16 @@ def _fix_fsinfo(vhd: VHDImage, start: int = PARTITION_START) -> None:
 
     base = start * SECTOR
     boot = vhd.read(base, SECTOR)
-    spc, reserved, fat = boot[13], struct.unpack_from("<H", boot, 14)[0], struct.unpack_from("<I", boot, 36)[0]
-    part = struct.unpack_from("<I", boot, 32)[0]
-    clusters = (part - reserved - 2 * fat) // spc
+    spc, reserved, nfats = boot[13], struct.unpack_from("<H", boot, 14)[0], boot[16]
+    part, fat = struct.unpack_from("<II", boot, 32)
+    info, backup = struct.unpack_from("<HH", boot, 48)  # FSInfo sector, backup boot sector
+    clusters = (part - reserved - nfats * fat) // spc  # the boot sector was checked by find_fat32
     table = np.frombuffer(vhd.read(base + reserved * SECTOR, (clusters + 2) * 4), "<u4") & 0x0FFFFFFF
     free = int((table[2:] == 0).sum())
     nxt = int(np.argmax(table[2:] == 0)) + 2 if free else 0xFFFFFFFF
-    for at in (1, 7):
-        vhd.write(base + at * SECTOR + 488, struct.pack("<II", free, nxt))
+    for at in {info, backup + info} - {0, 0xFFFF, backup + 0xFFFF}:
+        if vhd.read(base + at * SECTOR, 4) == b"RRaA":  # an FSInfo sector is there
+            vhd.write(base + at * SECTOR + 488, struct.pack("<II", free, nxt))
 
 
 def create_package_image(path: str | os.PathLike[str], size: int, *, inplace: bool = False) -> int:
@@ -327,6 +329,8 @@ class VHDFileSystem(AbstractFileSystem):
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
         self._listings: dict[int, dict[str, tuple[int, int, bool, str]]] = {}  # see _listing
+        #: (directory cluster, name.lower()) -> pyfatfs's name of an 8.3 entry with case flags
+        self._native_names: dict[tuple[int, str], str] = {}
         self._root_cluster = int(self._fat.fs.bpb_header["BPB_RootClus"])
 
     def refresh(self) -> None:
@@ -357,24 +361,24 @@ class VHDFileSystem(AbstractFileSystem):
 
     # -- the hooks fsspec builds everything else on ---------------------------------------
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        """Entries of a directory with their names as written (long names, or 8.3 names with
+        their case flags applied), from the directory clusters themselves."""
         path = self._strip_protocol(path)
         with self._io:
-            if not self._fat.exists(path):
-                raise FileNotFoundError(path)
-            if not self._fat.isdir(path):
-                return [self.info(path)] if detail else [path]
-            names = self._fat.listdir(path)
-        out = [self.info(f"{path.rstrip('/')}/{n}") for n in names]
+            first, size, is_dir = self._lookup(path)
+            if not is_dir:
+                out = [{"name": path, "size": size, "type": "file"}]
+            else:
+                base = path.rstrip("/")
+                out = [{"name": f"{base}/{name}", "size": 0 if sub else n, "type": "directory" if sub else "file"}
+                       for _, (_, n, sub, name) in sorted(self._listing(first).items())]
         return out if detail else [o["name"] for o in out]
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         path = self._strip_protocol(path)
         with self._io:
-            if not self._fat.exists(path):
-                raise FileNotFoundError(path)
-            isdir = self._fat.isdir(path)
-            size = 0 if isdir else self._fat.getsize(path)
-        return {"name": path, "size": size, "type": "directory" if isdir else "file"}
+            _, size, is_dir = self._lookup(path)
+        return {"name": path, "size": 0 if is_dir else size, "type": "directory" if is_dir else "file"}
 
     def _extents(self, path: str) -> tuple[int, list[tuple[int, int]]]:
         """A file's size and its runs of contiguous clusters as (disk offset, length), looked up
@@ -445,11 +449,14 @@ class VHDFileSystem(AbstractFileSystem):
             else:  # an 8.3 name only: Windows and mtools mark all-lowercase parts with flags (byte 12)
                 base = e[0:8].decode("ascii", "replace").rstrip()
                 ext = e[8:11].decode("ascii", "replace").rstrip()
+                short = f"{base}.{ext}" if ext else base  # what pyfatfs calls it (it ignores the flags)
                 if e[12] & 0x08:
                     base = base.lower()
                 if e[12] & 0x10:
                     ext = ext.lower()
                 name = f"{base}.{ext}" if ext else base
+                if short != name:
+                    self._native_names[(first, name.lower())] = short
             lfn = []
             if name in (".", ".."):
                 continue
@@ -457,6 +464,21 @@ class VHDFileSystem(AbstractFileSystem):
             out[name.lower()] = (cluster, struct.unpack_from("<I", e, 28)[0], bool(attr & 0x10), name)
         self._listings[first] = out
         return out
+
+    def _native(self, path: str) -> str:
+        """``path`` with each component that exists spelled as pyfatfs names it: a volume written
+        by Windows or mtools stores ``sphere`` as the 8.3 entry ``SPHERE`` with a lowercase flag,
+        which pyfatfs (case-sensitive on write) would otherwise duplicate beside it."""
+        cluster, is_dir, out = self._root_cluster, True, []
+        parts = [p for p in path.split("/") if p]
+        for i, name in enumerate(parts):
+            hit = self._listing(cluster).get(name.lower()) if is_dir else None
+            if hit is None:
+                out += parts[i:]
+                break
+            out.append(self._native_names.get((cluster, name.lower()), hit[3]))
+            cluster, _, is_dir, _ = hit
+        return "/" + "/".join(out)
 
     def _lookup(self, path: str) -> tuple[int, int, bool]:
         """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`."""
@@ -555,10 +577,12 @@ class VHDFileSystem(AbstractFileSystem):
         if self.mode != "r+":
             raise ReadOnlyError(f"{self.where}: opened read-only")
         path = self._strip_protocol(path)
-        parent, name = path.rsplit("/", 1)
         self._extent_cache.pop(path, None)
-        self._listings.clear()
         with self._io:
+            path = self._native(path)
+            parent, name = path.rsplit("/", 1)
+            self._listings.clear()
+            self._native_names.clear()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._replace_contents(path, bytes(value))
                 return
@@ -621,8 +645,10 @@ class VHDFileSystem(AbstractFileSystem):
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
         self._extent_cache.pop(path, None)
-        self._listings.clear()
         with self._io:
+            path = self._native(path)
+            self._listings.clear()
+            self._native_names.clear()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
 
@@ -636,6 +662,9 @@ class VHDFileSystem(AbstractFileSystem):
         for p in [path] if isinstance(path, str) else path:
             p = self._strip_protocol(p)
             with self._io:
+                p = self._native(p)
+                self._listings.clear()
+                self._native_names.clear()
                 if not self._fat.exists(p):
                     continue
                 if not self._fat.isdir(p):
@@ -649,9 +678,11 @@ class VHDFileSystem(AbstractFileSystem):
                     self._fat.fs.flush_fat()
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        self._listings.clear()
         with self._io:
-            self._fat.makedirs(self._strip_protocol(path), recreate=True)
+            native = self._native(self._strip_protocol(path))
+            self._listings.clear()
+            self._native_names.clear()
+            self._fat.makedirs(native, recreate=True)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.mkdir(path)
@@ -660,7 +691,9 @@ class VHDFileSystem(AbstractFileSystem):
         self._dirs.clear()
         self._listings.clear()
         with self._io:
-            self._fat.removedir(self._strip_protocol(path))
+            native = self._native(self._strip_protocol(path))
+            self._native_names.clear()
+            self._fat.removedir(native)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         if "r" in mode:
@@ -679,7 +712,7 @@ class VHDFileSystem(AbstractFileSystem):
         """Make everything written durable and the filesystem consistent (FSInfo counts)."""
         if self.mode == "r+":
             with self._io:
-                _fix_fsinfo(self._vhd)
+                _fix_fsinfo(self._vhd, self._start)
                 self._vhd.flush()
 
     def close(self) -> None:
