@@ -26,11 +26,13 @@ from fsspec.spec import AbstractFileSystem
 
 from spherefmt.containers.base import disk_full, storage_failure
 from spherefmt.containers.vhd.image import SECTOR, VHDImage, create_vhd, disk_size
-from spherefmt.errors import FormatError, IntegrityError, PackageLockedError, ReadOnlyError
+from spherefmt.errors import FormatError, IntegrityError, PackageLockedError, ReadOnlyError, SpherefmtError
 
 __all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
 
 PARTITION_START = 2048  # sectors: 1 MiB alignment, as every partitioning tool does
+#: characters in one FAT long name
+FAT_MAX_NAME = 255
 RESERVED = 32
 CLUSTER = 32 * 1024
 FAT32_MIN_CLUSTERS = 65525
@@ -466,16 +468,26 @@ class VHDFileSystem(AbstractFileSystem):
         return out
 
     def _native(self, path: str) -> str:
-        """``path`` with each component that exists spelled as pyfatfs names it: a volume written
-        by Windows or mtools stores ``sphere`` as the 8.3 entry ``SPHERE`` with a lowercase flag,
-        which pyfatfs (case-sensitive on write) would otherwise duplicate beside it."""
-        cluster, is_dir, out = self._root_cluster, True, []
+        """``path`` for a write, with each component that exists spelled as pyfatfs names it: a
+        volume written by Windows or mtools stores ``sphere`` as the 8.3 entry ``SPHERE`` with a
+        lowercase flag, which pyfatfs (case-sensitive on write) would otherwise duplicate beside
+        it.  Names FAT cannot hold as they are (over 255 characters, a trailing dot or space, two
+        names differing only in case) are a :class:`FormatError`, never a silent overwrite."""
         parts = [p for p in path.split("/") if p]
+        for name in parts:
+            if len(name) > FAT_MAX_NAME or name.endswith((".", " ")):
+                what = f"is {len(name)} characters (at most {FAT_MAX_NAME})" if len(name) > FAT_MAX_NAME \
+                    else "ends with a dot or a space, which FAT drops"
+                raise FormatError(f"{self.where}: the name {name[:60]!r} {what}; convert to a directory or a .zip")
+        cluster, is_dir, out = self._root_cluster, True, []
         for i, name in enumerate(parts):
             hit = self._listing(cluster).get(name.lower()) if is_dir else None
             if hit is None:
                 out += parts[i:]
                 break
+            if hit[3] != name:  # FAT names are case-insensitive: "Foo" would overwrite "foo"
+                raise FormatError(f"{self.where}: {name!r} and {hit[3]!r} differ only in case, which one FAT "
+                                  "directory cannot hold apart; convert to a directory or a .zip")
             out.append(self._native_names.get((cluster, name.lower()), hit[3]))
             cluster, _, is_dir, _ = hit
         return "/" + "/".join(out)
@@ -600,7 +612,10 @@ class VHDFileSystem(AbstractFileSystem):
                     raise storage_failure(e, self.where, path.lstrip("/"), os.path.dirname(self.where)) from None
                 if "free" in str(e).lower() or "space" in str(e).lower():
                     raise self._full() from None
-                raise
+                if isinstance(e, SpherefmtError):
+                    raise
+                raise FormatError(f"{self.where}: cannot write {path} in the FAT volume ({type(e).__name__}: "
+                                  f"{str(e)[:120]})") from None
             if self.durable:  # in-place edits: the FAT reaches the disk with each file
                 self._fat.fs.flush_fat()
 
