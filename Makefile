@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spherefmt-installed
 
-.PHONY: setup system-deps demo check test bench clean
+.PHONY: setup system-deps demo check test fuzz bench clean
 
 setup: $(STAMP) system-deps
 
@@ -31,6 +31,10 @@ demo: setup
 check: setup
 	$(VENV)/bin/ruff check spherefmt backends runtime tests bench
 	PYTHON=$(abspath $(PY)) .ci/typecheck.sh
+
+# seeded mutation fuzzing of every parser and container (the suite runs 40 cases per target)
+fuzz: setup
+	$(PY) -m spherefmt.testing.fuzz --cases 2000
 
 test: setup check
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -298,6 +298,36 @@ def load(tmp: Path, runs: int, quick: bool) -> dict[str, Any]:
                        capture_output=True)
 
 
+def fuzz_targets(cases: int, seed: int) -> dict[str, Any]:
+    """Hostile files: :mod:`spherefmt.testing.fuzz` on every parser and container."""
+    from spherefmt.testing.fuzz import fuzz
+
+    log(f"fuzz: {cases} mutations per target")
+    return {r["target"]: r for r in fuzz(None, cases, seed)}
+
+
+def fuzz_goals(f: dict[str, Any]) -> dict[str, bool]:
+    return {"fuzz_no_tracebacks": all(r["traceback"] == 0 for r in f.values()),
+            "fuzz_no_hangs": all(r["hang"] == 0 for r in f.values()),
+            "fuzz_no_wrong_data": all(r["wrong"] == 0 for r in f.values()),
+            "fuzz_memory_within_2x_input_plus_256mib": all(
+                r["peak_rss_above_baseline_mib"] is not None
+                and r["peak_rss_above_baseline_mib"] <= 2 * r["input_bytes"] / 2**20 + 256 for r in f.values())}
+
+
+def only_fuzz(args: Any) -> int:
+    out = args.out or REPO / "bench" / "results" / "reliability.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "bench/bench_reliability.py"}
+    doc["fuzz"] = fuzz_targets(args.fuzz_cases, args.seed)
+    doc.setdefault("goals", {}).update(fuzz_goals(doc["fuzz"]))
+    doc["fuzz_command"] = " ".join([".venv/bin/python", "bench/bench_reliability.py", "--only-fuzz",
+                                    f"--fuzz-cases {args.fuzz_cases}", f"--seed {args.seed}"])
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"wrote {out}")
+    print(markdown(doc))
+    return 0
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = ["| container / change | trials | old | new | other | files beside after kill | left after next writer |",
              "|---|---:|---:|---:|---:|---|---|"]
@@ -316,6 +346,12 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "| readers beside a writer | reads | failed | mixed | versions seen |", "|---|---:|---:|---:|---:|"]
     for k, v in doc["readers"].items():
         lines.append(f"| {k} | {v['reads']} | {v['failed']} | {v['mixed']} | {v['versions_seen']} |")
+    if doc.get("fuzz"):
+        lines += ["", "| fuzz target | cases | one-line errors | read the same | tracebacks | hangs | wrong data | "
+                  "peak memory above baseline (input) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for k, r in doc["fuzz"].items():
+            lines.append(f"| {k} | {r['cases']} | {r['clean']} | {r['same']} | {r['traceback']} | {r['hang']} | "
+                         f"{r['wrong']} | {r['peak_rss_above_baseline_mib']} MiB ({r['input_bytes'] / 1024:.0f} KiB) |")
     if doc.get("load"):
         lines += ["", "| load (open + state_dict + sum) | v1 s | v2 s | v2 / v1 | v2 / safetensors + one copy |",
                   "|---|---:|---:|---:|---:|"]
@@ -333,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=50, help="SIGKILL trials per container and change (default 50)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--fuzz-cases", type=int, default=500, help="mutations per fuzz target (default 500)")
+    ap.add_argument("--only-fuzz", action="store_true",
+                    help="run only the fuzz targets and merge them into the existing results")
     args = ap.parse_args(argv)
+    if args.only_fuzz:
+        return only_fuzz(args)
     n = 3 if args.quick else args.trials
     out = args.out or REPO / "bench" / ("out/reliability-quick.json" if args.quick else "results/reliability.json")
     tmp = Path(tempfile.mkdtemp(prefix="spherefmt-reliability-"))
@@ -346,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["racing"] = racing(tmp, 3, 3 if args.quick else 10, s3=True)
         doc["readers"] = readers(tmp, 3 if args.quick else 15)
         doc["load"] = load(tmp, 3 if args.quick else 5, args.quick)
+        doc["fuzz"] = fuzz_targets(20 if args.quick else args.fuzz_cases, args.seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     doc["goals"] = {
@@ -361,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_codec_none_within_1_5x_one_copy": all(rows["v2_over_one_copy/none"] <= 1.5
                                                     for rows in doc["load"]["rows"].values()),
     }
+    doc["goals"].update(fuzz_goals(doc["fuzz"]))
     doc["total_s"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -53,9 +53,11 @@ class ZipContainer(Container):
         self.where = str(self.path)
         try:
             self._zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+                IndexError, KeyError, OverflowError, struct.error) as e:  # zipfile parses untrusted bytes
             raise FormatError(f"{self.where}: not a readable zip file ({type(e).__name__}: {str(e)[:120]})") from None
-        self._members = {i.filename: i for i in self._zip.infolist() if not i.is_dir()}
+        # a member with an empty name is no object (zipfile's is_dir() fails on one)
+        self._members = {i.filename: i for i in self._zip.infolist() if i.filename and not i.is_dir()}
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._offsets: dict[str, int] = {}
         self._io = threading.Lock()  # zipfile's file object is shared by every member read
@@ -85,7 +87,8 @@ class ZipContainer(Container):
                 return os.pread(self._fd, hi - lo, self._data_offset(info) + lo)
             with self._io:
                 data = self._zip.read(info)  # zipfile stops inflating at the declared size
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, IndexError,
+                KeyError, OverflowError, struct.error) as e:
             raise FormatError(f"{self.where}: cannot read member {key[:120]!r} ({type(e).__name__}: "
                               f"{str(e)[:120]})") from None
         except OSError as e:
@@ -179,7 +182,8 @@ def unpack(src: Path, folder: Path) -> None:
             for info in z.infolist():
                 check_inflation(info, str(src))
             z.extractall(folder)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, IndexError,
+            KeyError, OverflowError, struct.error) as e:
         raise FormatError(f"{src}: not a readable zip file ({type(e).__name__}: {str(e)[:120]})") from None
 
 
