@@ -31,6 +31,12 @@ from spherefmt.errors import FormatError, IntegrityError, PackageLockedError, Re
 __all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
 
 PARTITION_START = 2048  # sectors: 1 MiB alignment, as every partitioning tool does
+def _is_83(name: str) -> bool:
+    """A name that fits an 8.3 directory entry (base up to 8, extension up to 3 characters)."""
+    base, dot, ext = name.partition(".")
+    return 0 < len(base) <= 8 and len(ext) <= 3 and "." not in ext and " " not in name
+
+
 #: characters in one FAT long name
 FAT_MAX_NAME = 255
 RESERVED = 32
@@ -333,6 +339,8 @@ class VHDFileSystem(AbstractFileSystem):
         self._listings: dict[int, dict[str, tuple[int, int, bool, str]]] = {}  # see _listing
         #: (directory cluster, name.lower()) -> pyfatfs's name of an 8.3 entry with case flags
         self._native_names: dict[tuple[int, str], str] = {}
+        #: writers: directory path -> {name.lower(): name as pyfatfs has it}
+        self._fat_names: dict[str, dict[str, str]] = {}
         self._root_cluster = int(self._fat.fs.bpb_header["BPB_RootClus"])
 
     def refresh(self) -> None:
@@ -479,18 +487,32 @@ class VHDFileSystem(AbstractFileSystem):
                 what = f"is {len(name)} characters (at most {FAT_MAX_NAME})" if len(name) > FAT_MAX_NAME \
                     else "ends with a dot or a space, which FAT drops"
                 raise FormatError(f"{self.where}: the name {name[:60]!r} {what}; convert to a directory or a .zip")
-        cluster, is_dir, out = self._root_cluster, True, []
+        # pyfatfs's own view: in a writer the directories on disk may lag what pyfatfs holds
+        out: list[str] = []
         for i, name in enumerate(parts):
-            hit = self._listing(cluster).get(name.lower()) if is_dir else None
-            if hit is None:
+            here = "/" + "/".join(out)
+            names = self._fat_names.get(here)
+            if names is None:
+                try:
+                    names = {n.lower(): n for n in self._fat.listdir(here)}
+                except Exception:  # noqa: BLE001 - not a directory (yet): the rest is new
+                    names = {}
+                self._fat_names[here] = names
+            have = names.get(name.lower())
+            if have is None:
                 out += parts[i:]
                 break
-            if hit[3] != name:  # FAT names are case-insensitive: "Foo" would overwrite "foo"
-                raise FormatError(f"{self.where}: {name!r} and {hit[3]!r} differ only in case, which one FAT "
+            # an 8.3 entry without a long name shows upper case in pyfatfs (its lowercase flag
+            # ignored): the same entry; a long name that differs in case is another file
+            if have != name and not (have == name.upper() and have != have.lower() and _is_83(have)):
+                raise FormatError(f"{self.where}: {name!r} and {have!r} differ only in case, which one FAT "
                                   "directory cannot hold apart; convert to a directory or a .zip")
-            out.append(self._native_names.get((cluster, name.lower()), hit[3]))
-            cluster, _, is_dir, _ = hit
+            out.append(have)
         return "/" + "/".join(out)
+
+    def _forget_names(self) -> None:
+        """Drop the cached pyfatfs directory names (after anything that adds or removes entries)."""
+        self._fat_names.clear()
 
     def _lookup(self, path: str) -> tuple[int, int, bool]:
         """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`."""
@@ -595,6 +617,7 @@ class VHDFileSystem(AbstractFileSystem):
             parent, name = path.rsplit("/", 1)
             self._listings.clear()
             self._native_names.clear()
+            self._forget_names()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._replace_contents(path, bytes(value))
                 return
@@ -664,6 +687,7 @@ class VHDFileSystem(AbstractFileSystem):
             path = self._native(path)
             self._listings.clear()
             self._native_names.clear()
+            self._forget_names()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
 
@@ -680,6 +704,7 @@ class VHDFileSystem(AbstractFileSystem):
                 p = self._native(p)
                 self._listings.clear()
                 self._native_names.clear()
+                self._forget_names()
                 if not self._fat.exists(p):
                     continue
                 if not self._fat.isdir(p):
@@ -697,6 +722,7 @@ class VHDFileSystem(AbstractFileSystem):
             native = self._native(self._strip_protocol(path))
             self._listings.clear()
             self._native_names.clear()
+            self._forget_names()
             self._fat.makedirs(native, recreate=True)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
@@ -708,6 +734,7 @@ class VHDFileSystem(AbstractFileSystem):
         with self._io:
             native = self._native(self._strip_protocol(path))
             self._native_names.clear()
+            self._forget_names()
             self._fat.removedir(native)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
