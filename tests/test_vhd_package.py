@@ -300,6 +300,7 @@ def test_writes_into_an_image_made_by_other_tools_keep_one_entry_per_name(tmp_pa
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+@pytest.mark.filterwarnings("ignore:.*is not GPT-2 or Llama-family")  # bare tensors: a generic package
 def test_names_a_fat_volume_cannot_hold_are_refused_in_one_line(tmp_path):
     """Converting to a .vhd a model with names that differ only in case, a name over 255
     characters, or one that FAT would shorten (``..`` is stored as ``%2E.``, whose trailing dot
