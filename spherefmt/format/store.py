@@ -520,9 +520,19 @@ class PackageStore(Store):
             self.container.delete(key)
 
     def _abort(self, txn: Transaction) -> None:
-        for phys, _ in txn.writes.values():
-            with contextlib.suppress(OSError, SpherefmtError):
-                self.container.delete(phys)
+        # zarr may still be finishing writes of the failed block on its other threads: delete
+        # what they staged until no new object appears (anything later is a leftover that the
+        # next writer's recovery removes, never part of a commit)
+        done: set[str] = set()
+        for _ in range(20):
+            todo = [phys for phys, _ in list(txn.writes.values()) if phys not in done]
+            if not todo:
+                break
+            for phys in todo:
+                with contextlib.suppress(OSError, SpherefmtError):
+                    self.container.delete(phys)
+                done.add(phys)
+            time.sleep(0.01)
         self._layouts.clear()
 
     # -- zarr's Store interface ---------------------------------------------------------------
