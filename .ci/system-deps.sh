@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat and
+# Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat, mtools and sgdisk
 # mtools (FAT32), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
 # running as root (CI); otherwise named. A package is missing when its witness file is absent.
 set -u
@@ -8,6 +8,7 @@ witness() { [ -e "$1" ] || command -v "$1" >/dev/null 2>&1 || need="$need $2"; }
 witness qemu-img qemu-utils
 witness /usr/sbin/fsck.vfat dosfstools
 witness mcopy mtools
+witness /usr/sbin/sgdisk gdisk  # GPT-partitioned test images
 witness guestmount libguestfs-tools
 witness /usr/lib/python3/dist-packages/guestfs.py python3-guestfs
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need="$need linux-image-amd64"

@@ -193,7 +193,7 @@ def test_full_filesystem_is_a_clear_error_and_keeps_old_bytes(tmp_path):
     assert os.path.getsize(img) < 64 * 1024**2
 
 
-def _foreign_image(tmp_path: Path, pkg: Path, start: int) -> Path:
+def _foreign_image(tmp_path: Path, pkg: Path, start: int, gpt: bool = False) -> Path:
     """A VHD made entirely by other tools: an MBR with one FAT32 partition at sector ``start``,
     formatted by mkfs.vfat, the package copied in by mtools (which stores short lowercase names
     as 8.3 entries with the lowercase flags and no long name, as Windows does), converted to vpc
@@ -204,11 +204,17 @@ def _foreign_image(tmp_path: Path, pkg: Path, start: int) -> Path:
     sectors = 96 * 1024 * 1024 // 512
     with open(raw, "wb") as f:
         f.truncate(sectors * 512)
-        mbr = bytearray(512)
-        mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x0C, b"\xfe\xff\xff", start, sectors - start)
-        mbr[510:512] = b"\x55\xaa"
-        f.write(mbr)
-    subprocess.run(["mkfs.vfat", "-F", "32", "--offset", str(start), str(raw), str((sectors - start) // 2)],
+        if not gpt:
+            mbr = bytearray(512)
+            mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x0C, b"\xfe\xff\xff", start, sectors - start)
+            mbr[510:512] = b"\x55\xaa"
+            f.write(mbr)
+    end = sectors - start
+    if gpt:  # sgdisk writes the protective MBR, the GPT and its backup; 0700: basic data
+        end = sectors - 34 - start  # the backup GPT takes the last 33 sectors
+        subprocess.run(["sgdisk", "-n", f"1:{start}:{start + end - 1}", "-t", "1:0700", str(raw)], check=True,
+                       capture_output=True)
+    subprocess.run(["mkfs.vfat", "-F", "32", "--offset", str(start), str(raw), str(end // 2)],
                    check=True, capture_output=True)
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     items = [str(p) for p in sorted(pkg.iterdir())]
@@ -220,11 +226,13 @@ def _foreign_image(tmp_path: Path, pkg: Path, start: int) -> Path:
     return vhd
 
 
-@pytest.mark.parametrize("start", [128, 63])
-def test_reads_an_image_made_by_mkfs_mtools_and_qemu_img(tmp_path, start):
+@pytest.mark.parametrize("start,gpt", [(128, False), (63, False), (2048, True)])
+def test_reads_an_image_made_by_mkfs_mtools_and_qemu_img(tmp_path, start, gpt):
+    if gpt and shutil.which("sgdisk") is None:
+        pytest.skip("needs sgdisk (gdisk)")
     sd, cfg = model("gpt2", "F32")
     pkg = Path(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2))
-    vhd = _foreign_image(tmp_path, pkg, start)
+    vhd = _foreign_image(tmp_path, pkg, start, gpt)
     with spherefmt.open(vhd) as p:
         for name in p.keys():
             assert p.tensor(name).tobytes() == sd[name].tobytes(), name
