@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat, mtools and sgdisk
-# mtools (FAT32), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
+# (FAT32 on MBR and GPT disks), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
 # running as root (CI); otherwise named. A package is missing when its witness file is absent.
 set -u
 need=""
