@@ -282,9 +282,12 @@ def load(tmp: Path, runs: int, quick: bool) -> dict[str, Any]:
                     r = subprocess.run([sys.executable, "-c", LOADER, code, "sphere", str(pkg), str(runs)], check=True,
                                        capture_output=True, text=True)
                     rows[f"{version}/{codec}"] = json.loads(r.stdout.strip().splitlines()[-1])
+                    # which code ran, without this machine's paths
+                    rows[f"{version}/{codec}"]["spherefmt"] = "the version-1 worktree" if version == "v1" else "this tree"
             r = subprocess.run([sys.executable, "-c", LOADER, str(REPO), "safetensors+copy",
                                 str(src / "model.safetensors"), str(runs)], check=True, capture_output=True, text=True)
             rows["safetensors+copy"] = json.loads(r.stdout.strip().splitlines()[-1])
+            rows["safetensors+copy"]["spherefmt"] = "this tree"
             for codec in ("none", "default"):
                 rows[f"v2_over_v1/{codec}"] = round(rows[f"v2/{codec}"]["median_s"] / rows[f"v1/{codec}"]["median_s"], 3)
                 rows[f"v2_over_one_copy/{codec}"] = round(rows[f"v2/{codec}"]["median_s"]
