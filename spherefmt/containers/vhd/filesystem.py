@@ -337,10 +337,6 @@ class VHDFileSystem(AbstractFileSystem):
         self._extent_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._dirs: dict[str, Any] = {}  # directory path -> pyfatfs entry: lookups walk one level
         self._listings: dict[int, dict[str, tuple[int, int, bool, str]]] = {}  # see _listing
-        #: (directory cluster, name.lower()) -> pyfatfs's name of an 8.3 entry with case flags
-        self._native_names: dict[tuple[int, str], str] = {}
-        #: writers: directory path -> {name.lower(): name as pyfatfs has it}
-        self._fat_names: dict[str, dict[str, str]] = {}
         self._root_cluster = int(self._fat.fs.bpb_header["BPB_RootClus"])
 
     def refresh(self) -> None:
@@ -459,14 +455,11 @@ class VHDFileSystem(AbstractFileSystem):
             else:  # an 8.3 name only: Windows and mtools mark all-lowercase parts with flags (byte 12)
                 base = e[0:8].decode("ascii", "replace").rstrip()
                 ext = e[8:11].decode("ascii", "replace").rstrip()
-                short = f"{base}.{ext}" if ext else base  # what pyfatfs calls it (it ignores the flags)
                 if e[12] & 0x08:
                     base = base.lower()
                 if e[12] & 0x10:
                     ext = ext.lower()
                 name = f"{base}.{ext}" if ext else base
-                if short != name:
-                    self._native_names[(first, name.lower())] = short
             lfn = []
             if name in (".", ".."):
                 continue
@@ -490,14 +483,10 @@ class VHDFileSystem(AbstractFileSystem):
         # pyfatfs's own view: in a writer the directories on disk may lag what pyfatfs holds
         out: list[str] = []
         for i, name in enumerate(parts):
-            here = "/" + "/".join(out)
-            names = self._fat_names.get(here)
-            if names is None:
-                try:
-                    names = {n.lower(): n for n in self._fat.listdir(here)}
-                except Exception:  # noqa: BLE001 - not a directory (yet): the rest is new
-                    names = {}
-                self._fat_names[here] = names
+            try:
+                names = {n.lower(): n for n in self._fat.listdir("/" + "/".join(out))}
+            except Exception:  # noqa: BLE001 - not a directory (yet): the rest is new
+                names = {}
             have = names.get(name.lower())
             if have is None:
                 out += parts[i:]
@@ -509,10 +498,6 @@ class VHDFileSystem(AbstractFileSystem):
                                   "directory cannot hold apart; convert to a directory or a .zip")
             out.append(have)
         return "/" + "/".join(out)
-
-    def _forget_names(self) -> None:
-        """Drop the cached pyfatfs directory names (after anything that adds or removes entries)."""
-        self._fat_names.clear()
 
     def _lookup(self, path: str) -> tuple[int, int, bool]:
         """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`."""
@@ -616,8 +601,6 @@ class VHDFileSystem(AbstractFileSystem):
             path = self._native(path)
             parent, name = path.rsplit("/", 1)
             self._listings.clear()
-            self._native_names.clear()
-            self._forget_names()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._replace_contents(path, bytes(value))
                 return
@@ -686,8 +669,6 @@ class VHDFileSystem(AbstractFileSystem):
         with self._io:
             path = self._native(path)
             self._listings.clear()
-            self._native_names.clear()
-            self._forget_names()
             if self._fat.exists(path) and not self._fat.isdir(path):
                 self._fat.remove(path)
 
@@ -703,8 +684,6 @@ class VHDFileSystem(AbstractFileSystem):
             with self._io:
                 p = self._native(p)
                 self._listings.clear()
-                self._native_names.clear()
-                self._forget_names()
                 if not self._fat.exists(p):
                     continue
                 if not self._fat.isdir(p):
@@ -721,8 +700,6 @@ class VHDFileSystem(AbstractFileSystem):
         with self._io:
             native = self._native(self._strip_protocol(path))
             self._listings.clear()
-            self._native_names.clear()
-            self._forget_names()
             self._fat.makedirs(native, recreate=True)
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
@@ -733,8 +710,6 @@ class VHDFileSystem(AbstractFileSystem):
         self._listings.clear()
         with self._io:
             native = self._native(self._strip_protocol(path))
-            self._native_names.clear()
-            self._forget_names()
             self._fat.removedir(native)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
