@@ -174,3 +174,21 @@ def test_specific_malformations(tmp_path, mutate, match):
     with pytest.raises(FormatError, match=match) as e:
         VHDImage(path)
     assert "\n" not in str(e.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.text(st.sampled_from("aAbB.! %_-~zZ9é"), min_size=1, max_size=400),
+       b=st.text(st.sampled_from("aAbB.! %_-~zZ9é"), min_size=1, max_size=400))
+def test_fat_name_encoding_is_a_case_blind_bijection(a, b):
+    """Encoded FAT names (spec/VHD.md 3.1) decode back, fit what pyfatfs writes, keep no capital
+    letter, trailing dot or space (so FAT compares them as they are), and two different
+    components never share one, however FAT folds case."""
+    from spherefmt.containers.vhd.names import CONTINUED, ENCODED, FAT_WRITE_NAME, decode, encode
+
+    for c in (a, b):
+        parts = encode(c)
+        assert all(len(p) <= FAT_WRITE_NAME and p == p.lower() and not p.endswith((".", " ")) for p in parts)
+        assert [p[:2] for p in parts] == [CONTINUED] * (len(parts) - 1) + [ENCODED]
+        assert "".join(decode(p[2:]) for p in parts) == c
+    if a != b:
+        assert [p.lower() for p in encode(a)] != [p.lower() for p in encode(b)]

@@ -18,9 +18,10 @@ import zarr
 
 import spherefmt
 from spherefmt.containers.vhd.filesystem import PARTITION_START, VHDFileSystem
+from spherefmt.containers.vhd.image import VHDImage
 from spherefmt.errors import FormatError, ReadOnlyError
 from spherefmt.testing import save_hf_folder
-from tests.helpers import model, same_bytes
+from tests.helpers import model, partition_raw, same_bytes
 
 TOOLS = ("qemu-img", "fsck.vfat", "mcopy")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -62,14 +63,9 @@ def test_image_is_real_vpc_with_clean_fat32_and_plain_zarr_reads_it(vhd_pkg):
                                      check=True).stdout)
     assert info["format"] == "vpc" and info["virtual-size"] >= 4 * 1024**3
     assert os.path.getsize(pkg) < 32 * 1024**2  # the file holds the content, not the virtual size
-    raw = tmp / "disk.raw"
-    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(pkg), str(raw)], check=True)
-    part = tmp / "part.raw"
-    with open(raw, "rb") as src, open(part, "wb") as dst:
-        assert src.read(512)[510:512] == b"\x55\xaa"
-        src.seek(PARTITION_START * 512)
-        shutil.copyfileobj(src, dst, 1 << 20)
-    raw.unlink()
+    with VHDImage(pkg) as v:  # the MBR
+        assert v.read(510, 2) == b"\x55\xaa"
+    part = partition_raw(pkg, tmp / "part.raw", PARTITION_START)
     fsck = subprocess.run(["fsck.vfat", "-n", str(part)], capture_output=True, text=True)
     assert fsck.returncode == 0 and "wrong" not in fsck.stdout.lower(), fsck.stdout
     out = tmp / "copied"
@@ -109,9 +105,8 @@ def test_write_expert_in_vhd_changes_only_that_expert(vhd_pkg, tmp_path):
     assert {k for k in after if after[k] != before.get(k) and not k.startswith("/manifest/")} == {key}
     with spherefmt.open(copy) as p:
         assert p.expert(0, 1, 1).neurons.tobytes() == new.tobytes()
-    fsck_ok = subprocess.run(f"qemu-img convert -f vpc -O raw {copy} {tmp_path}/d.raw && "
-                             f"dd if={tmp_path}/d.raw of={tmp_path}/p.raw bs=1M skip=1 status=none && "
-                             f"fsck.vfat -n {tmp_path}/p.raw", shell=True, capture_output=True, text=True)
+    fsck_ok = subprocess.run(["fsck.vfat", "-n", str(partition_raw(copy, tmp_path / "p.raw", PARTITION_START))],
+                             capture_output=True, text=True)
     assert fsck_ok.returncode == 0, fsck_ok.stdout + fsck_ok.stderr
 
 
@@ -299,26 +294,43 @@ def test_writes_into_an_image_made_by_other_tools_keep_one_entry_per_name(tmp_pa
         assert fs.ls("/", detail=False) == ["/core", "/manifest", "/sphere", "/zarr.json"]
     finally:
         fs.close()
-    raw = tmp_path / "check.raw"
-    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(raw)], check=True)
-    with open(raw, "rb") as f, open(tmp_path / "part.raw", "wb") as out:
-        f.seek(128 * 512)
-        shutil.copyfileobj(f, out, 1 << 20)
+    partition_raw(vhd, tmp_path / "part.raw", 128)
     fsck = subprocess.run(["fsck.vfat", "-n", str(tmp_path / "part.raw")], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
 @pytest.mark.filterwarnings("ignore:.*is not GPT-2 or Llama-family")  # bare tensors: a generic package
-def test_names_a_fat_volume_cannot_hold_are_refused_in_one_line(tmp_path):
-    """Converting to a .vhd a model with names that differ only in case, a name over 255
-    characters, or one that FAT would shorten (``..`` is stored as ``%2E.``, whose trailing dot
-    FAT drops) is a FormatError naming the name, and leaves no image behind; object storage holds
-    them all (a directory or a .zip, built in one, cannot hold the long one on Linux either)."""
-    for i, (sd, match) in enumerate((({"w": np.ones(3, np.float32), "W": np.zeros(3, np.float32)}, "differ only in case"),
-                      ({"x" * 300: np.ones(2, np.float32)}, "300 characters"),
-                      ({"..": np.ones(2, np.float32)}, "ends with a dot"))):
-        with pytest.raises(FormatError, match=match):
-            spherefmt.save(sd, tmp_path / "n.vhd")
-        assert not (tmp_path / "n.vhd").exists()
-        with spherefmt.open(spherefmt.save(sd, f"memory://fat-names-{tmp_path.name}-{i}")) as p:
-            assert all(p.tensor(k).tobytes() == v.tobytes() for k, v in sd.items())
+def test_names_a_fat_volume_cannot_hold_are_encoded(tmp_path):
+    """A model with names that differ only in case, names far over FAT's 255 characters (two
+    sharing their first 200), and ``..`` (stored as ``%2E.``, whose trailing dot FAT drops)
+    converts to a .vhd, reads back bit for bit, lists its keys as written, is edited in place,
+    and leaves a volume that fsck passes and mtools lists (``spec/VHD.md`` section 3.1)."""
+    from spherefmt.containers.vhd.filesystem import VHDFileSystem
+    from spherefmt.format.keys import core_key
+
+    sd = {"w": np.ones(3, np.float32), "W": np.zeros(3, np.float32), "Wq.Proj": np.full(2, 7, np.float32),
+          "x" * 200 + "a" * 300: np.arange(4, dtype=np.float32), "x" * 200 + "B": np.arange(5, dtype=np.float32),
+          "..": np.full(2, 2, np.float32), "end.": np.full(2, 3, np.float32)}
+    vhd = tmp_path / "n.vhd"
+    spherefmt.save(sd, vhd)
+    with spherefmt.open(vhd) as p:
+        assert sorted(p.entries) == sorted(sd)
+        assert all(p.tensor(k).tobytes() == v.tobytes() for k, v in sd.items())
+    fs = VHDFileSystem(str(vhd))
+    try:
+        assert set(fs.ls("/core", detail=False)) == {"/" + core_key(k) for k in sd} | {"/core/zarr.json"}
+        assert fs.cat_file("/" + core_key("x" * 200 + "B") + "/zarr.json").startswith(b"{")
+    finally:
+        fs.close()
+    with spherefmt.open(vhd, mode="r+") as p:  # an in-place edit finds each encoded name again
+        p.write_tensor("W", np.full(3, 9, np.float32))
+    with spherefmt.open(vhd) as p:
+        assert p.tensor("W").tolist() == [9, 9, 9] and p.tensor("w").tolist() == [1, 1, 1]
+        assert p.verify()["mismatched"] == [] and p.verify()["missing"] == [] and p.verify()["unlisted"] == []
+    partition_raw(vhd, tmp_path / "part.raw", 2048)
+    fsck = subprocess.run(["fsck.vfat", "-n", str(tmp_path / "part.raw")], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    mdir = subprocess.run(["mdir", "-i", str(tmp_path / "part.raw"), "-/", "-b", "::/core"], capture_output=True,
+                          text=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    assert mdir.returncode == 0, mdir.stderr
+    assert "::/core/w/zarr.json" in mdir.stdout and "::/core/!=!w/zarr.json" in mdir.stdout, mdir.stdout

@@ -26,19 +26,28 @@ from fsspec.spec import AbstractFileSystem
 
 from spherefmt.containers.base import disk_full, storage_failure
 from spherefmt.containers.vhd.image import SECTOR, VHDImage, create_vhd, disk_size
+from spherefmt.containers.vhd.names import CONTINUED, ENCODED, decode, encode, needs_encoding
 from spherefmt.errors import FormatError, IntegrityError, PackageLockedError, ReadOnlyError, SpherefmtError
 
 __all__ = ["DiskFile", "format_disk", "VHDFileSystem", "create_package_image", "PARTITION_START"]
 
 PARTITION_START = 2048  # sectors: 1 MiB alignment, as every partitioning tool does
+#: nested parts of one long name a reader follows (a 16 KiB name has 130)
+_MAX_PARTS = 4096
+
+
+def _same_entry(have: str, name: str) -> bool:
+    """Whether an entry listed as ``have`` is ``name``: the same name, or (an 8.3 entry with no
+    long name and no lowercase flags, as DOS tools write) its upper case."""
+    return have == name or (have == name.upper() and have != have.lower() and _is_83(have))
+
+
 def _is_83(name: str) -> bool:
     """A name that fits an 8.3 directory entry (base up to 8, extension up to 3 characters)."""
     base, dot, ext = name.partition(".")
     return 0 < len(base) <= 8 and len(ext) <= 3 and "." not in ext and " " not in name
 
 
-#: characters in one FAT long name
-FAT_MAX_NAME = 255
 RESERVED = 32
 CLUSTER = 32 * 1024
 FAT32_MIN_CLUSTERS = 65525
@@ -377,7 +386,7 @@ class VHDFileSystem(AbstractFileSystem):
             else:
                 base = path.rstrip("/")
                 out = [{"name": f"{base}/{name}", "size": 0 if sub else n, "type": "directory" if sub else "file"}
-                       for _, (_, n, sub, name) in sorted(self._listing(first).items())]
+                       for name, _, n, sub in self._entries(first)]
         return out if detail else [o["name"] for o in out]
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -469,47 +478,88 @@ class VHDFileSystem(AbstractFileSystem):
         return out
 
     def _native(self, path: str) -> str:
-        """``path`` for a write, with each component that exists spelled as pyfatfs names it: a
-        volume written by Windows or mtools stores ``sphere`` as the 8.3 entry ``SPHERE`` with a
-        lowercase flag, which pyfatfs (case-sensitive on write) would otherwise duplicate beside
-        it.  Names FAT cannot hold as they are (over 255 characters, a trailing dot or space, two
-        names differing only in case) are a :class:`FormatError`, never a silent overwrite."""
-        parts = [p for p in path.split("/") if p]
-        for name in parts:
-            if len(name) > FAT_MAX_NAME or name.endswith((".", " ")):
-                what = f"is {len(name)} characters (at most {FAT_MAX_NAME})" if len(name) > FAT_MAX_NAME \
-                    else "ends with a dot or a space, which FAT drops"
-                raise FormatError(f"{self.where}: the name {name[:60]!r} {what}; convert to a directory or a .zip")
-        # pyfatfs's own view: in a writer the directories on disk may lag what pyfatfs holds
+        """``path`` for a write, as pyfatfs names it: each component that exists spelled as pyfatfs
+        lists it (a volume written by Windows or mtools stores ``sphere`` as the 8.3 entry
+        ``SPHERE`` with a lowercase flag, which pyfatfs, case-sensitive on write, would otherwise
+        duplicate beside it), and each one that FAT cannot hold as it is in its encoded form
+        (:mod:`spherefmt.containers.vhd.names`): over 127 characters, a trailing dot or space, or
+        a name a different-case sibling holds."""
         out: list[str] = []
-        for i, name in enumerate(parts):
-            try:
-                names = {n.lower(): n for n in self._fat.listdir("/" + "/".join(out))}
-            except Exception:  # noqa: BLE001 - not a directory (yet): the rest is new
-                names = {}
-            have = names.get(name.lower())
-            if have is None:
-                out += parts[i:]
-                break
-            # an 8.3 entry without a long name shows upper case in pyfatfs (its lowercase flag
-            # ignored): the same entry; a long name that differs in case is another file
-            if have != name and not (have == name.upper() and have != have.lower() and _is_83(have)):
-                raise FormatError(f"{self.where}: {name!r} and {have!r} differ only in case, which one FAT "
-                                  "directory cannot hold apart; convert to a directory or a .zip")
-            out.append(have)
+        new = False  # below a directory that does not exist yet, every name is free
+        for name in (p for p in path.split("/") if p):
+            if not new:
+                here = self._fat_names("/" + "/".join(out))
+                have = here.get(name.lower())
+                if have is not None and not needs_encoding(name) and _same_entry(have, name):
+                    out.append(have)
+                    continue
+                enc, cur = [], out
+                for part in encode(name):  # the encoded form, where it already exists
+                    hit = self._fat_names("/" + "/".join(cur + enc)).get(part)
+                    if hit is None:
+                        break
+                    enc.append(hit)
+                else:
+                    out += enc
+                    continue
+                new = True
+                if have is not None or needs_encoding(name):
+                    out += encode(name)
+                    continue
+            out += encode(name) if needs_encoding(name) else [name]
         return "/" + "/".join(out)
 
+    def _fat_names(self, path: str) -> dict[str, str]:
+        """pyfatfs's names in a directory by their lower case ({} where it is not a directory):
+        in a writer the directories on disk may lag what pyfatfs holds."""
+        try:
+            return {n.lower(): n for n in self._fat.listdir(path)}
+        except Exception:  # noqa: BLE001 - not a directory (yet)
+            return {}
+
     def _lookup(self, path: str) -> tuple[int, int, bool]:
-        """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`."""
+        """(first cluster, size, is_dir) of a path, directory by directory via :meth:`_listing`:
+        each component by its plain name, then its encoded form (:mod:`.names`)."""
         cluster, size, is_dir = self._root_cluster, 0, True
         for name in filter(None, path.split("/")):
             if not is_dir:
                 raise FileNotFoundError(path)
             hit = self._listing(cluster).get(name.lower())
-            if hit is None:
-                raise FileNotFoundError(path)
+            if hit is None or needs_encoding(name) or not _same_entry(hit[3], name):
+                hit = self._encoded(cluster, name)
+                if hit is None:
+                    raise FileNotFoundError(path)
             cluster, size, is_dir, _ = hit
         return cluster, size, is_dir
+
+    def _encoded(self, cluster: int, name: str) -> tuple[int, int, bool, str] | None:
+        """The entry of ``name`` in its encoded form in directory ``cluster``, if there is one."""
+        *dirs, last = encode(name)
+        for part in dirs:
+            hit = self._listing(cluster).get(part)
+            if hit is None or not hit[2]:
+                return None
+            cluster = hit[0]
+        return self._listing(cluster).get(last)
+
+    def _entries(self, first: int) -> list[tuple[str, int, int, bool]]:
+        """A directory's entries as ``(name, first cluster, size, is_dir)`` with encoded names
+        decoded and the parts of a long one joined (:mod:`.names`), sorted by name."""
+        out: list[tuple[str, int, int, bool]] = []
+        todo, seen = [("", first)], {first}
+        while todo:
+            prefix, at = todo.pop()
+            for _, (c, n, sub, name) in self._listing(at).items():
+                if name.startswith(CONTINUED) and sub:
+                    if c in seen or len(seen) > _MAX_PARTS:  # a hostile image: parts that loop
+                        raise FormatError(f"{self.where}: a long name's parts loop")
+                    seen.add(c)
+                    todo.append((prefix + decode(name[2:]), c))
+                elif name.startswith(ENCODED):
+                    out.append((prefix + decode(name[2:]), c, n, sub))
+                elif not prefix:
+                    out.append((name, c, n, sub))
+        return sorted(out)
 
     def walk_files(self, path: str = "/") -> list[tuple[str, int]]:
         """Every file under ``path`` with its size, from the directory clusters themselves
@@ -529,7 +579,7 @@ class VHDFileSystem(AbstractFileSystem):
                     if cluster in seen:
                         raise FormatError(f"{self.where}: the directory tree loops")
                     seen.add(cluster)
-                    for _, (c, size, sub, name) in sorted(self._listing(cluster).items()):
+                    for name, c, size, sub in self._entries(cluster):
                         if sub:
                             todo.append((f"{base}/{name}", c))
                         else:
