@@ -6,14 +6,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spherefmt-installed
 
-.PHONY: setup system-deps demo check test fuzz bench clean
+.PHONY: setup system-deps js-deps demo check test fuzz bench clean
 
-setup: $(STAMP) system-deps
+setup: $(STAMP) system-deps js-deps
 
 # Debian tools the tests check our files against (qemu-img, fsck.vfat, mtools, libguestfs);
 # installed when missing and running as root (CI), otherwise named.
 system-deps:
 	@bash .ci/system-deps.sh
+
+# zarrita.js, the JavaScript Zarr reader the portability tests read packages with (pinned by its lock file)
+js-deps: system-deps
+	@if command -v npm >/dev/null && [ ! -d tests/js/node_modules ]; then npm ci --prefix tests/js --no-audit --no-fund --silent; fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

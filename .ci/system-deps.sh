@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the tests check our files against: qemu-img (VHD reference), fsck.vfat, mtools and sgdisk
-# (FAT32 on MBR and GPT disks), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
+# (FAT32 on MBR and GPT disks), node + npm (zarrita.js), libguestfs (a real kernel mounts our images), and the Vulkan loader + lavapipe. Installed when missing and
 # running as root (CI); otherwise named. A package is missing when its witness file is absent.
 set -u
 need=""
@@ -10,6 +10,8 @@ witness /usr/sbin/fsck.vfat dosfstools
 witness mcopy mtools
 witness /usr/sbin/sgdisk gdisk  # GPT-partitioned test images
 witness guestmount libguestfs-tools
+witness node nodejs  # zarrita.js, a JavaScript Zarr reader, reads packages in the portability tests
+witness npm npm
 witness /usr/lib/python3/dist-packages/guestfs.py python3-guestfs
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need="$need linux-image-amd64"
 # Vulkan: the loader and Mesa's drivers (lavapipe runs the Vulkan backend's shaders on the CPU)
