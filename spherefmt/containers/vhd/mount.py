@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from spherefmt.errors import BackendUnavailableError, SpherefmtError
@@ -123,8 +124,9 @@ def unmount(directory: str) -> None:
         raise SpherefmtError(f"{directory}: cannot unmount: {last}")
 
 
-def open_guestfs(pkg: str, readonly: bool = True) -> Any:
-    """A launched ``guestfs.GuestFS`` handle with the package's filesystem mounted at ``/``.
+def open_guestfs(pkg: str, readonly: bool = True, extra: Sequence[str] = ()) -> Any:
+    """A launched ``guestfs.GuestFS`` handle with the package's filesystem mounted at ``/``
+    (``extra``: more ``.vhd`` files attached writable as the next drives, ``/dev/sdb`` on).
 
     The Debian bindings are built for the system Python; their folder is added to ``sys.path``
     when the running interpreter cannot import them directly.
@@ -144,6 +146,8 @@ def open_guestfs(pkg: str, readonly: bool = True) -> Any:
                 os.environ[k] = v
         g = guestfs.GuestFS(python_return_dict=True)
         g.add_drive_opts(pkg, format="vpc", readonly=1 if readonly else 0)
+        for other in extra:
+            g.add_drive_opts(other, format="vpc", readonly=0)
         try:
             g.launch()
             break
