@@ -148,8 +148,9 @@ class Backend(ABC):
         """Layer norm over the last axis (biased variance, like torch)."""
 
     @abstractmethod
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
-        """``x / sqrt(mean(x^2) + eps) * w`` over the last axis."""
+    def rmsnorm(self, x: Any, w: Any, eps: float, heads: int = 1) -> Any:
+        """``x / sqrt(mean(x^2) + eps) * w`` over the last axis; with ``heads > 1``, over each of
+        ``heads`` equal slices of it (per-head q/k norms), ``w`` being one slice wide."""
 
     @abstractmethod
     def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
@@ -163,10 +164,12 @@ class Backend(ABC):
 
     @abstractmethod
     def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
-                  scale: float) -> Any:
+                  scale: float, window: int = 0) -> Any:
         """Causal attention of ``q`` ``(T, n_heads * hd)`` at positions ``start .. start+T-1``
         over rows ``0 .. start+T-1`` of the caches ``(max_len, n_kv_heads * hd)``; query head
-        ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.  Softmax in f32."""
+        ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.  Softmax in f32.  With
+        ``window > 0`` (sliding-window attention) the query at position ``i`` sees only keys
+        ``j > i - window``."""
 
     @abstractmethod
     def write_rows(self, dst: Any, start: int, src: Any) -> None:

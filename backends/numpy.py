@@ -92,9 +92,10 @@ class NumpyBackend(AccountedMemory, Backend):
         var = (xc * xc).mean(axis=-1, keepdims=True)
         return self._out(xc / np.sqrt(var + _F32(eps)) * w + b)
 
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> np.ndarray:
-        ms = (x * x).mean(axis=-1, keepdims=True)
-        return self._out(x / np.sqrt(ms + _F32(eps)) * w)
+    def rmsnorm(self, x: Any, w: Any, eps: float, heads: int = 1) -> np.ndarray:
+        g = x.reshape(x.shape[0], heads, -1) if heads > 1 else x
+        ms = (g * g).mean(axis=-1, keepdims=True)
+        return self._out((g / np.sqrt(ms + _F32(eps)) * w).reshape(x.shape))
 
     def gather_rows(self, table: Any, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -110,7 +111,7 @@ class NumpyBackend(AccountedMemory, Backend):
         return self._out((xh * cos[:, None, :] + rot * sin[:, None, :]).reshape(t, -1))
 
     def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
-                  scale: float) -> np.ndarray:
+                  scale: float, window: int = 0) -> np.ndarray:
         t = q.shape[0]
         n = start + t
         hd = q.shape[1] // n_heads
@@ -121,8 +122,8 @@ class NumpyBackend(AccountedMemory, Backend):
         if rep > 1:
             k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
         s = (qh @ k.transpose(0, 2, 1)) * _F32(scale)  # (H, T, n)
-        future = np.arange(n)[None, :] > (start + np.arange(t))[:, None]
-        s[:, future] = -np.inf
+        rel = np.arange(n)[None, :] - (start + np.arange(t))[:, None]  # key minus query position
+        s[:, (rel > 0) | (rel <= -window if window > 0 else False)] = -np.inf
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)

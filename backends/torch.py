@@ -143,8 +143,9 @@ class TorchBackend(Backend):
     def layernorm(self, x: Any, w: Any, b: Any, eps: float) -> Any:
         return self._out(self.torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps))
 
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
-        return self._out(x * self.torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w)
+    def rmsnorm(self, x: Any, w: Any, eps: float, heads: int = 1) -> Any:
+        g = x.reshape(x.shape[0], heads, -1) if heads > 1 else x
+        return self._out((g * self.torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps) * w).reshape(x.shape))
 
     def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
         idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
@@ -160,7 +161,7 @@ class TorchBackend(Backend):
         return self._out((xh * cos[:, None, :] + rot * sin[:, None, :]).reshape(t, -1))
 
     def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
-                  scale: float) -> Any:
+                  scale: float, window: int = 0) -> Any:
         torch = self.torch
         t = q.shape[0]
         n = start + t
@@ -172,8 +173,9 @@ class TorchBackend(Backend):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
         s = (qh @ k.transpose(1, 2)) * scale
-        future = torch.arange(n, device=self.device)[None, :] > (start + torch.arange(t, device=self.device))[:, None]
-        s = s.masked_fill(future, -math.inf).softmax(dim=-1)
+        rel = torch.arange(n, device=self.device)[None, :] - (start + torch.arange(t, device=self.device))[:, None]
+        hidden = (rel > 0) | (rel <= -window) if window > 0 else rel > 0
+        s = s.masked_fill(hidden, -math.inf).softmax(dim=-1)
         return self._out((s @ v).transpose(0, 1).reshape(t, n_heads * hd))
 
     def write_rows(self, dst: Any, start: int, src: Any) -> None:

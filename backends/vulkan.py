@@ -192,8 +192,10 @@ fn erf_(x: f32) -> f32 {
   let kh = h / (H / HK);
   let qo = t * H * hd + h * hd;
   let last = start + t;
+  var first: u32 = 0u;
+  if (p.f > 0u && last + 1u > p.f) { first = last + 1u - p.f; }  // sliding window: keys > last - window
   var m: f32 = -3.0e38; var s: f32 = 0.0;
-  for (var n: u32 = 0u; n <= last; n++) {
+  for (var n: u32 = first; n <= last; n++) {
     var dot: f32 = 0.0;
     let ko = n * HK * hd + kh * hd;
     for (var j: u32 = 0u; j < hd; j++) { dot += q[qo + j] * kc[ko + j]; }
@@ -422,10 +424,10 @@ class VulkanBackend(AccountedMemory, Backend):
         self._run("norm", (rows, cols, 0), (eps,), [x.buf, w.buf, b.buf, out.buf], rows)
         return out
 
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> _T:
-        rows, cols = x.shape
+    def rmsnorm(self, x: Any, w: Any, eps: float, heads: int = 1) -> _T:
+        rows, cols = x.shape  # per-head norms: (T, H * hd) row-major is (T * H, hd)
         out = self._new(x.shape)
-        self._run("norm", (rows, cols, 1), (eps,), [x.buf, w.buf, self._dummy, out.buf], rows)
+        self._run("norm", (rows * heads, cols // heads, 1), (eps,), [x.buf, w.buf, self._dummy, out.buf], rows * heads)
         return out
 
     def gather_rows(self, table: Any, ids: np.ndarray) -> _T:
@@ -444,11 +446,11 @@ class VulkanBackend(AccountedMemory, Backend):
         return out
 
     def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int, n_heads: int, n_kv_heads: int,
-                  scale: float) -> _T:
+                  scale: float, window: int = 0) -> _T:
         t = q.shape[0]
         hd = q.shape[1] // n_heads
         out = self._new(q.shape)
-        self._run("attention", (t, n_heads, n_kv_heads, hd, start), (scale,),
+        self._run("attention", (t, n_heads, n_kv_heads, hd, start, window), (scale,),
                   [q.buf, k_cache.buf, v_cache.buf, out.buf], t * n_heads)
         return out
 

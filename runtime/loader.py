@@ -54,14 +54,18 @@ class BlockLoader:
     split
         Part name -> ``(axis, new names)``: the part is cut into equal pieces along ``axis`` on the
         host after reading (GPT-2's fused QKV bias).
+    offsets
+        Part name -> a constant added to it on the host (Gemma's norms multiply by ``1 + w``).
     """
 
     def __init__(self, pkg: Package, core: dict[Key, dict[str, str]], tables: dict[str, str],
-                 split: dict[str, tuple[int, list[str]]] | None = None) -> None:
+                 split: dict[str, tuple[int, list[str]]] | None = None,
+                 offsets: dict[str, float] | None = None) -> None:
         self.pkg = pkg
         self.core = core
         self.tables = tables
         self.split = split or {}
+        self.offsets = offsets or {}
         self.layout = pkg.layout
         self.slices = self.layout.slices()
         p, m = pkg.require_graticule()
@@ -165,6 +169,8 @@ class BlockLoader:
                 a = self.pkg.stored(tensor)
             self._count(a.nbytes)
             out[part] = _f32(a, self.pkg.tensor_info(tensor).dtype)
+            if part in self.offsets:
+                out[part] = out[part] + np.float32(self.offsets[part])  # a new array: views stay unchanged
         for part, (axis, names) in self.split.items():
             if part in out:
                 pieces = np.split(out.pop(part), len(names), axis=axis)

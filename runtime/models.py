@@ -1,4 +1,4 @@
-"""GPT-2 and Llama forward passes, written once against the backend interface.
+"""GPT-2 and Llama-family forward passes, written once against the backend interface.
 
 The forward pass asks the runtime for blocks (``rt.use(key)``: load -> use -> release), never
 looks at which backend runs it, and computes the FFN as a sum over the layer's cells: dense mode
@@ -18,6 +18,7 @@ import numpy as np
 from spherefmt import constants as C
 from spherefmt.errors import FormatError
 from spherefmt.format.package import Package
+from spherefmt.runtime.config import read_decoder_config
 from spherefmt.runtime.loader import BlockLoader, Key
 
 __all__ = ["Model", "GPT2", "Llama", "build"]
@@ -232,85 +233,112 @@ class GPT2(Model):
 
 
 class Llama(Model):
+    """The Llama family: Llama 2/3, Mistral, Qwen2/3, Gemma, Granite, OLMo2, each exactly as
+    ``transformers`` runs it (what the config asks is read by :func:`read_decoder_config`, which
+    refuses any config key it does not implement)."""
+
     arch = C.ARCH_LLAMA
     router_field = "gate"
 
     def __init__(self, pkg: Package) -> None:
         super().__init__(pkg)
-        c = self.config
-        self.d = int(_cfg(c, "hidden_size"))
-        self.n_heads = int(_cfg(c, "num_attention_heads"))
-        self.n_kv_heads = int(_cfg(c, "num_key_value_heads", default=self.n_heads))
-        self.head_dim = int(_cfg(c, "head_dim", default=self.d // self.n_heads))
-        self.eps = float(_cfg(c, "rms_norm_eps", default=1e-6))
-        self.theta = float(_cfg(c, "rope_theta", default=10000.0))
-        self.context = int(_cfg(c, "max_position_embeddings", default=2048))
-        rs = c.get("rope_scaling")
-        if rs and str(rs.get("rope_type", rs.get("type", "default"))) != "default":
-            raise FormatError(f"{pkg.where}: rope_scaling {rs!r} is not supported yet (default RoPE only)")
-        if str(c.get("hidden_act", "silu")) != "silu":
-            raise FormatError(f"{pkg.where}: Llama activation {c.get('hidden_act')!r} is not supported (silu)")
-        if self.n_heads % self.n_kv_heads:
-            raise FormatError(f"{pkg.where}: {self.n_heads} heads do not group over {self.n_kv_heads} KV heads")
+        s = self.spec = read_decoder_config(self.config, self.n_layers, pkg.where)
+        self.d, self.n_heads, self.n_kv_heads, self.head_dim = s.d, s.n_heads, s.n_kv_heads, s.head_dim
+        self.eps, self.context = s.eps, s.context
         p, r = self.prefix, self.root
         keys = set(pkg.keys())
         core: dict[Key, dict[str, str]] = {}
+        norms = ["ln_w", "q_norm", "k_norm", "post_w"]
         for i in range(self.n_layers):
-            a = {"ln_w": f"{p}{i}.input_layernorm.weight"}
+            a = {} if s.post_norms else {"ln_w": f"{p}{i}.input_layernorm.weight"}
             for n in ("q", "k", "v", "o"):
                 a[f"{n}_w"] = f"{p}{i}.self_attn.{n}_proj.weight"
                 if f"{p}{i}.self_attn.{n}_proj.bias" in keys:
                     a[f"{n}_b"] = f"{p}{i}.self_attn.{n}_proj.bias"
+            if s.qk_norm:
+                a["q_norm"], a["k_norm"] = f"{p}{i}.self_attn.q_norm.weight", f"{p}{i}.self_attn.k_norm.weight"
+            if s.post_norms:
+                a["post_w"] = f"{p}{i}.post_attention_layernorm.weight"
+                core[("mlp", i)] = {"post_w": f"{p}{i}.post_feedforward_layernorm.weight"}
+            else:
+                core[("mlp", i)] = {"ln_w": f"{p}{i}.post_attention_layernorm.weight"}
             core[("attn", i)] = a
-            core[("mlp", i)] = {"ln_w": f"{p}{i}.post_attention_layernorm.weight"}
         core[("final",)] = {"ln_w": f"{r}norm.weight"}
         missing = sorted(t for blk in core.values() for t in blk.values() if t not in keys)
         if missing:
-            raise FormatError(f"{pkg.where}: Llama package lacks {missing[0]!r} ({len(missing)} missing)")
+            raise FormatError(f"{pkg.where}: {s.model_type} package lacks {missing[0]!r} ({len(missing)} missing)")
         embed = f"{r}embed_tokens.weight"
         head = "lm_head.weight" if "lm_head.weight" in keys else embed
         tables = {"embed": embed, "head": head} if head != embed else {"head": head}
         self.embed_table = "embed" if head != embed else "head"
         self.vocab = pkg.tensor_info(head).shape[0]
-        self.loader = BlockLoader(pkg, core, tables)
+        offsets = {n: s.norm_offset for n in norms} if s.norm_offset else None
+        self.loader = BlockLoader(pkg, core, tables, offsets=offsets)
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
-        self.inv_freq = 1.0 / (self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
-                                              / self.head_dim))
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
         rows, cols = c["rows"], self.cols
-        h = b.mul(b.silu(b.matmul(m, rows, transpose_w=True, cols=cols["gate"])),
-                  b.matmul(m, rows, transpose_w=True, cols=cols["up"]))
+        g = b.matmul(m, rows, transpose_w=True, cols=cols["gate"])
+        g = b.silu(g) if self.spec.act == "silu" else b.gelu(g, True)
+        h = b.mul(g, b.matmul(m, rows, transpose_w=True, cols=cols["up"]))
         if mask is not None:
             h = b.mul(h, mask)
         return b.matmul(h, rows, cols=cols["down"])
 
+    def _scaled(self, b: Any, x: Any, factor: float) -> Any:
+        """``x * factor`` (a model's constant multiplier), skipped when it is 1."""
+        if factor == 1.0:
+            return x
+        v = b.upload(np.full(self.d, factor, dtype=np.float32))
+        try:
+            return b.mul(x, v)
+        finally:
+            b.free(v)
+
+    def head(self, rt: Any, x: Any) -> np.ndarray:
+        out = super().head(rt, x)
+        if self.spec.logit_divisor != 1.0:
+            out /= np.float32(self.spec.logit_divisor)  # Granite: logits / logits_scaling, as transformers does
+        return out
+
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
-        b = rt.backend
+        b, s = rt.backend, self.spec
         rt.at(0)
-        x = self.embed_rows(rt, self.embed_table, ids)
-        pos = np.arange(start, start + len(ids), dtype=np.float32)
-        freqs = np.outer(pos, self.inv_freq).astype(np.float32)
-        emb = np.concatenate([freqs, freqs], axis=1)
-        cos, sin = b.upload(np.cos(emb)), b.upload(np.sin(emb))
-        scale = 1.0 / math.sqrt(self.head_dim)
+        x = self._scaled(b, self.embed_rows(rt, self.embed_table, ids), s.embed_scale)
+        cos_h, sin_h = s.rope.tables(start, len(ids))
+        cos, sin = b.upload(cos_h), b.upload(sin_h)
         for i in range(self.n_layers):
             rt.at(1 + i)
             k_cache, v_cache = rt.kv[i]
             with rt.use(("attn", i)) as a:
-                h = b.rmsnorm(x, a["ln_w"], self.eps)
-                q = b.rope(b.matmul(h, a["q_w"], a.get("q_b"), transpose_w=True), cos, sin, self.n_heads)
-                k = b.rope(b.matmul(h, a["k_w"], a.get("k_b"), transpose_w=True), cos, sin, self.n_kv_heads)
+                h = x if s.post_norms else b.rmsnorm(x, a["ln_w"], self.eps)
+                q = b.matmul(h, a["q_w"], a.get("q_b"), transpose_w=True)
+                k = b.matmul(h, a["k_w"], a.get("k_b"), transpose_w=True)
+                if s.qk_norm:
+                    per_head = s.qk_norm == "head"
+                    q = b.rmsnorm(q, a["q_norm"], self.eps, heads=self.n_heads if per_head else 1)
+                    k = b.rmsnorm(k, a["k_norm"], self.eps, heads=self.n_kv_heads if per_head else 1)
+                q, k = b.rope(q, cos, sin, self.n_heads), b.rope(k, cos, sin, self.n_kv_heads)
                 b.write_rows(k_cache, start, k)
                 b.write_rows(v_cache, start, b.matmul(h, a["v_w"], a.get("v_b"), transpose_w=True))
-                o = b.attention(q, k_cache, v_cache, start, self.n_heads, self.n_kv_heads, scale)
-                x = b.add(x, b.matmul(o, a["o_w"], a.get("o_b"), transpose_w=True))
-            del h, q, k, o
-            with rt.use(("mlp", i)) as mp:
-                m = b.rmsnorm(x, mp["ln_w"], self.eps)
+                o = b.attention(q, k_cache, v_cache, start, self.n_heads, self.n_kv_heads, s.attn_scale,
+                                window=s.windows[i])
+                y = b.matmul(o, a["o_w"], a.get("o_b"), transpose_w=True)
+                if s.post_norms:
+                    y = b.rmsnorm(y, a["post_w"], self.eps)
+                x = b.add(x, self._scaled(b, y, s.residual_scale))
+            del h, q, k, o, y
+            if s.post_norms:
+                m = x
+            else:
+                with rt.use(("mlp", i)) as mp:
+                    m = b.rmsnorm(x, mp["ln_w"], self.eps)
             y = self.ffn(rt, i, m)
             if y is not None:
-                x = b.add(x, y)
+                if s.post_norms:
+                    with rt.use(("mlp", i)) as mp:
+                        y = b.rmsnorm(y, mp["post_w"], self.eps)
+                x = b.add(x, self._scaled(b, y, s.residual_scale))
             del m, y
         del cos, sin
         rt.at(self.period - 1)

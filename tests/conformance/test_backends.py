@@ -88,6 +88,15 @@ def test_norms(be, t, d):
     close(be, be.rmsnorm(X, W, 1e-6), x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * w)
 
 
+@pytest.mark.parametrize("t,heads,hd", [(1, 2, 8), (5, 3, 16), (4, 4, 5)])
+def test_rmsnorm_per_head(be, t, heads, hd):
+    """Per-head norms (Qwen3's q/k norms): each head's slice is normalised on its own."""
+    x, w = rand(t, heads * hd) * 2 + 0.5, rand(hd)
+    g = x.astype(np.float64).reshape(t, heads, hd)
+    ref = (g / np.sqrt((g**2).mean(-1, keepdims=True) + 1e-6) * w).reshape(t, -1)
+    close(be, be.rmsnorm(be.upload(x), be.upload(w), 1e-6, heads=heads), ref)
+
+
 def test_gather_rows(be):
     table = rand(37, 9)
     ids = np.array([0, 36, -1, 5, 5, -1])
@@ -108,7 +117,7 @@ def test_rope(be):
     close(be, be.rope(be.upload(x), be.upload(cos), be.upload(sin), h), ref)
 
 
-def _attention_ref(q, k, v, start, h, hk, scale):
+def _attention_ref(q, k, v, start, h, hk, scale, window=0):
     t, n = q.shape[0], start + q.shape[0]
     hd = q.shape[1] // h
     out = np.zeros((t, h * hd))
@@ -120,6 +129,8 @@ def _attention_ref(q, k, v, start, h, hk, scale):
         s = qq @ kk.T * scale
         for i in range(t):
             s[i, start + i + 1 :] = -np.inf
+            if window:
+                s[i, : max(0, start + i + 1 - window)] = -np.inf
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         out[:, head * hd : (head + 1) * hd] = p @ vv
@@ -136,6 +147,19 @@ def test_attention_with_cache(be, t, start, h, hk, hd):
     be.write_rows(vc, 0, be.upload(v))
     out = be.attention(be.upload(q), kc, vc, start, h, hk, 1 / math.sqrt(hd))
     close(be, out, _attention_ref(q, k, v, start, h, hk, 1 / math.sqrt(hd)))
+
+
+@pytest.mark.parametrize("t,start,window", [(1, 9, 4), (7, 0, 3), (6, 5, 1), (3, 2, 50)])
+def test_sliding_window_attention(be, t, start, window):
+    """Mistral's sliding window: the query at position i sees keys j > i - window only."""
+    h, hk, hd = 4, 2, 8
+    q, k, v = rand(t, h * hd), rand(start + t, hk * hd), rand(start + t, hk * hd)
+    kc, vc = be.upload(k), be.upload(v)
+    out = be.attention(be.upload(q), kc, vc, start, h, hk, 0.3, window=window)
+    ref = _attention_ref(q, k, v, start, h, hk, 0.3, window)
+    close(be, out, ref)
+    if window < start + t:  # and the window changes the answer (the test can fail)
+        assert not np.allclose(ref, _attention_ref(q, k, v, start, h, hk, 0.3), atol=1e-4)
 
 
 def test_write_rows_in_place(be):

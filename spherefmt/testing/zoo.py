@@ -1,0 +1,75 @@
+"""Small models of every architecture the runtime claims, made by ``transformers`` itself.
+
+Each entry is a ``transformers`` config class and the fields that make it that model (RoPE
+scaling, sliding windows, multipliers, ...).  :func:`save_zoo_model` builds it with
+``transformers``' own random init and writes it with ``save_pretrained`` (sharded), exactly as a
+user's checkpoint would be: the conformance table (``tests/test_hf_conformance.py``) converts
+each one and compares the runtime's logits with ``from_pretrained`` on the same folder.
+
+Weights are drawn wider than ``transformers``' default (``initializer_range`` 0.1 rather than
+0.02), so that a feature the runtime got wrong (a RoPE scaling, a window, a norm) moves the
+logits far past the tolerance instead of hiding under it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ZOO", "REFUSED", "save_zoo_model"]
+
+_SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 64, "initializer_range": 0.1,
+          "tie_word_embeddings": False}
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+#: name -> (transformers config class, fields beyond the small shape); every one runs exactly
+ZOO: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama2": ("LlamaConfig", {}),
+    "llama-theta-500k": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+    "llama3": ("LlamaConfig", {"rope_parameters": _LLAMA3}),
+    "llama-linear": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                         "factor": 4.0}}),
+    "llama-yarn": ("LlamaConfig", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                       "original_max_position_embeddings": 16}}),
+    "llama-longrope": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.5 * i for i in range(8)]}}),
+    "llama-dynamic": ("LlamaConfig", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                          "factor": 2.0}}),
+    "llama-attention-bias": ("LlamaConfig", {"attention_bias": True}),
+    "mistral": ("MistralConfig", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2-sliding": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    "olmo2": ("Olmo2Config", {}),
+}
+
+#: name -> (config class, fields, what the refusal must name): models the runtime refuses
+REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
+    "llama-mlp-bias": ("LlamaConfig", {"mlp_bias": True}, "mlp_bias"),
+    "llama-partial-rotary": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.5}},
+                             "partial_rotary_factor"),
+    "phi3": ("Phi3Config", {}, "phi3"),
+}
+
+
+def save_zoo_model(name: str, folder: str | Path, *, dtype: str = "float32", seed: int = 0,
+                   max_shard_size: str = "100KB") -> Path:
+    """Build zoo model ``name`` (from :data:`ZOO` or :data:`REFUSED`) with ``transformers``'
+    random init and ``save_pretrained`` it (sharded) into ``folder``."""
+    import torch
+    import transformers
+
+    cls, extra = ZOO[name] if name in ZOO else REFUSED[name][:2]
+    cfg = getattr(transformers, cls)(**{**_SMALL, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder
