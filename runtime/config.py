@@ -22,7 +22,7 @@ import numpy as np
 
 from spherefmt.errors import FormatError
 
-__all__ = ["DecoderSpec", "Rope", "read_decoder_config", "RUNTIME_MODEL_TYPES", "INERT_KEYS"]
+__all__ = ["DecoderSpec", "Rope", "check_gpt2_config", "read_decoder_config", "RUNTIME_MODEL_TYPES", "INERT_KEYS"]
 
 #: keys that cannot change a forward pass in inference (ids, dropout, init, bookkeeping)
 INERT_KEYS = frozenset({
@@ -58,7 +58,31 @@ _TYPES: dict[str, tuple[frozenset[str], dict[str, tuple[Any, ...]]]] = {
     "olmo2": (frozenset(), {}),
 }
 #: model types the runtime runs (each in the conformance table of ``tests/test_hf_conformance.py``)
-RUNTIME_MODEL_TYPES = tuple(_TYPES)
+RUNTIME_MODEL_TYPES = ("gpt2", *_TYPES)
+
+#: GPT-2: the keys :class:`spherefmt.runtime.models.GPT2` reads, and the sequence-summary head's
+#: (a classification head the causal LM does not run)
+_GPT2 = frozenset({"vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner",
+                   "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+                   "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
+                   "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                   "summary_first_dropout", "hidden_size", "num_attention_heads"})
+
+
+def _refuse_unknown(c: dict[str, Any], known: frozenset[str], mt: str, where: str) -> None:
+    for key in sorted(c):
+        if key in INERT_KEYS or key in known or c[key] is None:
+            continue
+        raise FormatError(f"{where}: config field {key!r} ({str(c[key])[:60]}) is not implemented by the runtime for "
+                          f"{mt!r}; refusing rather than run an approximation")
+
+
+def check_gpt2_config(config: dict[str, Any], where: str) -> None:
+    """Refuse a GPT-2 config with a key the runtime does not implement (see the module docstring)."""
+    c = dict(config or {})
+    _refuse_unknown(c, _GPT2, "gpt2", where)
+    if c.get("add_cross_attention"):
+        raise FormatError(f"{where}: config field 'add_cross_attention' is set; the runtime runs decoder-only GPT-2")
 
 _ROPE_KEYS = {
     "default": set(),
@@ -106,9 +130,9 @@ class Rope:
         elif self.kind == "longrope":
             old = int(p["original_max_position_embeddings"])
             f = p.get("factor") or self.max_positions / old
-            factor = p.get("attention_factor")
-            if factor is None:
-                factor = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(old))
+            given = p.get("attention_factor")
+            factor = float(given) if given is not None else (
+                1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(old)))
             ext = np.asarray(p["long_factor"] if seq_len > old else p["short_factor"], dtype=np.float32)
             inv = (1.0 / (ext * (np.float32(self.theta) ** expo))).astype(np.float32)
         return inv.astype(np.float32), float(factor)
@@ -232,11 +256,7 @@ def read_decoder_config(config: dict[str, Any], n_layers: int, where: str) -> De
                           f"exactly; model_type {mt!r} is not one of them (it still converts, and "
                           "spherefmt.interop.hf.load_model runs it in transformers)")
     extra_keys, fixed = _TYPES[mt]
-    for key in sorted(c):
-        if key in INERT_KEYS or key in _BASE or key in extra_keys or c[key] is None:
-            continue
-        raise FormatError(f"{where}: config field {key!r} ({str(c[key])[:60]}) is not implemented by the runtime for "
-                          f"{mt!r}; refusing rather than run an approximation")
+    _refuse_unknown(c, _BASE | extra_keys, mt, where)
     for key, allowed in fixed.items():
         if key in c and c[key] not in allowed:
             raise FormatError(f"{where}: config field {key!r} is {c[key]!r}; the runtime implements only "

@@ -18,7 +18,7 @@ import numpy as np
 from spherefmt import constants as C
 from spherefmt.errors import FormatError
 from spherefmt.format.package import Package
-from spherefmt.runtime.config import read_decoder_config
+from spherefmt.runtime.config import check_gpt2_config, read_decoder_config
 from spherefmt.runtime.loader import BlockLoader, Key
 
 __all__ = ["Model", "GPT2", "Llama", "build"]
@@ -159,6 +159,7 @@ class GPT2(Model):
     def __init__(self, pkg: Package) -> None:
         super().__init__(pkg)
         c = self.config
+        check_gpt2_config(c, pkg.where)
         self.d = int(_cfg(c, "n_embd", "hidden_size"))
         self.n_heads = self.n_kv_heads = int(_cfg(c, "n_head", "num_attention_heads"))
         self.head_dim = self.d // self.n_heads
@@ -355,4 +356,6 @@ def build(pkg: Package) -> Model:
         return GPT2(pkg)
     if pkg.architecture == C.ARCH_LLAMA:
         return Llama(pkg)
-    raise FormatError(f"{pkg.where}: the runtime runs GPT-2 and Llama packages; this one is {pkg.architecture!r}")
+    mt = (pkg.config or {}).get("model_type") if isinstance(pkg.config, dict) else None
+    raise FormatError(f"{pkg.where}: the runtime runs GPT-2 and Llama-family packages; this one is "
+                      f"{pkg.architecture!r}" + (f" (model_type {mt!r})" if mt else ""))

@@ -26,6 +26,8 @@ _LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fr
 
 #: name -> (transformers config class, fields beyond the small shape); every one runs exactly
 ZOO: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 320, "n_positions": 64,
+                            "initializer_range": 0.1, "bos_token_id": 0, "eos_token_id": 0}),
     "llama2": ("LlamaConfig", {}),
     "llama-theta-500k": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
     "llama3": ("LlamaConfig", {"rope_parameters": _LLAMA3}),
@@ -55,7 +57,7 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
     "llama-partial-rotary": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                  "partial_rotary_factor": 0.5}},
                              "partial_rotary_factor"),
-    "phi3": ("Phi3Config", {}, "phi3"),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "eos_token_id": 1}, "'phi3'"),
 }
 
 
@@ -67,7 +69,7 @@ def save_zoo_model(name: str, folder: str | Path, *, dtype: str = "float32", see
     import transformers
 
     cls, extra = ZOO[name] if name in ZOO else REFUSED[name][:2]
-    cfg = getattr(transformers, cls)(**{**_SMALL, **extra})
+    cfg = getattr(transformers, cls)(**(extra if cls == "GPT2Config" else {**_SMALL, **extra}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
     folder = Path(folder)

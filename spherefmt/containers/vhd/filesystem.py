@@ -493,7 +493,8 @@ class VHDFileSystem(AbstractFileSystem):
                 if have is not None and not needs_encoding(name) and _same_entry(have, name):
                     out.append(have)
                     continue
-                enc, cur = [], out
+                enc: list[str] = []
+                cur = out
                 for part in encode(name):  # the encoded form, where it already exists
                     hit = self._fat_names("/" + "/".join(cur + enc)).get(part)
                     if hit is None:
