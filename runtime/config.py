@@ -56,6 +56,8 @@ _TYPES: dict[str, tuple[frozenset[str], dict[str, tuple[Any, ...]]]] = {
     "granite": (frozenset({"mlp_bias", "embedding_multiplier", "residual_multiplier", "attention_multiplier",
                            "logits_scaling"}), {"mlp_bias": (False, None)}),
     "olmo2": (frozenset(), {}),
+    # converted with its fused qkv_proj / gate_up_proj split into Llama's projections
+    "phi3": (frozenset({"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}), {}),
 }
 #: model types the runtime runs (each in the conformance table of ``tests/test_hf_conformance.py``)
 RUNTIME_MODEL_TYPES = ("gpt2", *_TYPES)
@@ -218,6 +220,8 @@ def _rope(c: dict[str, Any], head_dim: int, where: str) -> Rope:
     params = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise FormatError(f"{where}: config field 'rope_parameters' must be an object, not {params!r}")
+    if "original_max_position_embeddings" in c and params.get("rope_type", params.get("type")) in ("longrope", "yarn"):
+        params = {"original_max_position_embeddings": c["original_max_position_embeddings"], **params}  # Phi-3
     if any(isinstance(v, dict) for v in params.values()):
         raise FormatError(f"{where}: config field 'rope_parameters' is per layer type ({sorted(params)}); the runtime "
                           "implements one RoPE for every layer")
@@ -276,7 +280,7 @@ def read_decoder_config(config: dict[str, Any], n_layers: int, where: str) -> De
                           f"for {mt!r}")
     windows = [0] * n_layers
     sw = c.get("sliding_window")
-    if mt == "mistral" and sw is not None:
+    if mt in ("mistral", "phi3") and sw is not None:
         windows = [int(sw)] * n_layers
     elif mt in ("qwen2", "qwen3"):
         sw = sw if c.get("use_sliding_window") else None

@@ -201,6 +201,14 @@ def _edit_header(url: str, fn) -> None:
         (lambda h: h["shells"][0].update(capacity=1), "too small"),
         (lambda h: h["neuron_layout"].update(row_width=3), "row_width"),
         (lambda h: h.update(architecture="rwkv"), "unknown architecture"),
+        (lambda h: h.update(fused={"x": 1}), "fused must be a list"),
+        (lambda h: h.update(fused=[{"name": "f", "parts": ["missing.a", "missing.b"], "axis": 0}]), "fused entry"),
+        (lambda h: h.update(fused=[{"name": h["tensors"][0]["name"], "parts": [h["tensors"][1]["name"],
+                                                                              h["tensors"][2]["name"]], "axis": 0}]),
+         "fused entry"),
+        (lambda h: h.update(fused=[{"name": "f", "parts": [next(t["name"] for t in h["tensors"] if len(t["shape"]) == 1),
+                                                           next(t["name"] for t in h["tensors"] if len(t["shape"]) == 2)],
+                                    "axis": 0}]), "shapes disagree"),
     ],
 )
 def test_malformed_package_header(tmp_path, edit, match):

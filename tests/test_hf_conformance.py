@@ -98,3 +98,28 @@ def test_an_unknown_config_field_is_refused_not_ignored(tmp_path):
     pkg = spherefmt.save(folder, tmp_path / "m.sphere", graticule="2x2", depth=2)
     with pytest.raises(FormatError, match="'attention_sink_tokens' .* not implemented"):
         Session(pkg, backend="numpy")
+
+
+def test_phi3_fused_projections_split_on_conversion_and_fused_on_export(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj are stored as Llama's parts (the FFN on the sphere) and
+    every export writes them fused again, bit for bit, under their own names."""
+    from safetensors.numpy import load_file
+
+    folder = save_zoo_model("phi3", tmp_path / "hf")
+    original = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        original.update(load_file(shard))
+    pkg = spherefmt.save(folder, tmp_path / "m.sphere", graticule="2x2", depth=2)
+    with spherefmt.open(pkg) as p:
+        names = set(p.keys())
+        assert "model.layers.0.mlp.gate_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" not in names
+        assert p.entry("model.layers.0.mlp.up_proj.weight").where == "sphere"
+        assert {f["name"] for f in p.header.fused} == {f"model.layers.{i}.{t}" for i in range(2)
+                                                       for t in ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
+    spherefmt.export(pkg, tmp_path / "back.safetensors")
+    back = load_file(tmp_path / "back.safetensors")
+    assert set(back) == set(original)
+    for k, v in original.items():
+        assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
+    spherefmt.export(pkg, tmp_path / "folder")
+    assert _rel(_reference(tmp_path / "folder"), _reference(folder)) == 0.0

@@ -31,9 +31,9 @@ from spherefmt.errors import FormatError
 
 __all__ = ["Field", "Layout", "detect", "rows_from_tensors"]
 
-#: model types whose FFN is Llama's (separate gate/up/down projections); Phi-3 fuses gate and up
-#: into one ``gate_up_proj`` and converts to a generic package (every tensor in core/)
-LLAMA_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite",
+#: model types whose FFN is Llama's (gate/up/down projections; Phi-3's fused ``gate_up_proj`` is
+#: split on conversion, :mod:`spherefmt.interop.fused`)
+LLAMA_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
                      "internlm2", "yi", "deepseek", "smollm"}
 
 

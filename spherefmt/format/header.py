@@ -21,6 +21,7 @@ from spherefmt.format.placement import Grid, check_grid, layer_shells
 __all__ = ["Header", "LayerEntry", "NeuronLayout", "Shell", "TensorEntry", "new_header"]
 
 _KNOWN = ("format", "version", "state", "architecture", "config", "metadata", "files", "codec", "tensors", "warning",
+          "fused",
           "graticule", "depth", "layer_depth", "shells", "neuron_layout", "layers", "placement")
 
 
@@ -99,6 +100,8 @@ class Header:
     neuron_layout: NeuronLayout | None = None
     layers: list[LayerEntry] = field(default_factory=list)
     placement: dict[str, Any] | None = None
+    #: source tensors stored split (``[{"name", "parts", "axis"}]``): exports concatenate the parts
+    fused: list[dict[str, Any]] = field(default_factory=list)
     #: members this version does not know, kept as they are when the header is written back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -129,6 +132,8 @@ class Header:
             "config": self.config, "metadata": dict(self.metadata), "files": list(self.files), "codec": self.codec,
             "tensors": [t.to_json() for t in self.tensors], "warning": self.warning,
         }
+        if self.fused:
+            h["fused"] = [{"name": f["name"], "parts": list(f["parts"]), "axis": f["axis"]} for f in self.fused]
         if self.graticule is not None and self.neuron_layout is not None:
             h.update({
                 "graticule": list(self.graticule), "depth": self.depth, "layer_depth": list(self.layer_depth),
@@ -169,6 +174,7 @@ class Header:
                 nl["in_field"], nl["out_field"]) if nl is not None else None,
             layers=[LayerEntry(lay["neurons"], dict(lay["tensors"])) for lay in h["layers"]] if sphere else [],
             placement=h.get("placement") if sphere else None,
+            fused=[dict(f) for f in h.get("fused", [])],
             extra={k: v for k, v in h.items() if k not in _KNOWN},
         )
 
@@ -224,6 +230,7 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
             raise FormatError(f"{where}: tensor {t['name'][:80]!r} has no valid 'where'")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in _get(h, "metadata", dict, where).items()):
         raise FormatError(f"{where}: metadata must map strings to strings")
+    _check_fused(h, where)
     if arch == C.ARCH_GENERIC:
         if any(t["where"] == "sphere" for t in h["tensors"]):
             raise FormatError(f"{where}: a generic package cannot hold sphere tensors")
@@ -289,16 +296,37 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     return h
 
 
+def _check_fused(h: dict[str, Any], where: str) -> None:
+    """``fused``: each entry a new name and two or more stored tensors of one dtype whose shapes
+    agree past axis 0, each part in one entry only."""
+    fused = h.get("fused", [])
+    tensors = {t["name"]: t for t in h["tensors"]}
+    used: set[str] = set()
+    if not isinstance(fused, list):
+        raise FormatError(f"{where}: fused must be a list")
+    for f in fused:
+        parts = f.get("parts") if isinstance(f, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] and f["name"] not in tensors
+                and f.get("axis") == 0 and isinstance(parts, list) and len(parts) >= 2
+                and all(isinstance(p, str) and p in tensors and p not in used for p in parts)
+                and len(set(parts)) == len(parts)):
+            raise FormatError(f"{where}: fused entry {str(f)[:80]} malformed")
+        shapes = [tensors[p]["shape"] for p in parts]
+        if len({tensors[p]["dtype"] for p in parts}) != 1 or any(not s or s[1:] != shapes[0][1:] for s in shapes):
+            raise FormatError(f"{where}: fused entry {f['name'][:80]!r}: its parts' dtypes or shapes disagree")
+        used.update(parts)
+
+
 def new_header(*, layout: Layout, grid: Grid | None, infos: Mapping[str, TensorInfo], config: dict[str, Any] | None,
                metadata: Mapping[str, str], files: list[str], codec: str,
-               placement: dict[str, Any] | None = None) -> Header:
+               placement: dict[str, Any] | None = None, fused: list[dict[str, Any]] | None = None) -> Header:
     """The header of a package being written (state ``writing`` until the conversion ends)."""
     ffn = layout.ffn_tensors()
     h = Header(
         version=C.FORMAT_VERSION, state=C.STATE_WRITING, architecture=layout.arch, config=config,
         metadata=dict(metadata), files=sorted(files), codec=codec,
         tensors=[TensorEntry(n, i.dtype, list(i.shape), "sphere" if n in ffn else "core") for n, i in infos.items()],
-        warning=layout.warning)
+        warning=layout.warning, fused=list(fused or []))
     if grid is None:
         return h
     shells = layer_shells(len(layout.layers), grid.depth)

@@ -42,6 +42,7 @@ from spherefmt.format.placement import (
 )
 from spherefmt.format.store import PackageStore
 from spherefmt.interop.base import TensorSource, bounded_heap
+from spherefmt.interop.fused import split_fused
 from spherefmt.interop.registry import open_source
 from spherefmt.progress import progress_bar
 
@@ -148,6 +149,7 @@ def save(
     with open_source(src) as source:
         if config is not None:
             source.config = dict(config)
+        source = split_fused(source)  # Phi-3's fused projections, as their parts
         infos = {name: source.info(name) for name in source.keys()}
         layout = detect(infos, source.config, source.where)
         if layout.warning:
@@ -184,7 +186,8 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
            store: Any, metadata: Mapping[str, str] | None, progress: bool, plan: PlacementPlan | None = None) -> None:
     header = new_header(layout=layout, grid=grid, infos=infos, config=source.config,
                         metadata={**source.metadata, **(metadata or {})}, files=list(source.files), codec=codec,
-                        placement=None if plan is None else dict(plan.record))
+                        placement=None if plan is None else dict(plan.record),
+                        fused=getattr(source, "fused", None))
     root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header.to_json()})
     total = sum(i.nbytes for i in infos.values())
     with progress_bar(total, "convert", progress) as bar:

@@ -29,6 +29,7 @@ from spherefmt.errors import BackendUnavailableError, FormatError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.interop.base import MappingSource, TensorSource, inside, no_escape, read_json
+from spherefmt.interop.fused import fuse_state_dict
 from spherefmt.interop.safetensors import SafetensorsSource, export_safetensors
 from spherefmt.interop.torchfile import torch_load
 
@@ -77,7 +78,7 @@ def build(pkg: Package, dtype: Any = "auto") -> Any:
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     own = model.state_dict()
     sd = {}
-    for name, value in pkg.state_dict(framework="torch", padded=True).items():
+    for name, value in fuse_state_dict(pkg.state_dict(framework="torch", padded=True), pkg.header.fused).items():
         target = name if name in own else next((p + name for p in _PREFIXES if p + name in own), None)
         if target is None:
             raise FormatError(f"{pkg.where}: tensor {name!r} has no place in a transformers {cfg.model_type} model")

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from spherefmt.errors import FormatError, InputError
 from spherefmt.format.package import Package, is_package
 from spherefmt.format.package import open as open_package
 from spherefmt.interop.base import MappingSource, TensorSource, bounded_heap
+from spherefmt.interop.fused import FusedView
 from spherefmt.interop.gguf import export_gguf, open_gguf
 from spherefmt.interop.hf import export_hf_folder, open_hf_folder
 from spherefmt.interop.package import LayerReader, PackageSource
@@ -160,7 +161,12 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
         # after uneven growth, FFN tensors are padded with zero neurons to one size (the config's)
         total = sum(p.tensor_info(n, padded=True).nbytes for n in p.keys())
         with progress_bar(total, "export", progress) as bar, bounded_heap():
-            writer(p, dst, LayerReader(p).storage, bar.update)
+            storage = LayerReader(p).storage
+            if p.header.fused:  # split on conversion (Phi-3): each fused tensor written whole again
+                view = FusedView(p, storage)
+                writer(cast(Package, view), dst, view.storage, bar.update)
+            else:
+                writer(p, dst, storage, bar.update)
     finally:
         if own:
             p.close()

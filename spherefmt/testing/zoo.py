@@ -49,6 +49,11 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
     "granite": ("GraniteConfig", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
                                   "attention_multiplier": 0.1, "logits_scaling": 4.0}),
     "olmo2": ("Olmo2Config", {}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "eos_token_id": 1}),
+    "phi3-longrope": ("Phi3Config", {"pad_token_id": 0, "eos_token_id": 1, "original_max_position_embeddings": 8,
+                                     "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                         "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                         "long_factor": [1.0 + 0.5 * i for i in range(8)]}}),
 }
 
 #: name -> (config class, fields, what the refusal must name): models the runtime refuses
@@ -57,7 +62,6 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
     "llama-partial-rotary": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                  "partial_rotary_factor": 0.5}},
                              "partial_rotary_factor"),
-    "phi3": ("Phi3Config", {"pad_token_id": 0, "eos_token_id": 1}, "'phi3'"),
 }
 
 
