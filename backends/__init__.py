@@ -21,8 +21,10 @@ from spherefmt.errors import BackendUnavailableError, SpherefmtError, UnknownBac
 __all__ = ["Backend", "register", "get_backend", "names", "probe", "PREFERENCE", "UnknownBackendError"]
 
 _FACTORIES: dict[str, Callable[[str], Backend]] = {}
-#: tried in this order when no backend is named: GPU first, then the CPU ones
-PREFERENCE = ("torch:cuda", "vulkan", "torch:cpu", "numpy")
+#: tried in this order when no backend is named: a real GPU first (CUDA/ROCm, then a Vulkan GPU,
+#: never a CPU emulation such as lavapipe), then the CPU backend measured fastest
+#: (``bench/bench_backends.py``: numpy ahead of torch's CPU build)
+PREFERENCE = ("torch:cuda", "vulkan:gpu", "numpy", "torch:cpu")
 
 
 def register(prefix: str, factory: Callable[[str], Backend]) -> None:

@@ -1,10 +1,12 @@
 """The Vulkan backend: WGSL compute shaders through ``wgpu``, on any Vulkan GPU (AMD consumer
 cards included) and on lavapipe (Mesa's CPU Vulkan driver) in CI.
 
-Names: ``vulkan`` (the high-performance adapter), ``vulkan:N`` (the N-th Vulkan adapter),
-``vulkan:f16`` / ``vulkan:N,f16`` (weight matrices stored as float16 where the adapter has
-``shader-f16``: half the device memory and bandwidth per weight, float32 accumulation).
-``WGPU_BACKEND_TYPE`` defaults to ``Vulkan``.  Tensors are float32 storage buffers; memory is
+Names: ``vulkan`` (the best Vulkan adapter: a discrete GPU, else an integrated one, else any,
+lavapipe included; wgpu's own log is kept to errors unless ``$SPHEREFMT_VERBOSE`` is set, as
+``sphere -v`` does), ``vulkan:gpu`` (a discrete or integrated GPU only: what the runtime picks
+when no backend is named, so it never lands on a CPU emulation), ``vulkan:N`` (the N-th Vulkan
+adapter), ``vulkan:f16`` / ``vulkan:N,f16`` (weight matrices stored as float16 where the adapter has
+``shader-f16``: half the device memory and bandwidth per weight, float32 accumulation).  Tensors are float32 storage buffers; memory is
 counted per buffer (:class:`~.base.Accountant`) and given back with ``buffer.destroy()``.
 
 Each op records one compute pass and submits it; reading back waits for the queue.  The matmul
@@ -28,6 +30,10 @@ from spherefmt.backends.base import Accountant, AccountedMemory, Backend
 from spherefmt.errors import BackendUnavailableError, InputError
 
 __all__ = ["VulkanBackend"]
+
+#: wgpu adapter types, best first; the runtime's default takes the first two only
+_KIND_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+_GPU_KINDS = ("DiscreteGPU", "IntegratedGPU")
 
 _HINT = "pip install wgpu, and a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1)"
 _WG = 64
@@ -238,7 +244,6 @@ class VulkanBackend(AccountedMemory, Backend):
         parts = [x for x in device.split(",") if x]
         want_f16 = "f16" in parts
         device = next((x for x in parts if x != "f16"), "")
-        os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
         if not os.environ.get("XDG_RUNTIME_DIR"):  # Mesa's loaders complain without one
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="spherefmt-xdg-")
         try:
@@ -246,18 +251,34 @@ class VulkanBackend(AccountedMemory, Backend):
         except ImportError as e:
             raise BackendUnavailableError(f"backend vulkan: wgpu is not installed ({_HINT})") from e
         self.wgpu = wgpu
+        if not os.environ.get("SPHEREFMT_VERBOSE"):  # wgpu warns about adapters on stderr: `sphere -v` shows it
+            import logging
+
+            logging.getLogger("wgpu").setLevel(logging.ERROR)
         try:
-            if device:
-                adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()
-                            if str(a.info.get("backend_type", "")).lower() == "vulkan"]
+            # Vulkan adapters only, found by listing them (forcing WGPU_BACKEND_TYPE makes wgpu
+            # print a warning on every start), the best kind first
+            adapters = sorted((a for a in wgpu.gpu.enumerate_adapters_sync()
+                               if str(a.info.get("backend_type", "")).lower() == "vulkan"),
+                              key=lambda a: _KIND_RANK.get(str(a.info.get("adapter_type", "")), 9))
+            if device == "gpu":
+                gpus = [a for a in adapters if str(a.info.get("adapter_type", "")) in _GPU_KINDS]
+                if not gpus:
+                    cpu = ", ".join(str(a.info.get("device", "?")) for a in adapters) or "none"
+                    raise BackendUnavailableError(f"backend vulkan:gpu: no Vulkan GPU (adapters: {cpu}); a CPU "
+                                                  "adapter runs only when asked for by name: --backend vulkan")
+                adapter = gpus[0]
+            elif device:
                 adapter = adapters[int(device)]
             else:
-                adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+                adapter = adapters[0] if adapters else None
         except (IndexError, ValueError):
             raise BackendUnavailableError(f"backend vulkan:{device}: no such Vulkan adapter") from None
+        except BackendUnavailableError:
+            raise
         except Exception as e:  # noqa: BLE001 - no driver, no loader: one clear line
             raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({str(e)[:120]}; {_HINT})") from None
-        if adapter is None or str(adapter.info.get("backend_type", "")).lower() != "vulkan":
+        if adapter is None:
             raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({_HINT})")
         self.adapter = adapter
         limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size")}

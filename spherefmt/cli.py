@@ -94,7 +94,8 @@ def package_info(pkg: Package) -> dict[str, Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="spherefmt")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show the GPU libraries' own log messages (wgpu, Mesa).")
+def cli(verbose: bool) -> None:
     """spherefmt: transformer FFN neurons on a sphere, in a chunked, compressed Zarr package.
 
     \b
@@ -109,6 +110,10 @@ def cli() -> None:
       sphere map model.sphere -o map.png                      # the graticule as world maps
       sphere verify model.sphere                              # every object against the manifest
     """
+    if verbose:  # the Vulkan backend keeps wgpu's own log quiet unless this is set
+        import os
+
+        os.environ["SPHEREFMT_VERBOSE"] = "1"
 
 
 @cli.command()
@@ -118,7 +123,7 @@ def cli() -> None:
               "Default adapts to the model so one cell of one layer is >= 256 KiB.")
 @click.option("--depth", type=int, help=f"Depth shells 1..{C.MAX_DEPTH}. Default min(10, layers).")
 @click.option("--codec", type=click.Choice(C.CODEC_PRESETS), default=C.CODEC_DEFAULT, show_default=True,
-              help="default: shuffle + zstd(1) + crc32c; none: crc32c only.")
+              help="default: blosc (zstd 1, byte shuffle) + crc32c; none: crc32c only.")
 @click.option("--overwrite", is_flag=True, help="Replace a package already at DST (never anything else).")
 @click.option("--vhd-size", metavar="SIZE", help="Virtual size of a .vhd DST, e.g. 64G (default: the larger of 4G "
               "and 8x the model; the file only holds what is written).")
@@ -644,17 +649,22 @@ def grow(pkg: str, neurons: int, cell: str | None, depth: int | None, layers: in
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
 @_user_errors
 def backends(as_json: bool) -> None:
-    """Every compute backend, whether it starts here, and why not."""
-    from spherefmt.backends import probe
+    """Every compute backend, whether it starts here, and why not; the one used when none is
+    named (a GPU first, never a CPU Vulkan emulation, then numpy) is marked default."""
+    from spherefmt.backends import get_backend, probe
 
     rows = probe()
+    chosen = get_backend().name
+    for r in rows:
+        r["default"] = r["name"] == chosen or (r["name"] == "torch:cuda" and chosen.startswith("torch:cuda"))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
         if r["available"]:
             extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("name", "available", "backend"))
-            click.echo(f"{r['name']:<12} yes  {extra}")
+            extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("name", "available", "backend", "default"))
+            click.echo(f"{r['name']:<12} yes  {extra}" + ("  (default)" if r["default"] else ""))
         else:
             click.echo(f"{r['name']:<12} no   {r['reason']}")
 

@@ -275,6 +275,9 @@ def test_cli_backends_json(capsys):
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["numpy"]["available"] and "torch:cuda" in rows
+    assert sum(r["default"] for r in rows.values()) == 1  # the one a run without --backend takes
+    if not rows["torch:cuda"]["available"] and "(CPU)" in rows.get("vulkan", {}).get("device", "(CPU)"):
+        assert rows["numpy"]["default"]
 
 
 def test_tokenizer_json_is_used_for_text(tmp_path, capsys):

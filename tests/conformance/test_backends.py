@@ -230,6 +230,26 @@ def test_env_var_picks_backend(monkeypatch):
         get_backend()
 
 
+def test_default_is_a_real_gpu_or_the_fastest_cpu_backend(monkeypatch):
+    """With no backend named: CUDA/ROCm, then a Vulkan *GPU*, then numpy; a CPU Vulkan adapter
+    (lavapipe here) only when asked for by name, and starting it prints nothing."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("SPHEREFMT_BACKEND", raising=False)
+    rows = {r["name"]: r for r in probe()}
+    gpu = rows.get("torch:cuda", {}).get("available") or "(CPU)" not in rows.get("vulkan", {}).get("device", "(CPU)")
+    if not gpu:
+        assert get_backend().name == "numpy"
+        if rows.get("vulkan", {}).get("available"):
+            with pytest.raises(BackendUnavailableError, match="no Vulkan GPU .*asked for by name"):
+                get_backend("vulkan:gpu")
+    if rows.get("vulkan", {}).get("available"):
+        run = subprocess.run([sys.executable, "-c", "from spherefmt.backends import get_backend; get_backend('vulkan')"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout == "" and run.stderr == "", run.stderr
+
+
 def test_probe_reports_every_backend():
     rows = {r["name"]: r for r in probe()}
     assert rows["numpy"]["available"] is True
