@@ -3,6 +3,8 @@
 A *block* is the unit the runtime loads to the device, uses and releases:
 
 - ``("cell", layer, lat, lon)``: one layer of one expert (one inner chunk of the package);
+- ``("ffn", layer)``: every cell of a layer joined into one matrix of neuron rows (dense runs:
+  the layer's FFN is then a few large products instead of a few per cell);
 - ``("attn", layer)``: the layer's attention weights and first norm;
 - ``("mlp", layer)``: the layer's second norm and FFN output bias (tiny, held over the FFN);
 - ``("vocab", table, b)``: rows ``b * R .. (b + 1) * R`` of an embedding / LM-head table;
@@ -105,10 +107,10 @@ class BlockLoader:
     def nbytes(self, key: Key) -> int:
         """Device bytes of a block (float32), known before reading it."""
         kind = key[0]
-        if kind == "cell":
-            _, layer, lat, lon = key
+        if kind in ("cell", "ffn"):
+            n = int(self.counts[key[1], key[2], key[3]]) if kind == "cell" else int(self.counts[key[1]].sum())
             vectors = sum(1 for sl in self.slices.values() if sl.stop - sl.start == 1)
-            return int(self.counts[layer, lat, lon]) * (self.row_width + vectors) * _F32
+            return n * (self.row_width + vectors) * _F32
         if kind == "vocab":
             _, name, b = key
             v, d = self.pkg.tensor_info(self.tables[name]).shape
@@ -144,6 +146,9 @@ class BlockLoader:
         kind = key[0]
         if kind == "cell":
             return self._cell(*key[1:])
+        if kind == "ffn":
+            parts = [self._cell(key[1], lat, lon) for lat, lon in self.cells(key[1])]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
         if kind == "vocab":
             return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
                                         self.table_rows[key[1]])}

@@ -55,6 +55,9 @@ class Model(ABC):
         #: called with ``(layer, FFN input as host float32)`` before each FFN (router training and
         #: co-activation placement learn from these; ``Session.ffn_inputs``)
         self.ffn_input_hook: Callable[[int, np.ndarray], None] | None = None
+        #: dense runs: a layer's cells are one ``("ffn", layer)`` block (set by the session when
+        #: the budget holds two of them), so its FFN is one product per field, not one per cell
+        self.fused_ffn = False
 
     # --- geometry -------------------------------------------------------------------------
     d: int
@@ -73,7 +76,7 @@ class Model(ABC):
 
     def position(self, key: Key) -> int:
         kind = key[0]
-        if kind in ("cell", "attn", "mlp"):
+        if kind in ("cell", "ffn", "attn", "mlp"):
             return 1 + key[1]
         if kind == "vocab" and key[1] == "embed":
             return 0  # (a tied table is used by the head every step: it counts as the head's)
@@ -88,6 +91,8 @@ class Model(ABC):
         if position == self.period - 1:
             return [("final",)] + [("vocab", "head", b) for b in range(self.loader.table_blocks("head"))]
         layer = position - 1
+        if self.fused_ffn:
+            return [("attn", layer), ("mlp", layer), ("ffn", layer)]
         return [("attn", layer), ("mlp", layer)] + [("cell", layer, a, b) for a, b in self.loader.cells(layer)]
 
     def all_blocks(self) -> list[Key]:
@@ -135,8 +140,12 @@ class Model(ABC):
         """Sum over the routed cells of the layer of each cell's FFN contribution."""
         if self.ffn_input_hook is not None:
             self.ffn_input_hook(layer, rt.backend.to_host(m))
+        routes = rt.route(layer, m)
+        if self.fused_ffn and all(mask is None for _, _, mask in routes):
+            with rt.use(("ffn", layer)) as c:  # every cell, as one matrix
+                return self.cell_ffn(rt.backend, m, c, None) if c else None
         acc = None
-        for lat, lon, mask in rt.route(layer, m):
+        for lat, lon, mask in routes:
             with rt.use(("cell", layer, lat, lon)) as c:
                 y = self.cell_ffn(rt.backend, m, c, mask)
             acc = y if acc is None else rt.backend.add(acc, y)

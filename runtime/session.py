@@ -125,30 +125,36 @@ class Session:
         and memory bandwidth, which measured slower (``bench/bench_runtime.py``).
     chunk
         Prefill tokens per forward chunk (see :data:`DEFAULT_CHUNK`).
+    fused_ffn
+        Dense runs: compute each layer's FFN from one block holding all its cells (a few large
+        products) rather than cell by cell.  ``None`` (default): when the budget holds two such
+        blocks.  The two sum the neurons in different orders, so their logits differ in the last
+        bits (about 1e-7 relative); runs with the same setting are bit-identical at any budget.
     """
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
                  top_k: int | None = None, active: float | str | None = None, prefetch: bool | None = None,
-                 chunk: int = DEFAULT_CHUNK, router: Any = None) -> None:
+                 chunk: int = DEFAULT_CHUNK, router: Any = None, fused_ffn: bool | None = None) -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
         self.chunk = chunk
         self._own = not isinstance(pkg, Package)
         self.pkg: Package = pkg if isinstance(pkg, Package) else open_package(pkg)
         try:
-            self._init(backend, budget, top_k, active, prefetch, router)
+            self._init(backend, budget, top_k, active, prefetch, router, fused_ffn)
         except BaseException:
             if self._own:
                 self.pkg.close()
             raise
 
     def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None,
-              router: Any) -> None:
+              router: Any, fused_ffn: bool | None = None) -> None:
         self.model = build(self.pkg)
         m = self.model
         self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
         self.budget = parse_budget(budget, self.weight_bytes)
-        self.max_block = max(m.loader.nbytes(k) for k in m.all_blocks())
+        #: the largest block cell by cell (what the smallest budget must hold), and in this plan
+        self.least_block = self.max_block = max(m.loader.nbytes(k) for k in m.all_blocks())
         self.small_block = max(m.loader.nbytes(("mlp", i)) for i in range(m.n_layers))
         cells = [len(m.loader.cells(i)) for i in range(m.n_layers)]
         if top_k is not None and active is not None:
@@ -166,11 +172,28 @@ class Session:
             k_of = None
         self.top_k = k_of
         self.backend = get_backend(backend)
+        dense = k_of is None or all(k >= c for k, c in zip(k_of, cells, strict=True))
+        if dense and fused_ffn is not False:
+            # one block per layer's FFN where the budget holds it (see Model.fused_ffn)
+            m.fused_ffn = True
+            fused_max = max(m.loader.nbytes(k) for k in m.all_blocks())
+            # room for two of them with a whole default chunk over a few chunks of context, so that
+            # taking them never makes prefill chunks smaller (which would change the sums too)
+            ctx = min(m.context, 4 * DEFAULT_CHUNK)
+            if self.budget is not None and self.budget < self.minimum_budget(ctx, min(self.chunk, ctx),
+                                                                              max_block=fused_max):
+                if fused_ffn:
+                    raise BudgetExceededError(
+                        f"budget {format_size(self.budget)} cannot hold two whole-layer FFN blocks of "
+                        f"{format_size(fused_max)}; leave fused_ffn unset to stream cell by cell")
+                m.fused_ffn = False
+            else:
+                self.max_block = fused_max
         need = self.minimum_budget(1)
         if self.budget is not None and self.budget < need:
             raise BudgetExceededError(
                 f"budget {format_size(self.budget)} is too small to run {self.pkg.where}: at least "
-                f"{format_size(need)} ({need} bytes) is needed (two {format_size(self.max_block)} blocks in "
+                f"{format_size(need)} ({need} bytes) is needed (two {format_size(self.least_block)} blocks in "
                 f"flight plus KV cache and scratch for one token); the weights are {format_size(self.weight_bytes)}")
         if prefetch is None:
             import os
@@ -213,11 +236,12 @@ class Session:
     def _kv_bytes(self, n_ctx: int) -> int:
         return 2 * self.model.n_layers * n_ctx * self.model.kv_dim * 4
 
-    def minimum_budget(self, n_ctx: int, chunk: int = 1) -> int:
-        """Smallest budget that runs a context of ``n_ctx`` positions in chunks of ``chunk``."""
+    def minimum_budget(self, n_ctx: int, chunk: int = 1, *, max_block: int | None = None) -> int:
+        """Smallest budget that runs a context of ``n_ctx`` positions in chunks of ``chunk``
+        (cell by cell: the smallest blocks; ``max_block`` for another plan's)."""
         # one block in use, one landing (a prefetch, or the next load), and the small norm block
         # held over the FFN
-        blocks = 2 * self.max_block + self.small_block
+        blocks = 2 * (self.least_block if max_block is None else max_block) + self.small_block
         return blocks + self._kv_bytes(n_ctx) + self.model.scratch_bytes(chunk, n_ctx)
 
     def _plan(self, n_ctx: int, n_tokens: int) -> int:
@@ -225,9 +249,9 @@ class Session:
         self._free_kv()
         chunk = max(1, min(self.chunk, n_tokens))
         if self.budget is not None:
-            while chunk > 1 and self.minimum_budget(n_ctx, chunk) > self.budget:
+            while chunk > 1 and self.minimum_budget(n_ctx, chunk, max_block=self.max_block) > self.budget:
                 chunk //= 2
-            need = self.minimum_budget(n_ctx, chunk)
+            need = self.minimum_budget(n_ctx, chunk, max_block=self.max_block)
             if need > self.budget:
                 raise BudgetExceededError(
                     f"budget {format_size(self.budget)} cannot hold a context of {n_ctx} tokens: at least "
