@@ -147,8 +147,8 @@ class BlockLoader:
         if kind == "cell":
             return self._cell(*key[1:])
         if kind == "ffn":
-            parts = [self._cell(key[1], lat, lon) for lat, lon in self.cells(key[1])]
-            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+            cells = [self._cell(key[1], lat, lon) for lat, lon in self.cells(key[1])]
+            return {name: np.concatenate([c[name] for c in cells]) for name in cells[0]} if cells else {}
         if kind == "vocab":
             return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
                                         self.table_rows[key[1]])}
