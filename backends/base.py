@@ -118,6 +118,10 @@ class Backend(ABC):
         """Name, device and library versions (for ``stats()`` and benchmark records)."""
         return {"backend": self.name}
 
+    def decode_step(self, seconds: float) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Told the wall time of each decode step (one token through the whole model): a CPU
+        backend may tune its thread count to the machine's load with it."""
+
     # --- ops ------------------------------------------------------------------------------
     @abstractmethod
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,

@@ -431,8 +431,10 @@ class Session:
                 t0 = time.perf_counter()
                 logits = self.model.forward(self, np.array([tok]), pos, True)[-1]
                 self.backend.synchronize()
+                dt = time.perf_counter() - t0
+                self.backend.decode_step(dt)
                 self._counters["decode_tokens"] += 1
-                self._counters["decode_s"] += time.perf_counter() - t0
+                self._counters["decode_s"] += dt
                 pos += 1
         finally:
             self._free_kv()

@@ -287,3 +287,30 @@ def test_vulkan_f16_weights():
                                   np.stack([w16[3], np.zeros(17)]).astype(np.float32))
     v = rand(17)
     np.testing.assert_array_equal(be.to_host(be.adopt(v)), v)  # vectors (norms, biases) stay float32
+
+
+def test_numpy_blas_threads_follow_the_measured_decode_speed():
+    """Small products run on one BLAS thread; large decode products on the thread count the
+    decode steps measured faster, alternated first, then re-tried now and then."""
+    from spherefmt.backends.numpy import PROBE, REPROBE, SMALL_WEIGHTS, _BlasThreads
+
+    t = _BlasThreads()
+    if not t._libs or t.full < 2:
+        pytest.skip("numpy's BLAS is not threaded here")
+    t.product(1, SMALL_WEIGHTS // 2)
+    assert t.now == 1
+    t.product(64, SMALL_WEIGHTS * 4)
+    assert t.now == t.full  # prefill: every thread
+    slow = {t.full: 0.02, 1: 0.01}  # as beside a busy process: one thread is faster
+    seen = []
+    for _ in range(PROBE + 2 * REPROBE):
+        seen.append(t.big)
+        t.step(slow[t.big])
+    assert set(seen[:PROBE]) == {1, t.full}  # both tried at first
+    after = seen[PROBE:]
+    assert after.count(1) > len(after) * 0.8 and t.full in after  # the faster kept, the other re-tried
+    t.product(1, SMALL_WEIGHTS * 4)
+    assert t.now == t.big
+    for _ in range(3 * REPROBE):  # the load goes away: all threads win again
+        t.step({t.full: 0.005, 1: 0.01}[t.big])
+    assert t.big == t.full
