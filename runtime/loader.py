@@ -33,6 +33,8 @@ __all__ = ["BlockLoader", "Key"]
 
 Key = tuple[Any, ...]
 _F32 = 4
+_CELLS_POOL: Any = None
+_POOL_LOCK = threading.Lock()
 
 
 def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -146,8 +148,8 @@ class BlockLoader:
         kind = key[0]
         if kind == "cell":
             return self._cell(*key[1:])
-        if kind == "ffn":
-            cells = [self._cell(key[1], lat, lon) for lat, lon in self.cells(key[1])]
+        if kind == "ffn":  # the cells decoded on every core (codecs release the GIL), then joined
+            cells = list(self._pool().map(lambda c: self._cell(key[1], *c), self.cells(key[1])))
             return {name: np.concatenate([c[name] for c in cells]) for name in cells[0]} if cells else {}
         if kind == "vocab":
             return {"table": self._rows(self.tables[key[1]], key[2] * self.table_rows[key[1]],
@@ -181,6 +183,20 @@ class BlockLoader:
                 pieces = np.split(out.pop(part), len(names), axis=axis)
                 out.update({n: np.ascontiguousarray(p) for n, p in zip(names, pieces, strict=True)})
         return out
+
+    @staticmethod
+    def _pool() -> Any:
+        """Threads for a layer's cells, shared by all loaders; not the decode pool, which the cell
+        reads themselves use (a task waiting on its own pool could wait forever)."""
+        global _CELLS_POOL
+        with _POOL_LOCK:
+            if _CELLS_POOL is None:
+                import os
+                from concurrent.futures import ThreadPoolExecutor
+
+                _CELLS_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                                 thread_name_prefix="spherefmt-cells")
+            return _CELLS_POOL
 
     @staticmethod
     def _join(fa: FastArray) -> np.ndarray:

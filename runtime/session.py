@@ -127,8 +127,8 @@ class Session:
         Prefill tokens per forward chunk (see :data:`DEFAULT_CHUNK`).
     fused_ffn
         Dense runs: compute each layer's FFN from one block holding all its cells (a few large
-        products) rather than cell by cell.  ``None`` (default): when the budget holds two such
-        blocks.  The two sum the neurons in different orders, so their logits differ in the last
+        products) rather than cell by cell.  ``None`` (default): when the budget holds every
+        weight (nothing streams).  The two sum the neurons in different orders, so their logits differ in the last
         bits (about 1e-7 relative); runs with the same setting are bit-identical at any budget.
     """
 
@@ -177,14 +177,17 @@ class Session:
             # one block per layer's FFN where the budget holds it (see Model.fused_ffn)
             m.fused_ffn = True
             fused_max = max(m.loader.nbytes(k) for k in m.all_blocks())
-            # room for two of them with a whole default chunk over a few chunks of context, so that
-            # taking them never makes prefill chunks smaller (which would change the sums too)
+            # only when every weight stays resident: joining a layer's cells costs a copy of them,
+            # which a run that streams would pay on every load (bench/bench_decode.py: 25% budget,
+            # codec none, 13.4 tokens/s cell by cell against 7.9 joined); and with room for a whole
+            # default chunk over a few chunks of context, so that prefill chunks stay the same
             ctx = min(m.context, 4 * DEFAULT_CHUNK)
             if self.budget is not None and self.budget < self.minimum_budget(ctx, min(self.chunk, ctx),
-                                                                              max_block=fused_max):
+                                                                              max_block=fused_max) \
+                    + self.weight_bytes - 2 * fused_max:
                 if fused_ffn:
                     raise BudgetExceededError(
-                        f"budget {format_size(self.budget)} cannot hold two whole-layer FFN blocks of "
+                        f"budget {format_size(self.budget)} cannot hold every weight with whole-layer FFN blocks of "
                         f"{format_size(fused_max)}; leave fused_ffn unset to stream cell by cell")
                 m.fused_ffn = False
             else:
@@ -198,7 +201,11 @@ class Session:
         if prefetch is None:
             import os
 
-            prefetch = self.backend.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
+            # compressed packages too: decoding the next blocks overlaps compute even on 2 cores
+            # (bench/bench_decode.py: 25% budget, default codec 2.8 -> 3.9 tokens/s; codec none
+            # is faster without, 10.8 against 8.3)
+            prefetch = (self.backend.describe().get("device") != "cpu" or (os.cpu_count() or 1) >= 4
+                        or self.pkg.header.codec != "none")
         self.router = None
         if k_of is not None and any(k < c for k, c in zip(k_of, cells, strict=True)):
             self.router = _Router(m, k_of, self._load_router(router))
