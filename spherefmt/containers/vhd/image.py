@@ -291,12 +291,12 @@ class VHDImage:
             where = offset if self.disk_type == DISK_FIXED else (
                 None if self._bat[block] == UNALLOCATED else self._bat[block] * SECTOR + self._bitmap + within)
             m = self._mapped() if where is not None else None
-            if m is not None and where + n <= len(m):
+            if m is not None and where is not None and where + n <= len(m):
                 return memoryview(m)[where : where + n]
             return self.read(offset, n)
         import numpy as np
 
-        view = memoryview(np.empty(n, np.uint8))  # not zero-filled: every byte is read or zeroed below
+        view = memoryview(np.empty(n, np.uint8).data)  # not zero-filled: every byte is read or zeroed below
         pos = 0
         while pos < n:
             block, within = divmod(offset + pos, self.block_size)
