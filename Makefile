@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spherefmt-installed
 
-.PHONY: setup system-deps js-deps demo check test fuzz bench clean
+.PHONY: setup system-deps js-deps bench-deps demo check test fuzz bench clean
 
 setup: $(STAMP) system-deps js-deps
 
@@ -43,7 +43,14 @@ fuzz: setup
 test: setup check
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: setup
+# llama.cpp for bench/bench_decode.py: llama-cpp-python built from its sdist (several minutes, once)
+bench-deps: setup
+	@[ -x bench/.venv-llama/bin/python ] || { $(PYTHON) -m venv bench/.venv-llama && \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" bench/.venv-llama/bin/pip install -q \
+	  --no-binary llama-cpp-python llama-cpp-python==0.3.36 numpy; }
+
+bench: setup bench-deps
+	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_format.py
 	$(PY) bench/bench_vhd.py
 	$(PY) bench/bench_runtime.py

@@ -14,7 +14,9 @@ How many threads the large products get is measured, not assumed: on an idle mac
 cores read a layer fastest, but beside one busy process one thread decodes about twice as fast
 as two (the second thread waits for a core).  :meth:`NumpyBackend.decode_step` times the decode
 steps, alternating the two settings for the first steps, then keeps the faster and tries the
-other once every :data:`REPROBE` steps, so a change of load is followed.
+other now and then (after :data:`REPROBE` steps, twice as long after each try that lost, up to
+:data:`MAX_REPROBE`: beside a busy process one step on two threads costs 4-6 on one), so a
+change of load is followed.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
 #: products of fewer rows than this over fewer weight bytes than SMALL_WEIGHTS run on one thread
 SMALL_ROWS = 8
 SMALL_WEIGHTS = 1 << 20
-#: decode steps that alternate the thread settings before one is chosen; then one step in
-#: REPROBE tries the other
-PROBE, REPROBE = 6, 16
+#: decode steps that alternate the thread settings before one is chosen; then one step tries the
+#: other after REPROBE steps, the wait doubling after each try that lost, up to MAX_REPROBE
+PROBE, REPROBE, MAX_REPROBE = 4, 16, 256
 
 
 class _BlasThreads:
@@ -69,6 +71,7 @@ class _BlasThreads:
         self.big = self.full
         self._times: dict[int, list[float]] = {self.full: [], 1: []}
         self._steps = 0
+        self._wait, self._next, self._trying = REPROBE, PROBE + REPROBE, False
 
     def product(self, rows: int, weight_bytes: int) -> None:
         want = 1 if weight_bytes < SMALL_WEIGHTS and rows < SMALL_ROWS else (self.big if rows < SMALL_ROWS else self.full)
@@ -82,15 +85,28 @@ class _BlasThreads:
         if self.full == 1 or not self._libs:
             return
         times = self._times[self.big]
-        times.append(seconds)
-        del times[:-3]
         self._steps += 1
         other = 1 if self.big == self.full else self.full
+        if self._trying:  # that step re-tried the setting that had lost: did it win now?
+            self._trying = False
+            rival = self._times[other]
+            won = bool(rival) and seconds < float(np.median(rival))
+            times[:] = [seconds] if won else (times + [seconds])[-3:]
+            self._wait = REPROBE if won else min(MAX_REPROBE, 2 * self._wait)
+            self._next = self._steps + self._wait
+            self.big = self.big if won else other
+            return
+        times.append(seconds)
+        del times[:-3]
         if self._steps < PROBE or not self._times[other]:
             self.big = other  # alternate: a change of load hits both settings alike
             return
-        best = min(self._times, key=lambda k: float(np.median(self._times[k])) if self._times[k] else np.inf)
-        self.big = other if self._steps % REPROBE == 0 and best == self.big else best
+        best = min(self._times, key=lambda k: float(np.median(self._times[k])))
+        if self._steps >= self._next:  # now and then, one step on the other setting
+            self._trying = True
+            self.big = 1 if best == self.full else self.full
+            return
+        self.big = best
 
 
 class NumpyBackend(AccountedMemory, Backend):
