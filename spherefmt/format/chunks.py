@@ -293,7 +293,7 @@ class _Verified:
         import mmap
 
         obj = blob.obj if isinstance(blob, memoryview) else None
-        if not isinstance(obj, mmap.mmap) or getattr(obj, "live", False):  # a map changed in place: every time
+        if not isinstance(obj, mmap.mmap):
             return _verified(blob, what)
         with self._lock:
             ranges = self._ranges.get(obj)

@@ -19,14 +19,12 @@ worst an unreferenced region; the image always opens.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from spherefmt.errors import FormatError, InputError, ReadOnlyError
 
@@ -137,13 +135,6 @@ def create_vhd(path: str | os.PathLike[str], size: int, *, dynamic: bool = True,
     return size
 
 
-class LiveMap(mmap.mmap):
-    """A memory map of a file that may change in place (a VHD image beside a writer): readers
-    verify what they read from it every time (``spherefmt.format.chunks``)."""
-
-    live = True
-
-
 class VHDImage:
     """An open VHD: ``read``/``write`` at virtual-disk offsets.
 
@@ -166,7 +157,6 @@ class VHDImage:
         self.path = Path(path)
         self.mode = mode
         self._lock = threading.Lock()
-        self._map: Any = None
         try:
             self._fd = os.open(self.path, os.O_RDONLY if mode == "r" else os.O_RDWR)
         except OSError as e:
@@ -271,28 +261,16 @@ class VHDImage:
             return bytes(n) if entry == UNALLOCATED else self._pread(n, entry * SECTOR + self._bitmap + within)
         return bytes(self.read_view(offset, n))
 
-    def _mapped(self) -> Any:
-        """A read-only map of the image file (readers only), made on first use.  It is marked
-        live (:class:`LiveMap`): a writer in another process changes the file in place, so a
-        checksum verified on it once must be verified again on every read."""
-        if self._map is None and self.mode == "r" and self.file_size:
-            import mmap
-
-            self._map = LiveMap(self._fd, 0, access=mmap.ACCESS_READ)
-        return self._map
-
     def read_view(self, offset: int, n: int) -> bytes | memoryview:
-        """Like :meth:`read`, as a bytes-like object with as few copies as possible: in a reader,
-        a range inside one block is a view of the image's memory map (no copy at all, as a
-        directory package's chunks are), a range across blocks is read into one buffer."""
+        """Like :meth:`read`, but a range across blocks is read straight into one buffer (no
+        copies after the kernel's, and not zero-filled first) and returned as a memoryview.
+
+        Never a view of a memory map of the image: a writer in another process reuses freed
+        clusters in place, so bytes verified through a map could change before they are used
+        (a torn expert read as a decode error, or worse, as silently different weights)."""
         self._check_range(offset, n)
         block, within = divmod(offset, self.block_size)
         if self.disk_type == DISK_FIXED or within + n <= self.block_size:
-            where = offset if self.disk_type == DISK_FIXED else (
-                None if self._bat[block] == UNALLOCATED else self._bat[block] * SECTOR + self._bitmap + within)
-            m = self._mapped() if where is not None else None
-            if m is not None and where is not None and where + n <= len(m):
-                return memoryview(m)[where : where + n]
             return self.read(offset, n)
         import numpy as np
 
@@ -361,7 +339,6 @@ class VHDImage:
             os.fsync(self._fd)
 
     def close(self) -> None:
-        self._map = None  # views of it (blocks in use) keep it alive; it goes with the last one
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
