@@ -22,14 +22,15 @@ from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama
 JS = Path(__file__).parent / "js"
 
 
-def _package(tmp_path: Path, arch: str, dtype: str) -> Path:
+def _package(tmp_path: Path, arch: str, dtype: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """A small default-codec package of ``arch`` and the state dict it was made from."""
     if arch == "gpt2":
         cfg = gpt2_config(n_layer=3, n_embd=64, vocab_size=300)
         sd = make_gpt2(cfg, dtype, 0)
     else:
         cfg = llama_config(num_hidden_layers=2, hidden_size=64, intermediate_size=176)
         sd = make_llama(cfg, dtype, 0)
-    return Path(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2))
+    return Path(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2)), sd
 
 
 def _arrays(root: Path) -> list[str]:
@@ -44,14 +45,8 @@ def _arrays(root: Path) -> list[str]:
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "BF16"), ("llama", "F16")])
 def test_tensorstore_reads_every_array_byte_for_byte(tmp_path, arch, dtype):
     ts = pytest.importorskip("tensorstore")
-    if arch == "gpt2":
-        cfg = gpt2_config(n_layer=3, n_embd=64, vocab_size=300)
-        sd = make_gpt2(cfg, dtype, 0)
-    else:
-        cfg = llama_config(num_hidden_layers=2, hidden_size=64, intermediate_size=176)
-        sd = make_llama(cfg, dtype, 0)
-    url = spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x3", depth=2)
-    root = Path(url)
+    root, sd = _package(tmp_path, arch, dtype)
+    url = str(root)
     paths = _arrays(root)
     group = zarr.open_group(str(root), mode="r")
     kinds = set()
@@ -78,7 +73,7 @@ def test_tensorstore_reads_every_array_byte_for_byte(tmp_path, arch, dtype):
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "BF16"), ("llama", "F32")])
 def test_zarrs_strict_pipeline_reads_every_array_byte_for_byte(tmp_path, arch, dtype):
     pytest.importorskip("zarrs")
-    root = _package(tmp_path, arch, dtype)
+    root, _ = _package(tmp_path, arch, dtype)
     paths = _arrays(root)
     ours = {p: np.asarray(zarr.open_group(str(root), mode="r")[p][...]) for p in paths}
     with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "codec_pipeline.strict": True}):
@@ -95,7 +90,7 @@ def test_zarrs_strict_pipeline_reads_every_array_byte_for_byte(tmp_path, arch, d
 # (float16 arrays are not read: zarrita.js needs the Float16Array of a newer node than Debian's 20)
 @pytest.mark.parametrize("arch,dtype", [("gpt2", "BF16"), ("llama", "F32")])
 def test_zarrita_js_reads_every_array_byte_for_byte(tmp_path, arch, dtype):
-    root = _package(tmp_path, arch, dtype)
+    root, _ = _package(tmp_path, arch, dtype)
     paths = _arrays(root)
     run = subprocess.run(["node", str(JS / "read_zarr.mjs"), str(root), *paths], capture_output=True, text=True,
                          timeout=120)
