@@ -175,6 +175,7 @@ class WeightCache:
                     if b.prefetched:
                         self.stats.prefetch_hits += 1
                         b.prefetched = False
+                    b.pins += 1
                     break
                 if b is not None:  # the prefetcher is loading it: wait rather than load twice
                     self._cond.wait()
@@ -188,6 +189,10 @@ class WeightCache:
                         continue
                     raise BudgetExceededError(f"no room for block {key} ({need} bytes): everything resident is in use")
                 b = self._start(key, need, prefetched=False)
+                # pinned before it is filled: between _fill marking it ready and this thread taking
+                # the lock back, a prefetch making room could otherwise evict it (and hand back an
+                # empty block: seen once in a clean-clone run, the vulkan 25% test)
+                b.pins += 1
                 self._cond.release()
                 try:
                     self._fill(b)
@@ -195,7 +200,6 @@ class WeightCache:
                     self._cond.acquire()
                 self.stats.misses += 1
                 break
-            b.pins += 1
             self._clock += 1
             if b.visit != self.visit:
                 self._uses[key] = self._uses.get(key, 0) + 1

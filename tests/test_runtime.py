@@ -358,6 +358,36 @@ def test_cache_keeps_a_stable_set_when_a_cycle_does_not_fit():
     assert be.memory_used() == 0 or cache.used == 0
 
 
+def test_a_block_being_loaded_is_never_evicted_before_its_user_holds_it():
+    """The moment after a load lands and before the loading thread takes the cache's lock back,
+    another thread making room (a prefetch) must not evict that block: the user would get an
+    empty one (seen once as ``KeyError: 'table'`` in a 25% vulkan run)."""
+    import threading
+
+    from spherefmt.runtime.cache import WeightCache
+
+    be = get_backend("numpy")
+
+    class Racing(WeightCache):
+        def _fill(self, b):
+            super()._fill(b)  # ready now; the loading thread has not taken the lock back yet
+            t = threading.Thread(target=lambda: self._locked_make_room())
+            t.start()
+            t.join()
+
+        def _locked_make_room(self):
+            with self._cond:
+                self._make_room(self.capacity, None)  # room for everything: evicts what it may
+
+    cache = Racing(be, lambda key: {"w": np.full(4, key[1], np.float32)}, lambda key: 16, lambda key: key[1],
+                   period=3, capacity=64, prefetch=False)
+    for pos in range(3):
+        cache.set_position(pos)
+        with cache.use(("b", pos)) as t:
+            assert t["w"][0] == pos
+    cache.close()
+
+
 def test_vulkan_f16_weights_halve_device_memory(model):
     try:
         get_backend("vulkan:f16")
