@@ -74,8 +74,9 @@ def test_bfloat16_checkpoints(tmp_path, name):
     folder = save_zoo_model(name, tmp_path / "hf", dtype="bfloat16")
     ref = _reference(folder)
     pkg = spherefmt.save(folder, tmp_path / "m.sphere", graticule="2x2", depth=2)
-    with Session(pkg, backend="numpy") as s:
-        assert _rel(s.logits(IDS), ref) <= TOL
+    for backend in BACKENDS:
+        with Session(pkg, backend=backend) as s:
+            assert _rel(s.logits(IDS), ref) <= TOL, backend
 
 
 @pytest.mark.filterwarnings("ignore:.*is not GPT-2 or Llama-family")
