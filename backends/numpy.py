@@ -52,21 +52,34 @@ SMALL_WEIGHTS = 1 << 20
 PROBE, REPROBE, MAX_REPROBE = 4, 16, 256
 
 
+#: BLAS threads numpy's library had when this module first looked (its default, all cores)
+_DEFAULT_THREADS: list[int] = []
+
+
+def _numpy_blas() -> list[Any]:
+    """threadpoolctl's controllers of numpy's own BLAS (not torch's), or none without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an optional speed-up: without it every product uses BLAS's default
+        return []
+    home = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/ and numpy.libs/
+    libs = [lib for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "blas" and os.path.abspath(lib.filepath).startswith(home)
+            and "numpy" in os.path.relpath(lib.filepath, home).split(os.sep)[0]]
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(max((lib.num_threads for lib in libs), default=1))
+    return libs
+
+
 class _BlasThreads:
     """numpy's BLAS thread count, switched per product (about 1 us a switch)."""
 
     def __init__(self) -> None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # an optional speed-up: without it every product uses BLAS's default
-            self._libs: list[Any] = []
-            return
-        home = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/ and numpy.libs/
-        self._libs = [lib for lib in ThreadpoolController().lib_controllers
-                      if lib.user_api == "blas" and os.path.abspath(lib.filepath).startswith(home)
-                      and "numpy" in os.path.relpath(lib.filepath, home).split(os.sep)[0]]
-        self.full = max((lib.num_threads for lib in self._libs), default=1)
-        self.now = self.full
+        self._libs = _numpy_blas()
+        # the thread count BLAS started with in this process: another backend may have left it
+        # at one thread, so the current setting is read, not taken for the full one
+        self.full = _DEFAULT_THREADS[0] if _DEFAULT_THREADS else 1
+        self.now = max((lib.num_threads for lib in self._libs), default=1)
         #: threads of large products while decoding (tuned by :meth:`step`)
         self.big = self.full
         self._times: dict[int, list[float]] = {self.full: [], 1: []}

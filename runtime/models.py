@@ -56,7 +56,7 @@ class Model(ABC):
         #: co-activation placement learn from these; ``Session.ffn_inputs``)
         self.ffn_input_hook: Callable[[int, np.ndarray], None] | None = None
         #: dense runs: a layer's cells are one ``("ffn", layer)`` block (set by the session when
-        #: the budget holds two of them), so its FFN is one product per field, not one per cell
+        #: every weight stays resident), so its FFN is one product per field, not one per cell
         self.fused_ffn = False
 
     # --- geometry -------------------------------------------------------------------------
@@ -295,15 +295,13 @@ class Llama(Model):
             h = b.mul(h, mask)
         return b.matmul(h, rows, cols=cols["down"])
 
-    def _scaled(self, b: Any, x: Any, factor: float) -> Any:
-        """``x * factor`` (a model's constant multiplier), skipped when it is 1."""
-        if factor == 1.0:
-            return x
-        v = b.upload(np.full(self.d, factor, dtype=np.float32))
-        try:
-            return b.mul(x, v)
-        finally:
-            b.free(v)
+    def _factor(self, b: Any, factor: float) -> Any:
+        """A model's constant multiplier as a device row to multiply by (``None`` when it is 1)."""
+        return None if factor == 1.0 else b.upload(np.full(self.d, factor, dtype=np.float32))
+
+    @staticmethod
+    def _scaled(b: Any, x: Any, factor: Any) -> Any:
+        return x if factor is None else b.mul(x, factor)
 
     def head(self, rt: Any, x: Any) -> np.ndarray:
         out = super().head(rt, x)
@@ -314,7 +312,8 @@ class Llama(Model):
     def forward(self, rt: Any, ids: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         b, s = rt.backend, self.spec
         rt.at(0)
-        x = self._scaled(b, self.embed_rows(rt, self.embed_table, ids), s.embed_scale)
+        embed_scale, res = self._factor(b, s.embed_scale), self._factor(b, s.residual_scale)  # once per pass
+        x = self._scaled(b, self.embed_rows(rt, self.embed_table, ids), embed_scale)
         cos_h, sin_h = s.rope.tables(start, len(ids))
         cos, sin = b.upload(cos_h), b.upload(sin_h)
         for i in range(self.n_layers):
@@ -336,7 +335,7 @@ class Llama(Model):
                 y = b.matmul(o, a["o_w"], a.get("o_b"), transpose_w=True)
                 if s.post_norms:
                     y = b.rmsnorm(y, a["post_w"], self.eps)
-                x = b.add(x, self._scaled(b, y, s.residual_scale))
+                x = b.add(x, self._scaled(b, y, res))
             del h, q, k, o, y
             if s.post_norms:
                 m = x
@@ -348,9 +347,9 @@ class Llama(Model):
                 if s.post_norms:
                     with rt.use(("mlp", i)) as mp:
                         y = b.rmsnorm(y, mp["post_w"], self.eps)
-                x = b.add(x, self._scaled(b, y, s.residual_scale))
+                x = b.add(x, self._scaled(b, y, res))
             del m, y
-        del cos, sin
+        del cos, sin, embed_scale, res
         rt.at(self.period - 1)
         if last_only:
             x = b.gather_rows(x, np.array([len(ids) - 1]))

@@ -120,16 +120,18 @@ class Session:
         :class:`~spherefmt.format.routers.Router`; default the stored ``learned`` one, else centroid.
     prefetch
         Load the next layer's likely blocks in background threads while this one computes.
-        ``None`` (default): on when the backend computes on a GPU, or on a CPU with at least 4
-        cores; on 2 cores the loader threads and the CPU forward pass compete for the same cores
-        and memory bandwidth, which measured slower (``bench/bench_runtime.py``).
+        ``None`` (default): on when the backend computes on a GPU, on a CPU with at least 4
+        cores, or when the package is compressed (decoding the next blocks overlaps compute); for
+        an uncompressed package on 2 cores the loader threads and the CPU forward pass compete for
+        the same cores and memory bandwidth, which measured slower (``bench/bench_decode.py``).
     chunk
         Prefill tokens per forward chunk (see :data:`DEFAULT_CHUNK`).
     fused_ffn
         Dense runs: compute each layer's FFN from one block holding all its cells (a few large
         products) rather than cell by cell.  ``None`` (default): when the budget holds every
-        weight (nothing streams).  The two sum the neurons in different orders, so their logits differ in the last
-        bits (about 1e-7 relative); runs with the same setting are bit-identical at any budget.
+        weight (nothing streams).  The two sum the neurons in different orders, so their logits
+        differ in the last bits (about 1e-7 relative); runs with the same setting are
+        bit-identical at any budget.
     """
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
@@ -174,17 +176,17 @@ class Session:
         self.backend = get_backend(backend)
         dense = k_of is None or all(k >= c for k, c in zip(k_of, cells, strict=True))
         if dense and fused_ffn is not False:
-            # one block per layer's FFN where the budget holds it (see Model.fused_ffn)
+            # one block per layer's FFN (see Model.fused_ffn), only when every weight stays
+            # resident: joining a layer's cells costs a copy of them, which a run that streams
+            # would pay on every load (bench/bench_decode.py: 25% budget, codec none, 13.4 tokens/s
+            # cell by cell against 7.9 joined); with room for a whole default chunk over a few
+            # chunks of context beside them, so that prefill chunks stay the same
             m.fused_ffn = True
             fused_max = max(m.loader.nbytes(k) for k in m.all_blocks())
-            # only when every weight stays resident: joining a layer's cells costs a copy of them,
-            # which a run that streams would pay on every load (bench/bench_decode.py: 25% budget,
-            # codec none, 13.4 tokens/s cell by cell against 7.9 joined); and with room for a whole
-            # default chunk over a few chunks of context, so that prefill chunks stay the same
             ctx = min(m.context, 4 * DEFAULT_CHUNK)
-            if self.budget is not None and self.budget < self.minimum_budget(ctx, min(self.chunk, ctx),
-                                                                              max_block=fused_max) \
-                    + self.weight_bytes - 2 * fused_max:
+            resident = (self.weight_bytes + self.small_block + self._kv_bytes(ctx)
+                        + m.scratch_bytes(min(self.chunk, ctx), ctx))
+            if self.budget is not None and self.budget < resident:
                 if fused_ffn:
                     raise BudgetExceededError(
                         f"budget {format_size(self.budget)} cannot hold every weight with whole-layer FFN blocks of "

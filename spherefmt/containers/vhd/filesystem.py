@@ -487,28 +487,29 @@ class VHDFileSystem(AbstractFileSystem):
         out: list[str] = []
         new = False  # below a directory that does not exist yet, every name is free
         for name in (p for p in path.split("/") if p):
+            have = None
             if not new:
-                here = self._fat_names("/" + "/".join(out))
-                have = here.get(name.lower())
+                have = self._fat_names("/" + "/".join(out)).get(name.lower())
                 if have is not None and not needs_encoding(name) and _same_entry(have, name):
                     out.append(have)
                     continue
-                enc: list[str] = []
-                cur = out
-                for part in encode(name):  # the encoded form, where it already exists
-                    hit = self._fat_names("/" + "/".join(cur + enc)).get(part)
-                    if hit is None:
-                        break
-                    enc.append(hit)
-                else:
-                    out += enc
+                found = self._encoded_parts(out, name)
+                if found is not None:
+                    out += found
                     continue
                 new = True
-                if have is not None or needs_encoding(name):
-                    out += encode(name)
-                    continue
-            out += encode(name) if needs_encoding(name) else [name]
+            out += encode(name) if have is not None or needs_encoding(name) else [name]
         return "/" + "/".join(out)
+
+    def _encoded_parts(self, parent: list[str], name: str) -> list[str] | None:
+        """The pyfatfs names of ``name``'s encoded form under ``parent``, if it exists there."""
+        parts: list[str] = []
+        for part in encode(name):
+            hit = self._fat_names("/" + "/".join(parent + parts)).get(part)
+            if hit is None:
+                return None
+            parts.append(hit)
+        return parts
 
     def _fat_names(self, path: str) -> dict[str, str]:
         """pyfatfs's names in a directory by their lower case ({} where it is not a directory):
