@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from spherefmt.errors import BudgetExceededError, InputError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.format.routers import Router, read_router, router_names
+from spherefmt.heap import reusing_heap
 from spherefmt.runtime.cache import WeightCache
 from spherefmt.runtime.loader import Key
 from spherefmt.runtime.models import Model, build
@@ -142,9 +144,11 @@ class Session:
         self.chunk = chunk
         self._own = not isinstance(pkg, Package)
         self.pkg: Package = pkg if isinstance(pkg, Package) else open_package(pkg)
+        self._exit = ExitStack()
         try:
             self._init(backend, budget, top_k, active, prefetch, router, fused_ffn)
         except BaseException:
+            self._exit.close()
             if self._own:
                 self.pkg.close()
             raise
@@ -211,6 +215,10 @@ class Session:
         self.router = None
         if k_of is not None and any(k < c for k, c in zip(k_of, cells, strict=True)):
             self.router = _Router(m, k_of, self._load_router(router))
+        if self.budget is not None and self.budget < self.weight_bytes:
+            # blocks are read and freed all the time: their pages are reused instead of faulted
+            # in afresh for every read (spherefmt.heap; 25% budget over a .vhd: 3.7 -> 7 tokens/s)
+            self._exit.enter_context(reusing_heap(min(self.budget, 16 * self.least_block)))
         self.cache = WeightCache(self.backend, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
         if self.router is not None:
@@ -503,6 +511,7 @@ class Session:
         cache = getattr(self, "cache", None)
         if cache is not None:
             cache.close()
+        self._exit.close()
         if self._own:
             self.pkg.close()
 

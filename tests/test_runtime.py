@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import spherefmt
+from spherefmt import heap
 from spherefmt.backends import get_backend
 from spherefmt.errors import BackendUnavailableError, BudgetExceededError, FormatError, InputError, UnknownBackendError
 from spherefmt.runtime import Session, parse_budget
@@ -132,10 +133,14 @@ def test_too_small_budget_is_refused_with_the_minimum(model):
     with pytest.raises(BudgetExceededError, match=rf"too small.*at least .*\({least} bytes\)"):
         Session(pkg, backend="numpy", budget=least - 1)
     with Session(pkg, backend="numpy", budget=least) as s:  # runs a token, not a 48-token context
+        assert [k for k, _ in heap._USERS] == (["reuse"] if heap._glibc() else [])  # blocks stream
         assert s.logits([5]).shape == (1, 512)
         assert s.stats()["peak_device_bytes"] <= least
         with pytest.raises(BudgetExceededError, match="cannot hold a context of 48 tokens"):
             s.logits(np.arange(48))
+    assert heap._USERS == []  # the session's malloc policy ends with it
+    with Session(pkg, backend="numpy"):
+        assert heap._USERS == []  # resident: nothing streams, glibc's own rule stays
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,11 +17,8 @@ torch files load with ``weights_only=True`` only.
 from __future__ import annotations
 
 import json
-import os
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,62 +27,9 @@ import numpy as np
 from spherefmt.constants import MAX_HEADER_JSON
 from spherefmt.dtypes import TensorInfo, from_numpy, from_torch
 from spherefmt.errors import FormatError
+from spherefmt.heap import bounded_heap
 
 __all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "link_root", "no_escape", "read_json"]
-
-#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)
-_M_MMAP_THRESHOLD = -3
-#: the highest threshold glibc's dynamic rule reaches (``DEFAULT_MMAP_THRESHOLD_MAX``, 64-bit)
-_GLIBC_DYNAMIC_MAX = 32 * 1024 * 1024
-
-
-def _glibc() -> Any:
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_HEAP_LOCK = threading.Lock()
-_HEAP_USERS = [0]
-
-
-@contextmanager
-def bounded_heap(threshold: int = 4 * 1024 * 1024) -> Iterator[None]:
-    """Give freed large arrays back to the system while a conversion or an export runs.
-
-    glibc's malloc raises its mmap threshold each time it frees a large mapped block (up to
-    32 MiB); after that, arrays of a few MiB to 32 MiB (one tensor, one layer's temporaries,
-    zarr's encoded chunks in its codec threads) come from the heap and arenas, and once freed
-    stay in the process as fragmented free space.  On a GPT-2 XL conversion that was about
-    180 MiB above the live arrays at the peak, growing with the layer size (bench/bench_scale.py).
-    Inside this block allocations of ``threshold`` bytes and more get their own maps, unmapped
-    when freed, so the process holds what is live.  On exit free heap pages are released
-    (``malloc_trim``) and the threshold is left at 32 MiB, where glibc's dynamic rule ends up in
-    any process that has freed a large array (glibc cannot switch the dynamic rule back on).
-    Nothing changes off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment.
-    """
-    libc = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _glibc()
-    if libc is None:
-        yield
-        return
-    with _HEAP_LOCK:
-        _HEAP_USERS[0] += 1
-        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
-    try:
-        yield
-    finally:
-        with _HEAP_LOCK:
-            _HEAP_USERS[0] -= 1
-            if not _HEAP_USERS[0]:  # the last of nested or concurrent users
-                libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MAX)
-                libc.malloc_trim(0)
 
 
 class TensorSource(ABC):
