@@ -45,6 +45,13 @@ _BASE = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num
                    "num_key_value_heads", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps",
                    "rope_parameters", "rope_theta", "rope_scaling", "head_dim", "attention_bias"})
 
+#: keys every native-MoE config may carry: the router's training loss, its outputs, and its
+#: jitter (transformers multiplies the input by noise ``if self.training`` only) are inert
+_MOE = frozenset({"num_local_experts", "num_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                  "output_router_logits", "router_jitter_noise"})
+#: Qwen-MoE: every layer sparse (dense layers between would be a second FFN kind per package)
+_ALL_SPARSE: dict[str, tuple[Any, ...]] = {"decoder_sparse_step": (1, None), "mlp_only_layers": ([], None)}
+
 #: per model type: the keys it understands beyond :data:`_BASE`, and keys that must hold one value
 _TYPES: dict[str, tuple[frozenset[str], dict[str, tuple[Any, ...]]]] = {
     "llama": (frozenset({"mlp_bias"}), {"mlp_bias": (False, None)}),
@@ -58,6 +65,15 @@ _TYPES: dict[str, tuple[frozenset[str], dict[str, tuple[Any, ...]]]] = {
     "olmo2": (frozenset(), {}),
     # converted with its fused qkv_proj / gate_up_proj split into Llama's projections
     "phi3": (frozenset({"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}), {}),
+    # native experts (spherefmt.interop.experts): each expert a cell, the model's own router
+    "mixtral": (frozenset({"sliding_window"}) | _MOE, {}),
+    "qwen2_moe": (frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "qkv_bias",
+                             "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+                             "decoder_sparse_step", "mlp_only_layers"}) | _MOE, _ALL_SPARSE),
+    "qwen3_moe": (frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+                             "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"})
+                  | _MOE, _ALL_SPARSE),
+    "olmoe": (frozenset({"norm_topk_prob", "clip_qkv"}) | _MOE, {"clip_qkv": (None,)}),
 }
 #: model types the runtime runs (each in the conformance table of ``tests/test_hf_conformance.py``)
 RUNTIME_MODEL_TYPES = ("gpt2", *_TYPES)
@@ -205,6 +221,8 @@ class DecoderSpec:
     logit_divisor: float
     #: OLMo2: no norm before attention and FFN; their outputs are normed before the residual add
     post_norms: bool
+    #: native experts: ``(experts, top_k, renormalise the top-k weights)``; ``None`` for dense FFNs
+    moe: tuple[int, int, bool] | None = None
 
 
 def _get(c: dict[str, Any], key: str, default: Any = None, *, where: str) -> Any:
@@ -280,9 +298,9 @@ def read_decoder_config(config: dict[str, Any], n_layers: int, where: str) -> De
                           f"for {mt!r}")
     windows = [0] * n_layers
     sw = c.get("sliding_window")
-    if mt in ("mistral", "phi3") and sw is not None:
+    if mt in ("mistral", "phi3", "mixtral") and sw is not None:
         windows = [int(sw)] * n_layers
-    elif mt in ("qwen2", "qwen3"):
+    elif mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         sw = sw if c.get("use_sliding_window") else None
         types = c.get("layer_types") or ["sliding_attention" if sw is not None and i >= int(c.get("max_window_layers")
                                                                                                or 0)
@@ -296,15 +314,22 @@ def read_decoder_config(config: dict[str, Any], n_layers: int, where: str) -> De
     if any(w < 0 for w in windows):
         raise FormatError(f"{where}: config field 'sliding_window' must not be negative")
     granite = mt == "granite"
+    moe = None
+    if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        e = c.get("num_local_experts") if mt == "mixtral" else c.get("num_experts", c.get("num_local_experts"))
+        k = c.get("num_experts_per_tok")
+        if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
+            raise FormatError(f"{where}: config gives {e!r} experts and {k!r} experts per token")
+        moe = (e, k, True if mt == "mixtral" else bool(c.get("norm_topk_prob", False)))
     return DecoderSpec(
         model_type=mt, d=d, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         eps=float(_get(c, "rms_norm_eps", 1e-6, where=where)),
         context=int(_get(c, "max_position_embeddings", 2048, where=where)), act=acts[act],
         rope=_rope(c, head_dim, where), windows=tuple(windows),
-        qk_norm={"qwen3": "head", "olmo2": "full"}.get(mt, ""), norm_offset=1.0 if mt == "gemma" else 0.0,
+        qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "olmoe": "full"}.get(mt, ""), norm_offset=1.0 if mt == "gemma" else 0.0,
         embed_scale=(float(c.get("embedding_multiplier", 1.0)) if granite
                      else float(np.float32(math.sqrt(d))) if mt == "gemma" else 1.0),
         residual_scale=float(c.get("residual_multiplier", 1.0)) if granite else 1.0,
         attn_scale=float(c.get("attention_multiplier", 1.0)) if granite else 1.0 / math.sqrt(head_dim),
         logit_divisor=float(c.get("logits_scaling", 1.0)) if granite else 1.0,
-        post_norms=mt == "olmo2")
+        post_norms=mt == "olmo2", moe=moe)

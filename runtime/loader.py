@@ -80,10 +80,16 @@ class BlockLoader:
         self._fast_arrays: dict[str, FastArray | None] = {}
         # real neurons per (layer, lat, lon), from the index arrays (read once, small)
         self.counts = np.zeros((self.n_layers, p, m), dtype=np.int64)
+        ex = pkg.header.experts
+        #: native experts: per layer, the cell ``(lat, lon)`` of each expert (``spec/FORMAT.md`` 9.0.1)
+        self.expert_cells: list[list[tuple[int, int]]] | None = None if ex is None else []
         for depth in range(pkg.depth):
             _, index, _ = pkg.shell_arrays(depth)
             for t, layer in enumerate(pkg.shell_layers(depth)):
                 self.counts[layer] = (index[t] >= 0).sum(axis=-1)
+        if ex is not None and self.expert_cells is not None:
+            for layer in range(self.n_layers):
+                self.expert_cells.append(self._experts_of(layer, int(ex["count"]), int(ex["neurons"])))
         self.row_width = self.layout.row_width
         # vocabulary blocks: about the size of one attention block, so the minimum budget is not
         # set by the embedding table; a whole number of core chunks when chunks are smaller
@@ -96,6 +102,29 @@ class BlockLoader:
             if rows > chunk:
                 rows = chunk  # one stored chunk per block: read in place, no reassembly
             self.table_rows[name] = min(v, rows)
+
+    def _experts_of(self, layer: int, count: int, per: int) -> list[tuple[int, int]]:
+        """Each expert's cell, checked: a cell holds all ``per`` neurons of one expert, no more."""
+        depth = self.pkg.layer_depth[layer]
+        _, index, _ = self.pkg.shell_arrays(depth)
+        idx = index[self.pkg.shell_layers(depth).index(layer)]
+        where: list[tuple[int, int] | None] = [None] * count
+        for lat, lon in zip(*np.nonzero(self.counts[layer]), strict=True):
+            real = idx[lat, lon][idx[lat, lon] >= 0]
+            owners = np.unique(real // per)
+            if len(owners) != 1 or len(real) != per or not 0 <= owners[0] < count or where[int(owners[0])]:
+                raise FormatError(f"{self.pkg.where}: layer {layer} cell ({lat}, {lon}) does not hold exactly one "
+                                  f"whole expert of {per} neurons")
+            where[int(owners[0])] = (int(lat), int(lon))
+        if any(w is None for w in where):
+            raise FormatError(f"{self.pkg.where}: layer {layer} lacks expert {where.index(None)}")
+        return [w for w in where if w is not None]
+
+    def host_tensor(self, tensor: str) -> np.ndarray:
+        """A core tensor as float32 on the host (the model's router: small, read once)."""
+        a = self.pkg.stored(tensor)
+        self._count(a.nbytes)
+        return _f32(a, self.pkg.tensor_info(tensor).dtype)
 
     # --- the plan -----------------------------------------------------------------------------
     def cells(self, layer: int) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ tokens disagree).  The sum over cells equals the full FFN up to float summation 
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -45,11 +46,12 @@ class Model(ABC):
         self.config = dict(pkg.config or {})
         self.n_layers = len(pkg.layer_depth)
         first = pkg.layout.layers[0][pkg.layout.fields[0].name]
-        if ".0.mlp." not in first:
+        hf = re.match(r"^(.*)\.0\.(?:mlp|block_sparse_moe)\.", first)
+        if hf is None:
             raise FormatError(f"{pkg.where}: the runtime reads Hugging Face tensor names and this package has "
                               f"{first!r} (llama.cpp's GGUF names); streaming GGUF-named packages is not built yet: "
                               "export it with sphere export, or convert the Hugging Face checkpoint")
-        self.prefix = first[: first.index(f".{0}.mlp.")] + "."  # e.g. "transformer.h." or "model.layers."
+        self.prefix = hf[1] + "."  # e.g. "transformer.h." or "model.layers."
         self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
         self.period = self.n_layers + 2  # embed, layers..., head
         #: called with ``(layer, FFN input as host float32)`` before each FFN (router training and
@@ -76,7 +78,7 @@ class Model(ABC):
 
     def position(self, key: Key) -> int:
         kind = key[0]
-        if kind in ("cell", "ffn", "attn", "mlp"):
+        if kind in ("cell", "ffn", "attn", "mlp", "moe"):
             return 1 + key[1]
         if kind == "vocab" and key[1] == "embed":
             return 0  # (a tied table is used by the head every step: it counts as the head's)
@@ -91,9 +93,10 @@ class Model(ABC):
         if position == self.period - 1:
             return [("final",)] + [("vocab", "head", b) for b in range(self.loader.table_blocks("head"))]
         layer = position - 1
+        first = [k for k in (("attn", layer), ("mlp", layer), ("moe", layer)) if k in self.loader.core]
         if self.fused_ffn:
-            return [("attn", layer), ("mlp", layer), ("ffn", layer)]
-        return [("attn", layer), ("mlp", layer)] + [("cell", layer, a, b) for a, b in self.loader.cells(layer)]
+            return first + [("ffn", layer)]
+        return first + [("cell", layer, a, b) for a, b in self.loader.cells(layer)]
 
     def all_blocks(self) -> list[Key]:
         keys = [k for p in range(self.period) for k in self.blocks_at(p)]
@@ -274,6 +277,26 @@ class Llama(Model):
                 core[("mlp", i)] = {"ln_w": f"{p}{i}.post_attention_layernorm.weight"}
             core[("attn", i)] = a
         core[("final",)] = {"ln_w": f"{r}norm.weight"}
+        #: native experts: the model's router of each layer (on the host, ``(E, d)``) and, for
+        #: Qwen2-MoE, the shared expert (a device block) and its gate (host, ``(1, d)``)
+        self.router_names: list[str] = []
+        self.shared_gates: list[str] = []
+        if s.moe is not None:
+            if pkg.header.experts is None or pkg.header.experts["count"] != s.moe[0]:
+                raise FormatError(f"{pkg.where}: the config names {s.moe[0]} experts per layer; the package does not "
+                                  "hold them as native experts (convert the checkpoint again)")
+            module = "block_sparse_moe" if s.model_type == "mixtral" else "mlp"
+            for i in range(self.n_layers):
+                self.router_names.append(f"{p}{i}.{module}.gate.weight")
+                sh = f"{p}{i}.mlp.shared_expert."
+                if s.model_type == "qwen2_moe":
+                    core[("moe", i)] = {"gate": f"{sh}gate_proj.weight", "up": f"{sh}up_proj.weight",
+                                        "down": f"{sh}down_proj.weight"}
+                    self.shared_gates.append(f"{p}{i}.mlp.shared_expert_gate.weight")
+            need = self.router_names + self.shared_gates
+            missing_moe = sorted(t for t in need if t not in keys)
+            if missing_moe:
+                raise FormatError(f"{pkg.where}: {s.model_type} package lacks {missing_moe[0]!r}")
         missing = sorted(t for blk in core.values() for t in blk.values() if t not in keys)
         if missing:
             raise FormatError(f"{pkg.where}: {s.model_type} package lacks {missing[0]!r} ({len(missing)} missing)")
@@ -285,6 +308,60 @@ class Llama(Model):
         offsets = {n: s.norm_offset for n in norms} if s.norm_offset else None
         self.loader = BlockLoader(pkg, core, tables, offsets=offsets)
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
+        self.routers = [self.loader.host_tensor(t) for t in self.router_names]
+        self.shared_gate_w = [self.loader.host_tensor(t) for t in self.shared_gates]
+
+    @property
+    def native_moe(self) -> bool:
+        return self.spec.moe is not None
+
+    def route_experts(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's own routing of FFN inputs ``x`` ``(T, d)``: the chosen experts ``(T, k)``
+        and their weights, as transformers computes them (softmax in float32 over the router's
+        logits, the top k, renormalised when the architecture does: Mixtral always, Qwen-MoE and
+        OLMoE when ``norm_topk_prob``)."""
+        e, k, renorm = self.spec.moe or (0, 0, False)
+        logits = x @ self.routers[layer].T
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        w = np.take_along_axis(probs, top, axis=1)
+        if renorm:
+            w = w / w.sum(axis=1, keepdims=True)
+        return top, w.astype(np.float32)
+
+    def ffn(self, rt: Any, layer: int, m: Any) -> Any:
+        if not self.native_moe:
+            return super().ffn(rt, layer, m)
+        b = rt.backend
+        x = b.to_host(m)
+        if self.ffn_input_hook is not None:
+            self.ffn_input_hook(layer, x)
+        top, w = self.route_experts(layer, x)
+        cells = self.loader.expert_cells or []
+        if layer + 1 < self.n_layers and hasattr(rt, "expect"):
+            # the next layer's router on this hidden state predicts its experts well enough to
+            # start loading them now (Mixtral-offloading's speculative prefetch)
+            nxt, _ = self.route_experts(layer + 1, x)
+            rt.expect([("cell", layer + 1, *cells[layer + 1][int(j)]) for j in np.unique(nxt)])
+        chosen = np.unique(top)
+        if hasattr(rt, "note_experts"):
+            rt.note_experts(layer, [cells[layer][int(j)] for j in chosen], [int((top == j).sum()) for j in chosen],
+                            len(cells[layer]) * top.shape[0])
+        acc = None
+        for j in chosen:  # in expert order, as transformers adds them
+            col = np.where(top == j, w, 0).sum(axis=1, keepdims=True).astype(np.float32)
+            with rt.use(("cell", layer, *cells[layer][int(j)])) as c:
+                y = self.cell_ffn(b, m, c, b.upload(col))
+            acc = y if acc is None else b.add(acc, y)
+        if ("moe", layer) in self.loader.core:  # Qwen2-MoE's shared expert, gated by a sigmoid
+            with rt.use(("moe", layer)) as sh:
+                g = b.silu(b.matmul(m, sh["gate"], transpose_w=True))
+                h = b.mul(g, b.matmul(m, sh["up"], transpose_w=True))
+                gate = 1.0 / (1.0 + np.exp(-(x @ self.shared_gate_w[layer].T)))
+                y = b.matmul(b.mul(h, b.upload(gate.astype(np.float32))), sh["down"], transpose_w=True)
+            acc = y if acc is None else b.add(acc, y)
+        return acc
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
         rows, cols = c["rows"], self.cols

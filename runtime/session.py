@@ -165,6 +165,11 @@ class Session:
         cells = [len(m.loader.cells(i)) for i in range(m.n_layers)]
         if top_k is not None and active is not None:
             raise InputError("give top_k or active, not both")
+        native = bool(getattr(m, "native_moe", False))
+        if native and (top_k is not None or active is not None):
+            e, k, _ = getattr(m, "spec").moe  # noqa: B009 - only the Llama family has native experts
+            raise InputError(f"{self.pkg.where} holds native experts and routes with the model's own router (top {k} "
+                             f"of {e} per layer); top_k/active choose cells of dense models")
         if active is not None:
             share = float(str(active).rstrip("%")) / (100 if str(active).endswith("%") else 1)
             if not 0 < share <= 1:
@@ -178,7 +183,9 @@ class Session:
             k_of = None
         self.top_k = k_of
         self.backend = get_backend(backend)
-        dense = k_of is None or all(k >= c for k, c in zip(k_of, cells, strict=True))
+        dense = not native and (k_of is None or all(k >= c for k, c in zip(k_of, cells, strict=True)))
+        if native and fused_ffn:
+            raise InputError("native experts are weighted one by one by the model's router: fused_ffn cannot be set")
         if dense and fused_ffn is not False:
             # one block per layer's FFN (see Model.fused_ffn), only when every weight stays
             # resident: joining a layer's cells costs a copy of them, which a run that streams
@@ -221,8 +228,9 @@ class Session:
             self._exit.enter_context(reusing_heap(min(self.budget, 16 * self.least_block)))
         self.cache = WeightCache(self.backend, m.loader.load, m.loader.nbytes, m.position, m.period,
                                  capacity=_UNLIMITED if self.budget is None else self.budget, prefetch=prefetch)
-        if self.router is not None:
+        if self.router is not None or native:
             self.cache.sparse = lambda key: key[0] == "cell"
+        self._native = native
         p, mm = self.pkg.require_graticule()
         #: token-selections per (layer, cell ``lat * M + lon``) since the session started
         self.usage = np.zeros((m.n_layers, p * mm), dtype=np.int64)
@@ -295,9 +303,22 @@ class Session:
             return
         nxt = (position + 1) % self.model.period
         plan = self.model.blocks_at(nxt)
-        if self.router is not None and 1 <= nxt <= self.model.n_layers:
+        if (self.router is not None or self._native) and 1 <= nxt <= self.model.n_layers:
             plan = [k for k in plan if k[0] != "cell"]  # cells come from the router's prediction
         self.cache.prefetch(plan)
+
+    def expect(self, keys: list[Key]) -> None:
+        """Blocks the forward pass will likely want soon (the next layer's predicted experts)."""
+        if self._prefetch_ok:
+            self.cache.prefetch(keys)
+
+    def note_experts(self, layer: int, cells: list[tuple[int, int]], tokens: list[int], possible: int) -> None:
+        """Usage of a native-MoE layer: the cells of the chosen experts and how many tokens chose each."""
+        g = self.pkg.require_graticule()[1]
+        for (lat, lon), n in zip(cells, tokens, strict=True):
+            self.usage[layer, lat * g + lon] += n
+        self._counters["routed_cells"] += sum(tokens)
+        self._counters["possible_cells"] += possible
 
     def route(self, layer: int, m: Any) -> list[tuple[int, int, Any]]:
         cells = self.model.loader.cells(layer)
@@ -498,7 +519,8 @@ class Session:
             "prefetch_hits": s.prefetch_hits,
             "prefetch_hit_rate": s.prefetch_hits / s.prefetch_loads if s.prefetch_loads else None,
             "active_cell_fraction": c["routed_cells"] / c["possible_cells"] if c["possible_cells"] else None,
-            "router_host_bytes": self.router.host_bytes() if self.router else 0,
+            "router_host_bytes": (self.router.host_bytes() if self.router else 0)
+            + sum(int(a.nbytes) for a in getattr(self.model, "routers", []) + getattr(self.model, "shared_gate_w", [])),
             "prefill_chunk": self._last_chunk,
             "prefill_tokens": c["prefill_tokens"],
             "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,

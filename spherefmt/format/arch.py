@@ -63,6 +63,8 @@ class Layout:
     in_field: str = ""
     out_field: str = ""
     warning: str | None = None
+    #: native experts per layer (0: a dense FFN); expert ``e`` owns neurons ``e * n / E ..``
+    experts: int = 0
 
     @property
     def row_width(self) -> int:
@@ -106,7 +108,19 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     gguf_names = not any(hits[ARCH_LLAMA]) and any(gguf_re.match(n) for n in names)
     if gguf_names:
         hits[ARCH_LLAMA] = [gguf_re.match(n) for n in names]
-    if model_type == "gpt2" or (not model_type and any(hits[ARCH_GPT2])):
+    from spherefmt.interop.experts import JOINED, expert_count, moe_rule  # noqa: PLC0415 (interop imports format)
+
+    rule = moe_rule(config)
+    experts = 0
+    if rule is not None:  # a MoE whose experts JoinedSource presented as one FFN per layer
+        moe_re = re.compile(rf"^(?P<pre>(?:.*\.)?layers\.)(?P<l>\d+)\.{re.escape(rule.module)}\.experts\.gate_proj\.weight$")
+        hits[ARCH_LLAMA] = [moe_re.match(n) for n in names]
+        if not any(hits[ARCH_LLAMA]):
+            return _generic(f"{where}: {model_type!r} holds no per-expert FFN tensors this version reads")
+        arch = ARCH_LLAMA
+        spec = tuple((f, f"{rule.module}.experts.{JOINED[f]}.weight", a) for f, _, a in LLAMA_FIELDS)
+        experts = expert_count(config or {}, rule)
+    elif model_type == "gpt2" or (not model_type and any(hits[ARCH_GPT2])):
         arch, spec = ARCH_GPT2, GPT2_FIELDS
     elif model_type in LLAMA_MODEL_TYPES or (not model_type and any(hits[ARCH_LLAMA])):
         arch, spec = ARCH_LLAMA, GGUF_LLAMA_FIELDS if gguf_names else LLAMA_FIELDS
@@ -125,13 +139,16 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
         raise FormatError(f"{where}: config has {cfg_layers} layers but the tensors have {n_layers}")
     d = _cfg_int(config, "n_embd", "hidden_size")
     n_inner = _cfg_int(config, "n_inner", "intermediate_size")
+    if rule is not None:
+        per = _cfg_int(config, rule.size_key)
+        n_inner = None if per is None else per * experts
     if arch == ARCH_GPT2 and n_inner is None and d is not None:
         n_inner = 4 * d
     if gguf_names and any(infos[f"{pre}{la}.{suffix}"].dtype == "U8" for la in range(n_layers)
                           for _, suffix, _ in spec if f"{pre}{la}.{suffix}" in infos):
         return _generic(f"{where}: the FFN tensors are quantized (raw GGUF blocks); they are kept bit for bit in "
                         "core/ and mapping quantized FFN weights onto the sphere is a later step")
-    layout = Layout(arch=arch, in_field=spec[0][0], out_field=spec[-1][0])
+    layout = Layout(arch=arch, in_field=spec[0][0], out_field=spec[-1][0], experts=experts)
     dtypes = set()
     for layer in range(n_layers):
         names_l = {fname: f"{pre}{layer}.{suffix}" for fname, suffix, _ in spec}
@@ -156,6 +173,8 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
             raise FormatError(f"{where}: config FFN size {n_inner} but layer {layer} has {n} neurons")
         if n == 0:
             return _generic(f"{where}: layer {layer} has no FFN neurons")
+        if experts and n % experts:
+            raise FormatError(f"{where}: layer {layer} has {n} expert neurons, not a multiple of {experts} experts")
         layout.layers.append(names_l)
         layout.neurons.append(n)
         if layer == 0:

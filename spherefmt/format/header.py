@@ -21,7 +21,7 @@ from spherefmt.format.placement import Grid, check_grid, layer_shells
 __all__ = ["Header", "LayerEntry", "NeuronLayout", "Shell", "TensorEntry", "new_header"]
 
 _KNOWN = ("format", "version", "state", "architecture", "config", "metadata", "files", "codec", "tensors", "warning",
-          "fused",
+          "fused", "experts",
           "graticule", "depth", "layer_depth", "shells", "neuron_layout", "layers", "placement")
 
 
@@ -102,6 +102,9 @@ class Header:
     placement: dict[str, Any] | None = None
     #: source tensors stored split (``[{"name", "parts", "axis"}]``): exports concatenate the parts
     fused: list[dict[str, Any]] = field(default_factory=list)
+    #: native experts (``{"count", "neurons", "tensors": [{"name", "parts", "axis"}]}``): each
+    #: layer's FFN is ``count`` experts of ``neurons`` joined, each expert in a cell of its own
+    experts: dict[str, Any] | None = None
     #: members this version does not know, kept as they are when the header is written back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -134,6 +137,10 @@ class Header:
         }
         if self.fused:
             h["fused"] = [{"name": f["name"], "parts": list(f["parts"]), "axis": f["axis"]} for f in self.fused]
+        if self.experts is not None:
+            h["experts"] = {"count": self.experts["count"], "neurons": self.experts["neurons"],
+                            "tensors": [{"name": j["name"], "parts": list(j["parts"]), "axis": j["axis"]}
+                                        for j in self.experts["tensors"]]}
         if self.graticule is not None and self.neuron_layout is not None:
             h.update({
                 "graticule": list(self.graticule), "depth": self.depth, "layer_depth": list(self.layer_depth),
@@ -175,6 +182,7 @@ class Header:
             layers=[LayerEntry(lay["neurons"], dict(lay["tensors"])) for lay in h["layers"]] if sphere else [],
             placement=h.get("placement") if sphere else None,
             fused=[dict(f) for f in h.get("fused", [])],
+            experts=h.get("experts") if sphere else None,
             extra={k: v for k, v in h.items() if k not in _KNOWN},
         )
 
@@ -293,7 +301,42 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
             raise FormatError(f"{where}: shell {s['depth']} disagrees with layer_depth or is too small")
     if h.get("placement") is not None and not isinstance(h["placement"], dict):
         raise FormatError(f"{where}: placement must be an object")
+    if h.get("experts") is not None:
+        _check_experts(h, tensors, p * m, where)
     return h
+
+
+def _check_experts(h: dict[str, Any], tensors: Mapping[str, Any], cells: int, where: str) -> None:
+    """``experts``: every layer is ``count`` experts of ``neurons`` (each fits one cell), and
+    every sphere tensor is one joined entry whose ``count`` parts are not stored themselves."""
+    ex = h["experts"]
+    if not (isinstance(ex, dict) and _is_int(ex.get("count")) and _is_int(ex.get("neurons"))
+            and ex["count"] >= 1 and ex["neurons"] >= 1 and isinstance(ex.get("tensors"), list)):
+        raise FormatError(f"{where}: experts member malformed")
+    if ex["count"] > cells:
+        raise FormatError(f"{where}: {ex['count']} experts do not fit {cells} cells (one expert per cell)")
+    for i, layer in enumerate(h["layers"]):
+        if layer["neurons"] != ex["count"] * ex["neurons"]:
+            raise FormatError(f"{where}: layer {i} has {layer['neurons']} neurons, not {ex['count']} experts of "
+                              f"{ex['neurons']}")
+    for s in h["shells"]:
+        if s["capacity"] < ex["neurons"]:
+            raise FormatError(f"{where}: shell {s['depth']} holds {s['capacity']} neurons per cell; an expert has "
+                              f"{ex['neurons']}")
+    covered: set[str] = set()
+    parts_seen: set[str] = set()
+    for j in ex["tensors"]:
+        parts = j.get("parts") if isinstance(j, dict) else None
+        if not (isinstance(j, dict) and isinstance(j.get("name"), str) and j["name"] in tensors
+                and tensors[j["name"]]["where"] == "sphere" and j["name"] not in covered and j.get("axis") in (0, 1)
+                and isinstance(parts, list) and len(parts) == ex["count"]
+                and all(isinstance(q, str) and q and q not in tensors and q not in parts_seen for q in parts)
+                and len(set(parts)) == len(parts)):
+            raise FormatError(f"{where}: experts tensor entry {str(j)[:80]} malformed")
+        covered.add(j["name"])
+        parts_seen.update(parts)
+    if covered != {t["name"] for t in h["tensors"] if t["where"] == "sphere"}:
+        raise FormatError(f"{where}: experts member does not list every sphere tensor")
 
 
 def _check_fused(h: dict[str, Any], where: str) -> None:
@@ -319,7 +362,8 @@ def _check_fused(h: dict[str, Any], where: str) -> None:
 
 def new_header(*, layout: Layout, grid: Grid | None, infos: Mapping[str, TensorInfo], config: dict[str, Any] | None,
                metadata: Mapping[str, str], files: list[str], codec: str,
-               placement: dict[str, Any] | None = None, fused: list[dict[str, Any]] | None = None) -> Header:
+               placement: dict[str, Any] | None = None, fused: list[dict[str, Any]] | None = None,
+               joined: list[dict[str, Any]] | None = None) -> Header:
     """The header of a package being written (state ``writing`` until the conversion ends)."""
     ffn = layout.ffn_tensors()
     h = Header(
@@ -333,9 +377,16 @@ def new_header(*, layout: Layout, grid: Grid | None, infos: Mapping[str, TensorI
     h.graticule = (grid.parallels, grid.meridians)
     h.depth = grid.depth
     h.layer_depth = list(shells)
+    per_cell = layout.experts or grid.cells  # native experts: one expert (all its neurons) per cell
+    if layout.experts > grid.cells:
+        raise InputError(f"graticule {grid.parallels}x{grid.meridians} has {grid.cells} cells for "
+                         f"{layout.experts} experts (one expert per cell)")
     h.shells = [Shell(s, [lay for lay, sh in enumerate(shells) if sh == s],
-                      math.ceil(max(n for n, sh in zip(layout.neurons, shells, strict=True) if sh == s) / grid.cells))
+                      math.ceil(max(n for n, sh in zip(layout.neurons, shells, strict=True) if sh == s) / per_cell))
                 for s in range(grid.depth)]
+    if layout.experts:
+        h.experts = {"count": layout.experts, "neurons": layout.neurons[0] // layout.experts,
+                     "tensors": [dict(j) for j in joined or []]}
     h.neuron_layout = NeuronLayout(layout.dtype, layout.row_width, list(layout.fields), layout.in_field,
                                    layout.out_field)
     h.layers = [LayerEntry(n, dict(t)) for n, t in zip(layout.neurons, layout.layers, strict=True)]

@@ -38,7 +38,7 @@ from spherefmt.constants import (
 from spherefmt.errors import FormatError, InputError
 
 __all__ = ["Grid", "PlacementPlan", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
-           "bend", "assign", "cell_centers"]
+           "bend", "assign", "cell_centers", "expert_grid", "expert_cells"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,24 @@ def default_grid(n_neurons: int, row_width: int, itemsize: int, n_layers: int) -
             return Grid(p, m, depth)
         fallback = fallback or Grid(p, m, depth)
     return fallback or Grid(1, 1, depth)
+
+
+def expert_grid(experts: int, n_layers: int) -> Grid:
+    """The default graticule for native experts: the smallest ``P x 2P`` with a cell for each
+    expert of a layer (``spec/FORMAT.md`` 9.0.1); depth as for dense models."""
+    p = 1
+    while p * min(2 * p, MAX_MERIDIANS) < experts and p < MAX_PARALLELS:
+        p += 1
+    return Grid(p, min(2 * p, MAX_MERIDIANS), max(1, min(MAX_DEPTH, n_layers)))
+
+
+def expert_cells(dirs: np.ndarray, experts: int, p: int, m: int) -> np.ndarray:
+    """The cell of every neuron of a native-MoE layer: each expert (neurons ``e * f ..``) goes
+    whole to the cell nearest its neurons' mean direction, one expert per cell (balanced as
+    :func:`assign` places neurons, with capacity one)."""
+    f = dirs.shape[0] // experts
+    edirs = _normalize(dirs.reshape(experts, f, 3).sum(axis=1))
+    return np.repeat(assign(edirs, p, m, capacity=1), f)
 
 
 def layer_shells(n_layers: int, depth: int) -> list[int]:

@@ -36,12 +36,15 @@ from spherefmt.format.placement import (
     bend,
     check_grid,
     default_grid,
+    expert_cells,
+    expert_grid,
     own_directions,
     parse_graticule,
     tree_parents,
 )
 from spherefmt.format.store import PackageStore
 from spherefmt.interop.base import TensorSource, bounded_heap
+from spherefmt.interop.experts import join_experts
 from spherefmt.interop.fused import split_fused
 from spherefmt.interop.registry import open_source
 from spherefmt.progress import progress_bar
@@ -150,14 +153,18 @@ def save(
         if config is not None:
             source.config = dict(config)
         source = split_fused(source)  # Phi-3's fused projections, as their parts
+        source = join_experts(source)  # a MoE layer's per-expert tensors, as one FFN
         infos = {name: source.info(name) for name in source.keys()}
         layout = detect(infos, source.config, source.where)
         if layout.warning:
             warnings.warn(layout.warning, stacklevel=3)  # the caller of spherefmt.save
         grid = None
+        if layout.experts and plan is not None:
+            raise InputError(f"{source.where}: native experts keep their own cells; a placement plan cannot move them")
         if layout.arch != C.ARCH_GENERIC:
             n_layers = len(layout.layers)
-            auto = default_grid(max(layout.neurons), layout.row_width, C.DTYPES[layout.dtype][1], n_layers)
+            auto = (expert_grid(layout.experts, n_layers) if layout.experts else
+                    default_grid(max(layout.neurons), layout.row_width, C.DTYPES[layout.dtype][1], n_layers))
             if graticule is None:
                 p, m = auto.parallels, auto.meridians
             elif isinstance(graticule, str):
@@ -187,7 +194,7 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
     header = new_header(layout=layout, grid=grid, infos=infos, config=source.config,
                         metadata={**source.metadata, **(metadata or {})}, files=list(source.files), codec=codec,
                         placement=None if plan is None else dict(plan.record),
-                        fused=getattr(source, "fused", None))
+                        fused=getattr(source, "fused", None), joined=getattr(source, "joined", None))
     root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header.to_json()})
     total = sum(i.nbytes for i in infos.values())
     with progress_bar(total, "convert", progress) as bar:
@@ -272,7 +279,12 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             del w_in
             prev_out = None
             prev_out = to_float32(rows[:, sl[layout.out_field]], layout.dtype)
-            cell = assign(dirs, p, m, capacity=k) if cells_of is None else cells_of[layer]
+            if cells_of is not None:
+                cell = cells_of[layer]
+            elif layout.experts:
+                cell = expert_cells(dirs, layout.experts, p, m)
+            else:
+                cell = assign(dirs, p, m, capacity=k)
             order = np.lexsort((np.arange(rows.shape[0]), cell))  # by cell, then original index
             sorted_cells = cell[order]
             first = np.searchsorted(sorted_cells, np.arange(cells))

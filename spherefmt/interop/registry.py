@@ -26,6 +26,7 @@ from spherefmt.errors import FormatError, InputError
 from spherefmt.format.package import Package, is_package
 from spherefmt.format.package import open as open_package
 from spherefmt.interop.base import MappingSource, TensorSource, bounded_heap
+from spherefmt.interop.experts import SplitView
 from spherefmt.interop.fused import FusedView
 from spherefmt.interop.gguf import export_gguf, open_gguf
 from spherefmt.interop.hf import export_hf_folder, open_hf_folder
@@ -162,7 +163,10 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
         total = sum(p.tensor_info(n, padded=True).nbytes for n in p.keys())
         with progress_bar(total, "export", progress) as bar, bounded_heap():
             storage = LayerReader(p).storage
-            if p.header.fused:  # split on conversion (Phi-3): each fused tensor written whole again
+            if p.header.experts:  # native experts joined on conversion: each expert's tensors again
+                split = SplitView(p, storage)
+                writer(cast(Package, split), dst, split.storage, bar.update)
+            elif p.header.fused:  # split on conversion (Phi-3): each fused tensor written whole again
                 view = FusedView(p, storage)
                 writer(cast(Package, view), dst, view.storage, bar.update)
             else:

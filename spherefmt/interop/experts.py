@@ -1,0 +1,221 @@
+"""Native experts: a MoE layer's per-expert tensors joined into one FFN, split again on export.
+
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints hold one tensor per expert and projection
+(``model.layers.N.block_sparse_moe.experts.E.w1.weight``, ``model.layers.N.mlp.experts.E.
+gate_proj.weight``; the form ``save_pretrained`` writes).  On conversion the ``E`` experts of a
+layer are presented as one Llama-shaped FFN of ``E * f`` neurons, expert ``e`` owning neurons
+``e * f .. (e + 1) * f - 1``: ``<module>.experts.gate_proj.weight`` (rows of every expert's gate,
+in expert order), ``up_proj`` likewise, ``down_proj`` (their columns).  Placement then puts each
+expert in a cell of its own (``spec/FORMAT.md`` section 9.0.1), the model's router stays in
+``core/`` under its own name, and the header's ``experts`` member lists every joined tensor and
+its parts, so an export writes the per-expert tensors again, bit for bit (concatenation and
+splitting are exact).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spherefmt.dtypes import TensorInfo
+from spherefmt.errors import FormatError
+from spherefmt.interop.base import TensorSource
+
+__all__ = ["MOE_TYPES", "MoeRule", "JoinedSource", "join_experts", "SplitView", "split_state_dict", "moe_rule"]
+
+
+@dataclass(frozen=True)
+class MoeRule:
+    """How one architecture names its experts."""
+
+    #: the layer's MoE module (``mlp`` or Mixtral's ``block_sparse_moe``)
+    module: str
+    #: field -> per-expert projection name
+    parts: Mapping[str, str]
+    #: config keys giving the expert count (first present wins)
+    count_keys: tuple[str, ...]
+    #: config key of one expert's neuron count
+    size_key: str
+
+
+_QWEN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+#: model_type -> how its experts are named; every type here is also a runtime type
+MOE_TYPES: dict[str, MoeRule] = {
+    "mixtral": MoeRule("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}, ("num_local_experts",),
+                       "intermediate_size"),
+    "qwen2_moe": MoeRule("mlp", _QWEN, ("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "qwen3_moe": MoeRule("mlp", _QWEN, ("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "olmoe": MoeRule("mlp", _QWEN, ("num_experts", "num_local_experts"), "intermediate_size"),
+}
+#: the joined tensors' projection names (what the sphere's fields read)
+JOINED = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_AXIS = {"gate": 0, "up": 0, "down": 1}
+
+
+def moe_rule(config: Mapping[str, Any] | None) -> MoeRule | None:
+    return MOE_TYPES.get(str((config or {}).get("model_type", "")).lower())
+
+
+def expert_count(config: Mapping[str, Any], rule: MoeRule) -> int:
+    n = next((config[k] for k in rule.count_keys if isinstance(config.get(k), int)), None)
+    if n is None or isinstance(n, bool) or n < 1:
+        raise FormatError(f"config gives no expert count ({' or '.join(rule.count_keys)})")
+    return int(n)
+
+
+class JoinedSource(TensorSource):
+    """A source whose per-expert FFN tensors are presented joined, layer by layer."""
+
+    def __init__(self, inner: TensorSource, rule: MoeRule, experts: int) -> None:
+        self.inner, self.where = inner, inner.where
+        self.config, self.metadata, self.files = inner.config, inner.metadata, inner.files
+        self.rule, self.count = rule, experts
+        #: what the header records: ``[{"name", "parts", "axis"}]``
+        self.joined: list[dict[str, Any]] = []
+        self._of: dict[str, tuple[list[str], int]] = {}
+        have = list(inner.keys())
+        pat = re.compile(rf"^(?P<pre>.*\.)(?P<l>\d+)\.{re.escape(rule.module)}\.experts\.(?P<e>\d+)\."
+                         rf"(?P<w>{'|'.join(map(re.escape, rule.parts.values()))})\.weight$")
+        field_of = {v: k for k, v in rule.parts.items()}
+        first: dict[tuple[str, int, str], str] = {}  # (prefix, layer, field) -> joined name
+        seen: set[str] = set()
+        for name in have:
+            m = pat.match(name)
+            if m is None:
+                continue
+            seen.add(name)
+            fld = field_of[m["w"]]
+            key = (m["pre"], int(m["l"]), fld)
+            if key not in first:
+                first[key] = f"{m['pre']}{m['l']}.{rule.module}.experts.{JOINED[fld]}.weight"
+        for (pre, layer, fld), joined in first.items():
+            parts = [f"{pre}{layer}.{rule.module}.experts.{e}.{rule.parts[fld]}.weight" for e in range(experts)]
+            missing = [p for p in parts if p not in seen]
+            if missing:
+                raise FormatError(f"{inner.where}: layer {layer} has no {missing[0]!r} ({experts} experts in the config)")
+            if joined in have:
+                raise FormatError(f"{inner.where}: {joined!r} exists beside the per-expert tensors it would join")
+            infos = [inner.info(p) for p in parts]
+            shapes = {i.shape for i in infos}
+            if len(shapes) != 1 or len(infos[0].shape) != 2 or len({i.dtype for i in infos}) != 1:
+                raise FormatError(f"{inner.where}: the experts of layer {layer} ({parts[0]!r}...) differ in shape or dtype")
+            self._of[joined] = (parts, _AXIS[fld])
+            self.joined.append({"name": joined, "parts": parts, "axis": _AXIS[fld]})
+        stray = seen - {p for parts, _ in self._of.values() for p in parts}
+        if stray:
+            raise FormatError(f"{inner.where}: expert tensor {sorted(stray)[0]!r} is beyond the config's {experts} experts")
+        # the joined tensor takes the place of its first part, in the source's order
+        at = {parts[0]: j for j, (parts, _) in self._of.items()}
+        self._keys = [at.get(n, n) for n in have if n not in seen or n in at]
+        self.joined.sort(key=lambda j: self._keys.index(j["name"]))
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._of:
+            return self.inner.info(name)
+        parts, axis = self._of[name]
+        i = self.inner.info(parts[0])
+        shape = list(i.shape)
+        shape[axis] *= len(parts)
+        return TensorInfo(name, i.dtype, tuple(shape))
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._of:
+            return self.inner.read(name)
+        parts, axis = self._of[name]
+        return np.concatenate([self.inner.read(p) for p in parts], axis=axis)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._of:
+            return self.inner.read_rows(name, start, stop)
+        return np.ascontiguousarray(self.read(name)[start:stop])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def join_experts(source: TensorSource) -> TensorSource:
+    """``source`` with its experts joined (a :class:`JoinedSource`) when its config names a MoE
+    architecture whose per-expert tensors it holds, else as it is."""
+    rule = moe_rule(source.config)
+    if rule is None:
+        return source
+    try:
+        count = expert_count(source.config or {}, rule)
+    except FormatError as e:
+        raise FormatError(f"{source.where}: {e}") from None
+    joined = JoinedSource(source, rule, count)
+    return joined if joined.joined else source
+
+
+def _split(data: Any, n: int, axis: int) -> list[Any]:
+    if isinstance(data, np.ndarray):
+        return np.split(data, n, axis=axis)
+    return list(data.chunk(n, dim=axis))  # torch
+
+
+class SplitView:
+    """A package seen by an exporter: each joined tensor as its per-expert source tensors again.
+
+    Writers call ``keys()``, ``tensor_info(name, padded=...)`` and a ``storage(name)`` function;
+    every other attribute is the package's own.  The joined tensor of the last part asked for is
+    kept, so a layer's experts are read once, not once per expert."""
+
+    def __init__(self, pkg: Any, storage: Callable[[str], np.ndarray]) -> None:
+        self._pkg, self._storage = pkg, storage
+        self._part: dict[str, tuple[str, int]] = {}
+        self._joined = {j["name"]: (list(j["parts"]), int(j["axis"])) for j in pkg.header.experts["tensors"]}
+        for name, (parts, _) in self._joined.items():
+            for i, p in enumerate(parts):
+                self._part[p] = (name, i)
+        self._keys = [p for n in pkg.keys() for p in (self._joined[n][0] if n in self._joined else [n])]
+        self._last: tuple[str, list[np.ndarray]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pkg, name)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def tensor_info(self, name: str, padded: bool = False) -> TensorInfo:
+        if name not in self._part:
+            return self._pkg.tensor_info(name, padded=padded)
+        joined, _ = self._part[name]
+        parts, axis = self._joined[joined]
+        i = self._pkg.tensor_info(joined, padded=padded)
+        shape = list(i.shape)
+        if shape[axis] % len(parts):
+            raise FormatError(f"{self._pkg.where}: {joined!r} does not split into {len(parts)} experts")
+        shape[axis] //= len(parts)
+        return TensorInfo(name, i.dtype, tuple(shape))
+
+    def storage(self, name: str) -> np.ndarray:
+        if name not in self._part:
+            return self._storage(name)
+        joined, i = self._part[name]
+        if self._last is None or self._last[0] != joined:
+            parts, axis = self._joined[joined]
+            self._last = (joined, [np.ascontiguousarray(x) for x in _split(self._storage(joined), len(parts), axis)])
+        return self._last[1][i]
+
+
+def split_state_dict(sd: dict[str, Any], experts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A state dict (numpy or torch tensors) with every joined tensor split into its experts."""
+    if not experts:
+        return sd
+    out = {}
+    joined = {j["name"]: j for j in experts["tensors"]}
+    for name, value in sd.items():
+        j = joined.get(name)
+        if j is None:
+            out[name] = value
+            continue
+        for part, piece in zip(j["parts"], _split(value, len(j["parts"]), int(j["axis"])), strict=True):
+            out[part] = piece.contiguous() if hasattr(piece, "contiguous") else np.ascontiguousarray(piece)
+    return out
