@@ -117,6 +117,10 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
         hits[ARCH_LLAMA] = [moe_re.match(n) for n in names]
         if not any(hits[ARCH_LLAMA]):
             return _generic(f"{where}: {model_type!r} holds no per-expert FFN tensors this version reads")
+        sparse = {int(h["l"]) for h in hits[ARCH_LLAMA] if h}
+        if len(sparse) != (_cfg_int(config, "num_hidden_layers") or len(sparse)):
+            return _generic(f"{where}: {model_type!r} mixes dense and MoE layers ({len(sparse)} of "
+                            f"{_cfg_int(config, 'num_hidden_layers')} are MoE); one package holds one FFN kind")
         arch = ARCH_LLAMA
         spec = tuple((f, f"{rule.module}.experts.{JOINED[f]}.weight", a) for f, _, a in LLAMA_FIELDS)
         experts = expert_count(config or {}, rule)

@@ -25,7 +25,8 @@ from spherefmt.dtypes import TensorInfo
 from spherefmt.errors import FormatError
 from spherefmt.interop.base import TensorSource
 
-__all__ = ["MOE_TYPES", "MoeRule", "JoinedSource", "join_experts", "SplitView", "split_state_dict", "moe_rule"]
+__all__ = ["MOE_TYPES", "MoeRule", "JoinedSource", "join_experts", "SplitView", "split_state_dict", "moe_rule",
+           "stacked_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -218,4 +219,30 @@ def split_state_dict(sd: dict[str, Any], experts: Mapping[str, Any] | None) -> d
             continue
         for part, piece in zip(j["parts"], _split(value, len(j["parts"]), int(j["axis"])), strict=True):
             out[part] = piece.contiguous() if hasattr(piece, "contiguous") else np.ascontiguousarray(piece)
+    return out
+
+
+def stacked_state_dict(sd: dict[str, Any], experts: Mapping[str, Any]) -> dict[str, Any]:
+    """A torch state dict with each layer's joined experts in the form transformers 5 holds them in
+    memory: ``<pre>N.mlp.experts.gate_up_proj`` ``(E, 2f, d)`` (each expert's gate rows, then its
+    up rows) and ``<pre>N.mlp.experts.down_proj`` ``(E, d, f)``; Mixtral's ``block_sparse_moe``
+    module is ``mlp`` there."""
+    import torch
+
+    e = int(experts["count"])
+    out = dict(sd)
+    pat = re.compile(r"^(?P<pre>.*\.\d+\.)(?P<mod>mlp|block_sparse_moe)\.experts\.gate_proj\.weight$")
+    for name in list(sd):
+        m = pat.match(name)
+        if m is None:
+            continue
+        base = f"{m['pre']}{m['mod']}.experts."
+        gate, up, down = (out.pop(f"{base}{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
+        f, d = gate.shape[0] // e, gate.shape[1]
+        mem = f"{m['pre']}mlp.experts."
+        out[f"{mem}gate_up_proj"] = torch.cat([gate.reshape(e, f, d), up.reshape(e, f, d)], dim=1).contiguous()
+        out[f"{mem}down_proj"] = down.reshape(d, e, f).permute(1, 0, 2).contiguous()
+    for name in list(out):
+        if ".block_sparse_moe." in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = out.pop(name)
     return out

@@ -29,6 +29,7 @@ from spherefmt.errors import BackendUnavailableError, FormatError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.interop.base import MappingSource, TensorSource, inside, no_escape, read_json
+from spherefmt.interop.experts import stacked_state_dict
 from spherefmt.interop.fused import fuse_state_dict
 from spherefmt.interop.safetensors import SafetensorsSource, export_safetensors
 from spherefmt.interop.torchfile import torch_load
@@ -78,7 +79,10 @@ def build(pkg: Package, dtype: Any = "auto") -> Any:
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     own = model.state_dict()
     sd = {}
-    for name, value in fuse_state_dict(pkg.state_dict(framework="torch", padded=True), pkg.header.fused).items():
+    state = fuse_state_dict(pkg.state_dict(framework="torch", padded=True), pkg.header.fused)
+    if pkg.header.experts:  # native experts: in the stacked form transformers 5 holds in memory
+        state = stacked_state_dict(state, pkg.header.experts)
+    for name, value in state.items():
         target = name if name in own else next((p + name for p in _PREFIXES if p + name in own), None)
         if target is None:
             raise FormatError(f"{pkg.where}: tensor {name!r} has no place in a transformers {cfg.model_type} model")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ZOO", "REFUSED", "save_zoo_model"]
+__all__ = ["ZOO", "MOE", "REFUSED", "save_zoo_model"]
 
 _SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 64, "initializer_range": 0.1,
@@ -56,23 +56,37 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
                                                          "long_factor": [1.0 + 0.5 * i for i in range(8)]}}),
 }
 
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "intermediate_size": 48}
+_OLMOE = {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "eos_token_id": 1, "pad_token_id": 0}
+#: native-MoE models: every expert a cell, the model's own router (``spherefmt.interop.experts``)
+MOE: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48,
+                                  "sliding_window": 6}),
+    "qwen2_moe": ("Qwen2MoeConfig", {**_MOE, "shared_expert_intermediate_size": 80}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "head_dim": 16, "norm_topk_prob": True}),
+    "olmoe": ("OlmoeConfig", {**_OLMOE}),
+}
+
 #: name -> (config class, fields, what the refusal must name): models the runtime refuses
 REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
     "llama-mlp-bias": ("LlamaConfig", {"mlp_bias": True}, "mlp_bias"),
     "llama-partial-rotary": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                  "partial_rotary_factor": 0.5}},
                              "partial_rotary_factor"),
+    "olmoe-clip-qkv": ("OlmoeConfig", {**_OLMOE, "clip_qkv": 2.0}, "clip_qkv"),
+    "qwen2_moe-dense-layer": ("Qwen2MoeConfig", {**_MOE, "shared_expert_intermediate_size": 80,
+                                                "mlp_only_layers": [1]}, "generic"),
 }
 
 
 def save_zoo_model(name: str, folder: str | Path, *, dtype: str = "float32", seed: int = 0,
                    max_shard_size: str = "100KB") -> Path:
-    """Build zoo model ``name`` (from :data:`ZOO` or :data:`REFUSED`) with ``transformers``'
+    """Build zoo model ``name`` (from :data:`ZOO`, :data:`MOE` or :data:`REFUSED`) with ``transformers``'
     random init and ``save_pretrained`` it (sharded) into ``folder``."""
     import torch
     import transformers
 
-    cls, extra = ZOO[name] if name in ZOO else REFUSED[name][:2]
+    cls, extra = ZOO[name] if name in ZOO else MOE[name] if name in MOE else REFUSED[name][:2]
     cfg = getattr(transformers, cls)(**(extra if cls == "GPT2Config" else {**_SMALL, **extra}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
