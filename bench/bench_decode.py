@@ -82,6 +82,16 @@ def _llama_gguf(hf: Path, out: Path) -> None:
     w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    experts = cfg.get("num_local_experts")
+    if experts:  # Mixtral: llama.cpp's stacked expert tensors and the router, as convert_hf_to_gguf.py writes
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        for layer in range(cfg["num_hidden_layers"]):
+            pre = f"model.layers.{layer}.block_sparse_moe."
+            for hf_name, gg in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                sd[f"{pre}{gg}"] = np.stack([sd.pop(f"{pre}experts.{e}.{hf_name}.weight") for e in range(experts)])
+        per.update({f"block_sparse_moe.{g}": g for g in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")})
+        per["block_sparse_moe.gate.weight"] = "ffn_gate_inp.weight"
     w.add_file_type(0)  # all F32
     vocab = cfg["vocab_size"]
     w.add_tokenizer_model("llama")
@@ -97,7 +107,8 @@ def _llama_gguf(hf: Path, out: Path) -> None:
             v = permute(v, heads)
         elif rest == "self_attn.k_proj.weight":
             v = permute(v, kv)
-        w.add_tensor(f"blk.{layer}.{per[rest]}", np.ascontiguousarray(v, dtype=np.float32))
+        w.add_tensor(f"blk.{layer}.{per[rest]}" + (".weight" if rest.endswith("_exps") else ""),
+                     np.ascontiguousarray(v, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -154,7 +165,8 @@ def _sphere_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_s": st["tokens_per_s"], "tokens": tokens, "peak_device_bytes": st["peak_device_bytes"],
             "budget_bytes": st["budget_bytes"], "weight_bytes": st["weight_bytes"], "peak_rss_mib": _rss_mib("VmHWM"),
             "bytes_read_per_token": st["bytes_read"] / (st["decode_tokens"] + 1), "fused_ffn": fused,
-            "cache_hit_rate": st["cache_hit_rate"]}
+            "cache_hit_rate": st["cache_hit_rate"], "decode_bytes_per_token": st["decode_bytes_per_token"],
+            "experts_loaded": st["experts_loaded"], "decode_tokens": st["decode_tokens"]}
 
 
 def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:

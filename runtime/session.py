@@ -236,10 +236,11 @@ class Session:
         self.usage = np.zeros((m.n_layers, p * mm), dtype=np.int64)
         self.kv: list[tuple[Any, Any]] = []
         self._tokenizer: Any = None
-        self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+        self._counters = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "decode_bytes_read": 0,
                           "routed_cells": 0, "possible_cells": 0}
         self._prefetch_ok = prefetch
         self._last_chunk = 0
+        self._resident = False
         self.backend.reset_peak()
 
     def _load_router(self, router: Any) -> Any:
@@ -273,6 +274,13 @@ class Session:
         """Allocate the KV cache for ``n_ctx`` positions, size the block cache; returns the chunk."""
         self._free_kv()
         chunk = max(1, min(self.chunk, n_tokens))
+        if self.budget is None and not self._resident:
+            # resident: every weight is loaded before the first token, as other runtimes do, so
+            # that experts a token routes to for the first time are not read during decoding
+            for key in self.model.all_blocks():
+                with self.cache.use(key):
+                    pass
+            self._resident = True
         if self.budget is not None:
             while chunk > 1 and self.minimum_budget(n_ctx, chunk, max_block=self.max_block) > self.budget:
                 chunk //= 2
@@ -466,13 +474,14 @@ class Session:
                 yield tok
                 if tok == eos or i == n_new - 1:
                     break
-                t0 = time.perf_counter()
+                t0, read0 = time.perf_counter(), self.model.loader.bytes_read
                 logits = self.model.forward(self, np.array([tok]), pos, True)[-1]
                 self.backend.synchronize()
                 dt = time.perf_counter() - t0
                 self.backend.decode_step(dt)
                 self._counters["decode_tokens"] += 1
                 self._counters["decode_s"] += dt
+                self._counters["decode_bytes_read"] += self.model.loader.bytes_read - read0
                 pos += 1
         finally:
             self._free_kv()
@@ -526,6 +535,9 @@ class Session:
             "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
             "decode_tokens": c["decode_tokens"],
             "tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else None,
+            # storage bytes read during decode steps only (a prefetch of the next step's blocks
+            # that lands during this one counts here too), per decode token
+            "decode_bytes_per_token": c["decode_bytes_read"] / c["decode_tokens"] if c["decode_tokens"] else None,
         }
 
     def close(self) -> None:
