@@ -166,6 +166,8 @@ class Session:
         if top_k is not None and active is not None:
             raise InputError("give top_k or active, not both")
         native = bool(getattr(m, "native_moe", False))
+        #: native experts: ``(experts, top_k, renormalised)`` of the model's own router
+        self._moe: tuple[int, int, bool] | None = getattr(m, "spec").moe if native else None  # noqa: B009
         if native and (top_k is not None or active is not None):
             e, k, _ = getattr(m, "spec").moe  # noqa: B009 - only the Llama family has native experts
             raise InputError(f"{self.pkg.where} holds native experts and routes with the model's own router (top {k} "
@@ -509,8 +511,9 @@ class Session:
             **self.backend.describe(),
             "package": self.pkg.where,
             "prefetch": self._prefetch_ok,
-            "mode": "dense" if self.router is None else
-                    f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)",
+            "mode": (f"native MoE (top {self._moe[1]} of {self._moe[0]} experts, the model's router)"
+                     if self._moe else "dense" if self.router is None else
+                     f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)"),
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,
             "peak_device_bytes": self.backend.peak_memory(),

@@ -76,6 +76,20 @@ def package_info(pkg: Package) -> dict[str, Any]:
             "placement": h.placement,
             "sphere": {"raw_bytes": raw - core_raw, "stored_bytes": pkg.stored_bytes(C.SPHERE_GROUP)},
         })
+        if h.experts is not None:  # the model's own experts, one cell each, routed by its own router
+            cfg = h.config or {}
+            where: list[list[list[int]]] = [[[] for _ in range(h.experts["count"])] for _ in h.layers]
+            for depth in range(h.depth):  # each expert's cell address, for sphere train --experts
+                _, index, _ = pkg.shell_arrays(depth)
+                for t, layer in enumerate(pkg.shell_layers(depth)):
+                    for lat, lon in zip(*np.nonzero((index[t] >= 0).any(axis=-1)), strict=True):
+                        e = int(index[t, lat, lon].max()) // h.experts["neurons"]
+                        if 0 <= e < h.experts["count"]:
+                            where[layer][e] = [int(lat), int(lon), depth]
+            out["native_experts"] = {"per_layer": h.experts["count"], "neurons": h.experts["neurons"],
+                                     "top_k": cfg.get("num_experts_per_tok"),
+                                     "shared_expert": any(".shared_expert." in t.name for t in h.tensors),
+                                     "cells": where}
         from spherefmt.format.routers import read_router, router_names
 
         routers = {}
@@ -182,6 +196,11 @@ def info(pkg: str, as_json: bool) -> None:
                    f"{d['experts']} experts")
         for s in d["shells"]:
             click.echo(f"  depth {s['depth']}: layers {s['layers']}, {s['capacity']} neurons per cell")
+        if "native_experts" in d:
+            ne = d["native_experts"]
+            click.echo(f"native MoE    {ne['per_layer']} experts per layer of {ne['neurons']} neurons, one cell each; "
+                       f"the model's router picks {ne['top_k']}" + (" (plus a shared expert)" if ne["shared_expert"] else "")
+                       + "; --json gives each expert's cell")
         click.echo(f"core          {_size(d['core']['stored_bytes'])} stored / {_size(d['core']['raw_bytes'])} raw")
         click.echo(f"sphere        {_size(d['sphere']['stored_bytes'])} stored / {_size(d['sphere']['raw_bytes'])} raw")
         click.echo(f"placement     {d['placement']['policy']} v{d['placement']['version']}")

@@ -146,3 +146,43 @@ def test_a_package_whose_cells_mix_experts_is_refused(tmp_path, monkeypatch):
     pkg = spherefmt.save(folder, tmp_path / "m.sphere")
     with pytest.raises(FormatError, match="one whole expert"):
         Session(pkg, backend="numpy")
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_training_one_native_expert_writes_back_only_its_cell(tmp_path, name):
+    """The package as a transformers MoE model (its stacked experts): training one expert's cell
+    rewrites that cell alone, training the core (routers included) rewrites core tensors alone,
+    and the runtime then computes what the trained model computes."""
+    import spherefmt.training.modules as st
+    from tests.helpers import changed_keys, object_digests, train_steps
+
+    folder = save_zoo_model(name, tmp_path / "hf")
+    pkg = spherefmt.save(folder, tmp_path / "m.sphere")
+    with spherefmt.open(pkg) as p:
+        _, index, _ = p.shell_arrays(0)
+        lat, lon = (int(v[0]) for v in np.nonzero((index[0] >= 0).any(axis=-1)))
+    chosen = [(lat, lon, 0)]
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 320, (2, 16)))
+    for trainable, want_experts in ((chosen, chosen), ("core", [])):
+        before = object_digests(pkg)
+        m = st.load(pkg, trainable=trainable)
+        losses = train_steps(m, ids, 4)
+        assert losses[-1] < losses[0]
+        written = m.save_changes()
+        m.model.eval()
+        with torch.no_grad():
+            trained = m.model(ids[:1]).logits[0].numpy()
+        m.pkg.close()
+        assert sorted(written["experts"]) == want_experts
+        if want_experts:
+            assert written["tensors"] == []
+            with spherefmt.open(pkg) as p:
+                shard = p.shard_key(*chosen[0])
+            changed = changed_keys(before, object_digests(pkg))  # the manifest aside
+            assert len(changed) == 1 and next(iter(changed)).endswith(shard), changed
+        else:
+            assert written["tensors"] and not any(".experts." in t for t in written["tensors"])
+            router = "block_sparse_moe.gate.weight" if name == "mixtral" else "mlp.gate.weight"
+            assert any(t.endswith(router) for t in written["tensors"])  # the model's router trained too
+        with Session(pkg, backend="numpy") as s:
+            assert _rel(s.logits(ids[0].numpy()), trained) <= TOL

@@ -15,6 +15,7 @@ and fsspec packages).  Values are cast back to the package's dtype.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from spherefmt.format.routers import Router, read_router, router_names, write_ro
 from spherefmt.interop.hf import build
 
 __all__ = ["SphereModule", "load"]
+
+#: a joined expert tensor of a native-MoE package (``spherefmt.interop.experts``)
+_JOINED = re.compile(r"^(?P<pre>.*\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
 def _torch() -> Any:
@@ -66,7 +70,22 @@ class SphereModule:
             self.router.requires_grad_(trainable in ("all", "router"))
         self._params = dict(self.model.named_parameters())
         self._ffn = set(pkg.layout.ffn_tensors())
-        self._ffn_params = {self._module_name(n) for n in self._ffn}
+        #: native experts: joined package tensor -> (stacked parameter, which projection); the
+        #: model holds each layer's experts as ``mlp.experts.gate_up_proj`` ``(E, 2f, d)`` and
+        #: ``mlp.experts.down_proj`` ``(E, d, f)`` (transformers 5), the package one joined
+        #: tensor per projection (``spec/FORMAT.md`` 9.0.1)
+        self._stacked: dict[str, tuple[str, str]] = {}
+        self._expert_count = 0 if pkg.header.experts is None else int(pkg.header.experts["count"])
+        if pkg.header.experts is not None:
+            for n in self._ffn:
+                m = _JOINED.match(n)
+                if m is None:
+                    raise FormatError(f"{pkg.where}: {n!r} is not a joined expert tensor")
+                proj = m["proj"]
+                self._stacked[n] = (self._module_name(f"{m['pre']}mlp.experts."
+                                                      + ("down_proj" if proj == "down_proj" else "gate_up_proj")), proj)
+        self._ffn_params = ({p for p, _ in self._stacked.values()} if self._stacked
+                            else {self._module_name(n) for n in self._ffn})
         self._trainable = trainable
         self._experts = self._select(trainable)
         self._apply_trainable(trainable)
@@ -131,6 +150,18 @@ class SphereModule:
             for t, layer in enumerate(self.pkg.shell_layers(depth)):
                 idx = index[t, lat, lon]
                 keep[layer][idx[idx >= 0]] = True
+        if self._stacked:  # per expert and neuron: gate_up (E, 2f, d) and down (E, d, f)
+            e = self._expert_count
+            for layer, tensors in enumerate(self.pkg.layout.layers):
+                k = torch.from_numpy(keep[layer]).reshape(e, -1).to(torch.float32)
+                for f in self.pkg.layout.fields:
+                    pname, proj = self._stacked[tensors[f.name]]
+                    p = self._params[pname]
+                    if not p.requires_grad or proj == "up_proj":  # gate_up is masked once, via gate
+                        continue
+                    m = torch.cat([k, k], dim=1)[:, :, None] if proj == "gate_proj" else k[:, None, :]
+                    p.register_hook(lambda g, m=m: g * m.to(g.dtype))
+            return
         for layer, tensors in enumerate(self.pkg.layout.layers):
             mask = torch.from_numpy(keep[layer])
             for f in self.pkg.layout.fields:
@@ -145,6 +176,8 @@ class SphereModule:
     def _module_name(self, source: str) -> str:
         if source in self._params:
             return source
+        if ".block_sparse_moe." in source:  # Mixtral's router: mlp.gate in transformers 5
+            return self._module_name(source.replace(".block_sparse_moe.", ".mlp."))
         for prefix in ("transformer.", "model."):  # packages from bare state dicts
             if prefix + source in self._params:
                 return prefix + source
@@ -168,20 +201,20 @@ class SphereModule:
         # only trainable values can have moved since the baseline (frozen ones have no gradient);
         # with selected experts, only those experts
         check_all = baseline is None
-        ffn_live = check_all or any(self._params[self._module_name(n)].requires_grad for n in self._ffn)
+        ffn_live = check_all or any(self._params[p].requires_grad for p in self._ffn_params)
         experts = None if check_all or self._experts is None else set(self._experts)
         layers_needed = set(range(len(layout.layers))) if experts is None else \
             {la for (_, _, d) in experts for la in pkg.shell_layers(d)}
         for name in pkg.keys():
             try:
-                p = self._params[self._module_name(name)]
+                p = self._params[self._stacked[name][0] if name in self._stacked else self._module_name(name)]
             except FormatError:
                 continue  # e.g. a tied lm_head the package does not store
             if not check_all and not p.requires_grad:
                 continue
             if name in self._ffn and (not ffn_live or _owner(pkg, name)[0] not in layers_needed):
                 continue
-            value = p.detach().cpu().float().numpy()
+            value = self._joined(name, p) if name in self._stacked else p.detach().cpu().float().numpy()
             if name in self._ffn:  # drop the zero neurons that pad a grown layer
                 layer, field = _owner(pkg, name)
                 axis = next(f.axis for f in layout.fields if f.name == field)
@@ -217,6 +250,17 @@ class SphereModule:
                     if baseline is not None and baseline.get(key) != digests[key]:
                         changed[key] = new
         return digests, changed
+
+    def _joined(self, name: str, p: Any) -> np.ndarray:
+        """A joined expert tensor's values (package layout, float32) from the stacked parameter."""
+        e = self._expert_count
+        v = p.detach().cpu().float()
+        proj = self._stacked[name][1]
+        if proj == "down_proj":  # (E, d, f) -> (d, E * f)
+            return v.permute(1, 0, 2).reshape(v.shape[1], -1).numpy()
+        f = v.shape[1] // 2
+        part = v[:, :f] if proj == "gate_proj" else v[:, f:]
+        return part.reshape(e * f, v.shape[2]).numpy()
 
     def save_changes(self) -> dict[str, Any]:
         """Write back every expert and core tensor whose values changed since loading (or since
