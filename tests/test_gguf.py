@@ -160,3 +160,35 @@ def test_hostile_counts_are_refused_before_the_reader_allocates(tmp_path):
         assert time.monotonic() - t0 < 5, name  # not minutes: nothing was read item by item
     with pytest.warns(UserWarning, match="not GPT-2 or Llama"):
         assert spherefmt.save(src, tmp_path / "ok.sphere")  # the untouched file converts
+
+
+def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_byte(tmp_path, capsys):
+    """llama.cpp's MoE layout (``ffn_gate_inp`` and stacked ``ffn_*_exps``): each expert whole in
+    a cell of its own, and the exported file is the source file, byte for byte."""
+    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=48)
+    pkg, out = tmp_path / "moe.sphere", tmp_path / "back.gguf"
+    code, _, err = run_cli(capsys, "convert", str(src), str(pkg), "-q")
+    assert code == 0, err
+    with spherefmt.open(pkg) as p:
+        ex = p.header.experts
+        assert p.architecture == "llama" and ex["count"] == 4 and ex["neurons"] == 48
+        assert [j["parts"] for j in ex["tensors"]][:3] == [["blk.0.ffn_gate_exps.weight"], ["blk.0.ffn_up_exps.weight"],
+                                                           ["blk.0.ffn_down_exps.weight"]]
+        stacked = np.asarray(next(t for t in gguf.GGUFReader(src).tensors if t.name == "blk.1.ffn_down_exps.weight").data)
+        for depth in range(p.depth):
+            _, index, _ = p.shell_arrays(depth)
+            for t in range(len(p.shell_layers(depth))):
+                held = [set((index[t, a, b][index[t, a, b] >= 0] // 48).tolist()) for a in range(index.shape[1])
+                        for b in range(index.shape[2])]
+                assert sorted(min(h) for h in held if h) == [0, 1, 2, 3] and all(len(h) <= 1 for h in held)
+        _, index, _ = p.shell_arrays(p.layer_depth[1])
+        t = p.shell_layers(p.layer_depth[1]).index(1)
+        lat, lon = (int(v[0]) for v in np.nonzero((index[t] >= 0).any(axis=-1)))
+        e = p.expert(lat, lon, p.layer_depth[1], layer=1)  # an expert's rows are its GGUF down columns
+        real = e.index[0] >= 0
+        j = e.index[0][real]
+        assert len(j) == 48
+        np.testing.assert_array_equal(e.field("down")[0][real], stacked[j // 48, :, j % 48])
+    code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
+    assert code == 0, err
+    assert _tensors(out) == _tensors(src) and out.read_bytes() == src.read_bytes()

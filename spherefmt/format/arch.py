@@ -128,6 +128,8 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
         arch, spec = ARCH_GPT2, GPT2_FIELDS
     elif model_type in LLAMA_MODEL_TYPES or (not model_type and any(hits[ARCH_LLAMA])):
         arch, spec = ARCH_LLAMA, GGUF_LLAMA_FIELDS if gguf_names else LLAMA_FIELDS
+        if gguf_names and any(n.endswith(".ffn_gate_inp.weight") for n in names):  # llama.cpp's MoE
+            experts = _cfg_int(config, "num_local_experts") or 0
     else:
         return _generic(f"{where}: architecture {model_type or 'unknown'!r} is not GPT-2 or Llama-family")
     matches = [m for m in hits[arch] if m]
@@ -146,6 +148,8 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     if rule is not None:
         per = _cfg_int(config, rule.size_key)
         n_inner = None if per is None else per * experts
+    elif experts and n_inner is not None:  # GGUF: feed_forward_length is one expert's
+        n_inner *= experts
     if arch == ARCH_GPT2 and n_inner is None and d is not None:
         n_inner = 4 * d
     if gguf_names and any(infos[f"{pre}{la}.{suffix}"].dtype == "U8" for la in range(n_layers)

@@ -139,7 +139,8 @@ class Header:
             h["fused"] = [{"name": f["name"], "parts": list(f["parts"]), "axis": f["axis"]} for f in self.fused]
         if self.experts is not None:
             h["experts"] = {"count": self.experts["count"], "neurons": self.experts["neurons"],
-                            "tensors": [{"name": j["name"], "parts": list(j["parts"]), "axis": j["axis"]}
+                            "tensors": [{"name": j["name"], "parts": list(j["parts"]), "axis": j["axis"],
+                                         **({"stacked": j["stacked"]} if j.get("stacked") else {})}
                                         for j in self.experts["tensors"]]}
         if self.graticule is not None and self.neuron_layout is not None:
             h.update({
@@ -329,7 +330,9 @@ def _check_experts(h: dict[str, Any], tensors: Mapping[str, Any], cells: int, wh
         parts = j.get("parts") if isinstance(j, dict) else None
         if not (isinstance(j, dict) and isinstance(j.get("name"), str) and j["name"] in tensors
                 and tensors[j["name"]]["where"] == "sphere" and j["name"] not in covered and j.get("axis") in (0, 1)
-                and isinstance(parts, list) and len(parts) == ex["count"]
+                and isinstance(parts, list)
+                and (len(parts) == ex["count"] if j.get("stacked") is None
+                     else j["stacked"] == ex["count"] and len(parts) == 1)
                 and all(isinstance(q, str) and q and q not in tensors and q not in parts_seen for q in parts)
                 and len(set(parts)) == len(parts)):
             raise FormatError(f"{where}: experts tensor entry {str(j)[:80]} malformed")

@@ -26,7 +26,7 @@ from spherefmt.errors import FormatError
 from spherefmt.interop.base import TensorSource
 
 __all__ = ["MOE_TYPES", "MoeRule", "JoinedSource", "join_experts", "SplitView", "split_state_dict", "moe_rule",
-           "stacked_state_dict"]
+           "stacked_state_dict", "StackedSource"]
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,86 @@ class JoinedSource(TensorSource):
         self.inner.close()
 
 
+#: llama.cpp's stacked expert tensors -> the joined name (its dense FFN name) and the axis
+_GGUF_STACKED = {"ffn_gate_exps": ("ffn_gate", 0), "ffn_up_exps": ("ffn_up", 0), "ffn_down_exps": ("ffn_down", 1)}
+
+
+class StackedSource(TensorSource):
+    """A GGUF source whose stacked experts (``blk.N.ffn_{gate,up}_exps.weight`` ``(E, f, d)``,
+    ``ffn_down_exps`` ``(E, d, f)``) are presented joined under llama.cpp's dense FFN names
+    (``blk.N.ffn_gate.weight`` ``(E * f, d)``, ``ffn_down`` ``(d, E * f)``); the header entry has
+    one part and ``stacked: E``."""
+
+    def __init__(self, inner: TensorSource, experts: int) -> None:
+        self.inner, self.where = inner, inner.where
+        self.config, self.metadata, self.files = inner.config, inner.metadata, inner.files
+        self.count = experts
+        self.joined: list[dict[str, Any]] = []
+        self._of: dict[str, tuple[str, int]] = {}
+        pat = re.compile(r"^(?P<pre>blk\.\d+\.)(?P<w>ffn_(?:gate|up|down)_exps)\.weight$")
+        have = inner.keys()
+        keys = []
+        for name in have:
+            m = pat.match(name)
+            if m is None:
+                keys.append(name)
+                continue
+            base, axis = _GGUF_STACKED[m["w"]]
+            joined = f"{m['pre']}{base}.weight"
+            info = inner.info(name)
+            if joined in have:
+                raise FormatError(f"{inner.where}: {joined!r} exists beside the stacked experts {name!r}")
+            if len(info.shape) != 3 or info.shape[0] != experts:
+                raise FormatError(f"{inner.where}: {name!r} has shape {list(info.shape)}, not {experts} stacked experts")
+            self._of[joined] = (name, axis)
+            self.joined.append({"name": joined, "parts": [name], "axis": axis, "stacked": experts})
+            keys.append(joined)
+        self._keys = keys
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._of:
+            return self.inner.info(name)
+        src, axis = self._of[name]
+        e, a, b = self.inner.info(src).shape
+        return TensorInfo(name, self.inner.info(src).dtype, (e * a, b) if axis == 0 else (a, e * b))
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._of:
+            return self.inner.read(name)
+        src, axis = self._of[name]
+        x = self.inner.read(src)
+        e, a, b = x.shape
+        return x.reshape(e * a, b) if axis == 0 else np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(a, e * b)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._of:
+            return self.inner.read_rows(name, start, stop)
+        return np.ascontiguousarray(self.read(name)[start:stop])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _unstack(data: Any, e: int, axis: int) -> Any:
+    """A joined tensor back to its stacked source (the inverse of :meth:`StackedSource.read`)."""
+    if axis == 0:
+        return data.reshape(e, data.shape[0] // e, data.shape[1])
+    x = data.reshape(data.shape[0], e, data.shape[1] // e)
+    return np.ascontiguousarray(x.transpose(1, 0, 2)) if isinstance(x, np.ndarray) else x.permute(1, 0, 2).contiguous()
+
+
 def join_experts(source: TensorSource) -> TensorSource:
-    """``source`` with its experts joined (a :class:`JoinedSource`) when its config names a MoE
-    architecture whose per-expert tensors it holds, else as it is."""
+    """``source`` with its experts joined (a :class:`JoinedSource`, or a :class:`StackedSource`
+    for llama.cpp's stacked experts) when it holds a MoE's experts, else as it is."""
     rule = moe_rule(source.config)
+    cfg = source.config or {}
+    if rule is None and cfg.get("source_format") == "gguf" and isinstance(cfg.get("num_local_experts"), int) \
+            and any(n.endswith("_exps.weight") for n in source.keys()):
+        stacked = StackedSource(source, int(cfg["num_local_experts"]))
+        return stacked if stacked.joined else source
     if rule is None:
         return source
     try:
@@ -172,6 +248,9 @@ class SplitView:
         self._pkg, self._storage = pkg, storage
         self._part: dict[str, tuple[str, int]] = {}
         self._joined = {j["name"]: (list(j["parts"]), int(j["axis"])) for j in pkg.header.experts["tensors"]}
+        #: joined name -> (experts, axis) for llama.cpp's stacked experts (one 3-D part)
+        self._stacked = {j["name"]: (int(j["stacked"]), int(j["axis"])) for j in pkg.header.experts["tensors"]
+                         if j.get("stacked")}
         for name, (parts, _) in self._joined.items():
             for i, p in enumerate(parts):
                 self._part[p] = (name, i)
@@ -190,6 +269,10 @@ class SplitView:
         joined, _ = self._part[name]
         parts, axis = self._joined[joined]
         i = self._pkg.tensor_info(joined, padded=padded)
+        if joined in self._stacked:
+            e, _ = self._stacked[joined]
+            a, b = i.shape
+            return TensorInfo(name, i.dtype, (e, a // e, b) if axis == 0 else (e, a, b // e))
         shape = list(i.shape)
         if shape[axis] % len(parts):
             raise FormatError(f"{self._pkg.where}: {joined!r} does not split into {len(parts)} experts")
@@ -200,6 +283,8 @@ class SplitView:
         if name not in self._part:
             return self._storage(name)
         joined, i = self._part[name]
+        if joined in self._stacked:
+            return _unstack(self._storage(joined), *self._stacked[joined])
         if self._last is None or self._last[0] != joined:
             parts, axis = self._joined[joined]
             self._last = (joined, [np.ascontiguousarray(x) for x in _split(self._storage(joined), len(parts), axis)])
@@ -216,6 +301,9 @@ def split_state_dict(sd: dict[str, Any], experts: Mapping[str, Any] | None) -> d
         j = joined.get(name)
         if j is None:
             out[name] = value
+            continue
+        if j.get("stacked"):
+            out[j["parts"][0]] = _unstack(value, int(j["stacked"]), int(j["axis"]))
             continue
         for part, piece in zip(j["parts"], _split(value, len(j["parts"]), int(j["axis"])), strict=True):
             out[part] = piece.contiguous() if hasattr(piece, "contiguous") else np.ascontiguousarray(piece)

@@ -166,7 +166,8 @@ def _config(fields: dict[str, Any], n_vocab: int | None) -> dict[str, Any] | Non
     keys = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
             "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
             "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length",
-            "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base"}
+            "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+            "num_local_experts": "expert_count", "num_experts_per_tok": "expert_used_count"}
     cfg: dict[str, Any] = {"model_type": arch, "source_format": "gguf"}
     for name, key in keys.items():
         v = fields.get(f"{arch}.{key}")
@@ -288,7 +289,7 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
     vt, qt = gguf.GGUFValueType, gguf.GGMLQuantizationType
     values = {m["key"]: m for m in kv}
     arch = values.get("general.architecture", {}).get("value", "llama")
-    if pkg.graticule is not None:  # after growth the counts follow the tensors
+    if pkg.graticule is not None and not pkg.header.experts:  # after growth the counts follow the tensors
         for key, v in ((f"{arch}.block_count", len(pkg.layer_depth)), (f"{arch}.feed_forward_length", pkg.ffn_size())):
             if key in values:
                 values[key]["value"] = v

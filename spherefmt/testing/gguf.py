@@ -10,11 +10,13 @@ __all__ = ["make_llama_gguf"]
 
 
 def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
-                    quantized_ffn: bool = False, seed: int = 0) -> Path:
+                    quantized_ffn: bool = False, seed: int = 0, experts: int = 0) -> Path:
     """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
     output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
     ``quantized_ffn``), and metadata of several value types (string arrays included).
-    Tensors are written one at a time."""
+    With ``experts``, every layer is a Mixtral-style MoE as llama.cpp names it: the router
+    ``ffn_gate_inp`` ``(E, d)`` and stacked ``ffn_{gate,up}_exps`` ``(E, ff, d)`` and
+    ``ffn_down_exps`` ``(E, d, ff)`` (top-2).  Tensors are written one at a time."""
     import gguf
     import ml_dtypes
 
@@ -36,6 +38,12 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
                     (p + "attn_q.weight", r(d, d), None), (p + "attn_k.weight", r(d // 2, d), None),
                     (p + "attn_v.weight", r(d // 2, d), None), (p + "attn_output.weight", r(d, d), None),
                     (p + "ffn_norm.weight", np.ones(d, np.float32), None)]
+        if experts:
+            tensors += [(p + "ffn_gate_inp.weight", r(experts, d), None),
+                        (p + "ffn_gate_exps.weight", r(experts, ff, d), None),
+                        (p + "ffn_up_exps.weight", r(experts, ff, d), None),
+                        (p + "ffn_down_exps.weight", r(experts, d, ff), None)]
+            continue
         for name, shape in (("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)), ("ffn_down.weight", (d, ff))):
             t = r(*shape)
             tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
@@ -43,6 +51,9 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     w.add_block_count(layers)
     w.add_embedding_length(d)
     w.add_feed_forward_length(ff)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(2)
     w.add_head_count(4)
     w.add_head_count_kv(2)
     w.add_context_length(128)
