@@ -192,3 +192,15 @@ def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
     assert _tensors(out) == _tensors(src) and out.read_bytes() == src.read_bytes()
+
+
+def test_a_gguf_moe_with_quantized_experts_is_carried_bit_for_bit_and_says_why(tmp_path, capsys):
+    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=64, quantized_ffn=True)
+    pkg, out = tmp_path / "moe.sphere", tmp_path / "back.gguf"
+    with pytest.warns(UserWarning, match="MoE experts are quantized"):
+        spherefmt.save(src, pkg)
+    with spherefmt.open(pkg) as p:
+        assert p.architecture == "generic" and p.tensor_info("blk.0.ffn_gate_exps.weight").dtype == "U8"
+    code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
+    assert code == 0, err
+    assert out.read_bytes() == src.read_bytes()

@@ -51,9 +51,9 @@ def _originals(folder) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("name", list(MOE))
-def test_native_experts_run_exactly_resident_and_streamed(tmp_path, name):
-    folder = save_zoo_model(name, tmp_path / "hf")
+@pytest.mark.parametrize("name,dtype", [(n, "float32") for n in MOE] + [("mixtral", "bfloat16")])
+def test_native_experts_run_exactly_resident_and_streamed(tmp_path, name, dtype):
+    folder = save_zoo_model(name, tmp_path / "hf", dtype=dtype)
     ref = _reference(folder)
     pkg = spherefmt.save(folder, tmp_path / "m.sphere")
     with spherefmt.open(pkg) as p:

@@ -105,6 +105,11 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     llama_re = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<l>\d+)\.mlp\.gate_proj\.weight$")
     gguf_re = re.compile(r"^(?P<pre>blk\.)(?P<l>\d+)\.ffn_gate\.weight$")  # llama.cpp names
     hits = {ARCH_GPT2: [gpt2_re.match(n) for n in names], ARCH_LLAMA: [llama_re.match(n) for n in names]}
+    if any(re.match(r"^blk\.\d+\.ffn_gate_exps\.weight$", n) for n in names):  # experts left stacked
+        quantized = any(infos[n].dtype == "U8" for n in names if n.endswith("_exps.weight"))
+        return _generic(f"{where}: the GGUF's MoE experts are " + (
+            "quantized (raw GGUF blocks); they are kept bit for bit in core/ and mapping quantized experts onto "
+            "the sphere is a later step" if quantized else "stacked without an expert count in its metadata"))
     gguf_names = not any(hits[ARCH_LLAMA]) and any(gguf_re.match(n) for n in names)
     if gguf_names:
         hits[ARCH_LLAMA] = [gguf_re.match(n) for n in names]

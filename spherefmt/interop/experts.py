@@ -218,7 +218,9 @@ def join_experts(source: TensorSource) -> TensorSource:
     rule = moe_rule(source.config)
     cfg = source.config or {}
     if rule is None and cfg.get("source_format") == "gguf" and isinstance(cfg.get("num_local_experts"), int) \
-            and any(n.endswith("_exps.weight") for n in source.keys()):
+            and any(n.endswith("_exps.weight") for n in source.keys()) \
+            and not any(n.endswith("_exps.weight") and source.info(n).dtype == "U8" for n in source.keys()):
+        # (quantized experts, raw GGUF blocks, stay as they are: spherefmt.format.arch says why)
         stacked = StackedSource(source, int(cfg["num_local_experts"]))
         return stacked if stacked.joined else source
     if rule is None:

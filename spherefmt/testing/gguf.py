@@ -39,10 +39,11 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
                     (p + "attn_v.weight", r(d // 2, d), None), (p + "attn_output.weight", r(d, d), None),
                     (p + "ffn_norm.weight", np.ones(d, np.float32), None)]
         if experts:
-            tensors += [(p + "ffn_gate_inp.weight", r(experts, d), None),
-                        (p + "ffn_gate_exps.weight", r(experts, ff, d), None),
-                        (p + "ffn_up_exps.weight", r(experts, ff, d), None),
-                        (p + "ffn_down_exps.weight", r(experts, d, ff), None)]
+            tensors.append((p + "ffn_gate_inp.weight", r(experts, d), None))
+            for name, shape in (("ffn_gate_exps.weight", (experts, ff, d)), ("ffn_up_exps.weight", (experts, ff, d)),
+                                ("ffn_down_exps.weight", (experts, d, ff))):
+                t = r(*shape)
+                tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
             continue
         for name, shape in (("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)), ("ffn_down.weight", (d, ff))):
             t = r(*shape)

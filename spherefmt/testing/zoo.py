@@ -74,6 +74,14 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str]] = {
                                                                  "partial_rotary_factor": 0.5}},
                              "partial_rotary_factor"),
     "olmoe-clip-qkv": ("OlmoeConfig", {**_OLMOE, "clip_qkv": 2.0}, "clip_qkv"),
+    # MoE architectures this version stores generic (bit-exact, every tensor in core/) and refuses to run
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48,
+                                 "head_dim": 16}, "generic.*gpt_oss"),
+    "deepseek_v3": ("DeepseekV3Config", {"moe_intermediate_size": 48, "num_key_value_heads": 4, "n_routed_experts": 4,
+                                         "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 0,
+                                         "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                         "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1},
+                    "generic.*deepseek_v3"),
     "qwen2_moe-dense-layer": ("Qwen2MoeConfig", {**_MOE, "shared_expert_intermediate_size": 80,
                                                 "mlp_only_layers": [1]}, "generic"),
 }
