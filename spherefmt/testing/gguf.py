@@ -38,14 +38,13 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
                     (p + "attn_q.weight", r(d, d), None), (p + "attn_k.weight", r(d // 2, d), None),
                     (p + "attn_v.weight", r(d // 2, d), None), (p + "attn_output.weight", r(d, d), None),
                     (p + "ffn_norm.weight", np.ones(d, np.float32), None)]
+        ffn: list[tuple[str, tuple[int, ...]]] = [("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)),
+                                                  ("ffn_down.weight", (d, ff))]
         if experts:
             tensors.append((p + "ffn_gate_inp.weight", r(experts, d), None))
-            for name, shape in (("ffn_gate_exps.weight", (experts, ff, d)), ("ffn_up_exps.weight", (experts, ff, d)),
-                                ("ffn_down_exps.weight", (experts, d, ff))):
-                t = r(*shape)
-                tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
-            continue
-        for name, shape in (("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)), ("ffn_down.weight", (d, ff))):
+            ffn = [("ffn_gate_exps.weight", (experts, ff, d)), ("ffn_up_exps.weight", (experts, ff, d)),
+                   ("ffn_down_exps.weight", (experts, d, ff))]
+        for name, shape in ffn:
             t = r(*shape)
             tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
     w = gguf.GGUFWriter(path, "llama")
