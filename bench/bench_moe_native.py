@@ -11,7 +11,10 @@ over the 31 decode steps). Rows:
   ``ffn_gate_inp``, the Q/K permutation);
 - transformers resident, and accelerate disk offload with a cap of 25% of the weights;
 - spherefmt (numpy backend) resident, 50% and 25% budgets, directory and ``.vhd``, codec none, and
-  25% from a directory with the default codec.
+  25% from a directory with the default codec;
+- the same weights saved in bfloat16: transformers (computing in float32, its reference for the
+  checkpoint) and spherefmt resident and at 25% (of the float32 weights), each row's greedy tokens
+  compared with that reference.
 
 The router's minimum bytes per token: the picked experts' bytes (top-2 of every layer) plus the
 always-on part (attention, norms, router, final norm, LM head), in float32; a run under a budget
@@ -60,11 +63,17 @@ def _model(root: Path, quick: bool) -> dict[str, Any]:
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(**shape)).eval().save_pretrained(
             paths["hf"])
+    paths["hf_bf16"], paths["bf16"] = d / "hf-bf16", d / "bf16.sphere"
+    if not (paths["hf_bf16"] / "config.json").exists():  # the same weights, rounded to bfloat16
+        transformers.AutoModelForCausalLM.from_pretrained(paths["hf"], dtype=torch.bfloat16).save_pretrained(
+            paths["hf_bf16"])
     for kind, codec in (("none", "none"), ("vhd", "none"), ("default", "default")):
         if not paths[kind].exists():
             t0 = time.perf_counter()
             spherefmt.save(paths["hf"], paths[kind], codec=codec)
             print(f"  converted {paths[kind].name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if not paths["bf16"].exists():
+        spherefmt.save(paths["hf_bf16"], paths["bf16"], codec="none")
     if bd.LLAMA_PY.exists() and not paths["gguf"].exists():
         bd._llama_gguf(paths["hf"], paths["gguf"])
     return paths
@@ -90,6 +99,7 @@ def bench(paths: dict[str, Any]) -> dict[str, Any]:
     prompt = bd._prompt(vocab)
 
     def add(label: str, r: dict[str, Any], **extra: Any) -> None:
+        extra.setdefault("dtype", "F32")
         rows.append({"row": label, **extra, **{k: v for k, v in r.items() if k != "tokens"}, "tokens": r["tokens"]})
         print(f"  {label:<44} {r['tokens_per_s']:7.2f} tok/s", flush=True)
 
@@ -112,26 +122,35 @@ def bench(paths: dict[str, Any]) -> dict[str, Any]:
                 codec="none")
     r = bd._isolated("sphere", {"pkg": str(paths["default"]), "vocab": vocab, "budget": "25%", "active": None}, False)
     add("spherefmt 25%, dir, default codec", r, engine="spherefmt", budget="25%", store="dir", codec="default")
+    # bfloat16: the checkpoint in bf16, computed in float32 by both (transformers' reference for it)
+    add("transformers resident, bf16 checkpoint", bd._anchor("hf_decode", False, model_dir=str(paths["hf_bf16"]),
+                                                             prompt_ids=prompt, new_tokens=bd.NEW),
+        engine="transformers", budget="100%", store="hf", dtype="BF16")
+    for share in ("100%", "25%"):
+        r = bd._isolated("sphere", {"pkg": str(paths["bf16"]), "vocab": vocab,
+                                    "budget": None if share == "100%" else share, "active": None}, False)
+        add(f"spherefmt {share}, dir, bf16 checkpoint", r, engine="spherefmt", budget=share, store="dir",
+            codec="none", dtype="BF16")
 
     def row(**match: Any) -> dict[str, Any]:
         return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
 
-    ours25 = row(engine="spherefmt", budget="25%", store="dir", codec="none")
+    ours25 = row(engine="spherefmt", budget="25%", store="dir", codec="none", dtype="F32")
     goals = {
-        "resident_vs_transformers": {"value": row(engine="spherefmt", budget="100%", store="dir")["tokens_per_s"]
-                                     / row(engine="transformers")["tokens_per_s"], "goal": 1.0},
+        "resident_vs_transformers": {"value": row(engine="spherefmt", budget="100%", store="dir", dtype="F32")["tokens_per_s"]
+                                     / row(engine="transformers", dtype="F32")["tokens_per_s"], "goal": 1.0},
         "budget_25_vs_accelerate_25": {"value": ours25["tokens_per_s"] / row(engine="accelerate")["tokens_per_s"],
                                        "goal": 2.0},
         "bytes_per_token_25_vs_router_minimum": {"value": ours25["decode_bytes_per_token"] / minimum, "goal": 1.3,
                                                  "at_most": True, "router_minimum_bytes": minimum},
     }
     if bd.LLAMA_PY.exists():
-        goals["resident_vs_llama_cpp"] = {"value": row(engine="spherefmt", budget="100%", store="dir")["tokens_per_s"]
+        goals["resident_vs_llama_cpp"] = {"value": row(engine="spherefmt", budget="100%", store="dir", dtype="F32")["tokens_per_s"]
                                           / row(engine="llama.cpp")["tokens_per_s"], "goal": None}
     for g in goals.values():
         g["met"] = None if g["goal"] is None else (g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
-    ref = row(engine="transformers")["tokens"]
-    same = {r["row"]: r["tokens"] == ref for r in rows}
+    refs = {dt: row(engine="transformers", dtype=dt)["tokens"] for dt in ("F32", "BF16")}
+    same = {r["row"]: r["tokens"] == refs[r["dtype"]] for r in rows}
     for r in rows:
         r["tokens"] = r["tokens"][:8]
     return {"model": "mixtral", "shape": SHAPE, "weight_bytes": weight_bytes, "rows": rows, "goals": goals,

@@ -242,6 +242,7 @@ LAYERS: list[tuple[str, str]] = [
     ("spherefmt.units", "ground"),
     ("spherefmt.dtypes", "ground"),
     ("spherefmt.progress", "ground"),
+    ("spherefmt.heap", "ground"),
     ("spherefmt.backends", "backends"),
     ("spherefmt.runtime", "runtime"),
     ("spherefmt.format", "format"),
