@@ -63,6 +63,9 @@ def _apply(libc: Any) -> None:
     if bounded:
         libc.mallopt(_M_MMAP_THRESHOLD, min(bounded))
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * min(bounded))
+        # malloc maps a large block only when its heap has no free chunk for it: free heap kept
+        # by a streaming session before would serve (and keep) every array of a conversion
+        libc.malloc_trim(0)
     elif reuse:
         libc.mallopt(_M_MMAP_THRESHOLD, REUSE_MAX_BLOCK)
         libc.mallopt(_M_TRIM_THRESHOLD, min(REUSE_MAX_HOLD, sum(reuse)))
@@ -100,7 +103,8 @@ def bounded_heap(threshold: int = 4 * 1024 * 1024) -> Any:
     stay in the process as fragmented free space.  On a GPT-2 XL conversion that was about
     180 MiB above the live arrays at the peak, growing with the layer size (bench/bench_scale.py).
     Inside this block allocations of ``threshold`` bytes and more get their own maps, unmapped
-    when freed, so the process holds what is live.
+    when freed, so the process holds what is live (glibc maps a block only when its heap has no
+    free chunk for it, so entering also gives free heap pages back: ``malloc_trim``).
     """
     return _policy("bounded", threshold)
 

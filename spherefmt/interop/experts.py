@@ -68,16 +68,48 @@ def expert_count(config: Mapping[str, Any], rule: MoeRule) -> int:
     return int(n)
 
 
-class JoinedSource(TensorSource):
+class _Joining(TensorSource):
+    """A source that presents some of its tensors joined (``_of``: joined name -> how) and passes
+    every other tensor through; subclasses give a joined tensor's shape and values."""
+
+    def __init__(self, inner: TensorSource) -> None:
+        self.inner, self.where = inner, inner.where
+        self.config, self.metadata, self.files = inner.config, inner.metadata, inner.files
+        #: what the header records: ``[{"name", "parts", "axis"}]`` (``"stacked"`` too, for GGUF)
+        self.joined: list[dict[str, Any]] = []
+        self._of: dict[str, tuple[Any, int]] = {}
+        self._keys: list[str] = []
+
+    def _info(self, name: str) -> TensorInfo:
+        raise NotImplementedError
+
+    def _read(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info(name) if name in self._of else self.inner.info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._read(name) if name in self._of else self.inner.read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._of:
+            return self.inner.read_rows(name, start, stop)
+        return np.ascontiguousarray(self._read(name)[start:stop])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class JoinedSource(_Joining):
     """A source whose per-expert FFN tensors are presented joined, layer by layer."""
 
     def __init__(self, inner: TensorSource, rule: MoeRule, experts: int) -> None:
-        self.inner, self.where = inner, inner.where
-        self.config, self.metadata, self.files = inner.config, inner.metadata, inner.files
+        super().__init__(inner)
         self.rule, self.count = rule, experts
-        #: what the header records: ``[{"name", "parts", "axis"}]``
-        self.joined: list[dict[str, Any]] = []
-        self._of: dict[str, tuple[list[str], int]] = {}
         have = list(inner.keys())
         pat = re.compile(rf"^(?P<pre>.*\.)(?P<l>\d+)\.{re.escape(rule.module)}\.experts\.(?P<e>\d+)\."
                          rf"(?P<w>{'|'.join(map(re.escape, rule.parts.values()))})\.weight$")
@@ -114,49 +146,31 @@ class JoinedSource(TensorSource):
         self._keys = [at.get(n, n) for n in have if n not in seen or n in at]
         self.joined.sort(key=lambda j: self._keys.index(j["name"]))
 
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def info(self, name: str) -> TensorInfo:
-        if name not in self._of:
-            return self.inner.info(name)
+    def _info(self, name: str) -> TensorInfo:
         parts, axis = self._of[name]
         i = self.inner.info(parts[0])
         shape = list(i.shape)
         shape[axis] *= len(parts)
         return TensorInfo(name, i.dtype, tuple(shape))
 
-    def read(self, name: str) -> np.ndarray:
-        if name not in self._of:
-            return self.inner.read(name)
+    def _read(self, name: str) -> np.ndarray:
         parts, axis = self._of[name]
         return np.concatenate([self.inner.read(p) for p in parts], axis=axis)
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        if name not in self._of:
-            return self.inner.read_rows(name, start, stop)
-        return np.ascontiguousarray(self.read(name)[start:stop])
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 #: llama.cpp's stacked expert tensors -> the joined name (its dense FFN name) and the axis
 _GGUF_STACKED = {"ffn_gate_exps": ("ffn_gate", 0), "ffn_up_exps": ("ffn_up", 0), "ffn_down_exps": ("ffn_down", 1)}
 
 
-class StackedSource(TensorSource):
+class StackedSource(_Joining):
     """A GGUF source whose stacked experts (``blk.N.ffn_{gate,up}_exps.weight`` ``(E, f, d)``,
     ``ffn_down_exps`` ``(E, d, f)``) are presented joined under llama.cpp's dense FFN names
     (``blk.N.ffn_gate.weight`` ``(E * f, d)``, ``ffn_down`` ``(d, E * f)``); the header entry has
     one part and ``stacked: E``."""
 
     def __init__(self, inner: TensorSource, experts: int) -> None:
-        self.inner, self.where = inner, inner.where
-        self.config, self.metadata, self.files = inner.config, inner.metadata, inner.files
+        super().__init__(inner)
         self.count = experts
-        self.joined: list[dict[str, Any]] = []
-        self._of: dict[str, tuple[str, int]] = {}
         pat = re.compile(r"^(?P<pre>blk\.\d+\.)(?P<w>ffn_(?:gate|up|down)_exps)\.weight$")
         have = inner.keys()
         keys = []
@@ -177,31 +191,16 @@ class StackedSource(TensorSource):
             keys.append(joined)
         self._keys = keys
 
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def info(self, name: str) -> TensorInfo:
-        if name not in self._of:
-            return self.inner.info(name)
+    def _info(self, name: str) -> TensorInfo:
         src, axis = self._of[name]
         e, a, b = self.inner.info(src).shape
         return TensorInfo(name, self.inner.info(src).dtype, (e * a, b) if axis == 0 else (a, e * b))
 
-    def read(self, name: str) -> np.ndarray:
-        if name not in self._of:
-            return self.inner.read(name)
+    def _read(self, name: str) -> np.ndarray:
         src, axis = self._of[name]
         x = self.inner.read(src)
         e, a, b = x.shape
         return x.reshape(e * a, b) if axis == 0 else np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(a, e * b)
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        if name not in self._of:
-            return self.inner.read_rows(name, start, stop)
-        return np.ascontiguousarray(self.read(name)[start:stop])
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _unstack(data: Any, e: int, axis: int) -> Any:
