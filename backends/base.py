@@ -6,10 +6,17 @@ Contract (every backend MUST follow it; ``tests/test_backends.py`` is the confor
   passes them back to the backend's ops and gets host copies with :meth:`Backend.to_host`.
 - Tensors are float32 and 1-D or 2-D (``(rows, cols)``, row-major).  Activations are
   ``(tokens, features)``.  Integer inputs (token ids, row indices) are host numpy arrays.
+- *Weight matrices* may stay in the precision they are stored in: a backend lists the formats it
+  holds in :attr:`Backend.weight_formats` (names of :data:`WEIGHT_DTYPES`: ``F32``, ``F16``,
+  ``BF16``).  :meth:`adopt` keeps a 2-D host matrix of a listed format as it is (half the bytes
+  of float32 for the 16-bit ones) and widens anything else to float32.  The ``w`` of
+  :meth:`matmul` and the ``table`` of :meth:`gather_rows` may be such a matrix: its values are
+  widened exactly (every 16-bit value is a float32 value) right before they are used, products
+  accumulate in float32, and every output is float32.  Nothing else takes a 16-bit tensor.
 - :meth:`upload` copies a host array in (converting to float32), :meth:`free` gives its memory
-  back at once, :meth:`to_host` copies out, :meth:`synchronize` waits for queued work.
-- Memory accounting: :meth:`memory_used` is the bytes of live device tensors (weights, KV cache
-  and every op's output alike) and :meth:`peak_memory` its high-water mark since
+  back at once, :meth:`to_host` copies out (float32), :meth:`synchronize` waits for queued work.
+- Memory accounting: :meth:`memory_used` is the bytes of live device tensors as held (weights
+  in their held format, KV cache and every op's output alike) and :meth:`peak_memory` its high-water mark since
   :meth:`reset_peak`.  Backends with a native allocator report its figures
   (``torch.cuda.max_memory_allocated``); the others count through :class:`Accountant`.
   The runtime's memory budget is checked against these figures.
@@ -29,9 +36,21 @@ import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-__all__ = ["Backend", "Accountant", "AccountedMemory"]
+__all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "weight_format"]
+
+#: weight formats of the interface: name (``spec/FORMAT.md`` section 5) -> numpy dtype of the
+#: host matrix :meth:`Backend.adopt` is given (bfloat16 as ``ml_dtypes.bfloat16``)
+WEIGHT_DTYPES: dict[str, np.dtype] = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                                      "BF16": np.dtype(ml_dtypes.bfloat16)}
+_FORMAT_OF = {v: k for k, v in WEIGHT_DTYPES.items()}
+
+
+def weight_format(a: Any) -> str | None:
+    """The weight format of a host array (``None``: not one of :data:`WEIGHT_DTYPES`)."""
+    return _FORMAT_OF.get(getattr(a, "dtype", None))  # type: ignore[arg-type]
 
 
 class Accountant:
@@ -75,6 +94,11 @@ class Backend(ABC):
 
     #: registered name, e.g. ``numpy`` or ``torch:cuda:0``
     name: str = "?"
+    #: weight formats :meth:`adopt` keeps as they are (the others are widened to float32)
+    weight_formats: frozenset[str] = frozenset({"F32"})
+    #: of those, the formats its products read at full speed (``None``: all of them); a runtime
+    #: may widen the others on the host when it has the room (CPU backends widen in software)
+    fast_formats: frozenset[str] | None = None
 
     # --- memory ---------------------------------------------------------------------------
     @abstractmethod
@@ -82,9 +106,10 @@ class Backend(ABC):
         """A device copy of ``host`` as float32."""
 
     def adopt(self, host: np.ndarray) -> Any:
-        """Like :meth:`upload`, for a float32 host array that nobody will modify while the device
-        holds it (it may be read-only, e.g. a view of a memory-mapped chunk): backends whose
-        device memory *is* host memory take it without copying.  Streaming uses this."""
+        """Like :meth:`upload`, for a host array that nobody will modify while the device holds it
+        (it may be read-only, e.g. a view of a memory-mapped chunk): backends whose device memory
+        *is* host memory take it without copying, and a 2-D matrix in one of
+        :attr:`weight_formats` is kept in that format.  Streaming uses this."""
         return self.upload(host)
 
     @abstractmethod

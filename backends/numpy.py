@@ -17,6 +17,11 @@ steps, alternating the two settings for the first steps, then keeps the faster a
 other now and then (after :data:`REPROBE` steps, twice as long after each try that lost, up to
 :data:`MAX_REPROBE`: beside a busy process one step on two threads costs 4-6 on one), so a
 change of load is followed.
+
+Weights in float16 and bfloat16 stay as they are (half the bytes held and read): a product
+widens the matrix :data:`PIECE` elements at a time into a float32 buffer that stays in the
+core's cache and multiplies each piece with BLAS, so float32 is never materialised for a whole
+matrix.  bfloat16 widens by a 16-bit shift of its bits (exact), float16 by numpy's cast.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import Accountant, AccountedMemory, Backend
+from spherefmt.backends.base import WEIGHT_DTYPES, Accountant, AccountedMemory, Backend, weight_format
 
 __all__ = ["NumpyBackend"]
 
@@ -50,6 +55,19 @@ SMALL_WEIGHTS = 1 << 20
 #: decode steps that alternate the thread settings before one is chosen; then one step tries the
 #: other after REPROBE steps, the wait doubling after each try that lost, up to MAX_REPROBE
 PROBE, REPROBE, MAX_REPROBE = 4, 16, 256
+
+
+#: elements of a 16-bit weight matrix widened to float32 at a time (256 KiB: in a core's L2)
+PIECE = 1 << 16
+_BF16 = WEIGHT_DTYPES["BF16"]
+
+
+def _widen(src: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = src`` for a float16/bfloat16 ``src`` (``out`` float32, C-contiguous)."""
+    if src.dtype == _BF16:
+        np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, src, casting="same_kind")
 
 
 #: BLAS threads numpy's library had when this module first looked (its default, all cores)
@@ -124,6 +142,8 @@ class _BlasThreads:
 
 class NumpyBackend(AccountedMemory, Backend):
     name = "numpy"
+    weight_formats = frozenset({"F32", "F16", "BF16"})
+    fast_formats = frozenset({"F32"})
 
     def __init__(self) -> None:
         self._acct = Accountant()
@@ -138,7 +158,8 @@ class NumpyBackend(AccountedMemory, Backend):
         return self._out(np.array(host, dtype=_F32, copy=True, order="C"))
 
     def adopt(self, host: np.ndarray) -> np.ndarray:
-        if host.dtype == _F32 and host.flags.c_contiguous:
+        fmt = weight_format(host)
+        if fmt in self.weight_formats and (fmt == "F32" or host.ndim == 2) and host.flags.c_contiguous:
             # a fresh array, or a read-only view of a mapped chunk: counted, not copied.  A view
             # gets its own array object so that the accounting follows this tensor alone.
             t = host if host.base is None else host.view()
@@ -166,10 +187,32 @@ class NumpyBackend(AccountedMemory, Backend):
         if cols is not None:
             w = w[:, cols[0] : cols[1]]  # a row-strided view: BLAS reads it in place
         self._blas.product(x.shape[0], w.shape[0] * w.shape[1] * 4)
-        y = x @ (w.T if transpose_w else w)
+        y = x @ (w.T if transpose_w else w) if w.dtype == _F32 else self._widening_matmul(x, w, transpose_w)
         if bias is not None:
             y += bias
         return self._out(y)
+
+    @staticmethod
+    def _widening_matmul(x: np.ndarray, w: np.ndarray, transpose_w: bool) -> np.ndarray:
+        """``x @ w`` (or ``x @ w.T``) for a 16-bit ``w``, widened piece by piece (rows of ``w``)."""
+        rows, width = w.shape
+        step = max(1, PIECE // max(1, width))
+        buf = np.empty(min(rows, step) * width, dtype=_F32)
+        if transpose_w:  # each piece of rows gives a range of output columns
+            y = np.empty((x.shape[0], rows), dtype=_F32)
+            for r in range(0, rows, step):
+                piece = w[r : r + step]
+                f = buf[: piece.size].reshape(piece.shape)
+                _widen(piece, f)
+                y[:, r : r + piece.shape[0]] = x @ f.T
+            return y
+        y = np.zeros((x.shape[0], width), dtype=_F32)  # each piece adds its rows' share
+        for r in range(0, rows, step):
+            piece = w[r : r + step]
+            f = buf[: piece.size].reshape(piece.shape)
+            _widen(piece, f)
+            y += x[:, r : r + piece.shape[0]] @ f
+        return y
 
     def add(self, a: Any, b: Any) -> np.ndarray:
         return self._out(a + b)
@@ -199,6 +242,10 @@ class NumpyBackend(AccountedMemory, Backend):
     def gather_rows(self, table: Any, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         out = table[np.maximum(ids, 0)]
+        if out.dtype != _F32:
+            wide = np.empty(out.shape, dtype=_F32)
+            _widen(out, wide)
+            out = wide
         out[ids < 0] = 0.0
         return self._out(out)
 

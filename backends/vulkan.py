@@ -5,8 +5,10 @@ Names: ``vulkan`` (the best Vulkan adapter: a discrete GPU, else an integrated o
 lavapipe included; wgpu's own log is kept to errors unless ``$SPHEREFMT_VERBOSE`` is set, as
 ``sphere -v`` does), ``vulkan:gpu`` (a discrete or integrated GPU only: what the runtime picks
 when no backend is named, so it never lands on a CPU emulation), ``vulkan:N`` (the N-th Vulkan
-adapter), ``vulkan:f16`` / ``vulkan:N,f16`` (weight matrices stored as float16 where the adapter has
-``shader-f16``: half the device memory and bandwidth per weight, float32 accumulation).  Tensors are float32 storage buffers; memory is
+adapter), ``vulkan:f16`` / ``vulkan:N,f16`` (float32 weight matrices stored as float16: half the device
+memory and bandwidth per weight, float32 accumulation).  float16 and bfloat16 weights are held
+as stored on every adapter: two to a 32-bit word, widened exactly in the shader (core WGSL,
+no ``shader-f16`` needed).  Tensors are float32 storage buffers; memory is
 counted per buffer (:class:`~.base.Accountant`) and given back with ``buffer.destroy()``.
 
 Each op records one compute pass and submits it; reading back waits for the queue.  The matmul
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import Accountant, AccountedMemory, Backend
+from spherefmt.backends.base import Accountant, AccountedMemory, Backend, weight_format
 from spherefmt.errors import BackendUnavailableError, InputError
 
 __all__ = ["VulkanBackend"]
@@ -218,28 +220,38 @@ fn erf_(x: f32) -> f32 {
 }
 
 
-def _f16_variant(src: str, name: str) -> str:
-    """The shader reading ``name`` (a weight) as float16, accumulating in float32."""
-    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<f16>;")
+def _packed16_variant(src: str, name: str, fmt: str) -> str:
+    """The shader reading ``name`` (a weight) as 16-bit values packed two to a 32-bit word
+    (``F16`` or ``BF16``, element ``e`` in the low half of word ``e / 2`` when ``e`` is even),
+    widened exactly to float32: core WGSL, no ``shader-f16`` needed."""
     import re
 
-    return "enable f16;\n" + re.sub(rf"\b{name}\[([^\]]+)\]", rf"f32({name}[\1])", src)
+    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
+    widen = "bitcast<f32>(h << 16u)" if fmt == "BF16" else "unpack2x16float(h).x"
+    helper = (f"fn {name}_at(e: u32) -> f32 {{\n  let word = {name}[e >> 1u];\n"
+              f"  let h = select(word & 0xffffu, word >> 16u, (e & 1u) == 1u);\n  return {widen};\n}}\n")
+    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
+    return helper + body
 
 
-_SHADERS["matmul_f16"] = _f16_variant(_SHADERS["matmul"], "w")
-_SHADERS["gather_f16"] = _f16_variant(_SHADERS["gather"], "table")
+for _fmt in ("F16", "BF16"):
+    _SHADERS[f"matmul_{_fmt}"] = _packed16_variant(_SHADERS["matmul"], "w", _fmt)
+    _SHADERS[f"gather_{_fmt}"] = _packed16_variant(_SHADERS["gather"], "table", _fmt)
 
 
 class _T:
-    """A device tensor: one storage buffer, its shape and element type (f32, or f16 weights)."""
+    """A device tensor: one storage buffer, its shape and element format (``F32``, or a 16-bit
+    weight format)."""
 
-    __slots__ = ("buf", "shape", "nbytes", "f16", "__weakref__")
+    __slots__ = ("buf", "shape", "nbytes", "fmt", "__weakref__")
 
-    def __init__(self, buf: Any, shape: tuple[int, ...], nbytes: int, f16: bool = False) -> None:
-        self.buf, self.shape, self.nbytes, self.f16 = buf, shape, nbytes, f16
+    def __init__(self, buf: Any, shape: tuple[int, ...], nbytes: int, fmt: str = "F32") -> None:
+        self.buf, self.shape, self.nbytes, self.fmt = buf, shape, nbytes, fmt
 
 
 class VulkanBackend(AccountedMemory, Backend):
+    weight_formats = frozenset({"F32", "F16", "BF16"})
+
     def __init__(self, device: str = "") -> None:
         parts = [x for x in device.split(",") if x]
         want_f16 = "f16" in parts
@@ -282,11 +294,8 @@ class VulkanBackend(AccountedMemory, Backend):
             raise BackendUnavailableError(f"backend vulkan: no Vulkan adapter ({_HINT})")
         self.adapter = adapter
         limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size")}
-        if want_f16 and "shader-f16" not in adapter.features:
-            raise BackendUnavailableError("backend vulkan:f16: this adapter has no shader-f16")
-        self.f16 = want_f16  # weight matrices stored as float16 (half the bytes; logits change ~1e-3)
-        self.dev = adapter.request_device_sync(required_limits=limits,
-                                               required_features=["shader-f16"] if want_f16 else [])
+        self.f16 = want_f16  # float32 weight matrices stored as float16 (half the bytes; logits change ~1e-3)
+        self.dev = adapter.request_device_sync(required_limits=limits)
         self.name = "vulkan" + (f":{device}" if device else "") + ("," if device and want_f16 else "") + \
             (":f16" if want_f16 and not device else ("f16" if want_f16 else ""))
         self._acct = Accountant()
@@ -319,10 +328,13 @@ class VulkanBackend(AccountedMemory, Backend):
         return self._new(a.shape, a)
 
     def adopt(self, host: np.ndarray) -> _T:
-        if not self.f16 or host.ndim != 2:
+        fmt = weight_format(host)
+        if host.ndim != 2 or fmt is None or (fmt == "F32" and not self.f16):
             return self.upload(host)
-        a = np.ascontiguousarray(host, dtype=np.float16)
-        t = _T(self._buffer(a.nbytes, a), a.shape, a.nbytes, f16=True)
+        if fmt == "F32":
+            fmt, host = "F16", host.astype(np.float16)
+        a = np.ascontiguousarray(host).view(np.uint16)
+        t = _T(self._buffer(a.nbytes, a), a.shape, a.nbytes, fmt)
         return self._acct.track(t, a.nbytes)
 
     def zeros(self, shape: tuple[int, ...]) -> _T:
@@ -335,8 +347,11 @@ class VulkanBackend(AccountedMemory, Backend):
     def to_host(self, t: Any) -> np.ndarray:
         with self._lock:
             raw = self.dev.queue.read_buffer(t.buf, 0, t.buf.size)
-        dt = np.float16 if t.f16 else np.float32
-        return np.frombuffer(raw, dtype=dt)[: math.prod(t.shape)].reshape(t.shape).astype(np.float32)
+        n = math.prod(t.shape)
+        if t.fmt == "BF16":
+            return (np.frombuffer(raw, dtype=np.uint16)[:n].astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+        dt = np.float16 if t.fmt == "F16" else np.float32
+        return np.frombuffer(raw, dtype=dt)[:n].reshape(t.shape).astype(np.float32)
 
     def synchronize(self) -> None:
         with self._lock:
@@ -353,8 +368,7 @@ class VulkanBackend(AccountedMemory, Backend):
         pipe = self._pipes.get(name)
         if pipe is None:
             src = _SHADERS[name]
-            head = "enable f16;\n" if src.startswith("enable f16;") else ""  # directives come first
-            module = self.dev.create_shader_module(code=head + _COMMON + src.removeprefix("enable f16;\n"))
+            module = self.dev.create_shader_module(code=_COMMON + src)
             pipe = self.dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
             self._pipes[name] = pipe
         return pipe
@@ -398,8 +412,8 @@ class VulkanBackend(AccountedMemory, Backend):
         out = self._new((m, n))
         args = ((m, n, k, ld, c0, int(transpose_w), int(bias is not None)), (),
                 [x.buf, w.buf, bias.buf if bias is not None else self._dummy, out.buf], m * n)
-        if w.f16:
-            self._run("matmul_f16", *args)
+        if w.fmt != "F32":
+            self._run(f"matmul_{w.fmt}", *args)
         elif self.tiled and m >= 4 and math.ceil(m / 16) <= 65535 and math.ceil(n / 16) <= 65535:
             self._run("matmul_tiled", *args, grid=(math.ceil(n / 16), math.ceil(m / 16)))
         else:  # a few rows (decode): one invocation per output, reading weight rows in order
@@ -456,7 +470,7 @@ class VulkanBackend(AccountedMemory, Backend):
         cols = table.shape[1]
         out = self._new((len(ids32), cols))
         idbuf = self._buffer(ids32.nbytes, ids32)
-        self._run("gather_f16" if table.f16 else "gather", (len(ids32) * cols, cols), (), [table.buf, idbuf, out.buf],
+        self._run("gather" if table.fmt == "F32" else f"gather_{table.fmt}", (len(ids32) * cols, cols), (), [table.buf, idbuf, out.buf],
                   len(ids32) * cols)
         return out
 

@@ -11,8 +11,11 @@ A *block* is the unit the runtime loads to the device, uses and releases:
 - ``("pos",)`` learned positions (GPT-2) and ``("final",)`` the final norm.
 
 Block sizes are known before reading (from the header and the index arrays), so the cache can
-make room first.  Everything is converted to float32 on the host; a block is a dict of named
-float32 arrays.
+make room first.  A block is a dict of named host arrays: weight matrices (cell rows, attention
+matrices, vocabulary tables) stay in their stored precision when it is one of the formats the
+loader is told to keep (:attr:`BlockLoader.keep`, from the backend: ``F16``/``BF16`` as
+``float16``/``ml_dtypes.bfloat16``), everything else (vectors, and matrices of other formats)
+is float32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.dtypes import storage_dtype, to_float32
+from spherefmt.backends.base import WEIGHT_DTYPES
+from spherefmt.dtypes import numpy_view, storage_dtype, to_float32
 from spherefmt.errors import FormatError, SpherefmtError
 from spherefmt.format.chunks import ChunkError, FastArray, read_many
 from spherefmt.format.keys import core_key
@@ -35,6 +39,14 @@ Key = tuple[Any, ...]
 _F32 = 4
 _CELLS_POOL: Any = None
 _POOL_LOCK = threading.Lock()
+
+
+def _kept(a: np.ndarray, dtype: str, keep: frozenset[str]) -> np.ndarray:
+    """A weight matrix as the device will hold it: its stored values in their own precision when
+    ``dtype`` is kept (a view, no copy), else float32."""
+    if dtype in keep and dtype in WEIGHT_DTYPES and a.ndim == 2:
+        return np.ascontiguousarray(numpy_view(a, dtype))
+    return _f32(a, dtype)
 
 
 def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -60,12 +72,16 @@ class BlockLoader:
         host after reading (GPT-2's fused QKV bias).
     offsets
         Part name -> a constant added to it on the host (Gemma's norms multiply by ``1 + w``).
+    keep
+        Weight formats (``F16``, ``BF16``) whose matrices stay in their stored precision; others
+        are widened to float32 on the host.  May be changed until the first block is read.
     """
 
     def __init__(self, pkg: Package, core: dict[Key, dict[str, str]], tables: dict[str, str],
                  split: dict[str, tuple[int, list[str]]] | None = None,
-                 offsets: dict[str, float] | None = None) -> None:
+                 offsets: dict[str, float] | None = None, keep: frozenset[str] = frozenset({"F32"})) -> None:
         self.pkg = pkg
+        self.keep = frozenset(keep)
         self.core = core
         self.tables = tables
         self.split = split or {}
@@ -135,19 +151,35 @@ class BlockLoader:
     def table_blocks(self, name: str) -> int:
         return math.ceil(self.pkg.tensor_info(self.tables[name]).shape[0] / self.table_rows[name])
 
+    def item(self, dtype: str, ndim: int = 2) -> int:
+        """Bytes per value as the device holds a tensor of this stored dtype."""
+        return WEIGHT_DTYPES[dtype].itemsize if ndim == 2 and dtype in self.keep and dtype in WEIGHT_DTYPES else _F32
+
+    def held_formats(self) -> list[str]:
+        """The formats the device holds this model's tensors in (vectors are always float32)."""
+        dtypes = [self.layout.dtype] + [self.pkg.tensor_info(t).dtype for t in self.tables.values()]
+        dtypes += [info.dtype for blk in self.core.values() for t in blk.values()
+                   if len((info := self.pkg.tensor_info(t)).shape) == 2]
+        return sorted({d if self.item(d) != _F32 else "F32" for d in dtypes} | {"F32"})
+
     def nbytes(self, key: Key) -> int:
-        """Device bytes of a block (float32), known before reading it."""
+        """Device bytes of a block as held (:attr:`keep`), known before reading it."""
         kind = key[0]
         if kind in ("cell", "ffn"):
             n = int(self.counts[key[1], key[2], key[3]]) if kind == "cell" else int(self.counts[key[1]].sum())
             vectors = sum(1 for sl in self.slices.values() if sl.stop - sl.start == 1)
-            return n * (self.row_width + vectors) * _F32
+            return n * (self.row_width * self.item(self.layout.dtype) + vectors * _F32)
         if kind == "vocab":
             _, name, b = key
-            v, d = self.pkg.tensor_info(self.tables[name]).shape
+            info = self.pkg.tensor_info(self.tables[name])
+            v, d = info.shape
             r = self.table_rows[name]
-            return (min(v, (b + 1) * r) - b * r) * d * _F32
-        return sum(math.prod(self.pkg.tensor_info(t).shape) * _F32 for t in self.core[key].values())
+            return (min(v, (b + 1) * r) - b * r) * d * self.item(info.dtype)
+        total = 0
+        for t in self.core[key].values():
+            info = self.pkg.tensor_info(t)
+            total += math.prod(info.shape) * self.item(info.dtype, len(info.shape))
+        return total
 
     # --- reading ------------------------------------------------------------------------------
     def _array(self, tensor: str) -> Any:
@@ -204,7 +236,7 @@ class BlockLoader:
             if a is None:
                 a = self.pkg.stored(tensor)
             self._count(a.nbytes)
-            out[part] = _f32(a, self.pkg.tensor_info(tensor).dtype)
+            out[part] = _kept(a, self.pkg.tensor_info(tensor).dtype, self.keep)
             if part in self.offsets:
                 out[part] = out[part] + np.float32(self.offsets[part])  # a new array: views stay unchanged
         for part, (axis, names) in self.split.items():
@@ -233,7 +265,7 @@ class BlockLoader:
         parts = [fa.read_chunk((c,) + (0,) * (len(fa.arr.shape) - 1)) for c in range(math.ceil(n / step))]
         return parts[0][:n] if len(parts) == 1 else np.concatenate(parts)[:n]
 
-    def _cell(self, layer: int, lat: int, lon: int) -> dict[str, np.ndarray]:
+    def _cell(self, layer: int, lat: int, lon: int, wide: bool = False) -> dict[str, np.ndarray]:
         rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer)
         self._count(rows.nbytes)  # storage-dtype bytes, padding included, as for core reads
         n = int(self.counts[layer, lat, lon])
@@ -243,12 +275,14 @@ class BlockLoader:
             real = rows[index >= 0]
         if real.shape[0] != n:
             raise FormatError(f"{self.pkg.where}: expert ({lat}, {lon}) layer {layer} changed while streaming")
-        f32 = real if real.dtype == np.float32 else real.astype(np.float32)
-        # the rows stay whole (matmuls read each field as a column range, in place; for an
-        # uncompressed local package this is a view of the mapped chunk); width-1 fields
-        # (GPT-2's per-neuron input bias) are also given as vectors, for the bias argument
-        out = {"rows": f32}
-        out.update({name: np.ascontiguousarray(f32[:, sl.start]) for name, sl in self.slices.items()
+        # rows come in their original dtype (bfloat16 as ml_dtypes'); ``wide``: float32 for host
+        # arithmetic.  The rows stay whole (matmuls read each field as a column range, in place;
+        # for an uncompressed local package this is a view of the mapped chunk)
+        keep = not wide and self.layout.dtype in self.keep and real.dtype == WEIGHT_DTYPES.get(self.layout.dtype)
+        out = {"rows": real if keep or real.dtype == np.float32 else real.astype(np.float32)}
+        # width-1 fields (GPT-2's per-neuron input bias) are also given as float32 vectors, for
+        # the bias argument
+        out.update({name: np.ascontiguousarray(real[:, sl.start], dtype=np.float32) for name, sl in self.slices.items()
                     if sl.stop - sl.start == 1})
         return out
 
@@ -272,7 +306,7 @@ class BlockLoader:
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
         self._count(data.nbytes)
-        return _f32(data, info.dtype)
+        return _kept(data, info.dtype, self.keep)
 
     def host_centroids(self, layer: int, field: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The centroid router of one layer: occupied cells and the mean ``field`` row of each
@@ -281,6 +315,6 @@ class BlockLoader:
         sl = self.slices[field]
         out = np.empty((len(cells), sl.stop - sl.start), dtype=np.float32)
         for i, (lat, lon) in enumerate(cells):
-            out[i] = self._cell(layer, lat, lon)["rows"][:, sl].mean(axis=0)
+            out[i] = self._cell(layer, lat, lon, wide=True)["rows"][:, sl].mean(axis=0)
         return cells, out
 

@@ -155,10 +155,27 @@ class Session:
 
     def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None,
               router: Any, fused_ffn: bool | None = None) -> None:
+        self.backend = get_backend(backend)
         self.model = build(self.pkg)
         m = self.model
+        # weights stay in their stored precision (F16/BF16) on backends that hold it; a backend
+        # whose products are slower on them (numpy and torch on a CPU widen each piece before its
+        # product: 2.5-7x the time of float32 measured here) holds them so only when the budget
+        # cannot hold every weight widened, as then twice the weights fit
+        held = frozenset(self.backend.weight_formats)
+        fast = held & frozenset(self.backend.fast_formats or held)
+        m.loader.keep = held
+        #: bytes of every weight as stored (``--budget N%`` is a share of these)
+        self.stored_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
+        self.budget = parse_budget(budget, self.stored_bytes)
+        m.loader.keep = fast
+        if self.budget is not None and fast != held:
+            ctx = min(m.context, 4 * DEFAULT_CHUNK)
+            widened = sum(m.loader.nbytes(k) for k in m.all_blocks())
+            if self.budget < widened + self._kv_bytes(ctx) + m.scratch_bytes(min(self.chunk, ctx), ctx):
+                m.loader.keep = held
+        #: bytes of every weight as this session holds them on the device
         self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
-        self.budget = parse_budget(budget, self.weight_bytes)
         #: the largest block cell by cell (what the smallest budget must hold), and in this plan
         self.least_block = self.max_block = max(m.loader.nbytes(k) for k in m.all_blocks())
         self.small_block = max(m.loader.nbytes(("mlp", i)) for i in range(m.n_layers))
@@ -184,7 +201,6 @@ class Session:
         else:
             k_of = None
         self.top_k = k_of
-        self.backend = get_backend(backend)
         dense = not native and (k_of is None or all(k >= c for k, c in zip(k_of, cells, strict=True)))
         if native and fused_ffn:
             raise InputError("native experts are weighted one by one by the model's router: fused_ffn cannot be set")
@@ -516,6 +532,8 @@ class Session:
                      f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)"),
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,
+            "stored_bytes": self.stored_bytes,
+            "weight_formats": self.model.loader.held_formats(),
             "peak_device_bytes": self.backend.peak_memory(),
             "resident_bytes": self.cache.used,
             "bytes_read": self.model.loader.bytes_read,
@@ -537,6 +555,8 @@ class Session:
             "prefill_tokens": c["prefill_tokens"],
             "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
             "decode_tokens": c["decode_tokens"],
+            #: every token through the model (prompt and generated): bytes per token is one division
+            "tokens": c["prefill_tokens"] + c["decode_tokens"],
             "tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else None,
             # storage bytes read during decode steps only (a prefetch of the next step's blocks
             # that lands during this one counts here too), per decode token

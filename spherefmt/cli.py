@@ -333,7 +333,8 @@ _RUN_OPTIONS = [
     click.option("--backend", "-b", metavar="NAME", help="numpy, torch, torch:cpu, torch:cuda[:N], vulkan "
                  "(default: $SPHEREFMT_BACKEND, else the first that starts; see `sphere backends`)."),
     click.option("--budget", metavar="SIZE|N%", help="Device memory for weights, KV cache and scratch, e.g. 512MiB "
-                 "or 25% (of the float32 weights). Default: unlimited."),
+                 "or 25% (of the weights as stored: a bfloat16 model's 25% is half the bytes of a float32 one's). "
+                 "Weight matrices stay in their stored precision where the budget needs it. Default: unlimited."),
     click.option("--top-k", type=int, metavar="K", help="Cells per token and layer (default: dense, every cell)."),
     click.option("--active", metavar="SHARE", help="Or the share of each layer's cells per token, e.g. 25%."),
     click.option("--router", metavar="NAME", help="For top-k: a stored router (default: learned if stored, else "

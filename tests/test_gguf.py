@@ -162,10 +162,12 @@ def test_hostile_counts_are_refused_before_the_reader_allocates(tmp_path):
         assert spherefmt.save(src, tmp_path / "ok.sphere")  # the untouched file converts
 
 
-def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_byte(tmp_path, capsys):
+@pytest.mark.parametrize("shared_ff", [0, 40], ids=["mixtral", "shared-expert"])
+def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_byte(tmp_path, capsys, shared_ff):
     """llama.cpp's MoE layout (``ffn_gate_inp`` and stacked ``ffn_*_exps``): each expert whole in
-    a cell of its own, and the exported file is the source file, byte for byte."""
-    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=48)
+    a cell of its own, a Qwen2-MoE shared expert (``*_shexp``) in the always-on core, and the
+    exported file is the source file, byte for byte."""
+    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=48, shared_ff=shared_ff)
     pkg, out = tmp_path / "moe.sphere", tmp_path / "back.gguf"
     code, _, err = run_cli(capsys, "convert", str(src), str(pkg), "-q")
     assert code == 0, err
@@ -189,6 +191,9 @@ def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_
         j = e.index[0][real]
         assert len(j) == 48
         np.testing.assert_array_equal(e.field("down")[0][real], stacked[j // 48, :, j % 48])
+        if shared_ff:  # the shared expert is not a cell: it is the layer's always-on part
+            assert p.tensor_info("blk.1.ffn_down_shexp.weight").shape == (64, shared_ff)
+            assert not any("shexp" in n for j in ex["tensors"] for n in j["parts"])
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
     assert _tensors(out) == _tensors(src) and out.read_bytes() == src.read_bytes()

@@ -408,3 +408,36 @@ def test_vulkan_f16_weights_halve_device_memory(model):
     assert f16_peak < 0.6 * f32_peak
     np.testing.assert_allclose(out, ref, atol=2e-2 * np.abs(ref).max(), rtol=0)
     assert (out.argmax(axis=1) == ref.argmax(axis=1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_weights_are_held_as_stored_under_a_budget(tmp_path, backend):
+    """A bfloat16 package under a budget holds its weight matrices as bfloat16 (half the bytes
+    of float32, so twice the weights fit), ``--budget 25%`` is a quarter of the weights as
+    stored, and the logits are still transformers' float32 logits of the stored values."""
+    cfg = llama_config(num_hidden_layers=5, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512)
+    cfg["max_position_embeddings"] = 48
+    sd = make_llama(cfg, "BF16", seed=3)
+    _perturb_norms(sd, 5)
+    src = tmp_path / "hf"
+    save_hf_folder(src, sd, cfg)
+    pkg = spherefmt.save(src, tmp_path / "m.sphere", graticule="2x4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(IDS)[None]).logits[0].numpy()
+    with Session(pkg, backend=backend) as s:
+        np.testing.assert_allclose(s.logits(IDS), ref, atol=1e-4, rtol=0)
+        resident = s.stats()
+    with Session(pkg, backend=backend, budget="25%") as s:
+        out = s.logits(IDS)
+        st = s.stats()
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    assert st["weight_formats"] == ["BF16", "F32"] and st["weight_bytes"] == st["stored_bytes"]
+    assert st["budget_bytes"] == st["stored_bytes"] // 4
+    assert st["peak_device_bytes"] <= st["budget_bytes"]
+    be = get_backend(backend)
+    if "BF16" in (be.fast_formats or be.weight_formats):  # GPUs: held as stored even with room
+        assert resident["weight_formats"] == ["BF16", "F32"]
+    else:  # CPUs with room for every weight widened: widened once, products at float32 speed
+        assert resident["weight_formats"] == ["F32"] and resident["weight_bytes"] > 1.9 * st["weight_bytes"]

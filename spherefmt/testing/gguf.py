@@ -10,13 +10,16 @@ __all__ = ["make_llama_gguf"]
 
 
 def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
-                    quantized_ffn: bool = False, seed: int = 0, experts: int = 0) -> Path:
+                    quantized_ffn: bool = False, seed: int = 0, experts: int = 0,
+                    shared_ff: int = 0) -> Path:
     """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
     output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
     ``quantized_ffn``), and metadata of several value types (string arrays included).
     With ``experts``, every layer is a Mixtral-style MoE as llama.cpp names it: the router
     ``ffn_gate_inp`` ``(E, d)`` and stacked ``ffn_{gate,up}_exps`` ``(E, ff, d)`` and
-    ``ffn_down_exps`` ``(E, d, ff)`` (top-2).  Tensors are written one at a time."""
+    ``ffn_down_exps`` ``(E, d, ff)`` (top-2); ``shared_ff`` adds a Qwen2-MoE shared expert of that
+    size as llama.cpp names it (``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp``).
+    Tensors are written one at a time."""
     import gguf
     import ml_dtypes
 
@@ -44,6 +47,10 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
             tensors.append((p + "ffn_gate_inp.weight", r(experts, d), None))
             ffn = [("ffn_gate_exps.weight", (experts, ff, d)), ("ffn_up_exps.weight", (experts, ff, d)),
                    ("ffn_down_exps.weight", (experts, d, ff))]
+            if shared_ff:
+                tensors.append((p + "ffn_gate_inp_shexp.weight", r(d), None))
+                ffn += [("ffn_gate_shexp.weight", (shared_ff, d)), ("ffn_up_shexp.weight", (shared_ff, d)),
+                        ("ffn_down_shexp.weight", (d, shared_ff))]
         for name, shape in ffn:
             t = r(*shape)
             tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
@@ -54,6 +61,8 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(2)
+        if shared_ff:
+            w.add_expert_shared_feed_forward_length(shared_ff)
     w.add_head_count(4)
     w.add_head_count_kv(2)
     w.add_context_length(128)

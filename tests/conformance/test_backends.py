@@ -314,3 +314,51 @@ def test_numpy_blas_threads_follow_the_measured_decode_speed():
     for _ in range(3 * REPROBE):  # the load goes away: all threads win again
         t.step({t.full: 0.005, 1: 0.01}[t.big])
     assert t.big == t.full
+
+
+@pytest.mark.parametrize("fmt", ["F16", "BF16"])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (7, 33, 65), (3, 64, 1)])
+def test_weights_held_in_their_stored_precision(be, fmt, m, k, n):
+    """A 16-bit weight matrix stays 16-bit on the device (half the bytes counted) and every
+    product reads it as the exact float32 of its stored values, accumulating in float32."""
+    from spherefmt.backends.base import WEIGHT_DTYPES
+
+    assert fmt in be.weight_formats
+    dt = WEIGHT_DTYPES[fmt]
+    w, wt, wide, b = (a.astype(dt) for a in (rand(k, n), rand(n, k), rand(n, 2 * k + 3), rand(n)))
+    x = rand(m, k)
+    be.synchronize()
+    base = be.memory_used()
+    W = be.adopt(w)
+    be.synchronize()
+    assert be.memory_used() - base == w.size * 2  # held as stored, not widened
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    B = be.upload(b.astype(np.float32))
+    close(be, be.matmul(be.upload(x), W), x64 @ w64)
+    close(be, be.matmul(be.upload(x), W, B), x64 @ w64 + b.astype(np.float64))
+    close(be, be.matmul(be.upload(x), be.adopt(wt), transpose_w=True), x64 @ wt.astype(np.float64).T)
+    close(be, be.matmul(be.upload(x), be.adopt(wide), B, transpose_w=True, cols=(k + 3, 2 * k + 3)),
+          x64 @ wide.astype(np.float64)[:, k + 3 :].T + b.astype(np.float64))
+    big = rand(k, 3 * n + 2).astype(dt)  # a column range read in place, not transposed
+    close(be, be.matmul(be.upload(x), be.adopt(big), cols=(n + 1, 2 * n + 1)), x64 @ big.astype(np.float64)[:, n + 1 : 2 * n + 1])
+    np.testing.assert_array_equal(be.to_host(W), w.astype(np.float32))
+    rows = be.to_host(be.gather_rows(W, np.array([k - 1, -1, 0])))
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, np.stack([w[k - 1].astype(np.float32), np.zeros(n, np.float32),
+                                                  w[0].astype(np.float32)]))
+    v = rand(n).astype(dt)
+    np.testing.assert_array_equal(be.to_host(be.adopt(v)), v.astype(np.float32))  # vectors are widened
+
+
+def test_16_bit_weights_widen_exactly_at_the_edges_of_their_range(be):
+    """Subnormals, the largest finite values and signed zeros of both formats come out as the
+    float32 of the stored value (a product with one-hot rows reads single weights)."""
+    from spherefmt.backends.base import WEIGHT_DTYPES
+
+    for fmt, vals in (("F16", [6e-8, -6e-5, 65504.0, -0.0, 1.0009765625, 3.0e-6]),
+                      ("BF16", [1e-40, -3.0e38, 9.2e-41, -0.0, 1.0078125, 2.0e-39])):
+        w = np.array(vals, dtype=np.float32).astype(WEIGHT_DTYPES[fmt]).reshape(2, 3)
+        want = w.astype(np.float32)
+        eye = np.eye(2, dtype=np.float32)
+        got = be.to_host(be.matmul(be.upload(eye), be.adopt(w)))
+        np.testing.assert_array_equal(got, want, err_msg=fmt)
