@@ -8,11 +8,16 @@ Contract (every backend MUST follow it; ``tests/test_backends.py`` is the confor
   ``(tokens, features)``.  Integer inputs (token ids, row indices) are host numpy arrays.
 - *Weight matrices* may stay in the precision they are stored in: a backend lists the formats it
   holds in :attr:`Backend.weight_formats` (names of :data:`WEIGHT_DTYPES`: ``F32``, ``F16``,
-  ``BF16``).  :meth:`adopt` keeps a 2-D host matrix of a listed format as it is (half the bytes
-  of float32 for the 16-bit ones) and widens anything else to float32.  The ``w`` of
-  :meth:`matmul` and the ``table`` of :meth:`gather_rows` may be such a matrix: its values are
-  widened exactly (every 16-bit value is a float32 value) right before they are used, products
-  accumulate in float32, and every output is float32.  Nothing else takes a 16-bit tensor.
+  ``BF16``, ``Q8_0``).  :meth:`adopt` keeps a 2-D host matrix of a listed format as it is (half
+  the bytes of float32 for the 16-bit ones, 34/128 for ``Q8_0``) and widens anything else to
+  float32.  The ``w`` of :meth:`matmul` and the ``table`` of :meth:`gather_rows` may be such a
+  matrix: its values are widened exactly (every 16-bit value is a float32 value; a ``Q8_0``
+  value is the float32 product of its block's scale and its integer, as GGUF's dequantizer
+  computes it) right before they are used, products accumulate in float32, and every output is
+  float32.  Nothing else takes such a tensor.
+- A ``Q8_0`` matrix of ``(rows, cols)`` values is a host array of ``(rows, cols / 32)`` blocks of
+  :data:`Q8_0` (GGUF's ``block_q8_0``: a float16 scale ``d`` and 32 ``int8`` values ``qs``),
+  quantized along its rows; ``cols`` ranges of :meth:`matmul` on it are whole blocks.
 - :meth:`upload` copies a host array in (converting to float32), :meth:`free` gives its memory
   back at once, :meth:`to_host` copies out (float32), :meth:`synchronize` waits for queued work.
 - Memory accounting: :meth:`memory_used` is the bytes of live device tensors as held (weights
@@ -39,18 +44,37 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "weight_format"]
+__all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "Q8_0", "QBLOCK", "weight_format",
+           "values_shape", "dequantize_q8_0"]
 
+#: values per block of a block-quantized format
+QBLOCK = 32
+#: GGUF's ``block_q8_0``: 34 bytes, a float16 scale then 32 int8 values (value = d * q)
+Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (QBLOCK,))])
 #: weight formats of the interface: name (``spec/FORMAT.md`` section 5) -> numpy dtype of the
-#: host matrix :meth:`Backend.adopt` is given (bfloat16 as ``ml_dtypes.bfloat16``)
+#: host matrix :meth:`Backend.adopt` is given (bfloat16 as ``ml_dtypes.bfloat16``; a ``Q8_0``
+#: matrix is an array of blocks)
 WEIGHT_DTYPES: dict[str, np.dtype] = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                                      "BF16": np.dtype(ml_dtypes.bfloat16)}
+                                      "BF16": np.dtype(ml_dtypes.bfloat16), "Q8_0": Q8_0}
 _FORMAT_OF = {v: k for k, v in WEIGHT_DTYPES.items()}
 
 
 def weight_format(a: Any) -> str | None:
     """The weight format of a host array (``None``: not one of :data:`WEIGHT_DTYPES`)."""
     return _FORMAT_OF.get(getattr(a, "dtype", None))  # type: ignore[arg-type]
+
+
+def values_shape(a: np.ndarray) -> tuple[int, ...]:
+    """The shape of the values a host weight array holds (a ``Q8_0`` array holds 32 per block)."""
+    return a.shape[:-1] + (a.shape[-1] * QBLOCK,) if a.dtype == Q8_0 else a.shape
+
+
+def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of ``Q8_0`` blocks ``(..., n)`` as ``(..., 32 n)`` (``out`` if given)."""
+    if out is None:
+        out = np.empty(values_shape(blocks), dtype=np.float32)
+    np.multiply(blocks["qs"], blocks["d"].astype(np.float32)[..., None], out=out.reshape(blocks.shape + (QBLOCK,)))
+    return out
 
 
 class Accountant:

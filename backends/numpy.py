@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import WEIGHT_DTYPES, Accountant, AccountedMemory, Backend, weight_format
+from spherefmt.backends.base import (
+    QBLOCK,
+    WEIGHT_DTYPES,
+    Accountant,
+    AccountedMemory,
+    Backend,
+    dequantize_q8_0,
+    values_shape,
+    weight_format,
+)
 
 __all__ = ["NumpyBackend"]
 
@@ -60,12 +69,16 @@ PROBE, REPROBE, MAX_REPROBE = 4, 16, 256
 #: elements of a 16-bit weight matrix widened to float32 at a time (256 KiB: in a core's L2)
 PIECE = 1 << 16
 _BF16 = WEIGHT_DTYPES["BF16"]
+_Q8_0 = WEIGHT_DTYPES["Q8_0"]
 
 
 def _widen(src: np.ndarray, out: np.ndarray) -> None:
-    """``out[...] = src`` for a float16/bfloat16 ``src`` (``out`` float32, C-contiguous)."""
+    """``out[...] = src``'s values for a float16/bfloat16/Q8_0 ``src`` (``out`` float32, C-contiguous,
+    of :func:`values_shape`)."""
     if src.dtype == _BF16:
         np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif src.dtype == _Q8_0:
+        dequantize_q8_0(src, out)
     else:
         np.copyto(out, src, casting="same_kind")
 
@@ -142,7 +155,7 @@ class _BlasThreads:
 
 class NumpyBackend(AccountedMemory, Backend):
     name = "numpy"
-    weight_formats = frozenset({"F32", "F16", "BF16"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
     fast_formats = frozenset({"F32"})
 
     def __init__(self) -> None:
@@ -173,6 +186,8 @@ class NumpyBackend(AccountedMemory, Backend):
         self._acct.free(t)
 
     def to_host(self, t: Any) -> np.ndarray:
+        if t.dtype == _Q8_0:
+            return dequantize_q8_0(t)
         return np.array(t, dtype=_F32, copy=True)
 
     def describe(self) -> dict[str, Any]:
@@ -185,8 +200,9 @@ class NumpyBackend(AccountedMemory, Backend):
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
                cols: tuple[int, int] | None = None) -> np.ndarray:
         if cols is not None:
-            w = w[:, cols[0] : cols[1]]  # a row-strided view: BLAS reads it in place
-        self._blas.product(x.shape[0], w.shape[0] * w.shape[1] * 4)
+            q = QBLOCK if w.dtype == _Q8_0 else 1  # a quantized matrix's columns are whole blocks
+            w = w[:, cols[0] // q : cols[1] // q]  # a row-strided view: BLAS reads it in place
+        self._blas.product(x.shape[0], w.nbytes if w.dtype == _F32 else 4 * w.shape[0] * values_shape(w)[1])
         y = x @ (w.T if transpose_w else w) if w.dtype == _F32 else self._widening_matmul(x, w, transpose_w)
         if bias is not None:
             y += bias
@@ -194,22 +210,22 @@ class NumpyBackend(AccountedMemory, Backend):
 
     @staticmethod
     def _widening_matmul(x: np.ndarray, w: np.ndarray, transpose_w: bool) -> np.ndarray:
-        """``x @ w`` (or ``x @ w.T``) for a 16-bit ``w``, widened piece by piece (rows of ``w``)."""
-        rows, width = w.shape
+        """``x @ w`` (or ``x @ w.T``) for a 16-bit or ``Q8_0`` ``w``, widened piece by piece (rows of ``w``)."""
+        rows, width = values_shape(w)
         step = max(1, PIECE // max(1, width))
         buf = np.empty(min(rows, step) * width, dtype=_F32)
         if transpose_w:  # each piece of rows gives a range of output columns
             y = np.empty((x.shape[0], rows), dtype=_F32)
             for r in range(0, rows, step):
                 piece = w[r : r + step]
-                f = buf[: piece.size].reshape(piece.shape)
+                f = buf[: piece.shape[0] * width].reshape(piece.shape[0], width)
                 _widen(piece, f)
                 y[:, r : r + piece.shape[0]] = x @ f.T
             return y
         y = np.zeros((x.shape[0], width), dtype=_F32)  # each piece adds its rows' share
         for r in range(0, rows, step):
             piece = w[r : r + step]
-            f = buf[: piece.size].reshape(piece.shape)
+            f = buf[: piece.shape[0] * width].reshape(piece.shape[0], width)
             _widen(piece, f)
             y += x[:, r : r + piece.shape[0]] @ f
         return y
@@ -243,7 +259,7 @@ class NumpyBackend(AccountedMemory, Backend):
         ids = np.asarray(ids, dtype=np.int64)
         out = table[np.maximum(ids, 0)]
         if out.dtype != _F32:
-            wide = np.empty(out.shape, dtype=_F32)
+            wide = np.empty(values_shape(out), dtype=_F32)
             _widen(out, wide)
             out = wide
         out[ids < 0] = 0.0

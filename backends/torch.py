@@ -16,16 +16,40 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import Accountant, Backend, weight_format
+from spherefmt.backends.base import QBLOCK, Accountant, Backend, weight_format
 from spherefmt.errors import BackendUnavailableError
 
 __all__ = ["TorchBackend"]
+
+
+class _Blocks:
+    """A ``Q8_0`` matrix on the device: its blocks' bytes ``(rows, n, 34)`` as ``uint8`` and the
+    shape of its values ``(rows, 32 n)``."""
+
+    __slots__ = ("raw", "shape", "__weakref__")
+
+    def __init__(self, raw: Any, shape: tuple[int, int]) -> None:
+        self.raw, self.shape = raw, shape
+
+    def blocks(self, a: int, b: int) -> _Blocks:
+        """Columns ``a .. b`` of the values (whole blocks), in place."""
+        return _Blocks(self.raw[:, a // QBLOCK : b // QBLOCK], (self.shape[0], b - a))
+
+    def rows(self, r0: int, r1: int) -> _Blocks:
+        return _Blocks(self.raw[r0:r1], (min(r1, self.shape[0]) - r0, self.shape[1]))
+
+    def float(self) -> Any:
+        import torch
+
+        d = self.raw[..., :2].contiguous().view(torch.float16).float()  # (rows, n, 1): each block's scale
+        q = self.raw[..., 2:].view(torch.int8).float()
+        return (q * d).reshape(self.raw.shape[0], -1)
 
 _HINT = "pip install torch==2.13.0 (CPU) or a CUDA/ROCm build from pytorch.org"
 
 
 class TorchBackend(Backend):
-    weight_formats = frozenset({"F32", "F16", "BF16"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
 
     def __init__(self, device: str | None = None) -> None:
         try:
@@ -63,6 +87,10 @@ class TorchBackend(Backend):
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _out(self, t: Any) -> Any:
+        if isinstance(t, _Blocks):
+            if self._acct is not None:
+                self._acct.track(t, t.raw.numel())
+            return t
         if self._acct is not None:
             t = t.contiguous()
             self._acct.track(t, t.numel() * t.element_size())
@@ -77,6 +105,10 @@ class TorchBackend(Backend):
 
     def adopt(self, host: np.ndarray) -> Any:
         fmt = weight_format(host)
+        if fmt == "Q8_0" and host.ndim == 2:
+            raw = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
+            raw = raw.to(self.device) if self._gpu else raw.clone()
+            return self._out(_Blocks(raw, (host.shape[0], host.shape[1] * QBLOCK)))
         if fmt in ("F16", "BF16") and host.ndim == 2:
             from spherefmt.dtypes import to_torch
 
@@ -101,10 +133,12 @@ class TorchBackend(Backend):
     def free(self, t: Any) -> None:
         if self._acct is not None:
             self._acct.free(t)
-        else:
-            t.set_()  # drop the storage now, even if a caller still holds the Python object
+        else:  # drop the storage now, even if a caller still holds the Python object
+            (t.raw if isinstance(t, _Blocks) else t).set_()
 
     def to_host(self, t: Any) -> np.ndarray:
+        if isinstance(t, _Blocks):
+            t = t.float()
         return t.detach().to("cpu").float().numpy().astype(np.float32, copy=True)
 
     def synchronize(self) -> None:
@@ -141,8 +175,8 @@ class TorchBackend(Backend):
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
                cols: tuple[int, int] | None = None) -> Any:
         if cols is not None:
-            w = w[:, cols[0] : cols[1]]
-        if w.dtype != self.torch.float32:
+            w = w.blocks(*cols) if isinstance(w, _Blocks) else w[:, cols[0] : cols[1]]
+        if isinstance(w, _Blocks) or w.dtype != self.torch.float32:
             y = self._widening_matmul(x, w, transpose_w)
             return self._out(y if bias is None else y.add_(bias))
         w = w.t() if transpose_w else w
@@ -150,14 +184,18 @@ class TorchBackend(Backend):
         return self._out(y)
 
     def _widening_matmul(self, x: Any, w: Any, transpose_w: bool) -> Any:
-        """``x @ w`` (or ``x @ w.T``) for a 16-bit ``w``, widened a piece of rows at a time."""
+        """``x @ w`` (or ``x @ w.T``) for a 16-bit or ``Q8_0`` ``w``, widened a piece of rows at a time."""
         rows, width = w.shape
         step = max(1, self.piece // max(1, width))
+
+        def piece(r: int) -> Any:
+            return w.rows(r, r + step).float() if isinstance(w, _Blocks) else w[r : r + step].float()
+
         if transpose_w:
-            return self.torch.cat([x @ w[r : r + step].float().t() for r in range(0, rows, step)], dim=1)
+            return self.torch.cat([x @ piece(r).t() for r in range(0, rows, step)], dim=1)
         y = None
         for r in range(0, rows, step):
-            part = x[:, r : r + step] @ w[r : r + step].float()
+            part = x[:, r : r + step] @ piece(r)
             y = part if y is None else y.add_(part)
         return y if y is not None else self.torch.zeros((x.shape[0], width), device=self.device)
 
@@ -182,7 +220,10 @@ class TorchBackend(Backend):
 
     def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
         idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
-        out = table[idx.clamp(min=0)].float()
+        if isinstance(table, _Blocks):
+            out = _Blocks(table.raw[idx.clamp(min=0)], (len(idx), table.shape[1])).float()
+        else:
+            out = table[idx.clamp(min=0)].float()
         out[idx < 0] = 0.0
         return self._out(out)
 

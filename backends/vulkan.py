@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import Accountant, AccountedMemory, Backend, weight_format
+from spherefmt.backends.base import (
+    Q8_0,
+    Accountant,
+    AccountedMemory,
+    Backend,
+    dequantize_q8_0,
+    values_shape,
+    weight_format,
+)
 from spherefmt.errors import BackendUnavailableError, InputError
 
 __all__ = ["VulkanBackend"]
@@ -234,6 +242,25 @@ def _packed16_variant(src: str, name: str, fmt: str) -> str:
     return helper + body
 
 
+def _q8_0_variant(src: str, name: str) -> str:
+    """The shader reading ``name`` as ``Q8_0`` blocks (34 bytes: a float16 scale, 32 int8 values)
+    packed in 32-bit words; element ``e`` of a row-major matrix whose rows are whole blocks is
+    value ``e % 32`` of block ``e / 32``, widened to float32 as ``scale * q``."""
+    import re
+
+    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
+    helper = (f"fn {name}_byte(i: u32) -> u32 {{ return ({name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu; }}\n"
+              f"fn {name}_at(e: u32) -> f32 {{\n  let off = (e >> 5u) * 34u;\n"
+              f"  let d = unpack2x16float({name}_byte(off) | ({name}_byte(off + 1u) << 8u)).x;\n"
+              f"  let q = bitcast<i32>({name}_byte(off + 2u + (e & 31u)) << 24u) >> 24u;\n"
+              f"  return d * f32(q);\n}}\n")
+    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
+    return helper + body
+
+
+_SHADERS["matmul_Q8_0"] = _q8_0_variant(_SHADERS["matmul"], "w")
+_SHADERS["gather_Q8_0"] = _q8_0_variant(_SHADERS["gather"], "table")
+
 for _fmt in ("F16", "BF16"):
     _SHADERS[f"matmul_{_fmt}"] = _packed16_variant(_SHADERS["matmul"], "w", _fmt)
     _SHADERS[f"gather_{_fmt}"] = _packed16_variant(_SHADERS["gather"], "table", _fmt)
@@ -250,7 +277,7 @@ class _T:
 
 
 class VulkanBackend(AccountedMemory, Backend):
-    weight_formats = frozenset({"F32", "F16", "BF16"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
 
     def __init__(self, device: str = "") -> None:
         parts = [x for x in device.split(",") if x]
@@ -333,6 +360,10 @@ class VulkanBackend(AccountedMemory, Backend):
             return self.upload(host)
         if fmt == "F32":
             fmt, host = "F16", host.astype(np.float16)
+        if fmt == "Q8_0":  # the blocks' bytes; the tensor's shape is its values'
+            raw = np.ascontiguousarray(host).view(np.uint8)
+            t = _T(self._buffer(raw.nbytes, raw), values_shape(host), raw.nbytes, fmt)
+            return self._acct.track(t, raw.nbytes)
         a = np.ascontiguousarray(host).view(np.uint16)
         t = _T(self._buffer(a.nbytes, a), a.shape, a.nbytes, fmt)
         return self._acct.track(t, a.nbytes)
@@ -348,6 +379,9 @@ class VulkanBackend(AccountedMemory, Backend):
         with self._lock:
             raw = self.dev.queue.read_buffer(t.buf, 0, t.buf.size)
         n = math.prod(t.shape)
+        if t.fmt == "Q8_0":
+            blocks = np.frombuffer(raw, dtype=np.uint8)[: t.nbytes].view(Q8_0).reshape(t.shape[0], -1)
+            return dequantize_q8_0(blocks)
         if t.fmt == "BF16":
             return (np.frombuffer(raw, dtype=np.uint16)[:n].astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
         dt = np.float16 if t.fmt == "F16" else np.float32

@@ -362,3 +362,37 @@ def test_16_bit_weights_widen_exactly_at_the_edges_of_their_range(be):
         eye = np.eye(2, dtype=np.float32)
         got = be.to_host(be.matmul(be.upload(eye), be.adopt(w)))
         np.testing.assert_array_equal(got, want, err_msg=fmt)
+
+
+def _q8_0(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF's own quantizer and dequantizer (the ``gguf`` package): blocks and their values."""
+    gguf = pytest.importorskip("gguf")
+    from spherefmt.backends.base import Q8_0
+
+    raw = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+    return raw.view(Q8_0), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).astype(np.float64)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (7, 96, 33), (3, 32, 1)])
+def test_q8_0_weights_are_held_as_blocks(be, m, k, n):
+    """GGUF ``Q8_0`` blocks stay blocks on the device (34 bytes per 32 values); products read
+    the values GGUF's dequantizer gives, in float32, whole column blocks in place."""
+    assert "Q8_0" in be.weight_formats
+    wt, wt64 = _q8_0(rand(n, k))  # (n, k): quantized along its rows, as GGUF's matrices
+    wide, wide64 = _q8_0(rand(n, 3 * k))
+    x = rand(m, k)
+    be.synchronize()
+    base = be.memory_used()
+    WT = be.adopt(wt)
+    be.synchronize()
+    assert be.memory_used() - base == wt.nbytes == n * k // 32 * 34
+    x64 = x.astype(np.float64)
+    b = rand(n)
+    close(be, be.matmul(be.upload(x), WT, transpose_w=True), x64 @ wt64.T)
+    close(be, be.matmul(be.upload(x), be.adopt(wide), be.upload(b), transpose_w=True, cols=(k, 2 * k)),
+          x64 @ wide64[:, k : 2 * k].T + b)
+    h = rand(m, n)  # an expert's down rows: (neurons, d), read untransposed, a block range of columns
+    close(be, be.matmul(be.upload(h), be.adopt(wide), cols=(2 * k, 3 * k)), h.astype(np.float64) @ wide64[:, 2 * k :])
+    np.testing.assert_array_equal(be.to_host(WT), wt64.astype(np.float32))
+    rows = be.to_host(be.gather_rows(WT, np.array([n - 1, -1, 0])))
+    np.testing.assert_array_equal(rows, np.stack([wt64[n - 1], np.zeros(k), wt64[0]]).astype(np.float32))

@@ -1,0 +1,189 @@
+"""Bytes per token by stored precision: float32, bfloat16 and float16 packages of one model,
+resident and under the same absolute budget (issue 18).
+
+Model: the Llama shape of ``bench_decode.py`` (width 1024, 12 layers, FFN 2816, 16 heads,
+vocabulary 512, 155M parameters), random weights by ``transformers``' own init, saved as float32
+and cast to bfloat16 and float16 with ``torch`` before ``save_pretrained``; packages with codec
+none in a directory.  Every row is its own process and runs once on the numpy backend: a
+16-token prompt, then 32 greedy tokens; tokens/s counts the 31 decode steps.  Rows per precision:
+
+- resident (no budget);
+- dense at a budget of 25% of the *float32* weights in bytes (the same bytes for every
+  precision: a bfloat16 package holds half of its weights there, a float32 one a quarter);
+- top-k 25% of the cells (centroid router) at that budget.
+
+Bytes read (from storage) and uploaded (to the backend) are per token through the model
+(prompt included: ``stats()["bytes_read"] / stats()["tokens"]``).  Perplexity: the project's
+small trained GPT-2 (``spherefmt/data/tiny-gpt2``, stored float16) as float32 (the same values)
+and bfloat16, on its held-out text.  Results: ``bench/results/precision.json``.
+
+    .venv/bin/python bench/bench_precision.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROMPT, NEW = 16, 32
+PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def _models(root: Path) -> dict[str, Path]:
+    """The packages, made once under ``root``."""
+    import torch
+    import transformers
+
+    import spherefmt
+
+    cfg = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816,
+                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=512,
+                                   max_position_embeddings=2048, tie_word_embeddings=False)
+    out = {}
+    model = None
+    for tag, dtype in PRECISIONS.items():
+        hf, pkg = root / f"hf-{tag}", root / f"{tag}.sphere"
+        if not (hf / "config.json").exists():
+            if model is None:
+                print("making llama155m ...", flush=True)
+                torch.manual_seed(0)
+                model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+            model.to(getattr(torch, dtype)).save_pretrained(hf)
+        if not pkg.exists():
+            t0 = time.perf_counter()
+            spherefmt.save(hf, pkg, codec="none")
+            print(f"  converted {pkg.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+        out[tag] = pkg
+    return out
+
+
+def _prompt() -> list[int]:
+    return [int(i) for i in np.random.default_rng(0).integers(0, 512, PROMPT)]
+
+
+def _decode_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    from spherefmt.runtime import Session
+
+    with Session(cfg["pkg"], backend="numpy", budget=cfg["budget"], active=cfg["active"]) as s:
+        tokens = s.generate(_prompt(), NEW, stop_at_eos=False)
+        st = s.stats()
+    n = st["tokens"]
+    return {"tokens_per_s": st["tokens_per_s"], "tokens": tokens[:8], "weight_formats": st["weight_formats"],
+            "stored_bytes": st["stored_bytes"], "weight_bytes": st["weight_bytes"], "budget_bytes": st["budget_bytes"],
+            "peak_device_bytes": st["peak_device_bytes"], "bytes_read_per_token": st["bytes_read"] / n,
+            "bytes_uploaded_per_token": st["bytes_uploaded"] / n, "decode_bytes_per_token": st["decode_bytes_per_token"],
+            "cache_hit_rate": st["cache_hit_rate"], "tokens_through": n}
+
+
+def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    from spherefmt.runtime import Session
+
+    with Session(cfg["pkg"], backend="numpy") as s:
+        ids = s.encode(Path(cfg["text"]).read_text(encoding="utf-8"))[: cfg["tokens"]]
+        nll, n = s.nll(ids)
+        formats = s.stats()["weight_formats"]
+    return {"perplexity": float(np.exp(nll / n)), "tokens": n, "weight_formats": formats}
+
+
+def _isolated(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        return json.load(open(out.name))
+
+
+def _tiny(root: Path) -> dict[str, Path]:
+    """The small trained GPT-2 as float32 (its float16 values widened) and as bfloat16."""
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    import spherefmt
+
+    src = ROOT / "spherefmt" / "data" / "tiny-gpt2"
+    out = {}
+    for tag, dt in (("f32", np.float32), ("bf16", ml_dtypes.bfloat16)):
+        folder, pkg = root / f"tiny-{tag}", root / f"tiny-{tag}.sphere"
+        if not pkg.exists():
+            shutil.copytree(src, folder, dirs_exist_ok=True)
+            sd = load_file(src / "model.safetensors")
+            save_file({k: v.astype(np.float32).astype(dt) for k, v in sd.items()}, folder / "model.safetensors",
+                      metadata={"format": "pt"})
+            spherefmt.save(folder, pkg, codec="none")
+        out[tag] = pkg
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kind, cfg, out = args.worker
+        Path(out).write_text(json.dumps((_ppl_worker if kind == "ppl" else _decode_worker)(json.loads(cfg))))
+        return
+    root = ROOT / "bench" / "out" / "precision"
+    root.mkdir(parents=True, exist_ok=True)
+    pkgs = _models(root)
+    rows: list[dict[str, Any]] = []
+    f32_bytes: int | None = None
+    for tag, pkg in pkgs.items():
+        for mode, active in (("resident", None), ("dense", None), ("top-k 25%", "25%")):
+            budget = None
+            if mode != "resident":
+                if f32_bytes is None:
+                    raise RuntimeError("the float32 package runs first")
+                budget = f32_bytes // 4
+            r = _isolated("decode", {"pkg": str(pkg), "budget": budget, "active": active})
+            if tag == "f32" and mode == "resident":
+                f32_bytes = r["stored_bytes"]
+            label = f"{tag} {mode}" + ("" if budget is None else ", 25% of f32 bytes")
+            rows.append({"row": label, "precision": tag, "mode": mode, **r})
+            print(f"  {label:<36} {r['tokens_per_s']:7.2f} tok/s  read {r['bytes_read_per_token'] / 2**20:7.1f} MiB/token"
+                  f"  uploaded {r['bytes_uploaded_per_token'] / 2**20:7.1f}  held {'+'.join(r['weight_formats'])}",
+                  flush=True)
+    heldout = ROOT / "spherefmt" / "data" / "tiny-gpt2" / "heldout.txt"
+    ppl = {tag: _isolated("ppl", {"pkg": str(p), "text": str(heldout), "tokens": 4096}) for tag, p in _tiny(root).items()}
+    for tag, r in ppl.items():
+        print(f"  tiny-gpt2 {tag}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens", flush=True)
+
+    def row(tag: str, mode: str) -> dict[str, Any]:
+        return next(r for r in rows if r["precision"] == tag and r["mode"] == mode)
+
+    goals: dict[str, dict[str, Any]] = {}
+    for tag in ("bf16", "f16"):
+        r = row(tag, "dense")
+        goals[f"{tag}_25_uploaded_vs_read"] = {"value": r["bytes_uploaded_per_token"] / r["bytes_read_per_token"],
+                                               "goal": 1.05, "at_most": True}
+        goals[f"{tag}_25_bytes_read_vs_f32"] = {"value": r["bytes_read_per_token"] / row("f32", "dense")["bytes_read_per_token"],
+                                                "goal": None}
+        goals[f"{tag}_25_tokens_per_s_vs_f32"] = {"value": r["tokens_per_s"] / row("f32", "dense")["tokens_per_s"],
+                                                  "goal": None}
+    goals["bf16_perplexity_change"] = {"value": ppl["bf16"]["perplexity"] / ppl["f32"]["perplexity"] - 1, "goal": None}
+    for g in goals.values():
+        g["met"] = None if g["goal"] is None else (g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
+    # a budget changes no token of its own precision's resident run
+    same = {r["row"]: r["tokens"] == row(r["precision"], "resident")["tokens"] for r in rows if r["mode"] == "dense"}
+    doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "model": "llama155m", "prompt_tokens": PROMPT, "new_tokens": NEW, "f32_weight_bytes": f32_bytes,
+           "rows": rows, "perplexity": ppl, "goals": goals, "budget_tokens_equal_resident": same}
+    (ROOT / "bench" / "results" / "precision.json").write_text(json.dumps(doc, indent=2))
+    for k, g in goals.items():
+        print(f"{k:<36} {g['value']:7.3f}  {'' if g['met'] is None else ('met' if g['met'] else 'NOT met')}")
+
+
+if __name__ == "__main__":
+    main()
