@@ -106,9 +106,9 @@ class TorchBackend(Backend):
     def adopt(self, host: np.ndarray) -> Any:
         fmt = weight_format(host)
         if fmt == "Q8_0" and host.ndim == 2:
-            raw = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
-            raw = raw.to(self.device) if self._gpu else raw.clone()
-            return self._out(_Blocks(raw, (host.shape[0], host.shape[1] * QBLOCK)))
+            blocks = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
+            blocks = blocks.to(self.device) if self._gpu else blocks.clone()
+            return self._out(_Blocks(blocks, (host.shape[0], host.shape[1] * QBLOCK)))
         if fmt in ("F16", "BF16") and host.ndim == 2:
             from spherefmt.dtypes import to_torch
 
