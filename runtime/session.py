@@ -134,11 +134,18 @@ class Session:
         weight (nothing streams).  The two sum the neurons in different orders, so their logits
         differ in the last bits (about 1e-7 relative); runs with the same setting are
         bit-identical at any budget.
+    weights
+        How the device holds weight matrices stored as float16, bfloat16 or ``Q8_0``:
+        ``"stored"`` as stored (the fewest bytes held and moved: more of them fit a budget),
+        ``"float32"`` widened once when loaded, ``"auto"`` (default) as stored on backends whose
+        products read them at full speed (GPUs), else widened unless only the stored blocks fit
+        the budget.  The logits are the same either way (every stored value widens exactly).
     """
 
     def __init__(self, pkg: str | Path | Package, backend: Any = None, budget: int | str | None = None,
                  top_k: int | None = None, active: float | str | None = None, prefetch: bool | None = None,
-                 chunk: int = DEFAULT_CHUNK, router: Any = None, fused_ffn: bool | None = None) -> None:
+                 chunk: int = DEFAULT_CHUNK, router: Any = None, fused_ffn: bool | None = None,
+                 weights: str = "auto") -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk {chunk!r}: expected a positive number of tokens")
         self.chunk = chunk
@@ -146,7 +153,7 @@ class Session:
         self.pkg: Package = pkg if isinstance(pkg, Package) else open_package(pkg)
         self._exit = ExitStack()
         try:
-            self._init(backend, budget, top_k, active, prefetch, router, fused_ffn)
+            self._init(backend, budget, top_k, active, prefetch, router, fused_ffn, weights)
         except BaseException:
             self._exit.close()
             if self._own:
@@ -154,26 +161,32 @@ class Session:
             raise
 
     def _init(self, backend: Any, budget: Any, top_k: int | None, active: Any, prefetch: bool | None,
-              router: Any, fused_ffn: bool | None = None) -> None:
+              router: Any, fused_ffn: bool | None = None, weights: str = "auto") -> None:
         self.backend = get_backend(backend)
         self.model = build(self.pkg)
         m = self.model
-        # weights stay in their stored precision (F16/BF16) on backends that hold it; a backend
-        # whose products are slower on them (numpy and torch on a CPU widen each piece before its
-        # product: 2.5-7x the time of float32 measured here) holds them so only when the budget
-        # cannot hold every weight widened, as then twice the weights fit
         held = frozenset(self.backend.weight_formats)
         fast = held & frozenset(self.backend.fast_formats or held)
         m.loader.keep = held
         #: bytes of every weight as stored (``--budget N%`` is a share of these)
         self.stored_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
         self.budget = parse_budget(budget, self.stored_bytes)
-        m.loader.keep = fast
-        if self.budget is not None and fast != held:
-            ctx = min(m.context, 4 * DEFAULT_CHUNK)
-            widened = sum(m.loader.nbytes(k) for k in m.all_blocks())
-            if self.budget < widened + self._kv_bytes(ctx) + m.scratch_bytes(min(self.chunk, ctx), ctx):
-                m.loader.keep = held
+        if weights == "float32":
+            m.loader.keep = frozenset({"F32"})
+        elif weights == "auto":
+            # a backend whose products read stored formats at full speed (GPUs) holds them so; a
+            # CPU backend widens each piece before its product (2-8x the time of float32), which
+            # costs more than the reads the smaller blocks save from a local package
+            # (bench/bench_precision.py), so it widens once at load unless only the stored
+            # blocks fit the budget
+            m.loader.keep = fast
+            if self.budget is not None and fast != held:
+                least = max(m.loader.nbytes(k) for k in m.all_blocks())
+                small = max(m.loader.nbytes(("mlp", i)) for i in range(m.n_layers))
+                if self.budget < 2 * least + small + self._kv_bytes(1) + m.scratch_bytes(1, 1):  # minimum_budget(1)
+                    m.loader.keep = held
+        elif weights != "stored":
+            raise InputError(f"weights {weights!r}: expected 'auto', 'stored' or 'float32'")
         #: bytes of every weight as this session holds them on the device
         self.weight_bytes = sum(m.loader.nbytes(k) for k in m.all_blocks())
         #: the largest block cell by cell (what the smallest budget must hold), and in this plan

@@ -334,13 +334,16 @@ _RUN_OPTIONS = [
                  "(default: $SPHEREFMT_BACKEND, else the first that starts; see `sphere backends`)."),
     click.option("--budget", metavar="SIZE|N%", help="Device memory for weights, KV cache and scratch, e.g. 512MiB "
                  "or 25% (of the weights as stored: a bfloat16 model's 25% is half the bytes of a float32 one's). "
-                 "Weight matrices stay in their stored precision where the budget needs it. Default: unlimited."),
+                 "Default: unlimited."),
     click.option("--top-k", type=int, metavar="K", help="Cells per token and layer (default: dense, every cell)."),
     click.option("--active", metavar="SHARE", help="Or the share of each layer's cells per token, e.g. 25%."),
     click.option("--router", metavar="NAME", help="For top-k: a stored router (default: learned if stored, else "
                  "centroid), centroid, or random."),
     click.option("--prefetch/--no-prefetch", default=None, help="Load the next layer's likely blocks in the "
                  "background (default: on for GPUs and CPUs with 4+ cores)."),
+    click.option("--weights", type=click.Choice(["auto", "stored", "float32"]), default="auto", show_default=True,
+                 help="How the device holds float16/bfloat16/Q8_0 weights: as stored (fewest bytes), widened to "
+                 "float32 at load, or auto (as stored on GPUs; on CPUs widened unless only the stored blocks fit)."),
 ]
 
 
@@ -351,10 +354,11 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
-             router: str | None, prefetch: bool | None) -> Any:
+             router: str | None, prefetch: bool | None, weights: str = "auto") -> Any:
     from spherefmt.runtime import Session
 
-    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch, router=router)
+    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch, router=router,
+                   weights=weights)
 
 
 def _load_ids(path: str) -> np.ndarray:
@@ -399,13 +403,13 @@ def _print_stats(stats: dict[str, Any]) -> None:
 @_user_errors
 def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int, temperature: float, seed: int,
         backend: str | None, budget: str | None, top_k: int | None, active: str | None,
-        router: str | None, prefetch: bool | None, show_stats: bool, as_json: bool) -> None:
+        router: str | None, prefetch: bool | None, weights: str, show_stats: bool, as_json: bool) -> None:
     """Generate text from PKG, streaming tokens as they come, under a device memory budget."""
     from spherefmt.errors import InputError
 
     if (prompt is None) == (ids_file is None):
         raise InputError("give --prompt TEXT or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, router, prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, router, prefetch, weights) as s:
         ids = _load_ids(ids_file) if ids_file else s.encode(prompt)
         out: list[int] = []
         shown = ""
@@ -446,7 +450,7 @@ def run(pkg: str, prompt: str | None, ids_file: str | None, max_new_tokens: int,
 @_user_errors
 def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: int | None, backend: str | None,
              budget: str | None, top_k: int | None, active: str | None, router: str | None, prefetch: bool | None,
-             as_json: bool, quiet: bool) -> None:
+             weights: str, as_json: bool, quiet: bool) -> None:
     """Mean negative log-likelihood and perplexity of PKG on a text (windows of the model's context)."""
     import math
 
@@ -454,7 +458,7 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
 
     if (text_file is None) == (ids_file is None):
         raise InputError("give --text FILE or --ids FILE.npy")
-    with _session(pkg, backend, budget, top_k, active, router, prefetch) as s:
+    with _session(pkg, backend, budget, top_k, active, router, prefetch, weights) as s:
         if text_file:
             with open(text_file, encoding="utf-8", errors="replace") as f:
                 ids = np.asarray(s.encode(f.read()), dtype=np.int64)

@@ -429,15 +429,21 @@ def test_bfloat16_weights_are_held_as_stored_under_a_budget(tmp_path, backend):
     with Session(pkg, backend=backend) as s:
         np.testing.assert_allclose(s.logits(IDS), ref, atol=1e-4, rtol=0)
         resident = s.stats()
-    with Session(pkg, backend=backend, budget="25%") as s:
+    with Session(pkg, backend=backend, budget="25%", weights="stored") as s:
         out = s.logits(IDS)
         st = s.stats()
+    with Session(pkg, backend=backend, budget="25%", weights="float32") as s:
+        wide = s.logits(IDS)
+        assert s.stats()["weight_formats"] == ["F32"] and s.weight_bytes > 1.9 * st["weight_bytes"]
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(wide, out, atol=1e-5, rtol=0)  # the same values, summed in pieces
     assert st["weight_formats"] == ["BF16", "F32"] and st["weight_bytes"] == st["stored_bytes"]
     assert st["budget_bytes"] == st["stored_bytes"] // 4
     assert st["peak_device_bytes"] <= st["budget_bytes"]
     be = get_backend(backend)
-    if "BF16" in (be.fast_formats or be.weight_formats):  # GPUs: held as stored even with room
+    if "BF16" in (be.fast_formats or be.weight_formats):  # GPUs: held as stored by default
         assert resident["weight_formats"] == ["BF16", "F32"]
-    else:  # CPUs with room for every weight widened: widened once, products at float32 speed
+    else:  # CPUs: widened once at load, products at float32 speed
         assert resident["weight_formats"] == ["F32"] and resident["weight_bytes"] > 1.9 * st["weight_bytes"]
+    with pytest.raises(InputError, match="weights 'half'"):
+        Session(pkg, backend=backend, weights="half")
