@@ -44,13 +44,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from spherefmt.dtypes import Q8_0, QBLOCK, dequantize_q8_0, values_shape
+
 __all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "Q8_0", "QBLOCK", "weight_format",
            "values_shape", "dequantize_q8_0"]
 
-#: values per block of a block-quantized format
-QBLOCK = 32
-#: GGUF's ``block_q8_0``: 34 bytes, a float16 scale then 32 int8 values (value = d * q)
-Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (QBLOCK,))])
 #: weight formats of the interface: name (``spec/FORMAT.md`` section 5) -> numpy dtype of the
 #: host matrix :meth:`Backend.adopt` is given (bfloat16 as ``ml_dtypes.bfloat16``; a ``Q8_0``
 #: matrix is an array of blocks)
@@ -62,19 +60,6 @@ _FORMAT_OF = {v: k for k, v in WEIGHT_DTYPES.items()}
 def weight_format(a: Any) -> str | None:
     """The weight format of a host array (``None``: not one of :data:`WEIGHT_DTYPES`)."""
     return _FORMAT_OF.get(getattr(a, "dtype", None))  # type: ignore[arg-type]
-
-
-def values_shape(a: np.ndarray) -> tuple[int, ...]:
-    """The shape of the values a host weight array holds (a ``Q8_0`` array holds 32 per block)."""
-    return a.shape[:-1] + (a.shape[-1] * QBLOCK,) if a.dtype == Q8_0 else a.shape
-
-
-def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 values of ``Q8_0`` blocks ``(..., n)`` as ``(..., 32 n)`` (``out`` if given)."""
-    if out is None:
-        out = np.empty(values_shape(blocks), dtype=np.float32)
-    np.multiply(blocks["qs"], blocks["d"].astype(np.float32)[..., None], out=out.reshape(blocks.shape + (QBLOCK,)))
-    return out
 
 
 class Accountant:

@@ -106,7 +106,11 @@ class TorchBackend(Backend):
     def adopt(self, host: np.ndarray) -> Any:
         fmt = weight_format(host)
         if fmt == "Q8_0" and host.ndim == 2:
-            blocks = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
+            import warnings
+
+            with warnings.catch_warnings():  # a read-only mapped chunk: copied right below
+                warnings.simplefilter("ignore", UserWarning)
+                blocks = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
             blocks = blocks.to(self.device) if self._gpu else blocks.clone()
             return self._out(_Blocks(blocks, (host.shape[0], host.shape[1] * QBLOCK)))
         if fmt in ("F16", "BF16") and host.ndim == 2:

@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from spherefmt import constants as C
 from spherefmt.backends.base import WEIGHT_DTYPES
-from spherefmt.dtypes import numpy_view, storage_dtype, to_float32
+from spherefmt.dtypes import Q8_0, dequantize_q8_0, numpy_view, storage_dtype, to_float32
 from spherefmt.errors import FormatError, SpherefmtError
 from spherefmt.format.chunks import ChunkError, FastArray, read_many
 from spherefmt.format.keys import core_key
 from spherefmt.format.package import Package
+from spherefmt.format.quant import block_slices, blocks_width, storage_shape
 
 __all__ = ["BlockLoader", "Key"]
 
@@ -43,7 +45,10 @@ _POOL_LOCK = threading.Lock()
 
 def _kept(a: np.ndarray, dtype: str, keep: frozenset[str]) -> np.ndarray:
     """A weight matrix as the device will hold it: its stored values in their own precision when
-    ``dtype`` is kept (a view, no copy), else float32."""
+    ``dtype`` is kept (a view, no copy), else float32.  ``Q8_0``: ``a`` is the blocks' bytes."""
+    if dtype == "Q8_0":
+        blocks = np.ascontiguousarray(a).view(Q8_0)
+        return blocks if "Q8_0" in keep else dequantize_q8_0(blocks)
     if dtype in keep and dtype in WEIGHT_DTYPES and a.ndim == 2:
         return np.ascontiguousarray(numpy_view(a, dtype))
     return _f32(a, dtype)
@@ -81,13 +86,15 @@ class BlockLoader:
                  split: dict[str, tuple[int, list[str]]] | None = None,
                  offsets: dict[str, float] | None = None, keep: frozenset[str] = frozenset({"F32"})) -> None:
         self.pkg = pkg
-        self.keep = frozenset(keep)
         self.core = core
         self.tables = tables
         self.split = split or {}
         self.offsets = offsets or {}
         self.layout = pkg.layout
-        self.slices = self.layout.slices()
+        self._widths = {f.name: f.width for f in self.layout.fields}
+        #: the format the sphere's rows are stored in (``Q8_0`` for a quantized sphere)
+        self.row_format = "Q8_0" if pkg.quantized_sphere else self.layout.dtype
+        self.keep = frozenset(keep)
         p, m = pkg.require_graticule()
         self.grid = (p, m)
         self.n_layers = len(pkg.layer_depth)
@@ -151,16 +158,37 @@ class BlockLoader:
     def table_blocks(self, name: str) -> int:
         return math.ceil(self.pkg.tensor_info(self.tables[name]).shape[0] / self.table_rows[name])
 
-    def item(self, dtype: str, ndim: int = 2) -> int:
-        """Bytes per value as the device holds a tensor of this stored dtype."""
-        return WEIGHT_DTYPES[dtype].itemsize if ndim == 2 and dtype in self.keep and dtype in WEIGHT_DTYPES else _F32
+    @property
+    def keep(self) -> frozenset[str]:
+        """Weight formats whose matrices stay in their stored precision (see the class docstring)."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, formats: frozenset[str]) -> None:
+        self._keep = frozenset(formats)
+        # a quantized row held as blocks has every field on a block boundary (spec 5.1)
+        self.slices = block_slices(self._widths) if self._held_rows() == "Q8_0" else self.layout.slices()
+        self.cols = {n: (sl.start, sl.stop) for n, sl in self.slices.items()}
+
+    def _held_rows(self) -> str:
+        return self.row_format if self.row_format in self._keep else "F32"
+
+    def format_of(self, tensor: str) -> str:
+        """The format a core tensor is stored in (``Q8_0`` for a quantized one)."""
+        return "Q8_0" if self.pkg.quantized(tensor) else self.pkg.tensor_info(tensor).dtype
+
+    def held_bytes(self, fmt: str, shape: tuple[int, ...]) -> int:
+        """Device bytes of a tensor of this stored format and shape as held (:attr:`keep`)."""
+        n = math.prod(shape)
+        if len(shape) != 2 or fmt not in self._keep or fmt not in WEIGHT_DTYPES:
+            return n * _F32
+        return n // C.Q8_0_BLOCK * C.Q8_0_BYTES if fmt == "Q8_0" else n * WEIGHT_DTYPES[fmt].itemsize
 
     def held_formats(self) -> list[str]:
         """The formats the device holds this model's tensors in (vectors are always float32)."""
-        dtypes = [self.layout.dtype] + [self.pkg.tensor_info(t).dtype for t in self.tables.values()]
-        dtypes += [info.dtype for blk in self.core.values() for t in blk.values()
-                   if len((info := self.pkg.tensor_info(t)).shape) == 2]
-        return sorted({d if self.item(d) != _F32 else "F32" for d in dtypes} | {"F32"})
+        fmts = [(self.row_format, 2)] + [(self.format_of(t), 2) for t in self.tables.values()]
+        fmts += [(self.format_of(t), len(self.pkg.tensor_info(t).shape)) for blk in self.core.values() for t in blk.values()]
+        return sorted({f if ndim == 2 and f in self._keep and f in WEIGHT_DTYPES else "F32" for f, ndim in fmts})
 
     def nbytes(self, key: Key) -> int:
         """Device bytes of a block as held (:attr:`keep`), known before reading it."""
@@ -168,18 +196,16 @@ class BlockLoader:
         if kind in ("cell", "ffn"):
             n = int(self.counts[key[1], key[2], key[3]]) if kind == "cell" else int(self.counts[key[1]].sum())
             vectors = sum(1 for sl in self.slices.values() if sl.stop - sl.start == 1)
-            return n * (self.row_width * self.item(self.layout.dtype) + vectors * _F32)
+            width = blocks_width(self._widths) if self._held_rows() == "Q8_0" else self.row_width
+            return self.held_bytes(self.row_format, (n, width)) + n * vectors * _F32
         if kind == "vocab":
             _, name, b = key
             info = self.pkg.tensor_info(self.tables[name])
             v, d = info.shape
             r = self.table_rows[name]
-            return (min(v, (b + 1) * r) - b * r) * d * self.item(info.dtype)
-        total = 0
-        for t in self.core[key].values():
-            info = self.pkg.tensor_info(t)
-            total += math.prod(info.shape) * self.item(info.dtype, len(info.shape))
-        return total
+            return self.held_bytes(self.format_of(self.tables[name]), (min(v, (b + 1) * r) - b * r, d))
+        return sum(self.held_bytes(self.format_of(t), tuple(self.pkg.tensor_info(t).shape))
+                   for t in self.core[key].values())
 
     # --- reading ------------------------------------------------------------------------------
     def _array(self, tensor: str) -> Any:
@@ -194,7 +220,10 @@ class BlockLoader:
         if tensor not in self._fast_arrays:
             arr = self._array(tensor)
             info = self.pkg.tensor_info(tensor)
-            ok = tuple(arr.shape) == tuple(info.shape) and arr.dtype == storage_dtype(info.dtype)
+            if self.pkg.quantized(tensor):  # its blocks' bytes
+                ok = tuple(arr.shape) == storage_shape(tuple(info.shape)) and arr.dtype == np.uint8
+            else:
+                ok = tuple(arr.shape) == tuple(info.shape) and arr.dtype == storage_dtype(info.dtype)
             self._fast_arrays[tensor] = FastArray.maybe(arr) if ok else None
         return self._fast_arrays[tensor]
 
@@ -234,9 +263,11 @@ class BlockLoader:
         for part, tensor in parts.items():
             a = raw.get(tensor)
             if a is None:
-                a = self.pkg.stored(tensor)
+                a = self.pkg.stored(tensor, blocks=True)
+                if a.dtype == Q8_0:
+                    a = a.view(np.uint8)
             self._count(a.nbytes)
-            out[part] = _kept(a, self.pkg.tensor_info(tensor).dtype, self.keep)
+            out[part] = _kept(a, self.format_of(tensor), self.keep)
             if part in self.offsets:
                 out[part] = out[part] + np.float32(self.offsets[part])  # a new array: views stay unchanged
         for part, (axis, names) in self.split.items():
@@ -266,7 +297,8 @@ class BlockLoader:
         return parts[0][:n] if len(parts) == 1 else np.concatenate(parts)[:n]
 
     def _cell(self, layer: int, lat: int, lon: int, wide: bool = False) -> dict[str, np.ndarray]:
-        rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer)
+        blocks = not wide and self._held_rows() == "Q8_0"
+        rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer, blocks=blocks)
         self._count(rows.nbytes)  # storage-dtype bytes, padding included, as for core reads
         n = int(self.counts[layer, lat, lon])
         if (index[:n] >= 0).all() and (index[n:] < 0).all():
@@ -278,6 +310,13 @@ class BlockLoader:
         # rows come in their original dtype (bfloat16 as ml_dtypes'); ``wide``: float32 for host
         # arithmetic.  The rows stay whole (matmuls read each field as a column range, in place;
         # for an uncompressed local package this is a view of the mapped chunk)
+        if blocks:  # Q8_0 blocks, every field on a block boundary (self.slices)
+            out = {"rows": np.ascontiguousarray(real)}
+            vectors = [(name, sl.start) for name, sl in self.slices.items() if sl.stop - sl.start == 1]
+            if vectors:
+                values = dequantize_q8_0(real)
+                out.update({name: np.ascontiguousarray(values[:, at]) for name, at in vectors})
+            return out
         keep = not wide and self.layout.dtype in self.keep and real.dtype == WEIGHT_DTYPES.get(self.layout.dtype)
         out = {"rows": real if keep or real.dtype == np.float32 else real.astype(np.float32)}
         # width-1 fields (GPT-2's per-neuron input bias) are also given as float32 vectors, for
@@ -306,13 +345,13 @@ class BlockLoader:
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
         self._count(data.nbytes)
-        return _kept(data, info.dtype, self.keep)
+        return _kept(data, self.format_of(tensor), self.keep)
 
     def host_centroids(self, layer: int, field: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The centroid router of one layer: occupied cells and the mean ``field`` row of each
         (``(cells, d)``), read from the package once."""
         cells = self.cells(layer)
-        sl = self.slices[field]
+        sl = self.layout.slices()[field]  # of the rows as values (wide), not as held blocks
         out = np.empty((len(cells), sl.stop - sl.start), dtype=np.float32)
         for i, (lat, lon) in enumerate(cells):
             out[i] = self._cell(layer, lat, lon, wide=True)["rows"][:, sl].mean(axis=0)

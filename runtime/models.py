@@ -41,6 +41,12 @@ class Model(ABC):
     #: the block reader; each subclass's ``__init__`` builds it once it knows the tensor names
     loader: BlockLoader
 
+    @property
+    def cols(self) -> dict[str, tuple[int, int]]:
+        """Each field's column range in a cell's rows as the device holds them (a quantized
+        row has its fields on block boundaries)."""
+        return self.loader.cols
+
     def __init__(self, pkg: Package) -> None:
         self.pkg = pkg
         self.config = dict(pkg.config or {})
@@ -204,7 +210,6 @@ class GPT2(Model):
         self.vocab = pkg.tensor_info(head).shape[0]
         # the fused QKV weight stays whole (read as column ranges); its bias is split on the host
         self.loader = BlockLoader(pkg, core, tables, split={"qkv_b": (0, ["q_b", "k_b", "v_b"])})
-        self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
 
     def cell_ffn(self, b: Any, m: Any, c: dict[str, Any], mask: Any) -> Any:
         h = b.gelu(b.matmul(m, c["rows"], c["b_in"], transpose_w=True, cols=self.cols["w_in"]), self.approx)
@@ -307,7 +312,6 @@ class Llama(Model):
         self.vocab = pkg.tensor_info(head).shape[0]
         offsets = {n: s.norm_offset for n in norms} if s.norm_offset else None
         self.loader = BlockLoader(pkg, core, tables, offsets=offsets)
-        self.cols = {n: (sl.start, sl.stop) for n, sl in self.loader.slices.items()}
         self.routers = [self.loader.host_tensor(t) for t in self.router_names]
         self.shared_gate_w = [self.loader.host_tensor(t) for t in self.shared_gates]
 

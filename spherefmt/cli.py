@@ -145,10 +145,13 @@ def cli(verbose: bool) -> None:
               help="pca: cells from weight directions; coactivation: neurons active together on --sample share "
               "cells (for top-k routing).")
 @click.option("--sample", "sample_file", metavar="TEXTFILE", help="Sample text for --placement coactivation.")
+@click.option("--quantize", type=click.Choice(["q8_0"]), help="Store the neuron rows and the core's weight matrices "
+              "as GGUF Q8_0 blocks (34 bytes per 32 values, made by gguf's quantizer; norms, biases and MoE routers "
+              "as they are). The package's values are then the quantized ones.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool,
-            vhd_size: str | None, placement: str, sample_file: str | None, quiet: bool) -> None:
+            vhd_size: str | None, placement: str, sample_file: str | None, quantize: str | None, quiet: bool) -> None:
     """Convert a model (SRC: HF folder, .safetensors, .gguf, .pt/.bin, or a package) into a package at DST
     (a directory, a .zip, a .vhd disk image, or an fsspec URL such as memory:// or s3://)."""
     from spherefmt.convert import save
@@ -161,7 +164,7 @@ def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec:
             with open(sample_file, encoding="utf-8", errors="replace") as f:
                 sample = f.read()
         where = save(src, dst, graticule=graticule, depth=depth, codec=codec, overwrite=overwrite, progress=not quiet,
-                     vhd_size=size, placement=placement, sample=sample)
+                     vhd_size=size, placement=placement, sample=sample, quantize=quantize)
     for w in caught:
         if issubclass(w.category, UserWarning) and "Numcodecs" not in str(w.message):
             click.echo(f"sphere: warning: {w.message}", err=True)

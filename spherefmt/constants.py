@@ -57,6 +57,15 @@ DTYPES: dict[str, tuple[str, int]] = {
 #: Floating dtypes whose FFN tensors may be placed on the sphere.
 SPHERE_DTYPES = ("F64", "F32", "F16", "BF16")
 
+# --- 5.1 Quantized tensors ------------------------------------------------------------------
+#: The quantization type a package may hold (GGUF's ``Q8_0``), its values per block and bytes
+#: per block (a float16 scale, then one int8 per value).
+QUANT_Q8_0 = "Q8_0"
+Q8_0_BLOCK = 32
+Q8_0_BYTES = 34
+#: Header member listing the quantized tensors.
+QUANTIZATION_KEY = "quantization"
+
 # --- 5. Codecs ------------------------------------------------------------------------------
 CODEC_DEFAULT = "default"  # bytes -> blosc(zstd, level 1, shuffle, typesize, one block per chunk) -> crc32c
 CODEC_NONE = "none"  # bytes -> crc32c

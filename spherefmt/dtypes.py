@@ -18,7 +18,7 @@ import numpy as np
 from spherefmt.constants import DTYPES, MAX_NDIM
 from spherefmt.errors import FormatError
 
-__all__ = ["TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+__all__ = ["Q8_0", "QBLOCK", "dequantize_q8_0", "values_shape", "TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
 
 _NUMPY_USER = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -29,6 +29,26 @@ _FROM_NUMPY = {np.dtype(v[0]): k for k, v in DTYPES.items() if k not in ("BF16",
 _FROM_NUMPY.update({v: k for k, v in _NUMPY_USER.items()})
 _FROM_NUMPY[np.dtype("uint16")] = "U16"
 _FROM_NUMPY[np.dtype("uint8")] = "U8"
+
+
+#: values per block of GGUF's ``Q8_0`` (``spec/FORMAT.md`` section 5.1)
+QBLOCK = 32
+#: GGUF's ``block_q8_0``: 34 bytes, a float16 scale then 32 int8 values (value = d * q)
+Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (QBLOCK,))])
+
+
+def values_shape(a: np.ndarray) -> tuple[int, ...]:
+    """The shape of the values a host array holds (a ``Q8_0`` array holds 32 per block)."""
+    return a.shape[:-1] + (a.shape[-1] * QBLOCK,) if a.dtype == Q8_0 else a.shape
+
+
+def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of ``Q8_0`` blocks ``(..., n)`` as ``(..., 32 n)`` (into ``out`` if given),
+    each the float32 product of its block's scale and its integer, as GGUF's dequantizer."""
+    if out is None:
+        out = np.empty(values_shape(blocks), dtype=np.float32)
+    np.multiply(blocks["qs"], blocks["d"].astype(np.float32)[..., None], out=out.reshape(blocks.shape + (QBLOCK,)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from spherefmt.format.placement import Grid, check_grid, layer_shells
 __all__ = ["Header", "LayerEntry", "NeuronLayout", "Shell", "TensorEntry", "new_header"]
 
 _KNOWN = ("format", "version", "state", "architecture", "config", "metadata", "files", "codec", "tensors", "warning",
-          "fused", "experts",
+          "fused", "experts", C.QUANTIZATION_KEY,
           "graticule", "depth", "layer_depth", "shells", "neuron_layout", "layers", "placement")
 
 
@@ -105,6 +105,8 @@ class Header:
     #: native experts (``{"count", "neurons", "tensors": [{"name", "parts", "axis"}]}``): each
     #: layer's FFN is ``count`` experts of ``neurons`` joined, each expert in a cell of its own
     experts: dict[str, Any] | None = None
+    #: quantized tensors (``{"type": "Q8_0", "core": [names], "sphere": bool}``, section 5.1)
+    quantization: dict[str, Any] | None = None
     #: members this version does not know, kept as they are when the header is written back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -142,6 +144,9 @@ class Header:
                             "tensors": [{"name": j["name"], "parts": list(j["parts"]), "axis": j["axis"],
                                          **({"stacked": j["stacked"]} if j.get("stacked") else {})}
                                         for j in self.experts["tensors"]]}
+        if self.quantization is not None:
+            h[C.QUANTIZATION_KEY] = {"type": self.quantization["type"], "core": list(self.quantization["core"]),
+                                     "sphere": bool(self.quantization["sphere"])}
         if self.graticule is not None and self.neuron_layout is not None:
             h.update({
                 "graticule": list(self.graticule), "depth": self.depth, "layer_depth": list(self.layer_depth),
@@ -184,6 +189,7 @@ class Header:
             placement=h.get("placement") if sphere else None,
             fused=[dict(f) for f in h.get("fused", [])],
             experts=h.get("experts") if sphere else None,
+            quantization=h.get(C.QUANTIZATION_KEY),
             extra={k: v for k, v in h.items() if k not in _KNOWN},
         )
 
@@ -240,6 +246,7 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in _get(h, "metadata", dict, where).items()):
         raise FormatError(f"{where}: metadata must map strings to strings")
     _check_fused(h, where)
+    _check_quantization(h, where)
     if arch == C.ARCH_GENERIC:
         if any(t["where"] == "sphere" for t in h["tensors"]):
             raise FormatError(f"{where}: a generic package cannot hold sphere tensors")
@@ -305,6 +312,28 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     if h.get("experts") is not None:
         _check_experts(h, tensors, p * m, where)
     return h
+
+
+def _check_quantization(h: dict[str, Any], where: str) -> None:
+    """The ``quantization`` member (section 5.1): its type, and tensors that can hold blocks."""
+    q = h.get(C.QUANTIZATION_KEY)
+    if q is None:
+        return
+    if not isinstance(q, dict) or q.get("type") != C.QUANT_Q8_0 or not isinstance(q.get("sphere"), bool) \
+            or not isinstance(q.get("core"), list) or not all(isinstance(n, str) for n in q["core"]) \
+            or len(set(q["core"])) != len(q["core"]):
+        raise FormatError(f"{where}: quantization must be {{'type': 'Q8_0', 'core': [names], 'sphere': bool}}")
+    tensors = {t["name"]: t for t in h["tensors"]}
+    for name in q["core"]:
+        t = tensors.get(name)
+        if t is None or t["where"] != "core" or t["dtype"] != "F32" or len(t["shape"]) != 2 \
+                or t["shape"][1] % C.Q8_0_BLOCK:
+            raise FormatError(f"{where}: quantized tensor {name[:80]!r} is not a core F32 matrix whose rows are "
+                              f"whole blocks of {C.Q8_0_BLOCK}")
+    if q["sphere"]:
+        nl = h.get("neuron_layout")
+        if h["architecture"] == C.ARCH_GENERIC or not isinstance(nl, dict) or nl.get("dtype") != "F32":
+            raise FormatError(f"{where}: a quantized sphere needs an F32 neuron layout")
 
 
 def _check_experts(h: dict[str, Any], tensors: Mapping[str, Any], cells: int, where: str) -> None:

@@ -23,11 +23,12 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from spherefmt import constants as C
-from spherefmt.dtypes import contiguous, from_torch, numpy_view, storage_dtype, to_torch
+from spherefmt.dtypes import Q8_0, contiguous, from_torch, numpy_view, storage_dtype, to_torch
 from spherefmt.errors import ExpertNotFoundError, FormatError, InputError, IntegrityError, ReadOnlyError, SpherefmtError
 from spherefmt.format.chunks import ChunkError, FastArray, open_arrays, parallel_map, read_many, shard_shape
 from spherefmt.format.header import Header
 from spherefmt.format.keys import core_key, file_key, shard_key, shell_path
+from spherefmt.format.quant import dequantize, pad_fields, quantize_rows, storage_shape
 from spherefmt.format.store import PackageStore, open_package_store
 from spherefmt.format.store import is_package as _store_is_package
 from spherefmt.format.view import PackageView
@@ -217,13 +218,15 @@ class Package(PackageView):
                 raise FormatError(f"{self.where}: cannot read {what} ({e})") from None
         else:  # one layer, or a grown expert: zarr reads just those inner chunks' byte ranges
             rows = self.read_array(neurons, (sel, lat, lon, slice(0, k)), what)
-        return Expert(lat, lon, depth, layers, numpy_view(rows, self.layout.dtype), index[sel, lat, lon].copy(),
+        return Expert(lat, lon, depth, layers, self.row_values(rows), index[sel, lat, lon].copy(),
                       parent[sel, lat, lon].copy(), self.layout.slices())
 
     @_consistent
-    def cell_layer(self, lat: int, lon: int, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def cell_layer(self, lat: int, lon: int, layer: int, *, blocks: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """One layer of one expert (one inner chunk, read by byte range): its ``(K, F)`` rows in
         the original dtype, their ``(K,)`` neuron indices (``-1`` padding) and the bytes read.
+        With ``blocks``, a quantized sphere's rows come as their ``Q8_0`` blocks
+        ``(K, blocks per row)`` (every field padded to whole blocks, section 5.1).
 
         This is the runtime's unit of streaming.  A chunk that fails its checksum raises
         :class:`FormatError` naming the expert and the object.
@@ -257,7 +260,9 @@ class Package(PackageView):
             raise
         except Exception as e:  # noqa: BLE001 - codec errors become FormatError
             raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
-        return numpy_view(rows, self.layout.dtype), index[t, lat, lon].copy(), nbytes
+        if blocks and self.quantized_sphere:
+            return np.ascontiguousarray(rows).view(Q8_0), index[t, lat, lon].copy(), nbytes
+        return self.row_values(rows), index[t, lat, lon].copy(), nbytes
 
     def _shell_chunks(self, depth: int) -> dict[int, list[np.ndarray | None]]:
         """Per occupied flat cell of a shell, its ``(K, F)`` rows for each layer of the shell
@@ -311,6 +316,8 @@ class Package(PackageView):
             rows = parts[t]
             if rows is None:  # not stored: every byte zero
                 rows = np.zeros((idx.shape[0], self.layout.row_width), dtype=storage_dtype(self.layout.dtype))
+            elif self.quantized_sphere:
+                rows = self.row_values(rows)
             if real[:n].all():  # real neurons first (spec section 4): a view
                 out.append((idx[:n], rows[:n]))
             else:
@@ -353,9 +360,10 @@ class Package(PackageView):
         self._rows_cache = (layer, out)
         return out
 
-    def stored(self, name: str, *, padded: bool = False) -> np.ndarray:
+    def stored(self, name: str, *, padded: bool = False, blocks: bool = False) -> np.ndarray:
         """A tensor as its storage array (bfloat16 and float8 as raw words, ``spherefmt.dtypes``);
-        ``padded`` as in :meth:`tensor`."""
+        ``padded`` as in :meth:`tensor`.  A quantized core tensor reads as its float32 values, or
+        with ``blocks`` as its ``Q8_0`` blocks ``(rows, columns / 32)`` (section 5.1)."""
         if padded and (pad := self.pad_axis(name)) is not None:
             arr = self.stored(name)
             width = [(0, 0)] * arr.ndim
@@ -365,10 +373,14 @@ class Package(PackageView):
         shape = tuple(t.shape)
         if t.where == "core":
             z = self.array(core_key(name))
-            if z.shape != shape or z.dtype != storage_dtype(t.dtype):
+            q = name in self.quantized_core
+            want = (storage_shape(shape), np.dtype(np.uint8)) if q else (shape, storage_dtype(t.dtype))
+            if z.shape != want[0] or z.dtype != want[1]:
                 raise FormatError(f"{self.where}: {core_key(name)} is {z.dtype}{z.shape}, header says "
-                                  f"{t.dtype}{list(shape)}")
+                                  f"{'Q8_0 blocks of ' if q else ''}{t.dtype}{list(shape)}")
             data = self.read_array(z, Ellipsis, core_key(name))
+            if q:
+                return np.ascontiguousarray(data).view(Q8_0) if blocks else dequantize(data)
             return data.reshape(shape)  # zarr returns 0-d arrays as shape (1,)
         layer, _ = self._owners[name]
         return self._layer_tensors(layer)[name]
@@ -498,7 +510,7 @@ class Package(PackageView):
             sel = slice(0, len(layers))
         data = _as_storage(neurons, self.layout.dtype)
         k = self.slots(depth)
-        row = (k, arr.shape[4])
+        row = (k, self.layout.row_width)
         want = row if layer is not None else (len(layers), *row)
         if data.shape != tuple(want):
             raise FormatError(f"{self.where}: expert ({lat}, {lon}, {depth}) needs rows of shape {tuple(want)}, got {data.shape}")
@@ -506,6 +518,8 @@ class Package(PackageView):
         pad = index[sel, lat, lon] < 0
         if data[pad].any():
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
+        if self.quantized_sphere:  # quantized again, as the converter did (zero rows stay zero bytes)
+            data = quantize_rows(pad_fields(data, self._widths)).view(np.uint8)
         with self.transaction():
             arr[sel, lat, lon, :k] = data
 
@@ -522,6 +536,9 @@ class Package(PackageView):
             raise FormatError(f"{self.where}: {name!r} has shape {tuple(t.shape)}, got {new.shape}")
         arr = self.array(core_key(name))
         old = self.stored(name)
+        if name in self.quantized_core:  # compared and written as blocks
+            new = quantize_rows(new).view(np.uint8)
+            old = self.stored(name, blocks=True).view(np.uint8)
         with self.transaction():
             if not new.shape:
                 if old.tobytes() != new.tobytes():

@@ -20,12 +20,13 @@ import zarr
 from zarr.core.sync import sync
 
 from spherefmt import constants as C
-from spherefmt.dtypes import TensorInfo, storage_dtype
+from spherefmt.dtypes import TensorInfo, numpy_view, storage_dtype
 from spherefmt.errors import ExpertNotFoundError, FormatError, IntegrityError, SpherefmtError
 from spherefmt.format.arch import Layout
 from spherefmt.format.chunks import ChunkError, FastArray, check_chunking, shard_shape
 from spherefmt.format.header import Header, Shell, TensorEntry
 from spherefmt.format.keys import shard_key, shell_path
+from spherefmt.format.quant import blocks_width, dequantize, unpad_fields
 from spherefmt.format.store import PackageStore, root_attrs
 
 __all__ = ["PackageView"]
@@ -63,7 +64,28 @@ class PackageView:
         self._owners = {tn: (i, fn) for i, lay in enumerate(self.header.layers) for fn, tn in lay.tensors.items()}
         #: depth -> its shell (layers, capacity)
         self.shells: dict[int, Shell] = {s.depth: s for s in self.header.shells}
+        q = self.header.quantization
+        #: core tensors stored as ``Q8_0`` blocks, and whether the sphere's rows are (section 5.1)
+        self.quantized_core: set[str] = set(q["core"]) if q else set()
+        self.quantized_sphere: bool = bool(q and q["sphere"])
+        self._widths = {f.name: f.width for f in self.layout.fields}
 
+    def quantized(self, name: str) -> bool:
+        """Whether a tensor is stored as ``Q8_0`` blocks."""
+        return name in self.quantized_core or (self.quantized_sphere and name in self._owners)
+
+    def stored_row_width(self) -> int:
+        """The last axis of the ``neurons`` arrays: a row's values, or its blocks' bytes."""
+        if self.quantized_sphere:
+            return blocks_width(self._widths) // C.Q8_0_BLOCK * C.Q8_0_BYTES
+        return self.layout.row_width
+
+    def row_values(self, rows: np.ndarray) -> np.ndarray:
+        """Neuron rows as values in the layout's dtype: stored rows themselves, or a quantized
+        sphere's blocks ``(..., bytes)`` dequantized to float32 ``(..., F)``."""
+        if not self.quantized_sphere:
+            return numpy_view(rows, self.layout.dtype)
+        return unpad_fields(dequantize(rows), self._widths)
     @property
     def generation(self) -> int | None:
         """The manifest generation this view of the package reads (``None`` for version 1)."""
@@ -200,11 +222,12 @@ class PackageView:
         s = self.shells[depth]
         p, m = self.require_graticule()
         shape = (len(s.layers), p, m, s.capacity)
-        f = self.layout.row_width
+        f = self.stored_row_width()
         neurons = self.array(f"{shell_path(depth)}/{C.NEURONS_ARRAY}")
         ns = neurons.shape
+        st = np.dtype(np.uint8) if self.quantized_sphere else storage_dtype(self.layout.dtype)
         if (len(ns) != 5 or ns[0] < shape[0] or ns[1:3] != (p, m) or ns[3] < shape[3] or ns[4] != f
-                or neurons.dtype != storage_dtype(self.layout.dtype)):
+                or neurons.dtype != st):
             raise FormatError(f"{self.where}: {shell_path(depth)}/neurons is {neurons.dtype}{ns}, "
                               f"header says {(*shape, f)}")
         if depth not in self._index:
