@@ -90,6 +90,9 @@ def package_info(pkg: Package) -> dict[str, Any]:
                                      "top_k": cfg.get("num_experts_per_tok"),
                                      "shared_expert": any(".shared_expert." in t.name for t in h.tensors),
                                      "cells": where}
+        if h.quantization is not None:
+            out["quantization"] = {"type": h.quantization["type"], "sphere": h.quantization["sphere"],
+                                   "core_tensors": len(h.quantization["core"])}
         from spherefmt.format.routers import read_router, router_names
 
         routers = {}
@@ -204,6 +207,10 @@ def info(pkg: str, as_json: bool) -> None:
             click.echo(f"native MoE    {ne['per_layer']} experts per layer of {ne['neurons']} neurons, one cell each; "
                        f"the model's router picks {ne['top_k']}" + (" (plus a shared expert)" if ne["shared_expert"] else "")
                        + "; --json gives each expert's cell")
+        if "quantization" in d:
+            qd = d["quantization"]
+            click.echo(f"quantized     {qd['type']} blocks: " + ("every neuron row and " if qd["sphere"] else "")
+                       + f"{qd['core_tensors']} core matrices (values read as float32)")
         click.echo(f"core          {_size(d['core']['stored_bytes'])} stored / {_size(d['core']['raw_bytes'])} raw")
         click.echo(f"sphere        {_size(d['sphere']['stored_bytes'])} stored / {_size(d['sphere']['raw_bytes'])} raw")
         click.echo(f"placement     {d['placement']['policy']} v{d['placement']['version']}")

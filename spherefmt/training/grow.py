@@ -55,8 +55,15 @@ def _open(pkg: str | Package) -> tuple[Package, bool]:
     if isinstance(pkg, Package):
         if pkg.mode != "r+":
             raise InputError(f"{pkg.where} is open read-only: open it with mode='r+' to grow it")
-        return pkg, False
-    return open_package(pkg, "r+"), True
+        opened, own = pkg, False
+    else:
+        opened, own = open_package(pkg, "r+"), True
+    if opened.header.quantization is not None:
+        if own:
+            opened.close()
+        raise InputError(f"{opened.where} is quantized (Q8_0): grow the float package it was converted from, "
+                         "then quantize it again")
+    return opened, own
 
 
 def _to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
