@@ -1,10 +1,10 @@
-"""Bytes per token by stored precision: float32, bfloat16 and float16 packages of one model,
+"""Bytes per token by stored precision: float32, bfloat16, float16 and Q8_0 packages of one model,
 resident and under the same absolute budget (issue 18).
 
 Model: the Llama shape of ``bench_decode.py`` (width 1024, 12 layers, FFN 2816, 16 heads,
 vocabulary 512, 155M parameters), random weights by ``transformers``' own init, saved as float32
-and cast to bfloat16 and float16 with ``torch`` before ``save_pretrained``; packages with codec
-none in a directory.  Every row is its own process and runs once on the numpy backend: a
+and cast to bfloat16 and float16 with ``torch`` before ``save_pretrained``, and the float32 one
+converted with ``quantize="q8_0"``; packages with codec none in a directory.  Every row is its own process and runs once on the numpy backend: a
 16-token prompt, then 32 greedy tokens; tokens/s counts the 31 decode steps.  Rows per precision:
 
 - resident (no budget);
@@ -16,8 +16,8 @@ none in a directory.  Every row is its own process and runs once on the numpy ba
 
 Bytes read (from storage) and uploaded (to the backend) are per token through the model
 (prompt included: ``stats()["bytes_read"] / stats()["tokens"]``).  Perplexity: the project's
-small trained GPT-2 (``spherefmt/data/tiny-gpt2``, stored float16) as float32 (the same values)
-and bfloat16, on its held-out text.  Results: ``bench/results/precision.json``.
+small trained GPT-2 (``spherefmt/data/tiny-gpt2``, stored float16) as float32 (the same values),
+bfloat16 and Q8_0, on its held-out text.  Results: ``bench/results/precision.json``.
 
     .venv/bin/python bench/bench_precision.py
 """
@@ -40,7 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT, NEW = 16, 32
-PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "float32"}
 
 
 def _models(root: Path) -> dict[str, Path]:
@@ -56,7 +56,7 @@ def _models(root: Path) -> dict[str, Path]:
     out = {}
     model = None
     for tag, dtype in PRECISIONS.items():
-        hf, pkg = root / f"hf-{tag}", root / f"{tag}.sphere"
+        hf, pkg = root / f"hf-{'f32' if tag == 'q8_0' else tag}", root / f"{tag}.sphere"
         if not (hf / "config.json").exists():
             if model is None:
                 print("making llama155m ...", flush=True)
@@ -65,7 +65,7 @@ def _models(root: Path) -> dict[str, Path]:
             model.to(getattr(torch, dtype)).save_pretrained(hf)
         if not pkg.exists():
             t0 = time.perf_counter()
-            spherefmt.save(hf, pkg, codec="none")
+            spherefmt.save(hf, pkg, codec="none", quantize="q8_0" if tag == "q8_0" else None)
             print(f"  converted {pkg.name} in {time.perf_counter() - t0:.1f}s", flush=True)
         out[tag] = pkg
     return out
@@ -117,14 +117,14 @@ def _tiny(root: Path) -> dict[str, Path]:
 
     src = ROOT / "spherefmt" / "data" / "tiny-gpt2"
     out = {}
-    for tag, dt in (("f32", np.float32), ("bf16", ml_dtypes.bfloat16)):
-        folder, pkg = root / f"tiny-{tag}", root / f"tiny-{tag}.sphere"
+    for tag, dt in (("f32", np.float32), ("bf16", ml_dtypes.bfloat16), ("q8_0", np.float32)):
+        folder, pkg = root / f"tiny-{'f32' if tag == 'q8_0' else tag}", root / f"tiny-{tag}.sphere"
         if not pkg.exists():
             shutil.copytree(src, folder, dirs_exist_ok=True)
             sd = load_file(src / "model.safetensors")
             save_file({k: v.astype(np.float32).astype(dt) for k, v in sd.items()}, folder / "model.safetensors",
                       metadata={"format": "pt"})
-            spherefmt.save(folder, pkg, codec="none")
+            spherefmt.save(folder, pkg, codec="none", quantize="q8_0" if tag == "q8_0" else None)
         out[tag] = pkg
     return out
 
@@ -169,7 +169,7 @@ def main() -> None:
         return next(r for r in rows if r["precision"] == tag and r["mode"] == mode and r["weights"] == weights)
 
     goals: dict[str, dict[str, Any]] = {}
-    for tag in ("bf16", "f16"):
+    for tag in ("bf16", "f16", "q8_0"):
         r = row(tag, "dense", "stored")
         goals[f"{tag}_25_stored_uploaded_vs_read"] = {"value": r["bytes_uploaded_per_token"] / r["bytes_read_per_token"],
                                                       "goal": 1.05, "at_most": True}
@@ -180,6 +180,16 @@ def main() -> None:
         goals[f"{tag}_25_auto_tokens_per_s_vs_f32"] = {
             "value": row(tag, "dense")["tokens_per_s"] / row("f32", "dense")["tokens_per_s"], "goal": None}
     goals["bf16_perplexity_change"] = {"value": ppl["bf16"]["perplexity"] / ppl["f32"]["perplexity"] - 1, "goal": None}
+    q8, f32 = row("q8_0", "dense", "stored"), row("f32", "dense")
+    goals["q8_0_25_bytes_read_vs_f32"] = {"value": q8["bytes_read_per_token"] / f32["bytes_read_per_token"],
+                                          "goal": 0.3, "at_most": True}
+    goals["q8_0_25_bytes_uploaded_vs_f32"] = {"value": q8["bytes_uploaded_per_token"] / f32["bytes_uploaded_per_token"],
+                                              "goal": 0.3, "at_most": True}
+    goals["q8_0_25_stored_tokens_per_s_vs_f32"] = {"value": q8["tokens_per_s"] / f32["tokens_per_s"], "goal": 2.0}
+    goals["q8_0_resident_tokens_per_s_vs_f32"] = {
+        "value": row("q8_0", "resident")["tokens_per_s"] / row("f32", "resident")["tokens_per_s"], "goal": None}
+    goals["q8_0_perplexity_change"] = {"value": ppl["q8_0"]["perplexity"] / ppl["f32"]["perplexity"] - 1,
+                                       "goal": 0.005, "at_most": True}
     for g in goals.values():
         g["met"] = None if g["goal"] is None else (g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
     # a budget changes no token of its own precision's resident run

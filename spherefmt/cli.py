@@ -297,11 +297,14 @@ def cell(pkg: str, lat: int, lon: int, depth: int, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="safetensors, gguf, torch or hf (default: from DST's suffix; no suffix: hf).")
+@click.option("--quantize", type=click.Choice(["q8_0"]), help="GGUF: write the matrices as Q8_0 blocks (the default "
+              "for a quantized package).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
-def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quiet: bool) -> None:
-    """Write every tensor back to DST: a .safetensors file, a .gguf (packages converted from GGUF),
-    a torch state dict (.pt/.pth/.bin), or a Hugging Face save_pretrained folder (no suffix)."""
+def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quantize: str | None, quiet: bool) -> None:
+    """Write every tensor back to DST: a .safetensors file, a .gguf (a package converted from GGUF
+    as it came; a Llama-family one with llama.cpp's names, Q/K permutation, metadata and
+    tokenizer), a torch state dict (.pt/.pth/.bin), or a Hugging Face save_pretrained folder (no suffix)."""
     import os
 
     from spherefmt.errors import PackageExistsError
@@ -309,7 +312,7 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quiet: bool
 
     if os.path.exists(dst) and not overwrite:
         raise PackageExistsError(f"{dst}: exists; pass --overwrite to replace it")
-    click.echo(f"wrote {export(pkg, dst, fmt=fmt, progress=not quiet)}")
+    click.echo(f"wrote {export(pkg, dst, fmt=fmt, progress=not quiet, quantize=quantize)}")
 
 
 @cli.command(name="mount")

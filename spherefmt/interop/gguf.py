@@ -27,7 +27,7 @@ import numpy as np
 
 from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM
 from spherefmt.dtypes import TensorInfo
-from spherefmt.errors import BackendUnavailableError, FormatError
+from spherefmt.errors import BackendUnavailableError, FormatError, InputError
 from spherefmt.interop.base import TensorSource
 
 if TYPE_CHECKING:
@@ -271,16 +271,22 @@ def open_gguf(path: Path) -> GGUFSource:
 
 
 def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,
-                progress: Callable[[int], Any] | None = None) -> None:
-    """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring).
+                progress: Callable[[int], Any] | None = None, quantize: str | None = None) -> None:
+    """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring); any
+    other Llama-family package as llama.cpp's ``convert_hf_to_gguf.py`` would
+    (:mod:`spherefmt.interop.llamacpp`, ``quantize="q8_0"`` for Q8_0 matrices).
 
     Tensors come from the package as it is now (trained or grown); layer and FFN counts in the
     metadata follow the tensors.  Written beside ``dst`` and renamed into place.
     """
     gguf = _gguf()
     if GGUF_SIDE_FILE not in pkg.header.files:
-        raise FormatError(f"{pkg.where}: not converted from GGUF, so it has no GGUF metadata to write; export to "
-                          ".safetensors (llama.cpp's convert_hf_to_gguf.py makes a GGUF from that)")
+        from spherefmt.interop.llamacpp import export_llama_cpp
+
+        export_llama_cpp(pkg, dst, storage, progress, quantize=quantize)
+        return
+    if quantize is not None:
+        raise InputError(f"{pkg.where} was converted from GGUF: its export keeps the source's tensor types")
     try:
         side = json.loads(pkg.file(GGUF_SIDE_FILE).decode("utf-8"))
         kv, entries = side["kv"], {e["name"]: e for e in side["tensors"]}

@@ -14,6 +14,7 @@ tensor's storage array as exported (FFN tensors padded to one size after growth,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def open_source(src: Any) -> TensorSource:
     return fmt.source(p)
 
 
-def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, progress: bool = False) -> str:
+def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, progress: bool = False,
+           quantize: str | None = None) -> str:
     """Write every tensor of a package to ``dst`` in a registered format.
 
     Parameters
@@ -145,6 +147,8 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
     fmt
         A name of :data:`FORMATS` (``"safetensors"``, ``"gguf"``, ``"torch"``, ``"hf"``); default
         from ``dst``.
+    quantize
+        GGUF only: ``"q8_0"`` writes a Llama-family package's matrices as ``Q8_0`` blocks.
 
     Returns
     -------
@@ -156,6 +160,10 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
     writer = chosen.writer
     if writer is None:  # format_for only returns writable formats
         raise FormatError(f"{dst}: {chosen.name} cannot be written")
+    if quantize is not None:
+        if chosen.name != "gguf":
+            raise InputError(f"{dst}: --quantize is for GGUF exports (the {chosen.name} format has no Q8_0 type)")
+        writer = functools.partial(writer, quantize=quantize)
     own = not isinstance(pkg, Package)
     p = open_package(pkg) if own else pkg
     try:

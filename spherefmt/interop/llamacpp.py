@@ -1,0 +1,220 @@
+"""GGUF for llama.cpp from a Llama-family package converted from Hugging Face (or trained, grown,
+quantized): what ``convert_hf_to_gguf.py`` writes for the ``llama`` architecture.
+
+- **Names.** llama.cpp's (``token_embd``, ``blk.N.attn_q``, ``blk.N.ffn_gate``, ``output``...);
+  Mixtral's experts stacked as ``blk.N.ffn_{gate,up,down}_exps`` with the router as
+  ``blk.N.ffn_gate_inp``.
+- **Q/K permutation.** llama.cpp applies RoPE to interleaved pairs where transformers rotates
+  halves, so the rows of ``q_proj``/``k_proj`` are permuted per head exactly as
+  ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does.
+- **Metadata.** The ``llama.*`` keys llama.cpp reads (context, widths, heads, norm epsilon, RoPE
+  base, expert counts, ``general.file_type``).  A config this writer cannot express for
+  llama.cpp (RoPE scaling, sliding windows, attention or MLP biases, another ``model_type``) is
+  refused by name, never written approximately.
+- **Tokenizer.** A byte-level BPE ``tokenizer.json`` (GPT-2 and Llama 3 style) becomes
+  ``tokenizer.ggml.model = "gpt2"`` with its tokens, merges and token types; without one the
+  file gets placeholder tokens (llama.cpp then runs token ids) and a warning says so.
+- **Types.** Vectors are F32.  Matrices keep their float dtype (F32, F16, BF16), or with
+  ``quantize="q8_0"`` (the default for a quantized package) are ``Q8_0`` blocks made by the
+  ``gguf`` quantizer from the package's values.  A quantized package's blocks come back
+  unchanged (quantizing ``Q8_0`` values again gives the same blocks), except ``ffn_down``,
+  whose blocks llama.cpp wants along the neuron axis: it is quantized again from its values
+  (the package quantizes each neuron's column).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spherefmt.dtypes import numpy_view
+from spherefmt.errors import FormatError, InputError
+
+if TYPE_CHECKING:
+    from spherefmt.format.package import Package
+
+__all__ = ["export_llama_cpp"]
+
+_FAMILY = ("llama", "mistral", "mixtral")
+#: config keys that change the computation in a way the ``llama`` GGUF cannot say
+_REFUSE = {"attention_bias": True, "mlp_bias": True}
+
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+_PER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight"}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_EXPS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+
+
+def _rope_theta(cfg: dict[str, Any], where: str) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    kind = rp.get("rope_type", "default") if isinstance(rp, dict) else "default"
+    if cfg.get("rope_scaling") or kind != "default":
+        raise FormatError(f"{where}: RoPE scaling {kind!r} is not written to llama.cpp GGUF by this exporter")
+    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(rp, dict) else 10000.0)
+
+
+def _check(cfg: dict[str, Any], where: str) -> None:
+    mt = cfg.get("model_type")
+    if mt not in _FAMILY:
+        raise FormatError(f"{where}: model_type {mt!r}: the llama.cpp exporter writes {', '.join(_FAMILY)}")
+    for key, bad in _REFUSE.items():
+        if cfg.get(key) == bad:
+            raise FormatError(f"{where}: {key} is not written to llama.cpp GGUF by this exporter")
+    window = cfg.get("sliding_window")
+    if window and window < int(cfg.get("max_position_embeddings", 0)):
+        raise FormatError(f"{where}: a sliding window of {window} is not written to llama.cpp's llama GGUF")
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
+        raise FormatError(f"{where}: head_dim {cfg['head_dim']} differs from hidden_size / heads")
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """``convert_hf_to_gguf.py``'s ``LlamaModel.permute``: per head, halves to interleaved pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer(w: Any, pkg: Package, cfg: dict[str, Any], vocab: int) -> None:
+    tok = None
+    if "tokenizer.json" in pkg.header.files:
+        try:
+            tok = json.loads(pkg.file("tokenizer.json").decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            tok = None
+    model = (tok or {}).get("model") or {}
+    if model.get("type") == "BPE" and isinstance(model.get("vocab"), dict):
+        tokens = [f"[PAD{i}]" for i in range(vocab)]
+        types = [5] * vocab  # unused
+        for t, i in model["vocab"].items():
+            if isinstance(i, int) and 0 <= i < vocab:
+                tokens[i], types[i] = t, 1
+        for added in tok.get("added_tokens") or []:
+            i = added.get("id")
+            if isinstance(i, int) and 0 <= i < vocab:
+                tokens[i], types[i] = added.get("content", tokens[i]), 3 if added.get("special") else 4
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+    else:
+        warnings.warn(f"{pkg.where}: no byte-level BPE tokenizer.json; the GGUF gets placeholder tokens "
+                      "(llama.cpp runs token ids)", stacklevel=3)
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<tok{i}>" for i in range(vocab)])
+        w.add_token_scores([0.0] * vocab)
+        w.add_token_types([1] * vocab)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        v = cfg.get(key)
+        if isinstance(v, int) and 0 <= v < vocab:
+            add(v)
+
+
+def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,
+                     progress: Callable[[int], Any] | None = None, *, quantize: str | None = None) -> None:
+    """Write a Llama-family package as a llama.cpp GGUF (see the module docstring)."""
+    try:
+        import gguf
+    except ImportError:
+        raise InputError("GGUF export needs the gguf package: pip install 'spherefmt[gguf]'") from None
+    cfg = dict(pkg.config or {})
+    where = pkg.where
+    _check(cfg, where)
+    if quantize is None and pkg.header.quantization is not None:
+        quantize = "q8_0"
+    if quantize not in (None, "q8_0"):
+        raise InputError(f"quantize {quantize!r}: expected q8_0")
+    read = storage if storage is not None else (lambda n: pkg.stored(n, padded=True))
+    heads, kv, d = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]), cfg["hidden_size"]
+    names = pkg.keys()
+    vocab = pkg.tensor_info("model.embed_tokens.weight").shape[0]
+    experts = int(cfg.get("num_local_experts") or 0)
+    qt = gguf.GGMLQuantizationType
+
+    # (GGUF name, how to make its float32 or float values) in llama.cpp's order
+    plan: list[tuple[str, Callable[[], np.ndarray]]] = []
+
+    def values(name: str) -> np.ndarray:
+        info = pkg.tensor_info(name, padded=True)
+        return numpy_view(np.asarray(read(name)), info.dtype)
+
+    stacked: dict[tuple[int, str], list[str]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
+        if m:
+            stacked.setdefault((int(m[1]), _EXPS[m[3]]), []).append(name)
+            continue
+        if name in _TOP:
+            plan.append((_TOP[name], lambda n=name: values(n)))
+            continue
+        parts = name.split(".")
+        if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+            raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
+        layer, rest = parts[2], ".".join(parts[3:])
+        if rest not in _PER:
+            raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
+        if rest == "self_attn.q_proj.weight":
+            plan.append((f"blk.{layer}.attn_q.weight", lambda n=name: _permute(values(n), heads)))
+        elif rest == "self_attn.k_proj.weight":
+            plan.append((f"blk.{layer}.attn_k.weight", lambda n=name: _permute(values(n), kv)))
+        else:
+            plan.append((f"blk.{layer}.{_PER[rest]}", lambda n=name: values(n)))
+    for (layer, gname), parts in sorted(stacked.items()):
+        order = sorted(parts, key=lambda n: int(_EXPERT.match(n)[2]))  # type: ignore[index]
+        if len(order) != experts:
+            raise FormatError(f"{where}: layer {layer} has {len(order)} experts for {gname}, config says {experts}")
+        plan.append((f"blk.{layer}.{gname}", lambda o=order: np.stack([values(n) for n in o])))
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(str(cfg.get("_name_or_path") or Path(str(where)).stem))
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(d)
+    w.add_block_count(len(pkg.layer_depth) if pkg.layer_depth else int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(pkg.ffn_size() // max(1, experts) if experts else pkg.ffn_size() or cfg["intermediate_size"]))
+    w.add_rope_dimension_count(d // heads)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_rope_freq_base(_rope_theta(cfg, where))
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0) if quantize else int(gguf.LlamaFileType.ALL_F32))
+    _tokenizer(w, pkg, cfg, vocab)
+    try:
+        for gname, make in plan:
+            arr = make()
+            router = gname.endswith("ffn_gate_inp.weight")
+            if arr.ndim >= 2 and quantize and not router and arr.shape[-1] % 32 == 0:
+                data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qt.Q8_0)
+                w.add_tensor(gname, data, raw_dtype=qt.Q8_0)
+            elif arr.ndim >= 2 and arr.dtype != np.float32 and not router:
+                kind = qt.BF16 if arr.dtype.name == "bfloat16" else qt.F16
+                w.add_tensor(gname, np.ascontiguousarray(arr).view(np.uint16 if kind == qt.BF16 else np.float16),
+                             raw_dtype=kind)
+            else:
+                w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
+            if progress is not None:
+                progress(int(arr.size * 4))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
