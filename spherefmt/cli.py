@@ -312,7 +312,13 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quantize: s
 
     if os.path.exists(dst) and not overwrite:
         raise PackageExistsError(f"{dst}: exists; pass --overwrite to replace it")
-    click.echo(f"wrote {export(pkg, dst, fmt=fmt, progress=not quiet, quantize=quantize)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        where = export(pkg, dst, fmt=fmt, progress=not quiet, quantize=quantize)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "Numcodecs" not in str(w.message):
+            click.echo(f"sphere: warning: {w.message}", err=True)
+    click.echo(f"wrote {where}")
 
 
 @cli.command(name="mount")

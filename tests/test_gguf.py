@@ -80,11 +80,18 @@ def test_gguf_export_of_a_trained_package_and_refusals(tmp_path):
     spherefmt.export(pkg, tmp_path / "t.gguf")
     t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
     assert (t[f"blk.{layer}.ffn_up.weight"][changed] == 0.25).all()
-    from spherefmt.testing import llama_config, make_llama
+    from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama
 
+    # a package from Hugging Face names exports the llama.cpp way (test_..._exports_for_llama_cpp);
+    # one llama.cpp's llama GGUF cannot hold is refused by name
     hf = spherefmt.save(make_llama(llama_config(), "F32"), tmp_path / "hf.sphere", config=llama_config())
-    with pytest.raises(FormatError, match="not converted from GGUF"):
+    with pytest.warns(UserWarning, match="placeholder tokens"):
         spherefmt.export(hf, tmp_path / "x.gguf")
+    assert gguf.GGUFReader(tmp_path / "x.gguf").fields["general.architecture"].contents() == "llama"
+    g2 = spherefmt.save(make_gpt2(gpt2_config(), "F32"), tmp_path / "g.sphere", config=gpt2_config())
+    with pytest.raises(FormatError, match="model_type 'gpt2'"):
+        spherefmt.export(g2, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()
 
 
 def test_hostile_gguf_files(tmp_path):
@@ -209,3 +216,69 @@ def test_a_gguf_moe_with_quantized_experts_is_carried_bit_for_bit_and_says_why(t
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
     assert out.read_bytes() == src.read_bytes()
+
+
+def _permuted(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out again here (the reference)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
+def test_a_hugging_face_llama_exports_for_llama_cpp(tmp_path, capsys, quantize):
+    """Every tensor under llama.cpp's name, Q/K permuted per head, the metadata llama.cpp reads
+    and the BPE tokenizer, read back with the gguf package's reader; with ``--quantize q8_0``
+    the matrices are the gguf quantizer's blocks."""
+    from spherefmt.testing import llama_config, make_llama, save_hf_folder
+
+    cfg = llama_config(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256)
+    sd = make_llama(cfg, "F32", seed=1)
+    src = tmp_path / "hf"
+    save_hf_folder(src, sd, cfg)
+    vocab = {f"t{i}": i for i in range(254)}
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": ["t 1"]},
+                                                    "added_tokens": [{"id": 254, "content": "<s>", "special": True}]}))
+    pkg, out = tmp_path / "m.sphere", tmp_path / "m.gguf"
+    spherefmt.save(src, pkg, graticule="2x2")
+    args = ["export", str(pkg), str(out), "-q"] + (["--quantize", quantize] if quantize else [])
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    r = gguf.GGUFReader(out)
+    kv = {f.name: f for f in r.fields.values()}
+    assert kv["general.architecture"].contents() == "llama" and kv["llama.block_count"].contents() == 2
+    assert kv["llama.attention.head_count_kv"].contents() == 2 and kv["llama.feed_forward_length"].contents() == 96
+    assert kv["tokenizer.ggml.model"].contents() == "gpt2"
+    tokens = kv["tokenizer.ggml.tokens"].contents()
+    assert tokens[5] == "t5" and tokens[254] == "<s>" and kv["tokenizer.ggml.token_type"].contents()[254] == 3
+    got = {t.name: t for t in r.tensors}
+    Q = gguf.GGMLQuantizationType.Q8_0
+
+    def values(name: str) -> np.ndarray:
+        t = got[name]
+        if t.tensor_type == Q:
+            return gguf.quants.dequantize(np.asarray(t.data), Q).reshape(tuple(reversed([int(x) for x in t.shape])))
+        return np.asarray(t.data)
+
+    want = {"token_embd.weight": sd["model.embed_tokens.weight"], "output.weight": sd["lm_head.weight"],
+            "blk.1.attn_q.weight": _permuted(sd["model.layers.1.self_attn.q_proj.weight"], 4),
+            "blk.1.attn_k.weight": _permuted(sd["model.layers.1.self_attn.k_proj.weight"], 2),
+            "blk.0.ffn_down.weight": sd["model.layers.0.mlp.down_proj.weight"],
+            "blk.0.attn_norm.weight": sd["model.layers.0.input_layernorm.weight"]}
+    assert len(got) == 2 + 1 + 2 * 9
+    for name, w in want.items():
+        if quantize and w.ndim == 2:
+            assert got[name].tensor_type == Q
+            ref = gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), Q), Q)
+            np.testing.assert_array_equal(values(name), ref, err_msg=name)
+        else:
+            np.testing.assert_array_equal(values(name), w, err_msg=name)
+
+
+def test_the_llama_cpp_export_refuses_what_it_cannot_say(tmp_path, capsys):
+    from spherefmt.testing.zoo import save_zoo_model
+
+    for name, match in (("llama3", "RoPE scaling"), ("mistral", "sliding window"), ("qwen2", "model_type")):
+        folder = save_zoo_model(name, tmp_path / name)
+        pkg = spherefmt.save(folder, tmp_path / f"{name}.sphere", graticule="2x2", depth=2)
+        code, _, err = run_cli(capsys, "export", str(pkg), str(tmp_path / f"{name}.gguf"), "-q")
+        assert code == 2 and match in err and not (tmp_path / f"{name}.gguf").exists(), (name, err)

@@ -196,6 +196,8 @@ def test_bad_requests_and_bad_headers_are_one_line_errors(model, tmp_path, capsy
     _, _, src, pkg, _ = model
     code, _, err = run_cli(capsys, "convert", str(src), str(tmp_path / "x.sphere"), "--quantize", "q4_9")
     assert code == 2 and "q4_9" in err
+    code, _, err = run_cli(capsys, "export", str(pkg), str(tmp_path / "x.safetensors"), "--quantize", "q8_0")
+    assert code == 2 and "for GGUF exports" in err and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(InputError, match="only a model with a sphere"), pytest.warns(UserWarning, match="not GPT-2"):
         spherefmt.save({"w": np.ones((4, 32), np.float32)}, tmp_path / "g.sphere", quantize="q8_0")
     import shutil
@@ -249,3 +251,30 @@ def test_native_moe_experts_quantize_and_stream_as_blocks(tmp_path, name):
             st = s.stats()
         np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
         assert "Q8_0" in st["weight_formats"] and st["peak_device_bytes"] <= st["budget_bytes"], backend
+
+
+def test_a_quantized_package_exports_for_llama_cpp_with_its_own_blocks(model, tmp_path, capsys):
+    """Quantizing Q8_0 values again gives the same blocks: the GGUF's attention and gate blocks
+    are the package's bytes (Q rows permuted whole), and only ffn_down (blocks along the other
+    axis in llama.cpp) is quantized again from the package's values."""
+    arch, _, _, pkg, _ = model
+    if arch != "llama":
+        pytest.skip("the llama.cpp exporter writes the Llama family")
+    out = tmp_path / "q.gguf"
+    code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
+    assert code == 0, err
+    assert "placeholder tokens" in err  # this model has no tokenizer.json: said, not hidden
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    with spherefmt.open(pkg) as p:
+        k = p.stored("model.layers.1.self_attn.k_proj.weight", blocks=True)
+        heads = 2
+        perm = k.reshape(heads, 2, k.shape[0] // heads // 2, k.shape[1]).swapaxes(1, 2).reshape(k.shape)
+        assert tensors["blk.1.attn_k.weight"].tensor_type == Q8_0
+        assert np.asarray(tensors["blk.1.attn_k.weight"].data).tobytes() == perm.tobytes()
+        gate = p.tensor("model.layers.0.mlp.gate_proj.weight")
+        assert np.asarray(tensors["blk.0.ffn_gate.weight"].data).tobytes() == \
+            gguf.quants.quantize(gate, Q8_0).tobytes()
+        down = p.tensor("model.layers.0.mlp.down_proj.weight")  # (128, 344): rows are not whole blocks
+        t = tensors["blk.0.ffn_down.weight"]
+        assert down.shape[1] % 32 and t.tensor_type == gguf.GGMLQuantizationType.F32  # so it stays float
+        np.testing.assert_array_equal(np.asarray(t.data), down)

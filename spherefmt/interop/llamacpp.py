@@ -98,7 +98,7 @@ def _tokenizer(w: Any, pkg: Package, cfg: dict[str, Any], vocab: int) -> None:
         for t, i in model["vocab"].items():
             if isinstance(i, int) and 0 <= i < vocab:
                 tokens[i], types[i] = t, 1
-        for added in tok.get("added_tokens") or []:
+        for added in (tok or {}).get("added_tokens") or []:
             i = added.get("id")
             if isinstance(i, int) and 0 <= i < vocab:
                 tokens[i], types[i] = added.get("content", tokens[i]), 3 if added.get("special") else 4
@@ -116,7 +116,7 @@ def _tokenizer(w: Any, pkg: Package, cfg: dict[str, Any], vocab: int) -> None:
         w.add_token_scores([0.0] * vocab)
         w.add_token_types([1] * vocab)
     for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
-        v = cfg.get(key)
+        v: Any = cfg.get(key)
         if isinstance(v, int) and 0 <= v < vocab:
             add(v)
 
@@ -142,13 +142,12 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     experts = int(cfg.get("num_local_experts") or 0)
     qt = gguf.GGMLQuantizationType
 
-    # (GGUF name, how to make its float32 or float values) in llama.cpp's order
-    plan: list[tuple[str, Callable[[], np.ndarray]]] = []
-
     def values(name: str) -> np.ndarray:
-        info = pkg.tensor_info(name, padded=True)
-        return numpy_view(np.asarray(read(name)), info.dtype)
+        return numpy_view(np.asarray(read(name)), pkg.tensor_info(name, padded=True).dtype)
 
+    # (GGUF name, source tensors, heads to permute by: 0 none) in llama.cpp's order; several
+    # sources are a layer's experts, stacked
+    plan: list[tuple[str, list[str], int]] = []
     stacked: dict[tuple[int, str], list[str]] = {}
     for name in names:
         m = _EXPERT.match(name)
@@ -156,25 +155,19 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
             stacked.setdefault((int(m[1]), _EXPS[m[3]]), []).append(name)
             continue
         if name in _TOP:
-            plan.append((_TOP[name], lambda n=name: values(n)))
+            plan.append((_TOP[name], [name], 0))
             continue
         parts = name.split(".")
-        if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+        rest = ".".join(parts[3:])
+        if len(parts) < 4 or parts[:2] != ["model", "layers"] or rest not in _PER:
             raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
-        layer, rest = parts[2], ".".join(parts[3:])
-        if rest not in _PER:
-            raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
-        if rest == "self_attn.q_proj.weight":
-            plan.append((f"blk.{layer}.attn_q.weight", lambda n=name: _permute(values(n), heads)))
-        elif rest == "self_attn.k_proj.weight":
-            plan.append((f"blk.{layer}.attn_k.weight", lambda n=name: _permute(values(n), kv)))
-        else:
-            plan.append((f"blk.{layer}.{_PER[rest]}", lambda n=name: values(n)))
-    for (layer, gname), parts in sorted(stacked.items()):
-        order = sorted(parts, key=lambda n: int(_EXPERT.match(n)[2]))  # type: ignore[index]
+        permute = heads if rest == "self_attn.q_proj.weight" else kv if rest == "self_attn.k_proj.weight" else 0
+        plan.append((f"blk.{parts[2]}.{_PER[rest]}", [name], permute))
+    for (layer, gname), group in sorted(stacked.items()):
+        order = sorted(group, key=lambda n: int(_EXPERT.match(n)[2]))  # type: ignore[index]
         if len(order) != experts:
             raise FormatError(f"{where}: layer {layer} has {len(order)} experts for {gname}, config says {experts}")
-        plan.append((f"blk.{layer}.{gname}", lambda o=order: np.stack([values(n) for n in o])))
+        plan.append((f"blk.{layer}.{gname}", order, 0))
 
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.partial")
@@ -183,7 +176,8 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     w.add_embedding_length(d)
     w.add_block_count(len(pkg.layer_depth) if pkg.layer_depth else int(cfg["num_hidden_layers"]))
-    w.add_feed_forward_length(int(pkg.ffn_size() // max(1, experts) if experts else pkg.ffn_size() or cfg["intermediate_size"]))
+    ffn = pkg.ffn_size() or int(cfg["intermediate_size"]) * max(1, experts)
+    w.add_feed_forward_length(int(ffn // max(1, experts)))
     w.add_rope_dimension_count(d // heads)
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
@@ -195,8 +189,10 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0) if quantize else int(gguf.LlamaFileType.ALL_F32))
     _tokenizer(w, pkg, cfg, vocab)
     try:
-        for gname, make in plan:
-            arr = make()
+        for gname, sources, permute in plan:
+            arr = np.stack([values(n) for n in sources]) if len(sources) > 1 else values(sources[0])
+            if permute:
+                arr = _permute(arr, permute)
             router = gname.endswith("ffn_gate_inp.weight")
             if arr.ndim >= 2 and quantize and not router and arr.shape[-1] % 32 == 0:
                 data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qt.Q8_0)

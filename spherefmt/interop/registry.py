@@ -163,7 +163,7 @@ def export(pkg: Any, dst: str | os.PathLike[str], *, fmt: str | None = None, pro
     if quantize is not None:
         if chosen.name != "gguf":
             raise InputError(f"{dst}: --quantize is for GGUF exports (the {chosen.name} format has no Q8_0 type)")
-        writer = functools.partial(writer, quantize=quantize)
+        writer = functools.partial(writer, quantize=quantize)  # type: ignore[call-arg]
     own = not isinstance(pkg, Package)
     p = open_package(pkg) if own else pkg
     try:
