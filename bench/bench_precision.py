@@ -39,6 +39,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+LLAMA_PY = HERE / ".venv-llama" / "bin" / "python"  # make bench-deps
 PROMPT, NEW = 16, 32
 PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "float32"}
 
@@ -81,12 +82,35 @@ def _decode_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     with Session(cfg["pkg"], backend="numpy", budget=cfg["budget"], active=cfg["active"], weights=cfg["weights"]) as s:
         tokens = s.generate(_prompt(), NEW, stop_at_eos=False)
         st = s.stats()
+        last = s.logits(_prompt())[-1].tolist() if cfg["budget"] is None else None
     n = st["tokens"]
     return {"tokens_per_s": st["tokens_per_s"], "tokens": tokens[:8], "weight_formats": st["weight_formats"],
             "stored_bytes": st["stored_bytes"], "weight_bytes": st["weight_bytes"], "budget_bytes": st["budget_bytes"],
             "peak_device_bytes": st["peak_device_bytes"], "bytes_read_per_token": st["bytes_read"] / n,
             "bytes_uploaded_per_token": st["bytes_uploaded"] / n, "decode_bytes_per_token": st["decode_bytes_per_token"],
-            "cache_hit_rate": st["cache_hit_rate"], "tokens_through": n}
+            "cache_hit_rate": st["cache_hit_rate"], "tokens_through": n, "prompt_logits": last}
+
+
+def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs under bench/.venv-llama's Python (llama_cpp and numpy only)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=128, n_threads=2, n_threads_batch=2, n_batch=64, verbose=False)
+    vocab = llm.n_vocab()
+
+    def logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).copy()
+
+    llm.eval(_prompt())
+    first = logits()
+    tokens = [int(np.argmax(first))]
+    t0 = time.perf_counter()
+    for _ in range(NEW - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(int(np.argmax(logits())))
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": (NEW - 1) / dt, "tokens": tokens[:8], "prompt_logits": first.tolist(),
+            "llama_cpp": llama_cpp.__version__}
 
 
 def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +124,9 @@ def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _isolated(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    py = str(LLAMA_PY) if kind == "llamacpp" else sys.executable
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
+        subprocess.run([py, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
                        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         return json.load(open(out.name))
 
@@ -135,7 +160,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, cfg, out = args.worker
-        Path(out).write_text(json.dumps((_ppl_worker if kind == "ppl" else _decode_worker)(json.loads(cfg))))
+        fn = {"ppl": _ppl_worker, "llamacpp": _llamacpp_worker}.get(kind, _decode_worker)
+        Path(out).write_text(json.dumps(fn(json.loads(cfg))))
         return
     root = ROOT / "bench" / "out" / "precision"
     root.mkdir(parents=True, exist_ok=True)
@@ -160,13 +186,32 @@ def main() -> None:
             print(f"  {label:<36} {r['tokens_per_s']:7.2f} tok/s  read {r['bytes_read_per_token'] / 2**20:7.1f} MiB/token"
                   f"  uploaded {r['bytes_uploaded_per_token'] / 2**20:7.1f}  held {'+'.join(r['weight_formats'])}",
                   flush=True)
+    def row(tag: str, mode: str, weights: str = "auto") -> dict[str, Any]:
+        return next(r for r in rows if r["precision"] == tag and r["mode"] == mode and r["weights"] == weights)
+
+    llama: dict[str, dict[str, Any]] = {}
+    if LLAMA_PY.exists():  # llama.cpp on the GGUFs spherefmt exports from the same packages
+        import spherefmt
+
+        for tag in ("f32", "q8_0"):
+            gg = root / f"{tag}.gguf"
+            if not gg.exists():
+                spherefmt.export(pkgs[tag], gg)
+            r = _isolated("llamacpp", {"gguf": str(gg)})
+            llama[tag] = r
+            ours = row(tag, "resident")
+            r["max_logit_diff_vs_spherefmt"] = float(np.abs(np.array(r["prompt_logits"]) - np.array(ours["prompt_logits"])).max())
+            r["same_tokens_as_spherefmt"] = r["tokens"] == ours["tokens"]
+            rows.append({"row": f"llama.cpp {tag} (GGUF exported by spherefmt)", "precision": tag, "mode": "llama.cpp",
+                         "weights": "stored", **{k: v for k, v in r.items() if k != "prompt_logits"}})
+            print(f"  llama.cpp {tag:<29} {r['tokens_per_s']:7.2f} tok/s  max |logit diff| vs spherefmt "
+                  f"{r['max_logit_diff_vs_spherefmt']:.2e}  same tokens {r['same_tokens_as_spherefmt']}", flush=True)
+    for r in rows:
+        r.pop("prompt_logits", None)
     heldout = ROOT / "spherefmt" / "data" / "tiny-gpt2" / "heldout.txt"
     ppl = {tag: _isolated("ppl", {"pkg": str(p), "text": str(heldout), "tokens": 4096}) for tag, p in _tiny(root).items()}
     for tag, r in ppl.items():
         print(f"  tiny-gpt2 {tag}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens", flush=True)
-
-    def row(tag: str, mode: str, weights: str = "auto") -> dict[str, Any]:
-        return next(r for r in rows if r["precision"] == tag and r["mode"] == mode and r["weights"] == weights)
 
     goals: dict[str, dict[str, Any]] = {}
     for tag in ("bf16", "f16", "q8_0"):
@@ -188,6 +233,11 @@ def main() -> None:
     goals["q8_0_25_stored_tokens_per_s_vs_f32"] = {"value": q8["tokens_per_s"] / f32["tokens_per_s"], "goal": 2.0}
     goals["q8_0_resident_tokens_per_s_vs_f32"] = {
         "value": row("q8_0", "resident")["tokens_per_s"] / row("f32", "resident")["tokens_per_s"], "goal": None}
+    if llama:
+        goals["q8_0_resident_vs_llama_cpp_q8_0"] = {
+            "value": row("q8_0", "resident")["tokens_per_s"] / llama["q8_0"]["tokens_per_s"], "goal": 0.8}
+        goals["f32_llama_cpp_max_logit_diff"] = {"value": llama["f32"]["max_logit_diff_vs_spherefmt"], "goal": 1e-3,
+                                                 "at_most": True}
     goals["q8_0_perplexity_change"] = {"value": ppl["q8_0"]["perplexity"] / ppl["f32"]["perplexity"] - 1,
                                        "goal": 0.005, "at_most": True}
     for g in goals.values():
