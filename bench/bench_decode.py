@@ -62,16 +62,9 @@ def _llama_gguf(hf: Path, out: Path) -> None:
         sd.update(load_file(f))
     heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
 
-    def permute(w: np.ndarray, n: int) -> np.ndarray:
-        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    from spherefmt.interop.llamacpp import _PER, _TOP, _permute  # llama.cpp's names, the library's table
 
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    per = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-           "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-           "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-           "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-           "mlp.down_proj.weight": "ffn_down.weight"}
+    permute, top, per = _permute, dict(_TOP), {k: v for k, v in _PER.items() if not k.startswith("block_sparse_moe")}
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(d)

@@ -96,3 +96,18 @@ def partition_raw(vhd, out, start_sector: int) -> Path:
     opts = f"driver=raw,offset={start_sector * 512},file.driver=vpc,file.file.filename={vhd}"
     subprocess.run(["qemu-img", "convert", "--image-opts", opts, "-O", "raw", str(out)], check=True)
     return Path(out)
+
+
+def started_backends() -> list[str]:
+    """The backends among numpy, torch:cpu, torch:cuda and vulkan that start on this machine."""
+    from spherefmt.backends import get_backend
+    from spherefmt.errors import BackendUnavailableError, UnknownBackendError
+
+    out = []
+    for name in ("numpy", "torch:cpu", "torch:cuda", "vulkan"):
+        try:
+            get_backend(name)
+            out.append(name)
+        except (BackendUnavailableError, UnknownBackendError):
+            pass
+    return out

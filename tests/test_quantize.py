@@ -13,23 +13,16 @@ import numpy as np
 import pytest
 
 import spherefmt
-from spherefmt.backends import get_backend
-from spherefmt.errors import BackendUnavailableError, FormatError, InputError, UnknownBackendError
+from spherefmt.errors import FormatError, InputError
 from spherefmt.runtime import Session
 from spherefmt.testing import gpt2_config, llama_config, make_gpt2, make_llama, save_hf_folder
-from tests.helpers import run_cli
+from tests.helpers import run_cli, started_backends
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-BACKENDS = []
-for _name in ("numpy", "torch:cpu", "torch:cuda", "vulkan"):
-    try:
-        get_backend(_name)
-        BACKENDS.append(_name)
-    except (BackendUnavailableError, UnknownBackendError):
-        pass
+BACKENDS = started_backends()
 
 IDS = np.random.default_rng(7).integers(0, 512, 20)
 Q8_0 = gguf.GGMLQuantizationType.Q8_0

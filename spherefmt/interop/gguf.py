@@ -15,11 +15,12 @@ bytes, written tensor by tensor (one in memory at a time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -270,6 +271,20 @@ def open_gguf(path: Path) -> GGUFSource:
     return GGUFSource(path)
 
 
+@contextlib.contextmanager
+def written_in_place(writer: Any, tmp: Path, dst: Path) -> Iterator[None]:
+    """Run the body that writes ``writer`` (a ``GGUFWriter`` on ``tmp``), then rename ``tmp`` to
+    ``dst``; on any failure ``tmp`` is removed and ``dst`` left as it was."""
+    try:
+        yield
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,
                 progress: Callable[[int], Any] | None = None, quantize: str | None = None) -> None:
     """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring); any
@@ -328,7 +343,7 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
             # any non-uint8 dtype keeps the shape as given; raw_dtype sets the GGUF type
             w.add_tensor_info(name, info.shape, np.dtype(np.float32), info.nbytes, raw_dtype=qt[info.dtype])
         plan.append(name)
-    try:
+    with written_in_place(w, tmp, dst):
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -338,9 +353,3 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
             w.write_tensor_data(data.reshape(-1))
             if progress is not None:
                 progress(data.nbytes)
-        w.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise

@@ -188,7 +188,9 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0) if quantize else int(gguf.LlamaFileType.ALL_F32))
     _tokenizer(w, pkg, cfg, vocab)
-    try:
+    from spherefmt.interop.gguf import written_in_place
+
+    with written_in_place(w, tmp, dst):
         for gname, sources, permute in plan:
             arr = np.stack([values(n) for n in sources]) if len(sources) > 1 else values(sources[0])
             if permute:
@@ -197,10 +199,10 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
             if arr.ndim >= 2 and quantize and not router and arr.shape[-1] % 32 == 0:
                 data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qt.Q8_0)
                 w.add_tensor(gname, data, raw_dtype=qt.Q8_0)
-            elif arr.ndim >= 2 and arr.dtype != np.float32 and not router:
-                kind = qt.BF16 if arr.dtype.name == "bfloat16" else qt.F16
-                w.add_tensor(gname, np.ascontiguousarray(arr).view(np.uint16 if kind == qt.BF16 else np.float16),
-                             raw_dtype=kind)
+            elif arr.ndim >= 2 and arr.dtype.name == "bfloat16" and not router:
+                w.add_tensor(gname, np.ascontiguousarray(arr).view(np.uint16), raw_dtype=qt.BF16)
+            elif arr.ndim >= 2 and arr.dtype == np.float16 and not router:
+                w.add_tensor(gname, np.ascontiguousarray(arr), raw_dtype=qt.F16)
             else:
                 w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
             if progress is not None:
@@ -208,9 +210,3 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
