@@ -71,7 +71,7 @@ def test_convert_into_a_bucket_then_info_and_eval(bucket_pkg, capsys):
     (Path(local).parent / "t.txt").write_text(text)
     results = []
     for where in (url, str(local)):
-        code, out, err = run_cli(capsys, "eval", where, "--text", str(Path(local).parent / "t.txt"), "--budget", "40%",
+        code, out, err = run_cli(capsys, "eval", where, "--text", str(Path(local).parent / "t.txt"), "--budget", "80%",
                               "--backend", "numpy", "--json")
         assert code == 0, err
         results.append(json.loads(out))

@@ -16,9 +16,11 @@ torch files load with ``weights_only=True`` only.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ from spherefmt.dtypes import TensorInfo, from_numpy, from_torch
 from spherefmt.errors import FormatError
 from spherefmt.heap import bounded_heap
 
-__all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "link_root", "no_escape", "read_json"]
+__all__ = ["MappingSource", "TensorSource", "bounded_heap", "inside", "link_root", "no_escape", "read_json",
+           "written_in_place"]
 
 
 class TensorSource(ABC):
@@ -129,3 +132,17 @@ def no_escape(folder: Path, path: Path, where: Path | str) -> Path:
             raise FormatError(f"{where}: {path.name!r} is a symbolic link out of the model folder (to {target}); "
                               "refused")
     return path
+
+
+@contextlib.contextmanager
+def written_in_place(writer: Any, tmp: Path, dst: Path) -> Iterator[None]:
+    """Run the body that writes ``writer`` (a ``GGUFWriter`` on ``tmp``, or anything with ``close``), then rename ``tmp`` to
+    ``dst``; on any failure ``tmp`` is removed and ``dst`` left as it was."""
+    try:
+        yield
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

@@ -15,12 +15,11 @@ bytes, written tensor by tensor (one in memory at a time).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ import numpy as np
 from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM
 from spherefmt.dtypes import TensorInfo
 from spherefmt.errors import BackendUnavailableError, FormatError, InputError
-from spherefmt.interop.base import TensorSource
+from spherefmt.interop.base import TensorSource, written_in_place
 
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
@@ -269,20 +268,6 @@ class GGUFSource(TensorSource):
 def open_gguf(path: Path) -> GGUFSource:
     """A ``.gguf`` file as a source."""
     return GGUFSource(path)
-
-
-@contextlib.contextmanager
-def written_in_place(writer: Any, tmp: Path, dst: Path) -> Iterator[None]:
-    """Run the body that writes ``writer`` (a ``GGUFWriter`` on ``tmp``), then rename ``tmp`` to
-    ``dst``; on any failure ``tmp`` is removed and ``dst`` left as it was."""
-    try:
-        yield
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,

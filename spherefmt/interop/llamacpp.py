@@ -36,6 +36,7 @@ import numpy as np
 
 from spherefmt.dtypes import numpy_view
 from spherefmt.errors import FormatError, InputError
+from spherefmt.interop.base import written_in_place
 
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
@@ -188,8 +189,6 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0) if quantize else int(gguf.LlamaFileType.ALL_F32))
     _tokenizer(w, pkg, cfg, vocab)
-    from spherefmt.interop.gguf import written_in_place
-
     with written_in_place(w, tmp, dst):
         for gname, sources, permute in plan:
             arr = np.stack([values(n) for n in sources]) if len(sources) > 1 else values(sources[0])
