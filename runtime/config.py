@@ -38,6 +38,7 @@ INERT_KEYS = frozenset({
     "diversity_penalty", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "pretraining_tp",
+    "source_format",  # "gguf": the tensors have llama.cpp's names (runtime/models.py maps them)
 })
 
 #: keys every Llama-family config may carry, read by :func:`read_decoder_config`

@@ -54,6 +54,30 @@ def _kept(a: np.ndarray, dtype: str, keep: frozenset[str]) -> np.ndarray:
     return _f32(a, dtype)
 
 
+def _raw_gguf(pkg: Package) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The raw tensors of a package converted from GGUF, from its side file (checked)."""
+    if C.GGUF_SIDE_FILE not in pkg.header.files:
+        return {}
+    import json
+
+    try:
+        side = json.loads(pkg.file(C.GGUF_SIDE_FILE).decode("utf-8"))
+        out = {}
+        for e in side["tensors"]:
+            if e["raw"]:
+                shape = tuple(int(x) for x in reversed(e["ne"]))
+                out[str(e["name"])] = (str(e["type_name"]), shape)
+        return out
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{pkg.where}: {C.GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+
+
+def _unpermute(a: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K rows (RoPE pairs interleaved per head) in transformers' order (halves)."""
+    rows = a.shape[0]
+    return np.ascontiguousarray(a.reshape(heads, rows // heads // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
+
+
 def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
     """A contiguous float32 array of a storage array's values: ``a`` itself when it already is
     one (weights are never written to, so a read-only view of a mapped chunk will do)."""
@@ -80,12 +104,19 @@ class BlockLoader:
     keep
         Weight formats (``F16``, ``BF16``) whose matrices stay in their stored precision; others
         are widened to float32 on the host.  May be changed until the first block is read.
+    permute_rows
+        Part name -> heads: the part's rows are permuted from llama.cpp's RoPE pairs back to
+        transformers' halves per head (the inverse of ``convert_hf_to_gguf.py``'s permutation).
     """
 
     def __init__(self, pkg: Package, core: dict[Key, dict[str, str]], tables: dict[str, str],
                  split: dict[str, tuple[int, list[str]]] | None = None,
-                 offsets: dict[str, float] | None = None, keep: frozenset[str] = frozenset({"F32"})) -> None:
+                 offsets: dict[str, float] | None = None, keep: frozenset[str] = frozenset({"F32"}),
+                 permute_rows: dict[str, int] | None = None) -> None:
         self.pkg = pkg
+        self.permute_rows = permute_rows or {}
+        #: raw GGUF tensors (stored as their bytes, spec 9.1): name -> (GGUF type name, shape)
+        self.raw = _raw_gguf(pkg)
         self.core = core
         self.tables = tables
         self.split = split or {}
@@ -119,10 +150,10 @@ class BlockLoader:
         self.table_rows: dict[str, int] = {}
         attn = max((self.nbytes(k) for k in core if k[0] == "attn"), default=4 << 20)
         for name, tensor in tables.items():
-            v, d = pkg.tensor_info(tensor).shape
+            v, d = self.shape_of(tensor)
             rows = max(1, attn // (d * _F32))
             chunk = self._array(tensor).chunks[0]
-            if rows > chunk:
+            if rows > chunk and tensor not in self.raw:
                 rows = chunk  # one stored chunk per block: read in place, no reassembly
             self.table_rows[name] = min(v, rows)
 
@@ -156,7 +187,7 @@ class BlockLoader:
         return [(int(a), int(b)) for a, b in zip(lat, lon, strict=True)]
 
     def table_blocks(self, name: str) -> int:
-        return math.ceil(self.pkg.tensor_info(self.tables[name]).shape[0] / self.table_rows[name])
+        return math.ceil(self.shape_of(self.tables[name])[0] / self.table_rows[name])
 
     @property
     def keep(self) -> frozenset[str]:
@@ -174,8 +205,19 @@ class BlockLoader:
         return self.row_format if self.row_format in self._keep else "F32"
 
     def format_of(self, tensor: str) -> str:
-        """The format a core tensor is stored in (``Q8_0`` for a quantized one)."""
+        """The format a core tensor is stored in (``Q8_0`` for a quantized one, or a raw GGUF
+        ``Q8_0`` tensor); a raw GGUF tensor of any other type is refused by name."""
+        if tensor in self.raw:
+            kind, shape = self.raw[tensor]
+            if kind != "Q8_0" or len(shape) != 2 or shape[1] % C.Q8_0_BLOCK:
+                raise FormatError(f"{self.pkg.where}: {tensor} is GGUF {kind}{list(shape)}; the runtime reads GGUF "
+                                  "F32, F16, BF16 and Q8_0 matrices (convert a Q8_0 or float GGUF)")
+            return "Q8_0"
         return "Q8_0" if self.pkg.quantized(tensor) else self.pkg.tensor_info(tensor).dtype
+
+    def shape_of(self, tensor: str) -> tuple[int, ...]:
+        """A tensor's shape as values (a raw GGUF tensor is stored as its bytes)."""
+        return self.raw[tensor][1] if tensor in self.raw else tuple(self.pkg.tensor_info(tensor).shape)
 
     def held_bytes(self, fmt: str, shape: tuple[int, ...]) -> int:
         """Device bytes of a tensor of this stored format and shape as held (:attr:`keep`)."""
@@ -187,7 +229,7 @@ class BlockLoader:
     def held_formats(self) -> list[str]:
         """The formats the device holds this model's tensors in (vectors are always float32)."""
         fmts = [(self.row_format, 2)] + [(self.format_of(t), 2) for t in self.tables.values()]
-        fmts += [(self.format_of(t), len(self.pkg.tensor_info(t).shape)) for blk in self.core.values() for t in blk.values()]
+        fmts += [(self.format_of(t), len(self.shape_of(t))) for blk in self.core.values() for t in blk.values()]
         return sorted({f if ndim == 2 and f in self._keep and f in WEIGHT_DTYPES else "F32" for f, ndim in fmts})
 
     def nbytes(self, key: Key) -> int:
@@ -200,12 +242,10 @@ class BlockLoader:
             return self.held_bytes(self.row_format, (n, width)) + n * vectors * _F32
         if kind == "vocab":
             _, name, b = key
-            info = self.pkg.tensor_info(self.tables[name])
-            v, d = info.shape
+            v, d = self.shape_of(self.tables[name])
             r = self.table_rows[name]
             return self.held_bytes(self.format_of(self.tables[name]), (min(v, (b + 1) * r) - b * r, d))
-        return sum(self.held_bytes(self.format_of(t), tuple(self.pkg.tensor_info(t).shape))
-                   for t in self.core[key].values())
+        return sum(self.held_bytes(self.format_of(t), self.shape_of(t)) for t in self.core[key].values())
 
     # --- reading ------------------------------------------------------------------------------
     def _array(self, tensor: str) -> Any:
@@ -267,7 +307,11 @@ class BlockLoader:
                 if a.dtype == Q8_0:
                     a = a.view(np.uint8)
             self._count(a.nbytes)
+            if tensor in self.raw:  # a GGUF tensor's bytes: rows of whole blocks
+                a = a.reshape(self.shape_of(tensor)[0], -1)
             out[part] = _kept(a, self.format_of(tensor), self.keep)
+            if part in self.permute_rows:
+                out[part] = _unpermute(out[part], self.permute_rows[part])
             if part in self.offsets:
                 out[part] = out[part] + np.float32(self.offsets[part])  # a new array: views stay unchanged
         for part, (axis, names) in self.split.items():
@@ -328,12 +372,19 @@ class BlockLoader:
     def _rows(self, tensor: str, start: int, count: int) -> np.ndarray:
         arr = self._array(tensor)
         info = self.pkg.tensor_info(tensor)
-        stop = min(info.shape[0], start + count)
+        rows, cols = self.shape_of(tensor)
+        stop = min(rows, start + count)
         chunk = arr.chunks[0]
         fa = FastArray.maybe(arr)
         what = f"{self.pkg.where}: rows {start}..{stop} of {tensor}"
         try:
-            if fa is not None and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
+            if tensor in self.raw:  # a GGUF tensor's bytes: the rows' byte range
+                width = cols // C.Q8_0_BLOCK * C.Q8_0_BYTES
+                if info.shape != (rows * width,):
+                    raise FormatError(f"{self.pkg.where}: {tensor} holds {info.shape[0]} bytes, not {rows} rows of "
+                                      f"{width}")
+                data = np.asarray(arr[start * width : stop * width]).reshape(stop - start, width)
+            elif fa is not None and len(arr.shape) == 2 and arr.chunks[1] == arr.shape[1]:
                 first = start // chunk
                 parts = [fa.read_chunk((c, 0)) for c in range(first, math.ceil(stop / chunk))]
                 data = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -345,7 +396,10 @@ class BlockLoader:
         except (ChunkError, ValueError, RuntimeError, OSError) as e:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
         self._count(data.nbytes)
-        return _kept(data, self.format_of(tensor), self.keep)
+        fmt = self.format_of(tensor)
+        if fmt != "Q8_0":
+            data = data.reshape(stop - start, cols)
+        return _kept(data, fmt, self.keep)
 
     def host_centroids(self, layer: int, field: str) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The centroid router of one layer: occupied cells and the mean ``field`` row of each

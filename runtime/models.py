@@ -53,11 +53,11 @@ class Model(ABC):
         self.n_layers = len(pkg.layer_depth)
         first = pkg.layout.layers[0][pkg.layout.fields[0].name]
         hf = re.match(r"^(.*)\.0\.(?:mlp|block_sparse_moe)\.", first)
-        if hf is None:
-            raise FormatError(f"{pkg.where}: the runtime reads Hugging Face tensor names and this package has "
-                              f"{first!r} (llama.cpp's GGUF names); streaming GGUF-named packages is not built yet: "
-                              "export it with sphere export, or convert the Hugging Face checkpoint")
-        self.prefix = hf[1] + "."  # e.g. "transformer.h." or "model.layers."
+        #: llama.cpp's tensor names (a package converted from GGUF: ``blk.N.ffn_gate.weight``)
+        self.gguf = hf is None and re.match(r"^blk\.0\.ffn_", first) is not None
+        if hf is None and not self.gguf:
+            raise FormatError(f"{pkg.where}: the runtime reads Hugging Face or llama.cpp tensor names, not {first!r}")
+        self.prefix = "blk." if hf is None else hf[1] + "."  # e.g. "transformer.h." or "model.layers."
         self.root = self.prefix.rsplit(".", 2)[0] + "." if self.prefix.count(".") > 1 else ""
         self.period = self.n_layers + 2  # embed, layers..., head
         #: called with ``(layer, FFN input as host float32)`` before each FFN (router training and
@@ -267,6 +267,9 @@ class Llama(Model):
         keys = set(pkg.keys())
         core: dict[Key, dict[str, str]] = {}
         norms = ["ln_w", "q_norm", "k_norm", "post_w"]
+        if self.gguf:
+            self._gguf_names(pkg, keys, core)
+            return
         for i in range(self.n_layers):
             a = {} if s.post_norms else {"ln_w": f"{p}{i}.input_layernorm.weight"}
             for n in ("q", "k", "v", "o"):
@@ -314,6 +317,34 @@ class Llama(Model):
         self.loader = BlockLoader(pkg, core, tables, offsets=offsets)
         self.routers = [self.loader.host_tensor(t) for t in self.router_names]
         self.shared_gate_w = [self.loader.host_tensor(t) for t in self.shared_gates]
+
+    def _gguf_names(self, pkg: Package, keys: set[str], core: dict[Key, dict[str, str]]) -> None:
+        """The blocks of a package converted from a llama.cpp GGUF (``spec/FORMAT.md`` 9.1): its
+        names, and Q/K rows permuted back from llama.cpp's RoPE pairs to transformers' halves."""
+        s = self.spec
+        if s.model_type != "llama" or s.moe is not None or s.qk_norm or s.post_norms:
+            raise FormatError(f"{pkg.where}: the runtime runs dense llama GGUFs; this one is {s.model_type!r}"
+                              + (" with experts" if s.moe else ""))
+        if "rope_freqs.weight" in keys:  # llama.cpp's per-dimension RoPE factors (Llama 3 scaling)
+            raise FormatError(f"{pkg.where}: rope_freqs.weight (llama.cpp's RoPE frequency factors) is not implemented")
+        for i in range(self.n_layers):
+            a = {"ln_w": f"blk.{i}.attn_norm.weight"}
+            for n, g in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
+                a[f"{n}_w"] = f"blk.{i}.{g}.weight"
+                if f"blk.{i}.{g}.bias" in keys:
+                    a[f"{n}_b"] = f"blk.{i}.{g}.bias"
+            core[("attn", i)] = a
+            core[("mlp", i)] = {"ln_w": f"blk.{i}.ffn_norm.weight"}
+        core[("final",)] = {"ln_w": "output_norm.weight"}
+        missing = sorted(t for blk in core.values() for t in blk.values() if t not in keys)
+        if missing:
+            raise FormatError(f"{pkg.where}: llama GGUF package lacks {missing[0]!r} ({len(missing)} missing)")
+        embed, head = "token_embd.weight", "output.weight" if "output.weight" in keys else "token_embd.weight"
+        tables = {"embed": embed, "head": head} if head != embed else {"head": head}
+        self.embed_table = "embed" if head != embed else "head"
+        self.loader = BlockLoader(pkg, core, tables, permute_rows={"q_w": s.n_heads, "k_w": s.n_kv_heads})
+        self.vocab = self.loader.shape_of(head)[0]
+        self.router_names, self.shared_gates, self.routers, self.shared_gate_w = [], [], [], []
 
     @property
     def native_moe(self) -> bool:

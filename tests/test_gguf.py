@@ -282,3 +282,41 @@ def test_the_llama_cpp_export_refuses_what_it_cannot_say(tmp_path, capsys):
         pkg = spherefmt.save(folder, tmp_path / f"{name}.sphere", graticule="2x2", depth=2)
         code, _, err = run_cli(capsys, "export", str(pkg), str(tmp_path / f"{name}.gguf"), "-q")
         assert code == 2 and match in err and not (tmp_path / f"{name}.gguf").exists(), (name, err)
+
+
+def test_a_llama_gguf_package_streams_as_transformers_reads_the_gguf(tmp_path):
+    """llama.cpp's names, its Q/K permutation undone, F16 embeddings and a raw Q8_0 LM head held
+    as they are: logits equal transformers' ``from_pretrained(gguf_file=...)`` on every backend,
+    resident and under a budget."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from spherefmt.runtime import Session
+    from tests.helpers import started_backends
+
+    src = make_llama_gguf(tmp_path / "m.gguf", d=64, ff=128, rope_freqs=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ids = np.random.default_rng(7).integers(0, 256, 12)
+    with torch.no_grad():
+        ref = hf.eval()(torch.as_tensor(ids)[None]).logits[0].numpy()
+    pkg = spherefmt.save(src, tmp_path / "m.sphere")
+    for backend in started_backends():
+        with Session(pkg, backend=backend) as s:
+            np.testing.assert_allclose(s.logits(ids), ref, atol=1e-5, rtol=0, err_msg=backend)
+        with Session(pkg, backend=backend, budget="70%", weights="stored") as s:
+            out = s.logits(ids)
+            st = s.stats()
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=backend)
+        assert st["weight_formats"] == ["F16", "F32", "Q8_0"] and st["peak_device_bytes"] <= st["budget_bytes"]
+    # the permutation matters: without it the logits are far off (the test can fail)
+    from spherefmt.runtime.loader import _unpermute
+
+    q = spherefmt.open(pkg).tensor("blk.0.attn_q.weight")
+    assert not np.array_equal(_unpermute(q, 4), q)
+
+
+def test_a_gguf_with_what_the_runtime_does_not_implement_is_refused_by_name(tmp_path):
+    from spherefmt.runtime import Session
+
+    pkg = spherefmt.save(make_llama_gguf(tmp_path / "r.gguf"), tmp_path / "r.sphere")  # with rope_freqs.weight
+    with pytest.raises(FormatError, match="rope_freqs.weight"):
+        Session(pkg, backend="numpy")

@@ -11,7 +11,7 @@ __all__ = ["make_llama_gguf"]
 
 def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
                     quantized_ffn: bool = False, seed: int = 0, experts: int = 0,
-                    shared_ff: int = 0) -> Path:
+                    shared_ff: int = 0, rope_freqs: bool = True) -> Path:
     """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
     output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
     ``quantized_ffn``), and metadata of several value types (string arrays included).
@@ -19,6 +19,7 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     ``ffn_gate_inp`` ``(E, d)`` and stacked ``ffn_{gate,up}_exps`` ``(E, ff, d)`` and
     ``ffn_down_exps`` ``(E, d, ff)`` (top-2); ``shared_ff`` adds a Qwen2-MoE shared expert of that
     size as llama.cpp names it (``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp``).
+    Without ``rope_freqs`` the file has no ``rope_freqs.weight`` (llama.cpp's RoPE factors).
     Tensors are written one at a time."""
     import gguf
     import ml_dtypes
@@ -33,8 +34,10 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
         ("token_embd.weight", r(vocab, d).astype(np.float16), None),
         ("output_norm.weight", np.ones(d, np.float32), None),
         ("output.weight", gguf.quants.quantize(r(vocab, d), q8), q8),
-        ("rope_freqs.weight", r(d // 8).astype(ml_dtypes.bfloat16).view(np.uint16), gguf.GGMLQuantizationType.BF16),
     ]
+    if rope_freqs:
+        tensors.append(("rope_freqs.weight", r(d // 8).astype(ml_dtypes.bfloat16).view(np.uint16),
+                        gguf.GGMLQuantizationType.BF16))
     for la in range(layers):
         p = f"blk.{la}."
         tensors += [(p + "attn_norm.weight", np.ones(d, np.float32), None),
