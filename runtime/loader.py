@@ -58,17 +58,12 @@ def _raw_gguf(pkg: Package) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The raw tensors of a package converted from GGUF, from its side file (checked)."""
     if C.GGUF_SIDE_FILE not in pkg.header.files:
         return {}
-    import json
+    from spherefmt.interop.gguf import read_side_file
 
     try:
-        side = json.loads(pkg.file(C.GGUF_SIDE_FILE).decode("utf-8"))
-        out = {}
-        for e in side["tensors"]:
-            if e["raw"]:
-                shape = tuple(int(x) for x in reversed(e["ne"]))
-                out[str(e["name"])] = (str(e["type_name"]), shape)
-        return out
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return {str(e["name"]): (str(e["type_name"]), tuple(int(x) for x in reversed(e["ne"])))
+                for e in read_side_file(pkg)["tensors"] if e["raw"]}
+    except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{pkg.where}: {C.GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
 
 

@@ -270,6 +270,18 @@ def open_gguf(path: Path) -> GGUFSource:
     return GGUFSource(path)
 
 
+def read_side_file(pkg: Package) -> dict[str, Any]:
+    """The package's ``GGUF_SIDE_FILE`` (section 9.1), its ``kv`` and ``tensors`` lists checked;
+    malformed: one-line :class:`FormatError`."""
+    try:
+        side = json.loads(pkg.file(GGUF_SIDE_FILE).decode("utf-8"))
+        if not isinstance(side.get("kv"), list) or not all(isinstance(e.get("name"), str) for e in side["tensors"]):
+            raise TypeError("kv or tensors malformed")
+        return side
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{pkg.where}: {GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+
+
 def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,
                 progress: Callable[[int], Any] | None = None, quantize: str | None = None) -> None:
     """Write a package converted from GGUF back to a ``.gguf`` (see the module docstring); any
@@ -287,11 +299,8 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
         return
     if quantize is not None:
         raise InputError(f"{pkg.where} was converted from GGUF: its export keeps the source's tensor types")
-    try:
-        side = json.loads(pkg.file(GGUF_SIDE_FILE).decode("utf-8"))
-        kv, entries = side["kv"], {e["name"]: e for e in side["tensors"]}
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FormatError(f"{pkg.where}: {GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+    side = read_side_file(pkg)
+    kv, entries = side["kv"], {e["name"]: e for e in side["tensors"]}
     vt, qt = gguf.GGUFValueType, gguf.GGMLQuantizationType
     values = {m["key"]: m for m in kv}
     arch = values.get("general.architecture", {}).get("value", "llama")
