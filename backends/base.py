@@ -8,16 +8,18 @@ Contract (every backend MUST follow it; ``tests/test_backends.py`` is the confor
   ``(tokens, features)``.  Integer inputs (token ids, row indices) are host numpy arrays.
 - *Weight matrices* may stay in the precision they are stored in: a backend lists the formats it
   holds in :attr:`Backend.weight_formats` (names of :data:`WEIGHT_DTYPES`: ``F32``, ``F16``,
-  ``BF16``, ``Q8_0``).  :meth:`adopt` keeps a 2-D host matrix of a listed format as it is (half
-  the bytes of float32 for the 16-bit ones, 34/128 for ``Q8_0``) and widens anything else to
-  float32.  The ``w`` of :meth:`matmul` and the ``table`` of :meth:`gather_rows` may be such a
+  ``BF16``, ``Q8_0``, ``Q4_K``).  :meth:`adopt` keeps a 2-D host matrix of a listed format as it
+  is (half the bytes of float32 for the 16-bit ones, 34/128 for ``Q8_0``, 144/1024 for ``Q4_K``)
+  and widens anything else to float32.  The ``w`` of :meth:`matmul` and the ``table`` of :meth:`gather_rows` may be such a
   matrix: its values are widened exactly (every 16-bit value is a float32 value; a ``Q8_0``
-  value is the float32 product of its block's scale and its integer, as GGUF's dequantizer
-  computes it) right before they are used, products accumulate in float32, and every output is
+  value is the float32 product of its block's scale and its integer, a ``Q4_K`` value
+  ``(d * sc) * q - (dmin * m)`` in float32, as GGUF's dequantizer computes them) right before they are used, products accumulate in float32, and every output is
   float32.  Nothing else takes such a tensor.
 - A ``Q8_0`` matrix of ``(rows, cols)`` values is a host array of ``(rows, cols / 32)`` blocks of
   :data:`Q8_0` (GGUF's ``block_q8_0``: a float16 scale ``d`` and 32 ``int8`` values ``qs``),
-  quantized along its rows; ``cols`` ranges of :meth:`matmul` on it are whole blocks.
+  quantized along its rows.  A ``Q4_K`` matrix likewise is ``(rows, cols / 256)`` blocks of
+  :data:`Q4_K` (GGUF's ``block_q4_K``).  A ``cols`` range of :meth:`matmul` on such a matrix may
+  begin and end inside a block (a field narrower than a block is stored padded to one).
 - :meth:`upload` copies a host array in (converting to float32), :meth:`free` gives its memory
   back at once, :meth:`to_host` copies out (float32), :meth:`synchronize` waits for queued work.
 - Memory accounting: :meth:`memory_used` is the bytes of live device tensors as held (weights
@@ -44,16 +46,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from spherefmt.dtypes import Q8_0, QBLOCK, dequantize_q8_0, values_shape
+from spherefmt.constants import QUANT_TYPES
+from spherefmt.dtypes import Q4_K, Q8_0, QBLOCK, QK_K, block_values, dequantize_blocks, dequantize_q8_0, values_shape
 
-__all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "Q8_0", "QBLOCK", "weight_format",
-           "values_shape", "dequantize_q8_0"]
+__all__ = ["Backend", "Accountant", "AccountedMemory", "WEIGHT_DTYPES", "QUANT_TYPES", "Q8_0", "Q4_K", "QBLOCK",
+           "QK_K", "weight_format", "values_shape", "block_values", "dequantize_blocks", "dequantize_q8_0"]
 
 #: weight formats of the interface: name (``spec/FORMAT.md`` section 5) -> numpy dtype of the
 #: host matrix :meth:`Backend.adopt` is given (bfloat16 as ``ml_dtypes.bfloat16``; a ``Q8_0``
-#: matrix is an array of blocks)
+#: or ``Q4_K`` matrix is an array of blocks)
 WEIGHT_DTYPES: dict[str, np.dtype] = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                                      "BF16": np.dtype(ml_dtypes.bfloat16), "Q8_0": Q8_0}
+                                      "BF16": np.dtype(ml_dtypes.bfloat16), "Q8_0": Q8_0, "Q4_K": Q4_K}
 _FORMAT_OF = {v: k for k, v in WEIGHT_DTYPES.items()}
 
 

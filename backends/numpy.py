@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from spherefmt.backends.base import (
-    QBLOCK,
     WEIGHT_DTYPES,
     Accountant,
     AccountedMemory,
     Backend,
-    dequantize_q8_0,
+    block_values,
+    dequantize_blocks,
     values_shape,
     weight_format,
 )
@@ -69,16 +69,16 @@ PROBE, REPROBE, MAX_REPROBE = 4, 16, 256
 #: elements of a 16-bit weight matrix widened to float32 at a time (256 KiB: in a core's L2)
 PIECE = 1 << 16
 _BF16 = WEIGHT_DTYPES["BF16"]
-_Q8_0 = WEIGHT_DTYPES["Q8_0"]
+_BLOCKS = (WEIGHT_DTYPES["Q8_0"], WEIGHT_DTYPES["Q4_K"])
 
 
 def _widen(src: np.ndarray, out: np.ndarray) -> None:
-    """``out[...] = src``'s values for a float16/bfloat16/Q8_0 ``src`` (``out`` float32, C-contiguous,
-    of :func:`values_shape`)."""
+    """``out[...] = src``'s values for a float16/bfloat16/Q8_0/Q4_K ``src`` (``out`` float32,
+    C-contiguous, of :func:`values_shape`)."""
     if src.dtype == _BF16:
         np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-    elif src.dtype == _Q8_0:
-        dequantize_q8_0(src, out)
+    elif src.dtype in _BLOCKS:
+        dequantize_blocks(src, out)
     else:
         np.copyto(out, src, casting="same_kind")
 
@@ -155,7 +155,7 @@ class _BlasThreads:
 
 class NumpyBackend(AccountedMemory, Backend):
     name = "numpy"
-    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_K"})
     fast_formats = frozenset({"F32"})
 
     def __init__(self) -> None:
@@ -186,8 +186,8 @@ class NumpyBackend(AccountedMemory, Backend):
         self._acct.free(t)
 
     def to_host(self, t: Any) -> np.ndarray:
-        if t.dtype == _Q8_0:
-            return dequantize_q8_0(t)
+        if t.dtype in _BLOCKS:
+            return dequantize_blocks(t)
         return np.array(t, dtype=_F32, copy=True)
 
     def describe(self) -> dict[str, Any]:
@@ -199,19 +199,30 @@ class NumpyBackend(AccountedMemory, Backend):
     # --- ops ------------------------------------------------------------------------------
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
                cols: tuple[int, int] | None = None) -> np.ndarray:
+        sub = None
         if cols is not None:
-            q = QBLOCK if w.dtype == _Q8_0 else 1  # a quantized matrix's columns are whole blocks
-            w = w[:, cols[0] // q : cols[1] // q]  # a row-strided view: BLAS reads it in place
+            q = block_values(w.dtype)  # a quantized matrix is sliced by whole blocks, then by values
+            b0, b1 = cols[0] // q, -(-cols[1] // q)
+            w = w[:, b0:b1]  # a row-strided view: BLAS reads it in place
+            if q > 1 and (cols[0] % q or cols[1] % q):
+                sub = (cols[0] - b0 * q, cols[1] - b0 * q)
         self._blas.product(x.shape[0], w.nbytes if w.dtype == _F32 else 4 * w.shape[0] * values_shape(w)[1])
-        y = x @ (w.T if transpose_w else w) if w.dtype == _F32 else self._widening_matmul(x, w, transpose_w)
+        if w.dtype == _F32:
+            y = x @ (w.T if transpose_w else w)
+        else:
+            y = self._widening_matmul(x, w, transpose_w, sub)
         if bias is not None:
             y += bias
         return self._out(y)
 
     @staticmethod
-    def _widening_matmul(x: np.ndarray, w: np.ndarray, transpose_w: bool) -> np.ndarray:
-        """``x @ w`` (or ``x @ w.T``) for a 16-bit or ``Q8_0`` ``w``, widened piece by piece (rows of ``w``)."""
+    def _widening_matmul(x: np.ndarray, w: np.ndarray, transpose_w: bool,
+                         sub: tuple[int, int] | None = None) -> np.ndarray:
+        """``x @ w`` (or ``x @ w.T``) for a 16-bit, ``Q8_0`` or ``Q4_K`` ``w``, widened piece by
+        piece (rows of ``w``); ``sub``: the columns of the widened rows to use (a field narrower
+        than a block lies inside one)."""
         rows, width = values_shape(w)
+        a, b = sub if sub is not None else (0, width)
         step = max(1, PIECE // max(1, width))
         buf = np.empty(min(rows, step) * width, dtype=_F32)
         if transpose_w:  # each piece of rows gives a range of output columns
@@ -220,14 +231,14 @@ class NumpyBackend(AccountedMemory, Backend):
                 piece = w[r : r + step]
                 f = buf[: piece.shape[0] * width].reshape(piece.shape[0], width)
                 _widen(piece, f)
-                y[:, r : r + piece.shape[0]] = x @ f.T
+                y[:, r : r + piece.shape[0]] = x @ f[:, a:b].T
             return y
-        y = np.zeros((x.shape[0], width), dtype=_F32)  # each piece adds its rows' share
+        y = np.zeros((x.shape[0], b - a), dtype=_F32)  # each piece adds its rows' share
         for r in range(0, rows, step):
             piece = w[r : r + step]
             f = buf[: piece.shape[0] * width].reshape(piece.shape[0], width)
             _widen(piece, f)
-            y += x[:, r : r + piece.shape[0]] @ f
+            y += x[:, r : r + piece.shape[0]] @ f[:, a:b]
         return y
 
     def add(self, a: Any, b: Any) -> np.ndarray:

@@ -16,40 +16,58 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.backends.base import QBLOCK, Accountant, Backend, weight_format
+from spherefmt.backends.base import QUANT_TYPES, Accountant, Backend, weight_format
 from spherefmt.errors import BackendUnavailableError
 
 __all__ = ["TorchBackend"]
 
 
 class _Blocks:
-    """A ``Q8_0`` matrix on the device: its blocks' bytes ``(rows, n, 34)`` as ``uint8`` and the
-    shape of its values ``(rows, 32 n)``."""
+    """A block-quantized matrix on the device (``Q8_0`` or ``Q4_K``): its blocks' bytes
+    ``(rows, n, block bytes)`` as ``uint8``, its format and the shape of its values ``(rows, k n)``."""
 
-    __slots__ = ("raw", "shape", "__weakref__")
+    __slots__ = ("raw", "shape", "fmt", "__weakref__")
 
-    def __init__(self, raw: Any, shape: tuple[int, int]) -> None:
-        self.raw, self.shape = raw, shape
+    def __init__(self, raw: Any, shape: tuple[int, int], fmt: str) -> None:
+        self.raw, self.shape, self.fmt = raw, shape, fmt
 
-    def blocks(self, a: int, b: int) -> _Blocks:
-        """Columns ``a .. b`` of the values (whole blocks), in place."""
-        return _Blocks(self.raw[:, a // QBLOCK : b // QBLOCK], (self.shape[0], b - a))
+    def blocks(self, a: int, b: int) -> tuple[_Blocks, tuple[int, int] | None]:
+        """The whole blocks holding columns ``a .. b`` of the values, in place, and the columns of
+        their values to use (``None``: all; a field narrower than a block lies inside one)."""
+        k = QUANT_TYPES[self.fmt][0]
+        b0, b1 = a // k, -(-b // k)
+        part = _Blocks(self.raw[:, b0:b1], (self.shape[0], (b1 - b0) * k), self.fmt)
+        return part, ((a - b0 * k, b - b0 * k) if a % k or b % k else None)
 
     def rows(self, r0: int, r1: int) -> _Blocks:
-        return _Blocks(self.raw[r0:r1], (min(r1, self.shape[0]) - r0, self.shape[1]))
+        return _Blocks(self.raw[r0:r1], (min(r1, self.shape[0]) - r0, self.shape[1]), self.fmt)
+
+    def take(self, idx: Any) -> _Blocks:
+        return _Blocks(self.raw[idx], (len(idx), self.shape[1]), self.fmt)
 
     def float(self) -> Any:
+        """The float32 values, computed as GGUF's dequantizer (and the numpy backend) does."""
         import torch
 
-        d = self.raw[..., :2].contiguous().view(torch.float16).float()  # (rows, n, 1): each block's scale
-        q = self.raw[..., 2:].view(torch.int8).float()
-        return (q * d).reshape(self.raw.shape[0], -1)
+        raw = self.raw
+        if self.fmt == "Q8_0":
+            d = raw[..., :2].contiguous().view(torch.float16).float()  # (rows, n, 1): each block's scale
+            return (raw[..., 2:].view(torch.int8).float() * d).reshape(raw.shape[0], -1)
+        d = raw[..., 0:2].contiguous().view(torch.float16).float()
+        dmin = raw[..., 2:4].contiguous().view(torch.float16).float()
+        lo, mid, hi = raw[..., 4:8], raw[..., 8:12], raw[..., 12:16]
+        sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 6) << 4)], dim=-1).float()  # (rows, n, 8)
+        mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=-1).float()
+        qs = raw[..., 16:].reshape(*raw.shape[:2], 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=-2).reshape(*raw.shape[:2], 8, 32).float()
+        return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(raw.shape[0], -1)
+
 
 _HINT = "pip install torch==2.13.0 (CPU) or a CUDA/ROCm build from pytorch.org"
 
 
 class TorchBackend(Backend):
-    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_K"})
 
     def __init__(self, device: str | None = None) -> None:
         try:
@@ -105,14 +123,15 @@ class TorchBackend(Backend):
 
     def adopt(self, host: np.ndarray) -> Any:
         fmt = weight_format(host)
-        if fmt == "Q8_0" and host.ndim == 2:
+        if fmt in QUANT_TYPES and host.ndim == 2:
             import warnings
 
             with warnings.catch_warnings():  # a read-only mapped chunk: copied right below
                 warnings.simplefilter("ignore", UserWarning)
-                blocks = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (34,)))
+                values, size = QUANT_TYPES[fmt]
+                blocks = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(host.shape + (size,)))
             blocks = blocks.to(self.device) if self._gpu else blocks.clone()
-            return self._out(_Blocks(blocks, (host.shape[0], host.shape[1] * QBLOCK)))
+            return self._out(_Blocks(blocks, (host.shape[0], host.shape[1] * values), fmt))
         if fmt in ("F16", "BF16") and host.ndim == 2:
             from spherefmt.dtypes import to_torch
 
@@ -178,22 +197,29 @@ class TorchBackend(Backend):
     # --- ops ------------------------------------------------------------------------------
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
                cols: tuple[int, int] | None = None) -> Any:
+        sub = None
         if cols is not None:
-            w = w.blocks(*cols) if isinstance(w, _Blocks) else w[:, cols[0] : cols[1]]
+            if isinstance(w, _Blocks):
+                w, sub = w.blocks(*cols)
+            else:
+                w = w[:, cols[0] : cols[1]]
         if isinstance(w, _Blocks) or w.dtype != self.torch.float32:
-            y = self._widening_matmul(x, w, transpose_w)
+            y = self._widening_matmul(x, w, transpose_w, sub)
             return self._out(y if bias is None else y.add_(bias))
         w = w.t() if transpose_w else w
         y = x @ w if bias is None else self.torch.addmm(bias, x, w)
         return self._out(y)
 
-    def _widening_matmul(self, x: Any, w: Any, transpose_w: bool) -> Any:
-        """``x @ w`` (or ``x @ w.T``) for a 16-bit or ``Q8_0`` ``w``, widened a piece of rows at a time."""
+    def _widening_matmul(self, x: Any, w: Any, transpose_w: bool, sub: tuple[int, int] | None = None) -> Any:
+        """``x @ w`` (or ``x @ w.T``) for a 16-bit, ``Q8_0`` or ``Q4_K`` ``w``, widened a piece of
+        rows at a time; ``sub``: the columns of the widened rows to use."""
         rows, width = w.shape
+        a, b = sub if sub is not None else (0, width)
         step = max(1, self.piece // max(1, width))
 
         def piece(r: int) -> Any:
-            return w.rows(r, r + step).float() if isinstance(w, _Blocks) else w[r : r + step].float()
+            f = w.rows(r, r + step).float() if isinstance(w, _Blocks) else w[r : r + step].float()
+            return f if sub is None else f[:, a:b]
 
         if transpose_w:
             return self.torch.cat([x @ piece(r).t() for r in range(0, rows, step)], dim=1)
@@ -201,7 +227,7 @@ class TorchBackend(Backend):
         for r in range(0, rows, step):
             part = x[:, r : r + step] @ piece(r)
             y = part if y is None else y.add_(part)
-        return y if y is not None else self.torch.zeros((x.shape[0], width), device=self.device)
+        return y if y is not None else self.torch.zeros((x.shape[0], b - a), device=self.device)
 
     def add(self, a: Any, b: Any) -> Any:
         return self._out(a + b)
@@ -225,7 +251,7 @@ class TorchBackend(Backend):
     def gather_rows(self, table: Any, ids: np.ndarray) -> Any:
         idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
         if isinstance(table, _Blocks):
-            out = _Blocks(table.raw[idx.clamp(min=0)], (len(idx), table.shape[1])).float()
+            out = table.take(idx.clamp(min=0)).float()
         else:
             out = table[idx.clamp(min=0)].float()
         out[idx < 0] = 0.0

@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from spherefmt.backends.base import (
-    Q8_0,
+    QUANT_TYPES,
+    WEIGHT_DTYPES,
     Accountant,
     AccountedMemory,
     Backend,
-    dequantize_q8_0,
+    dequantize_blocks,
     values_shape,
     weight_format,
 )
@@ -258,8 +259,33 @@ def _q8_0_variant(src: str, name: str) -> str:
     return helper + body
 
 
+def _q4_k_variant(src: str, name: str) -> str:
+    """The shader reading ``name`` as ``Q4_K`` blocks (144 bytes, so every block starts on a
+    32-bit word: float16 ``d`` and ``dmin`` in its first word, 12 bytes of packed 6-bit scales
+    and mins, 128 bytes of 4-bit values); element ``e`` is value ``e % 256`` of block ``e / 256``,
+    widened to float32 as ``(d * sc) * q - (dmin * m)`` (llama.cpp's ``get_scale_min_k4``)."""
+    import re
+
+    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
+    helper = (f"fn {name}_byte(i: u32) -> u32 {{ return ({name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu; }}\n"
+              f"fn {name}_at(e: u32) -> f32 {{\n  let blk = e >> 8u; let i = e & 255u; let j = i >> 5u;\n"
+              f"  let off = blk * 144u;\n  let dd = unpack2x16float({name}[blk * 36u]);\n"
+              f"  var sc: u32; var m: u32;\n"
+              f"  if (j < 4u) {{ sc = {name}_byte(off + 4u + j) & 63u; m = {name}_byte(off + 8u + j) & 63u; }}\n"
+              f"  else {{ let s = {name}_byte(off + 8u + j);\n"
+              f"    sc = (s & 15u) | (({name}_byte(off + j) >> 6u) << 4u);\n"
+              f"    m = (s >> 4u) | (({name}_byte(off + 4u + j) >> 6u) << 4u); }}\n"
+              f"  let b = {name}_byte(off + 16u + (i >> 6u) * 32u + (i & 31u));\n"
+              f"  let q = select(b & 15u, b >> 4u, (j & 1u) == 1u);\n"
+              f"  return (dd.x * f32(sc)) * f32(q) - dd.y * f32(m);\n}}\n")
+    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
+    return helper + body
+
+
 _SHADERS["matmul_Q8_0"] = _q8_0_variant(_SHADERS["matmul"], "w")
 _SHADERS["gather_Q8_0"] = _q8_0_variant(_SHADERS["gather"], "table")
+_SHADERS["matmul_Q4_K"] = _q4_k_variant(_SHADERS["matmul"], "w")
+_SHADERS["gather_Q4_K"] = _q4_k_variant(_SHADERS["gather"], "table")
 
 for _fmt in ("F16", "BF16"):
     _SHADERS[f"matmul_{_fmt}"] = _packed16_variant(_SHADERS["matmul"], "w", _fmt)
@@ -277,7 +303,7 @@ class _T:
 
 
 class VulkanBackend(AccountedMemory, Backend):
-    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0"})
+    weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_K"})
 
     def __init__(self, device: str = "") -> None:
         parts = [x for x in device.split(",") if x]
@@ -360,7 +386,7 @@ class VulkanBackend(AccountedMemory, Backend):
             return self.upload(host)
         if fmt == "F32":
             fmt, host = "F16", host.astype(np.float16)
-        if fmt == "Q8_0":  # the blocks' bytes; the tensor's shape is its values'
+        if fmt in QUANT_TYPES:  # the blocks' bytes; the tensor's shape is its values'
             raw = np.ascontiguousarray(host).view(np.uint8)
             t = _T(self._buffer(raw.nbytes, raw), values_shape(host), raw.nbytes, fmt)
             return self._acct.track(t, raw.nbytes)
@@ -379,9 +405,9 @@ class VulkanBackend(AccountedMemory, Backend):
         with self._lock:
             raw = self.dev.queue.read_buffer(t.buf, 0, t.buf.size)
         n = math.prod(t.shape)
-        if t.fmt == "Q8_0":
-            blocks = np.frombuffer(raw, dtype=np.uint8)[: t.nbytes].view(Q8_0).reshape(t.shape[0], -1)
-            return dequantize_q8_0(blocks)
+        if t.fmt in QUANT_TYPES:
+            blocks = np.frombuffer(raw, dtype=np.uint8)[: t.nbytes].view(WEIGHT_DTYPES[t.fmt]).reshape(t.shape[0], -1)
+            return dequantize_blocks(blocks)
         if t.fmt == "BF16":
             return (np.frombuffer(raw, dtype=np.uint16)[:n].astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
         dt = np.float16 if t.fmt == "F16" else np.float32

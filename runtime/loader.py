@@ -28,7 +28,7 @@ import numpy as np
 
 from spherefmt import constants as C
 from spherefmt.backends.base import WEIGHT_DTYPES
-from spherefmt.dtypes import Q8_0, dequantize_q8_0, numpy_view, storage_dtype, to_float32
+from spherefmt.dtypes import BLOCK_DTYPES, dequantize_blocks, numpy_view, storage_dtype, to_float32
 from spherefmt.errors import FormatError, SpherefmtError
 from spherefmt.format.chunks import ChunkError, FastArray, read_many
 from spherefmt.format.keys import core_key
@@ -45,10 +45,16 @@ _POOL_LOCK = threading.Lock()
 
 def _kept(a: np.ndarray, dtype: str, keep: frozenset[str]) -> np.ndarray:
     """A weight matrix as the device will hold it: its stored values in their own precision when
-    ``dtype`` is kept (a view, no copy), else float32.  ``Q8_0``: ``a`` is the blocks' bytes."""
-    if dtype == "Q8_0":
-        blocks = np.ascontiguousarray(a).view(Q8_0)
-        return blocks if "Q8_0" in keep else dequantize_q8_0(blocks)
+    ``dtype`` is kept (a view, no copy), else float32.  A block format (``Q8_0``, ``Q4_K``, or a
+    raw GGUF tensor of another type such as ``Q6_K``): ``a`` is the rows' bytes ``(rows, bytes)``."""
+    if dtype in BLOCK_DTYPES:
+        blocks = np.ascontiguousarray(a).view(BLOCK_DTYPES[dtype])
+        return blocks if dtype in keep else dequantize_blocks(blocks)
+    if dtype not in C.DTYPES:  # a GGUF type the backends do not hold: float32 by gguf's dequantizer
+        import gguf
+
+        return np.ascontiguousarray(gguf.quants.dequantize(np.ascontiguousarray(a), gguf.GGMLQuantizationType[dtype]),
+                                    dtype=np.float32)
     if dtype in keep and dtype in WEIGHT_DTYPES and a.ndim == 2:
         return np.ascontiguousarray(numpy_view(a, dtype))
     return _f32(a, dtype)
@@ -65,6 +71,22 @@ def _raw_gguf(pkg: Package) -> dict[str, tuple[str, tuple[int, ...]]]:
                 for e in read_side_file(pkg)["tensors"] if e["raw"]}
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{pkg.where}: {C.GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+
+
+def _raw_row_bytes(kind: str, cols: int) -> int:
+    """Bytes of one row of ``cols`` values of a GGUF tensor type."""
+    import gguf
+
+    values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return cols // values * size
+
+
+def _dequantizable(qt: Any) -> bool:
+    """Whether gguf's numpy dequantizer reads a GGUF type."""
+    import gguf
+
+    cls = getattr(gguf.quants, qt.name, None)
+    return cls is not None and "dequantize_blocks" in vars(cls)
 
 
 def _unpermute(a: np.ndarray, heads: int) -> np.ndarray:
@@ -118,8 +140,8 @@ class BlockLoader:
         self.offsets = offsets or {}
         self.layout = pkg.layout
         self._widths = {f.name: f.width for f in self.layout.fields}
-        #: the format the sphere's rows are stored in (``Q8_0`` for a quantized sphere)
-        self.row_format = "Q8_0" if pkg.quantized_sphere else self.layout.dtype
+        #: the format the sphere's rows are stored in (``Q8_0``/``Q4_K`` for a quantized sphere)
+        self.row_format = pkg.sphere_type or self.layout.dtype
         self.keep = frozenset(keep)
         p, m = pkg.require_graticule()
         self.grid = (p, m)
@@ -193,22 +215,29 @@ class BlockLoader:
     def keep(self, formats: frozenset[str]) -> None:
         self._keep = frozenset(formats)
         # a quantized row held as blocks has every field on a block boundary (spec 5.1)
-        self.slices = block_slices(self._widths) if self._held_rows() == "Q8_0" else self.layout.slices()
+        held = self._held_rows()
+        self.slices = block_slices(self._widths, held) if held in BLOCK_DTYPES else self.layout.slices()
         self.cols = {n: (sl.start, sl.stop) for n, sl in self.slices.items()}
 
     def _held_rows(self) -> str:
         return self.row_format if self.row_format in self._keep else "F32"
 
     def format_of(self, tensor: str) -> str:
-        """The format a core tensor is stored in (``Q8_0`` for a quantized one, or a raw GGUF
-        ``Q8_0`` tensor); a raw GGUF tensor of any other type is refused by name."""
+        """The format a core tensor is stored in: its block type when quantized; for a raw GGUF
+        tensor its GGUF type (``Q8_0`` and ``Q4_K`` are held as they are; the other types gguf
+        dequantizes, ``Q6_K`` and the rest of the k-quants among them, are widened to float32
+        at load).  A raw tensor gguf cannot read, or not a matrix of whole blocks, is refused by name."""
         if tensor in self.raw:
             kind, shape = self.raw[tensor]
-            if kind != "Q8_0" or len(shape) != 2 or shape[1] % C.Q8_0_BLOCK:
+            import gguf
+
+            qt = getattr(gguf.GGMLQuantizationType, kind, None)
+            size = gguf.GGML_QUANT_SIZES.get(qt) if qt is not None else None
+            if size is None or len(shape) != 2 or shape[1] % size[0] or not _dequantizable(qt):
                 raise FormatError(f"{self.pkg.where}: {tensor} is GGUF {kind}{list(shape)}; the runtime reads GGUF "
-                                  "F32, F16, BF16 and Q8_0 matrices (convert a Q8_0 or float GGUF)")
-            return "Q8_0"
-        return "Q8_0" if self.pkg.quantized(tensor) else self.pkg.tensor_info(tensor).dtype
+                                  "matrices of whole blocks of the types gguf dequantizes (Q8_0, Q4_K, Q6_K, ...)")
+            return kind
+        return self.pkg.quant_type(tensor) or self.pkg.tensor_info(tensor).dtype
 
     def shape_of(self, tensor: str) -> tuple[int, ...]:
         """A tensor's shape as values (a raw GGUF tensor is stored as its bytes)."""
@@ -219,7 +248,10 @@ class BlockLoader:
         n = math.prod(shape)
         if len(shape) != 2 or fmt not in self._keep or fmt not in WEIGHT_DTYPES:
             return n * _F32
-        return n // C.Q8_0_BLOCK * C.Q8_0_BYTES if fmt == "Q8_0" else n * WEIGHT_DTYPES[fmt].itemsize
+        if fmt in BLOCK_DTYPES:
+            values, size = C.QUANT_TYPES[fmt]
+            return n // values * size
+        return n * WEIGHT_DTYPES[fmt].itemsize
 
     def held_formats(self) -> list[str]:
         """The formats the device holds this model's tensors in (vectors are always float32)."""
@@ -233,7 +265,8 @@ class BlockLoader:
         if kind in ("cell", "ffn"):
             n = int(self.counts[key[1], key[2], key[3]]) if kind == "cell" else int(self.counts[key[1]].sum())
             vectors = sum(1 for sl in self.slices.values() if sl.stop - sl.start == 1)
-            width = blocks_width(self._widths) if self._held_rows() == "Q8_0" else self.row_width
+            held = self._held_rows()
+            width = blocks_width(self._widths, held) if held in BLOCK_DTYPES else self.row_width
             return self.held_bytes(self.row_format, (n, width)) + n * vectors * _F32
         if kind == "vocab":
             _, name, b = key
@@ -255,8 +288,8 @@ class BlockLoader:
         if tensor not in self._fast_arrays:
             arr = self._array(tensor)
             info = self.pkg.tensor_info(tensor)
-            if self.pkg.quantized(tensor):  # its blocks' bytes
-                ok = tuple(arr.shape) == storage_shape(tuple(info.shape)) and arr.dtype == np.uint8
+            if (qt := self.pkg.quant_type(tensor)) is not None:  # its blocks' bytes
+                ok = tuple(arr.shape) == storage_shape(tuple(info.shape), qt) and arr.dtype == np.uint8
             else:
                 ok = tuple(arr.shape) == tuple(info.shape) and arr.dtype == storage_dtype(info.dtype)
             self._fast_arrays[tensor] = FastArray.maybe(arr) if ok else None
@@ -299,7 +332,7 @@ class BlockLoader:
             a = raw.get(tensor)
             if a is None:
                 a = self.pkg.stored(tensor, blocks=True)
-                if a.dtype == Q8_0:
+                if a.dtype in BLOCK_DTYPES.values():
                     a = a.view(np.uint8)
             self._count(a.nbytes)
             if tensor in self.raw:  # a GGUF tensor's bytes: rows of whole blocks
@@ -336,7 +369,7 @@ class BlockLoader:
         return parts[0][:n] if len(parts) == 1 else np.concatenate(parts)[:n]
 
     def _cell(self, layer: int, lat: int, lon: int, wide: bool = False) -> dict[str, np.ndarray]:
-        blocks = not wide and self._held_rows() == "Q8_0"
+        blocks = not wide and self._held_rows() in BLOCK_DTYPES
         rows, index, nbytes = self.pkg.cell_layer(lat, lon, layer, blocks=blocks)
         self._count(rows.nbytes)  # storage-dtype bytes, padding included, as for core reads
         n = int(self.counts[layer, lat, lon])
@@ -349,11 +382,11 @@ class BlockLoader:
         # rows come in their original dtype (bfloat16 as ml_dtypes'); ``wide``: float32 for host
         # arithmetic.  The rows stay whole (matmuls read each field as a column range, in place;
         # for an uncompressed local package this is a view of the mapped chunk)
-        if blocks:  # Q8_0 blocks, every field on a block boundary (self.slices)
+        if blocks:  # Q8_0/Q4_K blocks, every field on a block boundary (self.slices)
             out = {"rows": np.ascontiguousarray(real)}
             vectors = [(name, sl.start) for name, sl in self.slices.items() if sl.stop - sl.start == 1]
             if vectors:
-                values = dequantize_q8_0(real)
+                values = dequantize_blocks(real)
                 out.update({name: np.ascontiguousarray(values[:, at]) for name, at in vectors})
             return out
         keep = not wide and self.layout.dtype in self.keep and real.dtype == WEIGHT_DTYPES.get(self.layout.dtype)
@@ -374,7 +407,7 @@ class BlockLoader:
         what = f"{self.pkg.where}: rows {start}..{stop} of {tensor}"
         try:
             if tensor in self.raw:  # a GGUF tensor's bytes: the rows' byte range
-                width = cols // C.Q8_0_BLOCK * C.Q8_0_BYTES
+                width = _raw_row_bytes(self.raw[tensor][0], cols)
                 if info.shape != (rows * width,):
                     raise FormatError(f"{self.pkg.where}: {tensor} holds {info.shape[0]} bytes, not {rows} rows of "
                                       f"{width}")
@@ -392,7 +425,7 @@ class BlockLoader:
             raise FormatError(f"cannot read {what} ({type(e).__name__}: {str(e)[:160]})") from None
         self._count(data.nbytes)
         fmt = self.format_of(tensor)
-        if fmt != "Q8_0":
+        if tensor not in self.raw and fmt not in BLOCK_DTYPES:
             data = data.reshape(stop - start, cols)
         return _kept(data, fmt, self.keep)
 

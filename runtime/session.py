@@ -135,7 +135,7 @@ class Session:
         differ in the last bits (about 1e-7 relative); runs with the same setting are
         bit-identical at any budget.
     weights
-        How the device holds weight matrices stored as float16, bfloat16 or ``Q8_0``:
+        How the device holds weight matrices stored as float16, bfloat16, ``Q8_0`` or ``Q4_K``:
         ``"stored"`` as stored (the fewest bytes held and moved: more of them fit a budget),
         ``"float32"`` widened once when loaded, ``"auto"`` (default) as stored on backends whose
         products read them at full speed (GPUs), else widened unless only the stored blocks fit

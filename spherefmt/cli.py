@@ -148,9 +148,10 @@ def cli(verbose: bool) -> None:
               help="pca: cells from weight directions; coactivation: neurons active together on --sample share "
               "cells (for top-k routing).")
 @click.option("--sample", "sample_file", metavar="TEXTFILE", help="Sample text for --placement coactivation.")
-@click.option("--quantize", type=click.Choice(["q8_0"]), help="Store the neuron rows and the core's weight matrices "
-              "as GGUF Q8_0 blocks (34 bytes per 32 values, made by gguf's quantizer; norms, biases and MoE routers "
-              "as they are). The package's values are then the quantized ones.")
+@click.option("--quantize", type=click.Choice(["q8_0", "q4_k"]), help="Store the neuron rows and the core's weight matrices "
+              "as GGUF blocks: q8_0 34 bytes per 32 values (gguf's quantizer), q4_k 144 bytes per 256 values "
+              "(llama.cpp's reference quantizer; matrices whose rows are not whole blocks of 256 take Q8_0). Norms, "
+              "biases and MoE routers stay as they are. The package's values are then the quantized ones.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def convert(src: str, dst: str, graticule: str | None, depth: int | None, codec: str, overwrite: bool,
@@ -297,8 +298,8 @@ def cell(pkg: str, lat: int, lon: int, depth: int, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="safetensors, gguf, torch or hf (default: from DST's suffix; no suffix: hf).")
-@click.option("--quantize", type=click.Choice(["q8_0"]), help="GGUF: write the matrices as Q8_0 blocks (the default "
-              "for a quantized package).")
+@click.option("--quantize", type=click.Choice(["q8_0", "q4_k"]), help="GGUF: write the matrices as Q8_0 or Q4_K blocks (default for a quantized "
+              "package: its own type).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quantize: str | None, quiet: bool) -> None:
@@ -361,7 +362,7 @@ _RUN_OPTIONS = [
     click.option("--prefetch/--no-prefetch", default=None, help="Load the next layer's likely blocks in the "
                  "background (default: on for GPUs and CPUs with 4+ cores)."),
     click.option("--weights", type=click.Choice(["auto", "stored", "float32"]), default="auto", show_default=True,
-                 help="How the device holds float16/bfloat16/Q8_0 weights: as stored (fewest bytes), widened to "
+                 help="How the device holds float16/bfloat16/Q8_0/Q4_K weights: as stored (fewest bytes), widened to "
                  "float32 at load, or auto (as stored on GPUs; on CPUs widened unless only the stored blocks fit)."),
 ]
 

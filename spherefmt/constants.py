@@ -58,11 +58,16 @@ DTYPES: dict[str, tuple[str, int]] = {
 SPHERE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 # --- 5.1 Quantized tensors ------------------------------------------------------------------
-#: The quantization type a package may hold (GGUF's ``Q8_0``), its values per block and bytes
-#: per block (a float16 scale, then one int8 per value).
+#: The quantization types a package may hold (GGUF's ``Q8_0`` and ``Q4_K``), their values per
+#: block and bytes per block: ``Q8_0`` a float16 scale then one int8 per value; ``Q4_K`` float16
+#: ``d`` and ``dmin``, 12 bytes of 6-bit sub-block scales and mins, then 4 bits per value.
 QUANT_Q8_0 = "Q8_0"
 Q8_0_BLOCK = 32
 Q8_0_BYTES = 34
+QUANT_Q4_K = "Q4_K"
+Q4_K_BLOCK = 256
+Q4_K_BYTES = 144
+QUANT_TYPES: dict[str, tuple[int, int]] = {QUANT_Q8_0: (Q8_0_BLOCK, Q8_0_BYTES), QUANT_Q4_K: (Q4_K_BLOCK, Q4_K_BYTES)}
 #: Header member listing the quantized tensors.
 QUANTIZATION_KEY = "quantization"
 

@@ -18,7 +18,8 @@ import numpy as np
 from spherefmt.constants import DTYPES, MAX_NDIM
 from spherefmt.errors import FormatError
 
-__all__ = ["Q8_0", "QBLOCK", "dequantize_q8_0", "values_shape", "TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+__all__ = ["Q8_0", "Q4_K", "QBLOCK", "QK_K", "BLOCK_DTYPES", "block_values", "dequantize_blocks", "dequantize_q8_0",
+           "dequantize_q4_k", "values_shape", "TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
 
 _NUMPY_USER = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -35,11 +36,26 @@ _FROM_NUMPY[np.dtype("uint8")] = "U8"
 QBLOCK = 32
 #: GGUF's ``block_q8_0``: 34 bytes, a float16 scale then 32 int8 values (value = d * q)
 Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (QBLOCK,))])
+#: values per k-quant super-block (GGUF's ``QK_K``)
+QK_K = 256
+#: GGUF's ``block_q4_K``: 144 bytes for 256 values in 8 sub-blocks of 32.  ``d`` and ``dmin``
+#: (float16) scale each sub-block's 6-bit scale and 6-bit min, packed in ``scales``; ``qs``
+#: holds 4-bit values, two per byte.  value = d * sc[j] * q - dmin * m[j]
+Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK_K // 2,))])
+#: block formats a host array may hold: name -> numpy dtype of one block
+BLOCK_DTYPES: dict[str, np.dtype] = {"Q8_0": Q8_0, "Q4_K": Q4_K}
+_BLOCK_VALUES = {Q8_0: QBLOCK, Q4_K: QK_K}
+
+
+def block_values(dtype: Any) -> int:
+    """Values per element of an array of ``dtype``: a block format's block size, else 1."""
+    return _BLOCK_VALUES.get(dtype, 1)
 
 
 def values_shape(a: np.ndarray) -> tuple[int, ...]:
-    """The shape of the values a host array holds (a ``Q8_0`` array holds 32 per block)."""
-    return a.shape[:-1] + (a.shape[-1] * QBLOCK,) if a.dtype == Q8_0 else a.shape
+    """The shape of the values a host array holds (a ``Q8_0`` array holds 32 per block, ``Q4_K`` 256)."""
+    k = block_values(a.dtype)
+    return a.shape[:-1] + (a.shape[-1] * k,) if k > 1 else a.shape
 
 
 def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -49,6 +65,42 @@ def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.nda
         out = np.empty(values_shape(blocks), dtype=np.float32)
     np.multiply(blocks["qs"], blocks["d"].astype(np.float32)[..., None], out=out.reshape(blocks.shape + (QBLOCK,)))
     return out
+
+
+def q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit scales and mins ``(..., 8)`` of ``Q4_K`` blocks' packed ``scales`` ``(..., 12)``
+    (llama.cpp's ``get_scale_min_k4``): sub-blocks 0-3 in the low six bits of bytes 0-3 and 4-7,
+    sub-blocks 4-7 in the nibbles of bytes 8-11 with their top two bits above bytes 0-7."""
+    lo, mid, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def dequantize_q4_k(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of ``Q4_K`` blocks ``(..., n)`` as ``(..., 256 n)`` (into ``out`` if given),
+    computed as GGUF's dequantizer does: ``(d * sc) * q - (dmin * m)`` in float32."""
+    if out is None:
+        out = np.empty(values_shape(blocks), dtype=np.float32)
+    sc, mn = q4_k_scales(blocks["scales"])
+    scale = (blocks["d"].astype(np.float32)[..., None] * sc)[..., None]  # (..., 8, 1)
+    low = (blocks["dmin"].astype(np.float32)[..., None] * mn)[..., None]
+    qs = blocks["qs"].reshape(blocks.shape + (4, 1, 32))  # 4 runs of 32 bytes: 64 values each
+    q = np.empty(blocks.shape + (4, 2, 32), dtype=np.uint8)  # sub-block 2r: low nibbles, 2r+1: high
+    np.bitwise_and(qs, 15, out=q[..., 0:1, :])
+    np.right_shift(qs, 4, out=q[..., 1:2, :])
+    o = out.reshape(blocks.shape + (8, 32))
+    np.multiply(scale, q.reshape(blocks.shape + (8, 32)), out=o)
+    o -= low
+    return out
+
+
+_DEQUANTIZE = {Q8_0: dequantize_q8_0, Q4_K: dequantize_q4_k}
+
+
+def dequantize_blocks(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of an array of ``Q8_0`` or ``Q4_K`` blocks (into ``out`` if given)."""
+    return _DEQUANTIZE[blocks.dtype](blocks, out)
 
 
 @dataclass(frozen=True)

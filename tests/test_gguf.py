@@ -320,3 +320,27 @@ def test_a_gguf_with_what_the_runtime_does_not_implement_is_refused_by_name(tmp_
     pkg = spherefmt.save(make_llama_gguf(tmp_path / "r.gguf"), tmp_path / "r.sphere")  # with rope_freqs.weight
     with pytest.raises(FormatError, match="rope_freqs.weight"):
         Session(pkg, backend="numpy")
+
+
+def test_a_k_quant_gguf_streams_q4_k_as_blocks_and_reads_q6_k(tmp_path):
+    """A GGUF as ``Q4_K_M`` lays it out (``Q4_K`` and ``Q6_K`` attention, a ``Q6_K`` head): the
+    ``Q4_K`` matrices are held as their blocks, the ``Q6_K`` ones widened by gguf's dequantizer
+    at load; logits equal transformers' ``from_pretrained(gguf_file=...)`` on every backend."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from spherefmt.runtime import Session
+    from tests.helpers import started_backends
+
+    src = make_llama_gguf(tmp_path / "k.gguf", d=256, ff=256, rope_freqs=False, k_quants=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="k.gguf", dtype=torch.float32)
+    ids = np.random.default_rng(8).integers(0, 256, 12)
+    with torch.no_grad():
+        ref = hf.eval()(torch.as_tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(ref).max() > 1e-3  # the Q6_K head's values reach the logits
+    pkg = spherefmt.save(src, tmp_path / "k.sphere")
+    for backend in started_backends():
+        with Session(pkg, backend=backend, budget="70%", weights="stored") as s:
+            out = s.logits(ids)
+            st = s.stats()
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=backend)
+        assert st["weight_formats"] == ["F16", "F32", "Q4_K"] and st["peak_device_bytes"] <= st["budget_bytes"]

@@ -197,7 +197,7 @@ def test_bad_requests_and_bad_headers_are_one_line_errors(model, tmp_path, capsy
 
     from spherefmt.testing.packages import remanifest
 
-    for i, bad in enumerate(({"type": "Q4_K", "core": [], "sphere": True}, {"type": "Q8_0", "core": ["nope"], "sphere": True},
+    for i, bad in enumerate(({"type": "Q4_9", "core": [], "sphere": True}, {"type": "Q8_0", "core": ["nope"], "sphere": True},
                              {"type": "Q8_0", "core": [], "sphere": "yes"})):
         broken = tmp_path / f"b{i}.sphere"
         shutil.copytree(pkg, broken)

@@ -147,6 +147,8 @@ class Header:
         if self.quantization is not None:
             h[C.QUANTIZATION_KEY] = {"type": self.quantization["type"], "core": list(self.quantization["core"]),
                                      "sphere": bool(self.quantization["sphere"])}
+            if self.quantization.get("types"):
+                h[C.QUANTIZATION_KEY]["types"] = dict(sorted(self.quantization["types"].items()))
         if self.graticule is not None and self.neuron_layout is not None:
             h.update({
                 "graticule": list(self.graticule), "depth": self.depth, "layer_depth": list(self.layer_depth),
@@ -319,17 +321,22 @@ def _check_quantization(h: dict[str, Any], where: str) -> None:
     q = h.get(C.QUANTIZATION_KEY)
     if q is None:
         return
-    if not isinstance(q, dict) or q.get("type") != C.QUANT_Q8_0 or not isinstance(q.get("sphere"), bool) \
+    types = q.get("types", {}) if isinstance(q, dict) else None
+    if not isinstance(q, dict) or q.get("type") not in C.QUANT_TYPES or not isinstance(q.get("sphere"), bool) \
             or not isinstance(q.get("core"), list) or not all(isinstance(n, str) for n in q["core"]) \
-            or len(set(q["core"])) != len(q["core"]):
-        raise FormatError(f"{where}: quantization must be {{'type': 'Q8_0', 'core': [names], 'sphere': bool}}")
+            or len(set(q["core"])) != len(q["core"]) or not isinstance(types, dict) \
+            or not all(t in C.QUANT_TYPES and n in q["core"] for n, t in types.items()) \
+            or set(q) - {"type", "core", "sphere", "types"}:
+        raise FormatError(f"{where}: quantization must be {{'type': one of {sorted(C.QUANT_TYPES)}, 'core': [names], "
+                          "'sphere': bool, optionally 'types': {core name: type}}")
     tensors = {t["name"]: t for t in h["tensors"]}
     for name in q["core"]:
         t = tensors.get(name)
+        block = C.QUANT_TYPES[str(types.get(name, q["type"]))][0]
         if t is None or t["where"] != "core" or t["dtype"] != "F32" or len(t["shape"]) != 2 \
-                or t["shape"][1] % C.Q8_0_BLOCK:
+                or t["shape"][1] % block:
             raise FormatError(f"{where}: quantized tensor {name[:80]!r} is not a core F32 matrix whose rows are "
-                              f"whole blocks of {C.Q8_0_BLOCK}")
+                              f"whole blocks of {block}")
     if q["sphere"]:
         nl = h.get("neuron_layout")
         if h["architecture"] == C.ARCH_GENERIC or not isinstance(nl, dict) or nl.get("dtype") != "F32":

@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from spherefmt import constants as C
-from spherefmt.dtypes import Q8_0, contiguous, from_torch, numpy_view, storage_dtype, to_torch
+from spherefmt.dtypes import BLOCK_DTYPES, contiguous, from_torch, numpy_view, storage_dtype, to_torch
 from spherefmt.errors import ExpertNotFoundError, FormatError, InputError, IntegrityError, ReadOnlyError, SpherefmtError
 from spherefmt.format.chunks import ChunkError, FastArray, open_arrays, parallel_map, read_many, shard_shape
 from spherefmt.format.header import Header
@@ -225,7 +225,7 @@ class Package(PackageView):
     def cell_layer(self, lat: int, lon: int, layer: int, *, blocks: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """One layer of one expert (one inner chunk, read by byte range): its ``(K, F)`` rows in
         the original dtype, their ``(K,)`` neuron indices (``-1`` padding) and the bytes read.
-        With ``blocks``, a quantized sphere's rows come as their ``Q8_0`` blocks
+        With ``blocks``, a quantized sphere's rows come as their ``Q8_0``/``Q4_K`` blocks
         ``(K, blocks per row)`` (every field padded to whole blocks, section 5.1).
 
         This is the runtime's unit of streaming.  A chunk that fails its checksum raises
@@ -260,8 +260,8 @@ class Package(PackageView):
             raise
         except Exception as e:  # noqa: BLE001 - codec errors become FormatError
             raise FormatError(f"cannot read {what}: {type(e).__name__}: {str(e)[:160]}") from None
-        if blocks and self.quantized_sphere:
-            return np.ascontiguousarray(rows).view(Q8_0), index[t, lat, lon].copy(), nbytes
+        if blocks and self.sphere_type is not None:
+            return np.ascontiguousarray(rows).view(BLOCK_DTYPES[self.sphere_type]), index[t, lat, lon].copy(), nbytes
         return self.row_values(rows), index[t, lat, lon].copy(), nbytes
 
     def _shell_chunks(self, depth: int) -> dict[int, list[np.ndarray | None]]:
@@ -363,7 +363,7 @@ class Package(PackageView):
     def stored(self, name: str, *, padded: bool = False, blocks: bool = False) -> np.ndarray:
         """A tensor as its storage array (bfloat16 and float8 as raw words, ``spherefmt.dtypes``);
         ``padded`` as in :meth:`tensor`.  A quantized core tensor reads as its float32 values, or
-        with ``blocks`` as its ``Q8_0`` blocks ``(rows, columns / 32)`` (section 5.1)."""
+        with ``blocks`` as its blocks ``(rows, columns / block)`` (section 5.1)."""
         if padded and (pad := self.pad_axis(name)) is not None:
             arr = self.stored(name)
             width = [(0, 0)] * arr.ndim
@@ -373,14 +373,14 @@ class Package(PackageView):
         shape = tuple(t.shape)
         if t.where == "core":
             z = self.array(core_key(name))
-            q = name in self.quantized_core
-            want = (storage_shape(shape), np.dtype(np.uint8)) if q else (shape, storage_dtype(t.dtype))
+            q = self.core_types.get(name)
+            want = (storage_shape(shape, q), np.dtype(np.uint8)) if q else (shape, storage_dtype(t.dtype))
             if z.shape != want[0] or z.dtype != want[1]:
                 raise FormatError(f"{self.where}: {core_key(name)} is {z.dtype}{z.shape}, header says "
-                                  f"{'Q8_0 blocks of ' if q else ''}{t.dtype}{list(shape)}")
+                                  f"{f'{q} blocks of ' if q else ''}{t.dtype}{list(shape)}")
             data = self.read_array(z, Ellipsis, core_key(name))
             if q:
-                return np.ascontiguousarray(data).view(Q8_0) if blocks else dequantize(data)
+                return np.ascontiguousarray(data).view(BLOCK_DTYPES[q]) if blocks else dequantize(data, q)
             return data.reshape(shape)  # zarr returns 0-d arrays as shape (1,)
         layer, _ = self._owners[name]
         return self._layer_tensors(layer)[name]
@@ -518,8 +518,8 @@ class Package(PackageView):
         pad = index[sel, lat, lon] < 0
         if data[pad].any():
             raise FormatError(f"{self.where}: padding slots of expert ({lat}, {lon}, {depth}) must stay exact zeros")
-        if self.quantized_sphere:  # quantized again, as the converter did (zero rows stay zero bytes)
-            data = quantize_rows(pad_fields(data, self._widths)).view(np.uint8)
+        if self.sphere_type is not None:  # quantized again, as the converter did (zero rows stay zero bytes)
+            data = quantize_rows(pad_fields(data, self._widths, self.sphere_type), self.sphere_type).view(np.uint8)
         with self.transaction():
             arr[sel, lat, lon, :k] = data
 
@@ -537,7 +537,7 @@ class Package(PackageView):
         arr = self.array(core_key(name))
         old = self.stored(name)
         if name in self.quantized_core:  # compared and written as blocks
-            new = quantize_rows(new).view(np.uint8)
+            new = quantize_rows(new, self.core_types[name]).view(np.uint8)
             old = self.stored(name, blocks=True).view(np.uint8)
         with self.transaction():
             if not new.shape:

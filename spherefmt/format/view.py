@@ -65,27 +65,37 @@ class PackageView:
         #: depth -> its shell (layers, capacity)
         self.shells: dict[int, Shell] = {s.depth: s for s in self.header.shells}
         q = self.header.quantization
-        #: core tensors stored as ``Q8_0`` blocks, and whether the sphere's rows are (section 5.1)
-        self.quantized_core: set[str] = set(q["core"]) if q else set()
+        #: core tensors stored as blocks -> their type, and whether the sphere's rows are (section 5.1)
+        self.core_types: dict[str, str] = {n: q.get("types", {}).get(n, q["type"]) for n in q["core"]} if q else {}
+        self.quantized_core: set[str] = set(self.core_types)
         self.quantized_sphere: bool = bool(q and q["sphere"])
+        #: the block type of the sphere's rows (``None``: stored as values)
+        self.sphere_type: str | None = q["type"] if q and q["sphere"] else None
         self._widths = {f.name: f.width for f in self.layout.fields}
 
     def quantized(self, name: str) -> bool:
-        """Whether a tensor is stored as ``Q8_0`` blocks."""
+        """Whether a tensor is stored as blocks (``Q8_0`` or ``Q4_K``)."""
         return name in self.quantized_core or (self.quantized_sphere and name in self._owners)
+
+    def quant_type(self, name: str) -> str | None:
+        """The block type a tensor is stored in (``None``: stored as values)."""
+        if name in self.core_types:
+            return self.core_types[name]
+        return self.sphere_type if name in self._owners else None
 
     def stored_row_width(self) -> int:
         """The last axis of the ``neurons`` arrays: a row's values, or its blocks' bytes."""
-        if self.quantized_sphere:
-            return blocks_width(self._widths) // C.Q8_0_BLOCK * C.Q8_0_BYTES
+        if self.sphere_type is not None:
+            n, size = C.QUANT_TYPES[self.sphere_type]
+            return blocks_width(self._widths, self.sphere_type) // n * size
         return self.layout.row_width
 
     def row_values(self, rows: np.ndarray) -> np.ndarray:
         """Neuron rows as values in the layout's dtype: stored rows themselves, or a quantized
         sphere's blocks ``(..., bytes)`` dequantized to float32 ``(..., F)``."""
-        if not self.quantized_sphere:
+        if self.sphere_type is None:
             return numpy_view(rows, self.layout.dtype)
-        return unpad_fields(dequantize(rows), self._widths)
+        return unpad_fields(dequantize(rows, self.sphere_type), self._widths, self.sphere_type)
     @property
     def generation(self) -> int | None:
         """The manifest generation this view of the package reads (``None`` for version 1)."""

@@ -43,7 +43,7 @@ from spherefmt.format.placement import (
     parse_graticule,
     tree_parents,
 )
-from spherefmt.format.quant import pad_fields, quantize_rows, storage_shape
+from spherefmt.format.quant import blocks_width, pad_fields, quantize_rows, storage_shape
 from spherefmt.format.store import PackageStore
 from spherefmt.interop.base import TensorSource, bounded_heap
 from spherefmt.interop.experts import join_experts
@@ -127,8 +127,10 @@ def save(
     quantize
         ``"q8_0"``: store the sphere's neuron rows and the core's weight matrices (attention,
         embeddings, LM head; not norms, biases or MoE routers) as GGUF ``Q8_0`` blocks made by
-        the ``gguf`` package's quantizer (``spec/FORMAT.md`` 5.1): 34 bytes per 32 values.  The
-        package's values are then the quantized ones (they read as float32).
+        the ``gguf`` package's quantizer (``spec/FORMAT.md`` 5.1): 34 bytes per 32 values.
+        ``"q4_k"``: the same as GGUF ``Q4_K`` blocks (144 bytes per 256 values, llama.cpp's
+        reference quantizer), core matrices whose rows are not whole blocks of 256 as ``Q8_0``.
+        The package's values are then the quantized ones (they read as float32).
 
     Returns
     -------
@@ -169,10 +171,11 @@ def save(
         grid = None
         if layout.experts and plan is not None:
             raise InputError(f"{source.where}: native experts keep their own cells; a placement plan cannot move them")
-        quantized: set[str] = set()
+        quantized: dict[str, str] = {}
+        qtype: str | None = None
         values = None  # what the header lists when quantizing: quantized tensors read as float32
         if quantize is not None:
-            quantized = _quantized_tensors(quantize, infos, layout, source.where)
+            qtype, quantized = _quantized_tensors(quantize, infos, layout, source.where)
             layout = replace(layout, dtype="F32")
             values = {n: TensorInfo(n, "F32", i.shape) if n in quantized or n in layout.ffn_tensors() else i
                       for n, i in infos.items()}
@@ -196,7 +199,7 @@ def save(
         try:
             store = PackageStore(dest, "r+", new=True)
             with bounded_heap(), store.transaction():  # freed arrays go back to the system
-                _write(source, infos, layout, grid, codec, store, metadata, progress, plan, values, quantized)
+                _write(source, infos, layout, grid, codec, store, metadata, progress, plan, values, quantized, qtype)
             dest.finish()  # the manifest committed above; this puts the package in place
         except BaseException:
             dest.abort()
@@ -208,30 +211,43 @@ _ROUTER_SUFFIXES = (".block_sparse_moe.gate.weight", ".mlp.gate.weight", ".share
                     ".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
 
 
-def _quantized_tensors(quantize: str, infos: Mapping[str, TensorInfo], layout: Layout, where: str) -> set[str]:
-    """The core tensors ``--quantize`` stores as blocks: floating matrices whose rows are whole
-    blocks, except MoE routers (llama.cpp keeps ``ffn_gate_inp`` unquantized too: a router's
-    few rows decide which experts run)."""
-    if str(quantize).lower() != "q8_0":
-        raise InputError(f"quantize {quantize!r}: expected q8_0")
+def _quantized_tensors(quantize: str, infos: Mapping[str, TensorInfo], layout: Layout, where: str
+                       ) -> tuple[str, dict[str, str]]:
+    """The type ``--quantize`` names and the core tensors it stores as blocks, each with its
+    type: floating matrices whose rows are whole blocks, except MoE routers (llama.cpp keeps
+    ``ffn_gate_inp`` unquantized too: a router's few rows decide which experts run).  Under
+    ``q4_k`` a matrix whose rows are not whole blocks of 256 takes ``Q8_0`` (llama.cpp too falls
+    back to another type for such rows)."""
+    qtype = {t.lower(): t for t in C.QUANT_TYPES}.get(str(quantize).lower())
+    if qtype is None:
+        raise InputError(f"quantize {quantize!r}: expected one of {', '.join(t.lower() for t in C.QUANT_TYPES)}")
     if layout.arch == C.ARCH_GENERIC:
         raise InputError(f"{where}: only a model with a sphere (GPT-2 or Llama family) can be quantized")
     ffn = layout.ffn_tensors()
-    return {n for n, i in infos.items() if n not in ffn and i.dtype in C.SPHERE_DTYPES and len(i.shape) == 2
-            and i.shape[1] % C.Q8_0_BLOCK == 0 and not n.endswith(_ROUTER_SUFFIXES)}
+    out = {}
+    for n, i in infos.items():
+        if n in ffn or i.dtype not in C.SPHERE_DTYPES or len(i.shape) != 2 or n.endswith(_ROUTER_SUFFIXES):
+            continue
+        for t in (qtype, C.QUANT_Q8_0):
+            if i.shape[1] % C.QUANT_TYPES[t][0] == 0:
+                out[n] = t
+                break
+    return qtype, out
 
 
 def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None, codec: str,
            store: Any, metadata: Mapping[str, str] | None, progress: bool, plan: PlacementPlan | None = None,
-           values: Mapping[str, TensorInfo] | None = None, quantized: set[str] | None = None) -> None:
+           values: Mapping[str, TensorInfo] | None = None, quantized: Mapping[str, str] | None = None,
+           qtype: str | None = None) -> None:
     values = infos if values is None else values
-    quantized = quantized or set()
+    quantized = quantized or {}
     header = new_header(layout=layout, grid=grid, infos=values, config=source.config,
                         metadata={**source.metadata, **(metadata or {})}, files=list(source.files), codec=codec,
                         placement=None if plan is None else dict(plan.record),
                         fused=getattr(source, "fused", None), joined=getattr(source, "joined", None))
-    if values is not infos:
-        header.quantization = {"type": C.QUANT_Q8_0, "core": sorted(quantized), "sphere": grid is not None}
+    if qtype is not None:
+        header.quantization = {"type": qtype, "core": sorted(quantized), "sphere": grid is not None,
+                               "types": {n: t for n, t in quantized.items() if t != qtype}}
     root = zarr.open_group(store, mode="w", attributes={C.ROOT_ATTR: header.to_json()})
     total = sum(i.nbytes for i in infos.values())
     with progress_bar(total, "convert", progress) as bar:
@@ -244,15 +260,15 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
         for name, info in infos.items():
             if name in ffn:
                 continue
-            q = name in quantized
+            q = quantized.get(name)
             st = np.dtype(np.uint8) if q else storage_dtype(info.dtype)
-            shape = storage_shape(info.shape) if q else info.shape
+            shape = storage_shape(info.shape, q) if q else info.shape
             chunks = _core_chunks(shape, st.itemsize)
             arr = root.create_array(core_key(name), shape=shape, dtype=st, chunks=chunks,
                                     compressors=_compressors(codec, st.itemsize, math.prod(chunks) * st.itemsize),
                                     fill_value=0, config=_ARRAY_CONFIG,
                                     attributes={"name": name, "dtype": values[name].dtype,
-                                                **({"quantized": C.QUANT_Q8_0} if q else {})})
+                                                **({"quantized": q} if q else {})})
             if not info.shape or info.shape[0] == 0:
                 data = source.read(name)
                 _check_read(data, info, source.where)
@@ -267,12 +283,12 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
                 data = source.read_rows(name, start, stop)
                 _check_read(data, TensorInfo(name, info.dtype, (stop - start, *info.shape[1:])), source.where)
                 if q:
-                    data = quantize_rows(to_float32(data, info.dtype)).view(np.uint8)
+                    data = quantize_rows(to_float32(data, info.dtype), q).view(np.uint8)
                 arr[start:stop] = data
                 bar.update(data.nbytes)
         if grid is not None:
             _write_sphere(source, infos, layout, grid, codec, root, header, bar, None if plan is None else plan.cells,
-                          quantized=header.quantization is not None)
+                          qtype=qtype)
     header.state = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
     root.update_attributes({C.ROOT_ATTR: header.to_json()})
 
@@ -285,16 +301,17 @@ def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
 
 def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
                   root: zarr.Group, header: Header, bar: Any, cells_of: Mapping[int, np.ndarray] | None = None,
-                  quantized: bool = False) -> None:
-    """The shells; with ``quantized`` the source rows are widened to float32 and each cell's
-    rows stored as ``Q8_0`` blocks, every field padded to whole blocks (section 5.1)."""
+                  qtype: str | None = None) -> None:
+    """The shells; with ``qtype`` the source rows are widened to float32 and each cell's
+    rows stored as ``Q8_0`` or ``Q4_K`` blocks, every field padded to whole blocks (section 5.1)."""
+    quantized = qtype is not None
     p, m, cells = grid.parallels, grid.meridians, grid.cells
     st = storage_dtype(layout.dtype)
     f = layout.row_width
     widths = {fd.name: fd.width for fd in layout.fields}
     stored_st, stored_f = st, f
-    if quantized:
-        stored_st, stored_f = np.dtype(np.uint8), storage_shape((1, pad_fields(np.zeros((1, f)), widths).shape[1]))[1]
+    if qtype is not None:
+        stored_st, stored_f = np.dtype(np.uint8), storage_shape((1, blocks_width(widths, qtype)), qtype)[1]
     sl = layout.slices()
     prev_out: np.ndarray | None = None
     prev_dirs: np.ndarray | None = None  # set with prev_out, after the first layer
@@ -308,7 +325,7 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             fill_value=0,
             # experts with no neurons (common on fine graticules) are not stored at all
             config={"write_empty_chunks": False}, dimension_names=("layer", "lat", "lon", "slot", "row"),
-            attributes={"dtype": layout.dtype, "layers": layers, **({"quantized": C.QUANT_Q8_0} if quantized else {})})
+            attributes={"dtype": layout.dtype, "layers": layers, **({"quantized": qtype} if quantized else {})})
         index = np.full((len(layers), cells, k), C.PADDING_INDEX, dtype=np.int32)
         parent = np.full_like(index, C.PADDING_INDEX)
         for t, layer in enumerate(layers):
@@ -349,8 +366,8 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             del rows
             index[t, sorted_cells, slot] = order
             parent[t, sorted_cells, slot] = par[order]
-            if quantized:  # zero padding rows quantize to zero bytes (scale 0, every q 0)
-                block = quantize_rows(pad_fields(block, widths)).view(np.uint8).reshape(cells, k, stored_f)
+            if qtype is not None:  # zero padding rows quantize to zero bytes (scale 0, every q 0)
+                block = quantize_rows(pad_fields(block, widths, qtype), qtype).view(np.uint8).reshape(cells, k, stored_f)
             # zarr drops chunks that compare equal to the fill value; a float chunk of -0.0 would
             # compare equal to 0 and come back as +0.0, so such layers keep every chunk.
             exact = block.dtype.kind != "f" or not np.signbit(block[block == 0]).any()

@@ -19,7 +19,10 @@ quantized): what ``convert_hf_to_gguf.py`` writes for the ``llama`` architecture
   ``gguf`` quantizer from the package's values.  A quantized package's blocks come back
   unchanged (quantizing ``Q8_0`` values again gives the same blocks), except ``ffn_down``,
   whose blocks llama.cpp wants along the neuron axis: it is quantized again from its values
-  (the package quantizes each neuron's column).
+  (the package quantizes each neuron's column).  ``quantize="q4_k"`` (the default for a ``Q4_K``
+  package) writes ``Q4_K`` blocks by :func:`spherefmt.format.quant.quantize_q4_k` where rows are
+  whole blocks of 256, else ``Q8_0``; quantizing ``Q4_K`` values again is close to, not always
+  exactly, the same blocks (the fit of each sub-block's scale and min starts over).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spherefmt import constants as C
 from spherefmt.dtypes import numpy_view
 from spherefmt.errors import FormatError, InputError
+from spherefmt.format.quant import quantize_rows
 from spherefmt.interop.base import written_in_place
 
 if TYPE_CHECKING:
@@ -133,9 +138,10 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     where = pkg.where
     _check(cfg, where)
     if quantize is None and pkg.header.quantization is not None:
-        quantize = "q8_0"
-    if quantize not in (None, "q8_0"):
-        raise InputError(f"quantize {quantize!r}: expected q8_0")
+        quantize = str(pkg.header.quantization["type"])
+    qtype = {"q8_0": "Q8_0", "q4_k": "Q4_K"}.get(str(quantize).lower()) if quantize is not None else None
+    if quantize is not None and qtype is None:
+        raise InputError(f"quantize {quantize!r}: expected q8_0 or q4_k")
     read = storage if storage is not None else (lambda n: pkg.stored(n, padded=True))
     heads, kv, d = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]), cfg["hidden_size"]
     names = pkg.keys()
@@ -187,7 +193,9 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0) if quantize else int(gguf.LlamaFileType.ALL_F32))
+    file_type = {None: gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S}[qtype]
+    w.add_file_type(int(file_type))
     _tokenizer(w, pkg, cfg, vocab)
     with written_in_place(w, tmp, dst):
         for gname, sources, permute in plan:
@@ -195,9 +203,11 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
             if permute:
                 arr = _permute(arr, permute)
             router = gname.endswith("ffn_gate_inp.weight")
-            if arr.ndim >= 2 and quantize and not router and arr.shape[-1] % 32 == 0:
-                data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qt.Q8_0)
-                w.add_tensor(gname, data, raw_dtype=qt.Q8_0)
+            if arr.ndim >= 2 and qtype and not router and arr.shape[-1] % 32 == 0:
+                kind = qtype if arr.shape[-1] % C.QUANT_TYPES[qtype][0] == 0 else "Q8_0"
+                data = quantize_rows(np.ascontiguousarray(arr, dtype=np.float32), kind)
+                data = data.view(np.uint8).reshape(*arr.shape[:-1], -1)
+                w.add_tensor(gname, data, raw_dtype=qt[kind])
             elif arr.ndim >= 2 and arr.dtype.name == "bfloat16" and not router:
                 w.add_tensor(gname, np.ascontiguousarray(arr).view(np.uint16), raw_dtype=qt.BF16)
             elif arr.ndim >= 2 and arr.dtype == np.float16 and not router:

@@ -99,7 +99,7 @@ class LayerReader:
         # one layer of every expert: zarr reads just that inner chunk of each shard (a byte
         # range, checksum verified), into process memory (no map of the whole shard)
         block = p.read_array(neurons, (t, slice(None), slice(None), slice(0, k)), f"layer {layer} of {shell_path(depth)}")
-        if p.quantized_sphere:  # Q8_0 blocks: their float32 values (spec 5.1)
+        if p.quantized_sphere:  # Q8_0/Q4_K blocks: their float32 values (spec 5.1)
             block = p.row_values(block)
         idx = index[t].reshape(-1)
         real = np.flatnonzero(idx >= 0)

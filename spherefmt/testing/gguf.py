@@ -11,7 +11,7 @@ __all__ = ["make_llama_gguf"]
 
 def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
                     quantized_ffn: bool = False, seed: int = 0, experts: int = 0,
-                    shared_ff: int = 0, rope_freqs: bool = True) -> Path:
+                    shared_ff: int = 0, rope_freqs: bool = True, k_quants: bool = False) -> Path:
     """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
     output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
     ``quantized_ffn``), and metadata of several value types (string arrays included).
@@ -20,6 +20,9 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     ``ffn_down_exps`` ``(E, d, ff)`` (top-2); ``shared_ff`` adds a Qwen2-MoE shared expert of that
     size as llama.cpp names it (``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp``).
     Without ``rope_freqs`` the file has no ``rope_freqs.weight`` (llama.cpp's RoPE factors).
+    With ``k_quants`` (``d`` a multiple of 256), as in a ``Q4_K_M`` file: ``attn_q`` and
+    ``attn_output`` are ``Q4_K`` (spherefmt's quantizer), ``attn_k``, ``attn_v`` and ``output``
+    ``Q6_K`` (random 6-bit values under a small float16 scale: gguf has no k-quant quantizer).
     Tensors are written one at a time."""
     import gguf
     import ml_dtypes
@@ -30,9 +33,29 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     def r(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
 
+    def q4_k(a: np.ndarray) -> np.ndarray:
+        from spherefmt.format.quant import quantize_q4_k
+
+        return quantize_q4_k(a).view(np.uint8).reshape(a.shape[0], -1)
+
+    def q6_k(rows: int, cols: int) -> np.ndarray:
+        blocks = rng.integers(0, 256, (rows, cols // 256, 210), dtype=np.uint8)
+        blocks[..., 192:208] = rng.integers(-32, 32, (rows, cols // 256, 16), dtype=np.int8).view(np.uint8)
+        d = np.full((rows, cols // 256), 2e-5, np.float16) * rng.uniform(0.5, 1.5, (rows, cols // 256))
+        blocks[..., 208:210] = d.astype(np.float16)[..., None].view(np.uint8)
+        return blocks.reshape(rows, -1)
+
+    def attn(name: str, rows: int) -> tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]:
+        if not k_quants:
+            return name, r(rows, d), None
+        if name.endswith(("attn_q.weight", "attn_output.weight")):
+            return name, q4_k(r(rows, d)), gguf.GGMLQuantizationType.Q4_K
+        return name, q6_k(rows, d), gguf.GGMLQuantizationType.Q6_K
+
     tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = [
         ("token_embd.weight", r(vocab, d).astype(np.float16), None),
         ("output_norm.weight", np.ones(d, np.float32), None),
+        ("output.weight", q6_k(vocab, d), gguf.GGMLQuantizationType.Q6_K) if k_quants else
         ("output.weight", gguf.quants.quantize(r(vocab, d), q8), q8),
     ]
     if rope_freqs:
@@ -41,8 +64,8 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
     for la in range(layers):
         p = f"blk.{la}."
         tensors += [(p + "attn_norm.weight", np.ones(d, np.float32), None),
-                    (p + "attn_q.weight", r(d, d), None), (p + "attn_k.weight", r(d // 2, d), None),
-                    (p + "attn_v.weight", r(d // 2, d), None), (p + "attn_output.weight", r(d, d), None),
+                    attn(p + "attn_q.weight", d), attn(p + "attn_k.weight", d // 2),
+                    attn(p + "attn_v.weight", d // 2), attn(p + "attn_output.weight", d),
                     (p + "ffn_norm.weight", np.ones(d, np.float32), None)]
         ffn: list[tuple[str, tuple[int, ...]]] = [("ffn_gate.weight", (ff, d)), ("ffn_up.weight", (ff, d)),
                                                   ("ffn_down.weight", (d, ff))]

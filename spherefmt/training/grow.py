@@ -61,7 +61,7 @@ def _open(pkg: str | Package) -> tuple[Package, bool]:
     if opened.header.quantization is not None:
         if own:
             opened.close()
-        raise InputError(f"{opened.where} is quantized (Q8_0): grow the float package it was converted from, "
+        raise InputError(f"{opened.where} is quantized ({opened.header.quantization['type']}): grow the float package it was converted from, "
                          "then quantize it again")
     return opened, own
 

@@ -355,7 +355,7 @@ def load(pkg: str | Path | Package, trainable: str | Sequence[tuple[int, int, in
     if pkg.graticule is None:
         raise ExpertNotFoundError(f"{pkg.where}: the package has no sphere")
     if pkg.header.quantization is not None and trainable != "router" and trainable != "none":
-        # gradients of Q8_0 blocks are not defined: train the float weights, quantize afterwards
-        raise InputError(f"{pkg.where} is quantized (Q8_0): train the float package it was converted from, "
+        # gradients of quantized blocks are not defined: train the float weights, quantize afterwards
+        raise InputError(f"{pkg.where} is quantized ({pkg.header.quantization['type']}): train the float package it was converted from, "
                          "then quantize it again (its router trains: trainable='router')")
     return SphereModule(pkg, trainable, router)

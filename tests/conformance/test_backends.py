@@ -396,3 +396,49 @@ def test_q8_0_weights_are_held_as_blocks(be, m, k, n):
     np.testing.assert_array_equal(be.to_host(WT), wt64.astype(np.float32))
     rows = be.to_host(be.gather_rows(WT, np.array([n - 1, -1, 0])))
     np.testing.assert_array_equal(rows, np.stack([wt64[n - 1], np.zeros(k), wt64[0]]).astype(np.float32))
+
+
+def _q4_k(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``Q4_K`` blocks of ``a`` (spherefmt's quantizer: gguf has none) and their values as the
+    ``gguf`` package's dequantizer reads them (the reference)."""
+    gguf = pytest.importorskip("gguf")
+    from spherefmt.format.quant import quantize_q4_k
+
+    blocks = quantize_q4_k(a)
+    raw = blocks.view(np.uint8).reshape(a.shape[0], -1)
+    return blocks, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).astype(np.float64)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 256, 5), (7, 512, 33), (3, 256, 1)])
+def test_q4_k_weights_are_held_as_blocks(be, m, k, n):
+    """GGUF ``Q4_K`` blocks stay blocks on the device (144 bytes per 256 values, 6-bit scales
+    and mins unpacked in the product); products read the values GGUF's dequantizer gives, whole
+    column blocks in place."""
+    assert "Q4_K" in be.weight_formats
+    a = rand(n, k) * np.linspace(0.01, 1.0, k, dtype=np.float32)  # sub-block scales over the 6-bit range
+    a[0, :32] = 0.0  # a zero sub-block
+    a[-1, 32:64] = np.abs(a[-1, 32:64]) + 1.0  # one that needs no offset
+    wt, wt64 = _q4_k(a)
+    wide, wide64 = _q4_k(rand(n, 3 * k))
+    x = rand(m, k)
+    be.synchronize()
+    base = be.memory_used()
+    WT = be.adopt(wt)
+    be.synchronize()
+    assert be.memory_used() - base == wt.nbytes == n * k // 256 * 144
+    x64 = x.astype(np.float64)
+    b = rand(n)
+    close(be, be.matmul(be.upload(x), WT, transpose_w=True), x64 @ wt64.T)
+    close(be, be.matmul(be.upload(x), be.adopt(wide), be.upload(b), transpose_w=True, cols=(k, 2 * k)),
+          x64 @ wide64[:, k : 2 * k].T + b)
+    h = rand(m, n)
+    close(be, be.matmul(be.upload(h), be.adopt(wide), cols=(2 * k, 3 * k)), h.astype(np.float64) @ wide64[:, 2 * k :])
+    # a field narrower than a block lies inside one (padded to it): columns inside blocks
+    a, b = k + 40, 2 * k + 100
+    xs = rand(m, b - a)
+    close(be, be.matmul(be.upload(xs), be.adopt(wide), transpose_w=True, cols=(a, b)),
+          xs.astype(np.float64) @ wide64[:, a:b].T)
+    close(be, be.matmul(be.upload(h), be.adopt(wide), cols=(a, b)), h.astype(np.float64) @ wide64[:, a:b])
+    np.testing.assert_array_equal(be.to_host(WT), wt64.astype(np.float32))
+    rows = be.to_host(be.gather_rows(WT, np.array([n - 1, -1, 0])))
+    np.testing.assert_allclose(rows, np.stack([wt64[n - 1], np.zeros(k), wt64[0]]), rtol=1e-6, atol=1e-6)
