@@ -1,10 +1,10 @@
-"""Bytes per token by stored precision: float32, bfloat16, float16 and Q8_0 packages of one model,
-resident and under the same absolute budget (issue 18).
+"""Bytes per token by stored precision: float32, bfloat16, float16, Q8_0 and Q4_K packages of one
+model, resident and under the same absolute budget (issue 18).
 
 Model: the Llama shape of ``bench_decode.py`` (width 1024, 12 layers, FFN 2816, 16 heads,
 vocabulary 512, 155M parameters), random weights by ``transformers``' own init, saved as float32
 and cast to bfloat16 and float16 with ``torch`` before ``save_pretrained``, and the float32 one
-converted with ``quantize="q8_0"``; packages with codec none in a directory.  Every row is its own process and runs once on the numpy backend: a
+converted with ``quantize="q8_0"`` and ``quantize="q4_k"``; packages with codec none in a directory.  Every row is its own process and runs once on the numpy backend: a
 16-token prompt, then 32 greedy tokens; tokens/s counts the 31 decode steps.  Rows per precision:
 
 - resident (no budget);
@@ -17,7 +17,8 @@ converted with ``quantize="q8_0"``; packages with codec none in a directory.  Ev
 Bytes read (from storage) and uploaded (to the backend) are per token through the model
 (prompt included: ``stats()["bytes_read"] / stats()["tokens"]``).  Perplexity: the project's
 small trained GPT-2 (``spherefmt/data/tiny-gpt2``, stored float16) as float32 (the same values),
-bfloat16 and Q8_0, on its held-out text.  Results: ``bench/results/precision.json``.
+bfloat16, Q8_0 and Q4_K, on its held-out text.  llama.cpp (``make bench-deps``) decodes the GGUFs
+spherefmt exports from the float32, Q8_0 and Q4_K packages.  Results: ``bench/results/precision.json``.
 
     .venv/bin/python bench/bench_precision.py
 """
@@ -41,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLAMA_PY = HERE / ".venv-llama" / "bin" / "python"  # make bench-deps
 PROMPT, NEW = 16, 32
-PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "float32"}
+PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "float32", "q4_k": "float32"}
+QUANTIZED = ("q8_0", "q4_k")
 
 
 def _models(root: Path) -> dict[str, Path]:
@@ -57,7 +59,7 @@ def _models(root: Path) -> dict[str, Path]:
     out = {}
     model = None
     for tag, dtype in PRECISIONS.items():
-        hf, pkg = root / f"hf-{'f32' if tag == 'q8_0' else tag}", root / f"{tag}.sphere"
+        hf, pkg = root / f"hf-{'f32' if tag in QUANTIZED else tag}", root / f"{tag}.sphere"
         if not (hf / "config.json").exists():
             if model is None:
                 print("making llama155m ...", flush=True)
@@ -66,7 +68,7 @@ def _models(root: Path) -> dict[str, Path]:
             model.to(getattr(torch, dtype)).save_pretrained(hf)
         if not pkg.exists():
             t0 = time.perf_counter()
-            spherefmt.save(hf, pkg, codec="none", quantize="q8_0" if tag == "q8_0" else None)
+            spherefmt.save(hf, pkg, codec="none", quantize=tag if tag in QUANTIZED else None)
             print(f"  converted {pkg.name} in {time.perf_counter() - t0:.1f}s", flush=True)
         out[tag] = pkg
     return out
@@ -142,14 +144,14 @@ def _tiny(root: Path) -> dict[str, Path]:
 
     src = ROOT / "spherefmt" / "data" / "tiny-gpt2"
     out = {}
-    for tag, dt in (("f32", np.float32), ("bf16", ml_dtypes.bfloat16), ("q8_0", np.float32)):
-        folder, pkg = root / f"tiny-{'f32' if tag == 'q8_0' else tag}", root / f"tiny-{tag}.sphere"
+    for tag, dt in (("f32", np.float32), ("bf16", ml_dtypes.bfloat16), ("q8_0", np.float32), ("q4_k", np.float32)):
+        folder, pkg = root / f"tiny-{'f32' if tag in QUANTIZED else tag}", root / f"tiny-{tag}.sphere"
         if not pkg.exists():
             shutil.copytree(src, folder, dirs_exist_ok=True)
             sd = load_file(src / "model.safetensors")
             save_file({k: v.astype(np.float32).astype(dt) for k, v in sd.items()}, folder / "model.safetensors",
                       metadata={"format": "pt"})
-            spherefmt.save(folder, pkg, codec="none", quantize="q8_0" if tag == "q8_0" else None)
+            spherefmt.save(folder, pkg, codec="none", quantize=tag if tag in QUANTIZED else None)
         out[tag] = pkg
     return out
 
@@ -193,7 +195,7 @@ def main() -> None:
     if LLAMA_PY.exists():  # llama.cpp on the GGUFs spherefmt exports from the same packages
         import spherefmt
 
-        for tag in ("f32", "q8_0"):
+        for tag in ("f32", "q8_0", "q4_k"):
             gg = root / f"{tag}.gguf"
             if not gg.exists():
                 spherefmt.export(pkgs[tag], gg)
@@ -214,7 +216,7 @@ def main() -> None:
         print(f"  tiny-gpt2 {tag}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens", flush=True)
 
     goals: dict[str, dict[str, Any]] = {}
-    for tag in ("bf16", "f16", "q8_0"):
+    for tag in ("bf16", "f16", "q8_0", "q4_k"):
         r = row(tag, "dense", "stored")
         goals[f"{tag}_25_stored_uploaded_vs_read"] = {"value": r["bytes_uploaded_per_token"] / r["bytes_read_per_token"],
                                                       "goal": 1.05, "at_most": True}
@@ -240,6 +242,19 @@ def main() -> None:
                                                  "at_most": True}
     goals["q8_0_perplexity_change"] = {"value": ppl["q8_0"]["perplexity"] / ppl["f32"]["perplexity"] - 1,
                                        "goal": 0.005, "at_most": True}
+    q4 = row("q4_k", "dense", "stored")
+    goals["q4_k_25_bytes_read_vs_f32"] = {"value": q4["bytes_read_per_token"] / f32["bytes_read_per_token"],
+                                          "goal": 0.17, "at_most": True}
+    goals["q4_k_25_bytes_uploaded_vs_f32"] = {"value": q4["bytes_uploaded_per_token"] / f32["bytes_uploaded_per_token"],
+                                              "goal": 0.17, "at_most": True}
+    goals["q4_k_stored_vs_f32_bytes"] = {"value": q4["stored_bytes"] / f32["stored_bytes"], "goal": None}
+    goals["q4_k_resident_tokens_per_s_vs_f32"] = {
+        "value": row("q4_k", "resident")["tokens_per_s"] / row("f32", "resident")["tokens_per_s"], "goal": None}
+    if llama:
+        goals["q4_k_resident_vs_llama_cpp_q4_k"] = {
+            "value": row("q4_k", "resident")["tokens_per_s"] / llama["q4_k"]["tokens_per_s"], "goal": None}
+    goals["q4_k_perplexity_change"] = {"value": ppl["q4_k"]["perplexity"] / ppl["f32"]["perplexity"] - 1,
+                                       "goal": 0.03, "at_most": True}
     for g in goals.values():
         g["met"] = None if g["goal"] is None else (g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
     # a budget changes no token of its own precision's resident run

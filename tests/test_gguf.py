@@ -37,34 +37,50 @@ def _tensors(path) -> list[tuple]:
 def test_round_trip_through_the_cli(tmp_path, capsys, quantized_ffn):
     src = make_llama_gguf(tmp_path / "m.gguf", quantized_ffn=quantized_ffn)
     pkg, out = tmp_path / "m.sphere", tmp_path / "back.gguf"
-    code, _, err = run_cli(capsys, "convert", str(src), str(pkg), "--graticule", "2x2", "-q")
-    assert code == 0, err
+    code, _, converted = run_cli(capsys, "convert", str(src), str(pkg), "--graticule", "2x2", "-q")
+    assert code == 0, converted
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
-    # gguf's own reader: identical metadata (keys, types, values, order) and tensors (names,
-    # types, shapes, bytes); the writer even lays the file out byte for byte the same
     assert _fields(out) == _fields(src)
-    assert _tensors(out) == _tensors(src)
-    assert out.read_bytes() == src.read_bytes()
+    if quantized_ffn:
+        # the Q8_0 FFN went onto the sphere: gate and up blocks are each neuron's own rows and
+        # come back the same bytes; ffn_down's blocks run along the neurons and were quantized
+        # again per neuron (said at conversion, recorded): same type and shape, close values
+        assert "quantized again onto the sphere as Q8_0" in converted
+        back, orig = {t[0]: t for t in _tensors(out)}, {t[0]: t for t in _tensors(src)}
+        assert list(back) == list(orig)
+        reader = {t.name: t for t in gguf.GGUFReader(src).tensors}
+        again = {t.name: t for t in gguf.GGUFReader(out).tensors}
+        for name in orig:
+            if "ffn_down" not in name:
+                assert back[name] == orig[name], name
+                continue
+            assert back[name][1:3] == orig[name][1:3] and back[name][3] != orig[name][3]
+            a = gguf.quants.dequantize(reader[name].data, reader[name].tensor_type)
+            b = gguf.quants.dequantize(again[name].data, again[name].tensor_type)
+            assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a**2)) < 0.01
+    else:
+        # gguf's own reader: identical tensors (names, types, shapes, bytes); the writer even
+        # lays the file out byte for byte the same
+        assert _tensors(out) == _tensors(src)
+        assert out.read_bytes() == src.read_bytes()
     code, text, _ = run_cli(capsys, "info", str(pkg), "--json")
     info = json.loads(text)
     with spherefmt.open(pkg) as p:
-        if quantized_ffn:  # kept raw in core/, and info says why there is no sphere
-            assert info["architecture"] == "generic" and "quantized" in info["warning"]
-            assert p.tensor_info("blk.0.ffn_gate.weight").dtype == "U8"
-        else:  # the FFN went onto the sphere: an expert's rows are the GGUF FFN rows
-            assert info["architecture"] == "llama" and info["experts"] == 4 * 2
-            assert p.tensor_info("output.weight").dtype == "U8"  # Q8_0 head carried raw
-            gate = gguf.GGUFReader(src).tensors
-            gate = np.asarray(next(t for t in gate if t.name == "blk.1.ffn_gate.weight").data)
-            e = p.expert(0, 1, p.layer_depth[1], layer=1)
-            real = e.index[0] >= 0
-            np.testing.assert_array_equal(e.field("gate")[0][real], gate[e.index[0][real]])
-    code, text, _ = run_cli(capsys, "info", str(pkg))
-    assert ("quantized" in text) == quantized_ffn
-    if not quantized_ffn:  # llama.cpp's RoPE factors are not implemented: refused by name, not a traceback
-        code, _, err = run_cli(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
-        assert code == 2 and "rope_freqs.weight" in err
+        # the FFN is on the sphere: an expert's rows are the GGUF FFN rows' values
+        assert info["architecture"] == "llama" and info["experts"] == 4 * 2
+        assert p.tensor_info("output.weight").dtype == "U8"  # Q8_0 head carried raw
+        gate = next(t for t in gguf.GGUFReader(src).tensors if t.name == "blk.1.ffn_gate.weight")
+        gate = gguf.quants.dequantize(gate.data, gate.tensor_type)
+        e = p.expert(0, 1, p.layer_depth[1], layer=1)
+        real = e.index[0] >= 0
+        np.testing.assert_array_equal(e.field("gate")[0][real], gate[e.index[0][real]])
+        if quantized_ffn:
+            assert p.header.quantization == {"type": "Q8_0", "core": [], "sphere": True}
+            assert 0 < float(p.header.metadata["spherefmt.quantization_rel_rms"]) < 0.01
+    # llama.cpp's RoPE factors are not implemented: refused by name, not a traceback
+    code, _, err = run_cli(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
+    assert code == 2 and "rope_freqs.weight" in err
 
 
 def test_gguf_export_of_a_trained_package_and_refusals(tmp_path):
@@ -206,16 +222,40 @@ def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_
     assert _tensors(out) == _tensors(src) and out.read_bytes() == src.read_bytes()
 
 
-def test_a_gguf_moe_with_quantized_experts_is_carried_bit_for_bit_and_says_why(tmp_path, capsys):
-    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=64, quantized_ffn=True)
+def test_a_gguf_moe_with_quantized_experts_puts_them_on_the_sphere_as_blocks(tmp_path, capsys):
+    """Q8_0 stacked experts become one cell each, quantized again on the sphere: gate and up are
+    the GGUF's blocks' values exactly, and the export gives back gate and up byte for byte
+    (ffn_down within the recorded change).  The runtime refuses a GGUF-named MoE by name."""
+    from spherefmt.runtime import Session
+
+    src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=64, quantized_ffn=True, rope_freqs=False)
     pkg, out = tmp_path / "moe.sphere", tmp_path / "back.gguf"
-    with pytest.warns(UserWarning, match="MoE experts are quantized"):
+    with pytest.warns(UserWarning, match="quantized again onto the sphere as Q8_0"):
         spherefmt.save(src, pkg)
+    reader = {t.name: t for t in gguf.GGUFReader(src).tensors}
     with spherefmt.open(pkg) as p:
-        assert p.architecture == "generic" and p.tensor_info("blk.0.ffn_gate_exps.weight").dtype == "U8"
+        assert p.architecture == "llama" and p.header.experts is not None
+        assert p.header.quantization == {"type": "Q8_0", "core": [], "sphere": True}
+        stacked = gguf.quants.dequantize(reader["blk.1.ffn_gate_exps.weight"].data, reader["blk.1.ffn_gate_exps.weight"].tensor_type)
+        for lat, lon, depth in list(p.experts())[:3]:
+            e = p.expert(lat, lon, depth, layer=1)
+            real = e.index[0] >= 0
+            if real.any():
+                j = e.index[0][real]
+                np.testing.assert_array_equal(e.field("gate")[0][real], stacked[j // 64, j % 64])
+    with pytest.raises(FormatError, match="num_experts_per_tok"):  # GGUF-named MoE: not run yet, said so
+        Session(pkg, backend="numpy")
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
-    assert out.read_bytes() == src.read_bytes()
+    back = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert list(back) == list(reader)
+    for name, t in reader.items():
+        if "ffn_down" in name:
+            a = gguf.quants.dequantize(t.data, t.tensor_type)
+            b = gguf.quants.dequantize(back[name].data, back[name].tensor_type)
+            assert back[name].tensor_type == t.tensor_type and np.sqrt(np.mean((a - b) ** 2) / np.mean(a**2)) < 0.01
+        else:
+            assert bytes(np.asarray(back[name].data).tobytes()) == bytes(np.asarray(t.data).tobytes()), name
 
 
 def _permuted(w: np.ndarray, heads: int) -> np.ndarray:
@@ -344,3 +384,40 @@ def test_a_k_quant_gguf_streams_q4_k_as_blocks_and_reads_q6_k(tmp_path):
             st = s.stats()
         np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=backend)
         assert st["weight_formats"] == ["F16", "F32", "Q4_K"] and st["peak_device_bytes"] <= st["budget_bytes"]
+
+
+def test_a_q4_k_m_gguf_streams_its_ffn_from_the_sphere(tmp_path):
+    """As llama.cpp's ``Q4_K_M`` lays a model out (``Q4_K`` gate/up and attention, ``Q6_K``
+    down, v and head): the FFN goes onto a ``Q4_K`` sphere (``ffn_down`` quantized again per
+    neuron, the change recorded), the rest stays as it was.  The runtime's logits equal
+    transformers' on the package's values (its ``gguf_file`` model with the package's FFN), and
+    are close to transformers' on the GGUF itself."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from spherefmt.runtime import Session
+    from tests.helpers import started_backends
+
+    src = make_llama_gguf(tmp_path / "m.gguf", d=256, ff=256, rope_freqs=False, k_quants=True, quantized_ffn="Q4_K_M")
+    with pytest.warns(UserWarning, match="quantized again onto the sphere as Q4_K"):
+        pkg = spherefmt.save(src, tmp_path / "m.sphere")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = np.random.default_rng(5).integers(0, 256, 12)
+    with torch.no_grad():
+        orig = hf(torch.as_tensor(ids)[None]).logits[0].numpy()
+    with spherefmt.open(pkg) as p:
+        assert p.header.quantization["type"] == "Q4_K" and p.header.quantization["core"] == []
+        change = float(p.header.metadata["spherefmt.quantization_rel_rms"])
+        assert 0 < change < 0.1
+        for layer, block in enumerate(hf.model.layers):  # the package's FFN values into the reference
+            for part, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                getattr(block.mlp, part).weight.data = torch.as_tensor(p.tensor(f"blk.{layer}.{name}.weight"))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(ref - orig).max() > 0  # ffn_down changed, and the reference sees it
+    for backend in started_backends():
+        with Session(pkg, backend=backend, budget="60%", weights="stored") as s:
+            out = s.logits(ids)
+            st = s.stats()
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=backend)
+        assert st["weight_formats"] == ["F16", "F32", "Q4_K"] and st["peak_device_bytes"] <= st["budget_bytes"]
+    assert np.abs(out - orig).max() / np.abs(orig).max() < 0.1

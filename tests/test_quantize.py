@@ -198,7 +198,9 @@ def test_bad_requests_and_bad_headers_are_one_line_errors(model, tmp_path, capsy
     from spherefmt.testing.packages import remanifest
 
     for i, bad in enumerate(({"type": "Q4_9", "core": [], "sphere": True}, {"type": "Q8_0", "core": ["nope"], "sphere": True},
-                             {"type": "Q8_0", "core": [], "sphere": "yes"})):
+                             {"type": "Q8_0", "core": [], "sphere": "yes"},
+                             {"type": "Q8_0", "core": [], "sphere": True, "types": {"nope": "Q4_K"}},
+                             {"type": "Q8_0", "core": [], "sphere": True, "extra": 1})):
         broken = tmp_path / f"b{i}.sphere"
         shutil.copytree(pkg, broken)
         meta = json.loads((broken / "zarr.json").read_text())

@@ -108,8 +108,8 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
     if any(re.match(r"^blk\.\d+\.ffn_gate_exps\.weight$", n) for n in names):  # experts left stacked
         quantized = any(infos[n].dtype == "U8" for n in names if n.endswith("_exps.weight"))
         return _generic(f"{where}: the GGUF's MoE experts are " + (
-            "quantized (raw GGUF blocks); they are kept bit for bit in core/ and mapping quantized experts onto "
-            "the sphere is a later step" if quantized else "stacked without an expert count in its metadata"))
+            "of a GGUF type gguf cannot dequantize; they are kept bit for bit in core/" if quantized
+            else "stacked without an expert count in its metadata"))
     gguf_names = not any(hits[ARCH_LLAMA]) and any(gguf_re.match(n) for n in names)
     if gguf_names:
         hits[ARCH_LLAMA] = [gguf_re.match(n) for n in names]
@@ -159,8 +159,8 @@ def detect(infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, wh
         n_inner = 4 * d
     if gguf_names and any(infos[f"{pre}{la}.{suffix}"].dtype == "U8" for la in range(n_layers)
                           for _, suffix, _ in spec if f"{pre}{la}.{suffix}" in infos):
-        return _generic(f"{where}: the FFN tensors are quantized (raw GGUF blocks); they are kept bit for bit in "
-                        "core/ and mapping quantized FFN weights onto the sphere is a later step")
+        return _generic(f"{where}: the FFN tensors are of a GGUF type gguf cannot dequantize (raw blocks); they are "
+                        "kept bit for bit in core/")
     layout = Layout(arch=arch, in_field=spec[0][0], out_field=spec[-1][0], experts=experts)
     dtypes = set()
     for layer in range(n_layers):

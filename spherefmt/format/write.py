@@ -43,7 +43,7 @@ from spherefmt.format.placement import (
     parse_graticule,
     tree_parents,
 )
-from spherefmt.format.quant import blocks_width, pad_fields, quantize_rows, storage_shape
+from spherefmt.format.quant import blocks_width, dequantize, pad_fields, quantize_rows, storage_shape
 from spherefmt.format.store import PackageStore
 from spherefmt.interop.base import TensorSource, bounded_heap
 from spherefmt.interop.experts import join_experts
@@ -162,6 +162,9 @@ def save(
     with open_source(src) as source:
         if config is not None:
             source.config = dict(config)
+        # a GGUF whose FFN is quantized blocks: its values go onto a sphere quantized again,
+        # the rest of the file stays as it is (raw blocks, float tensors)
+        requantize = getattr(source, "sphere_quantize", None) if quantize is None else None
         source = split_fused(source)  # Phi-3's fused projections, as their parts
         source = join_experts(source)  # a MoE layer's per-expert tensors, as one FFN
         infos = {name: source.info(name) for name in source.keys()}
@@ -174,8 +177,12 @@ def save(
         quantized: dict[str, str] = {}
         qtype: str | None = None
         values = None  # what the header lists when quantizing: quantized tensors read as float32
+        if requantize is not None and layout.arch != C.ARCH_GENERIC:
+            quantize = requantize
         if quantize is not None:
             qtype, quantized = _quantized_tensors(quantize, infos, layout, source.where)
+            if requantize is not None:
+                quantized = {}  # only the sphere: core tensors keep their own types
             layout = replace(layout, dtype="F32")
             values = {n: TensorInfo(n, "F32", i.shape) if n in quantized or n in layout.ffn_tensors() else i
                       for n, i in infos.items()}
@@ -199,7 +206,12 @@ def save(
         try:
             store = PackageStore(dest, "r+", new=True)
             with bounded_heap(), store.transaction():  # freed arrays go back to the system
-                _write(source, infos, layout, grid, codec, store, metadata, progress, plan, values, quantized, qtype)
+                err = _write(source, infos, layout, grid, codec, store, metadata, progress, plan, values, quantized,
+                             qtype)
+                if requantize is not None and err is not None:
+                    warnings.warn(f"{source.where}: the FFN's quantized blocks were quantized again onto the sphere as "
+                                  f"{qtype} (ffn_down's blocks run along the neurons): relative RMS change of the "
+                                  f"FFN weights {err}", stacklevel=3)
             dest.finish()  # the manifest committed above; this puts the package in place
         except BaseException:
             dest.abort()
@@ -238,8 +250,11 @@ def _quantized_tensors(quantize: str, infos: Mapping[str, TensorInfo], layout: L
 def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid | None, codec: str,
            store: Any, metadata: Mapping[str, str] | None, progress: bool, plan: PlacementPlan | None = None,
            values: Mapping[str, TensorInfo] | None = None, quantized: Mapping[str, str] | None = None,
-           qtype: str | None = None) -> None:
+           qtype: str | None = None) -> str | None:
+    """Write the package's objects; returns the relative RMS change of the neuron rows' values
+    when the sphere is quantized (also recorded in the header's metadata)."""
     values = infos if values is None else values
+    err: str | None = None
     quantized = quantized or {}
     header = new_header(layout=layout, grid=grid, infos=values, config=source.config,
                         metadata={**source.metadata, **(metadata or {})}, files=list(source.files), codec=codec,
@@ -287,10 +302,13 @@ def _write(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout
                 arr[start:stop] = data
                 bar.update(data.nbytes)
         if grid is not None:
-            _write_sphere(source, infos, layout, grid, codec, root, header, bar, None if plan is None else plan.cells,
-                          qtype=qtype)
+            change = _write_sphere(source, infos, layout, grid, codec, root, header, bar,
+                                   None if plan is None else plan.cells, qtype=qtype)
+            if change is not None:  # the values changed by quantizing (again): measured, recorded
+                err = header.metadata["spherefmt.quantization_rel_rms"] = f"{change:.3e}"
     header.state = C.STATE_COMPLETE  # marked complete last: an interrupted write never looks done
     root.update_attributes({C.ROOT_ATTR: header.to_json()})
+    return err
 
 
 def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
@@ -301,9 +319,11 @@ def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
 
 def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
                   root: zarr.Group, header: Header, bar: Any, cells_of: Mapping[int, np.ndarray] | None = None,
-                  qtype: str | None = None) -> None:
+                  qtype: str | None = None) -> float | None:
     """The shells; with ``qtype`` the source rows are widened to float32 and each cell's
-    rows stored as ``Q8_0`` or ``Q4_K`` blocks, every field padded to whole blocks (section 5.1)."""
+    rows stored as ``Q8_0`` or ``Q4_K`` blocks, every field padded to whole blocks (section 5.1).
+    Returns, when quantizing, the relative RMS change of the neuron rows' values (over all)."""
+    sq_err = sq_sum = 0.0
     quantized = qtype is not None
     p, m, cells = grid.parallels, grid.meridians, grid.cells
     st = storage_dtype(layout.dtype)
@@ -367,7 +387,13 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             index[t, sorted_cells, slot] = order
             parent[t, sorted_cells, slot] = par[order]
             if qtype is not None:  # zero padding rows quantize to zero bytes (scale 0, every q 0)
-                block = quantize_rows(pad_fields(block, widths, qtype), qtype).view(np.uint8).reshape(cells, k, stored_f)
+                padded = pad_fields(block, widths, qtype)
+                del block
+                q = quantize_rows(padded, qtype)
+                sq_err += float(np.square(dequantize(q, qtype) - padded, dtype=np.float64).sum())
+                sq_sum += float(np.square(padded, dtype=np.float64).sum())
+                del padded
+                block = q.view(np.uint8).reshape(cells, k, stored_f)
             # zarr drops chunks that compare equal to the fill value; a float chunk of -0.0 would
             # compare equal to 0 and come back as +0.0, so such layers keep every chunk.
             exact = block.dtype.kind != "f" or not np.signbit(block[block == 0]).any()
@@ -385,6 +411,7 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
                            compressors=_compressors(codec, 4, index.nbytes), fill_value=C.PADDING_INDEX,
                            config=_ARRAY_CONFIG,
                            dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
+    return None if qtype is None else float(np.sqrt(sq_err / sq_sum)) if sq_sum > 0 else 0.0
 
 
 def _cells_io(arr: zarr.Array, t: int, cells: np.ndarray, m: int, blocks: np.ndarray) -> None:

@@ -4,20 +4,28 @@ writer (``spec/FORMAT.md`` section 9.1).
 Import: F32, F16 and BF16 tensors become ordinary tensors under their GGUF names; a
 Llama-family GGUF (``blk.N.ffn_gate/ffn_up/ffn_down.weight``) puts its FFN neurons on the sphere
 like a Hugging Face checkpoint.  Every other tensor type (quantized blocks such as Q8_0 or Q4_K,
-and integer tensors) is carried bit for bit as raw bytes in ``core/``; when the FFN tensors are
-quantized the model is stored without a sphere (mapping quantized blocks onto cells is a later
-step, and ``sphere info`` says so).  The GGUF key/value metadata (types included), the tensor
+and integer tensors) is carried bit for bit as raw bytes in ``core/``, except quantized FFN
+tensors: their values (gguf's dequantizer) go onto the sphere, which is then quantized again
+(:attr:`GGUFSource.sphere_quantize`: ``Q4_K`` when the gate and up matrices hold 4.5 bits a value
+or fewer, else ``Q8_0``).  A neuron's blocks along ``ffn_gate``/``ffn_up`` are its own rows, so
+``Q8_0`` ones come back the same bytes; ``ffn_down``'s blocks run along the neuron axis and are
+quantized again per neuron: the conversion measures that loss and records it in the package
+metadata (``spherefmt.requantized``).  The GGUF key/value metadata (types included), the tensor
 order and types, and the alignment go into the side file ``gguf.json``.
 
 Export: the same key/value pairs in the same order, the same tensors with the same types and
-bytes, written tensor by tensor (one in memory at a time).
+bytes, written tensor by tensor (one in memory at a time); FFN tensors that went onto a quantized
+sphere are written in the sphere's type where their rows are whole blocks of it (else ``Q8_0``,
+else F32).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM
+from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM, QUANT_Q4_K, QUANT_Q8_0, QUANT_TYPES
 from spherefmt.dtypes import TensorInfo
 from spherefmt.errors import BackendUnavailableError, FormatError, InputError
+from spherefmt.format.quant import quantize_rows
 from spherefmt.interop.base import TensorSource, written_in_place
 
 if TYPE_CHECKING:
@@ -37,6 +46,8 @@ __all__ = ["GGUF_SIDE_FILE", "GGUFSource", "check_gguf_header", "export_gguf", "
 
 _FLOAT = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 _MIN_FILE = 24  # magic, version, tensor count, kv count
+#: llama.cpp's FFN tensor names, dense and MoE (stacked experts, Qwen2-MoE's shared expert)
+_FFN_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)(_exps|_shexp)?\.weight$")
 
 
 #: GGUF value types: fixed item sizes (8: string, 9: array are variable)
@@ -223,6 +234,9 @@ class GGUFSource(TensorSource):
             self._tensors[name] = t
             self._info[name] = info
             entries.append({"name": name, "ggml_type": int(t.tensor_type), "type_name": kind, "ne": ne, "raw": raw})
+        self._dequantize: dict[str, Any] = {}
+        #: the block type the sphere is quantized in when the FFN tensors are quantized blocks
+        self.sphere_quantize: str | None = self._quantized_ffn(entries, gguf)
         values = {m["key"]: m["value"] for m in meta}
         align = values.get("general.alignment", 32)
         embd = self._info.get("token_embd.weight")
@@ -233,6 +247,26 @@ class GGUFSource(TensorSource):
         side = {"version": int(reader.fields["GGUF.version"].parts[-1][0]) if "GGUF.version" in reader.fields else 3,
                 "alignment": int(align) if isinstance(align, int) else 32, "kv": meta, "tensors": entries}
         self.files = {GGUF_SIDE_FILE: json.dumps(side, ensure_ascii=False).encode("utf-8")}
+
+    def _quantized_ffn(self, entries: list[dict[str, Any]], gguf: Any) -> str | None:
+        """When the FFN tensors are quantized blocks gguf can dequantize: present them as float32
+        values (their entries no longer raw, marked ``dequantized``) and name the sphere's type."""
+        ffn = [e for e in entries if _FFN_NAME.match(e["name"])]
+        blocks = [e for e in ffn if e["raw"]]
+        qt = gguf.GGMLQuantizationType
+        if not blocks or any(not hasattr(gguf.quants, e["type_name"]) or qt[e["type_name"]] not in
+                             gguf.GGML_QUANT_SIZES or len(e["ne"]) not in (2, 3) for e in blocks):
+            return None  # integer or unknown types: carried raw, the model stays generic
+        small = False
+        for e in blocks:
+            values, size = gguf.GGML_QUANT_SIZES[qt[e["type_name"]]]
+            if "_down" not in e["name"] and size * 8 / values <= 4.5:
+                small = True
+            name = e["name"]
+            self._info[name] = TensorInfo(name, "F32", tuple(reversed(e["ne"])))
+            self._dequantize[name] = qt[e["type_name"]]
+            e["raw"], e["dequantized"] = False, True
+        return QUANT_Q4_K if small else QUANT_Q8_0
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -246,6 +280,11 @@ class GGUFSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         info = self._info[name]
+        if name in self._dequantize:  # quantized FFN blocks: their values, as gguf reads them
+            gguf = _gguf()
+            data = np.asarray(self._tensors[name].data)
+            values = gguf.quants.dequantize(data.reshape(-1, data.shape[-1]), self._dequantize[name])
+            return np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape)
         flat = self._bytes(name)
         if info.dtype == "U8":
             return flat.copy()
@@ -253,6 +292,8 @@ class GGUFSource(TensorSource):
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         info = self._info[name]
+        if name in self._dequantize:
+            return self.read(name)[start:stop]
         if info.dtype == "U8":
             return self._bytes(name)[start:stop].copy()
         item = np.dtype(_FLOAT[info.dtype][1])
@@ -324,6 +365,7 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
         else:
             w.add_key_value(m["key"], unpack(m["value"]), t)
     plan = []
+    requant: dict[str, str] = {}
     for name in pkg.keys():
         info = pkg.tensor_info(name, padded=True)
         entry = entries.get(name)
@@ -331,6 +373,15 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
             kind = qt(int(entry["ggml_type"]))
             byte_shape = gguf.quant_shape_to_byte_shape(tuple(reversed(entry["ne"])), kind)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=kind)
+        elif entry is not None and entry.get("dequantized") and info.dtype == "F32":
+            sphere = pkg.sphere_type or QUANT_Q8_0  # FFN values from quantized blocks: blocks again
+            fmt = next((t for t in (sphere, QUANT_Q8_0) if info.shape[-1] % QUANT_TYPES[t][0] == 0), None)
+            if fmt is None:
+                w.add_tensor_info(name, info.shape, np.dtype(np.float32), info.nbytes, raw_dtype=qt.F32)
+            else:
+                requant[name] = fmt
+                byte_shape = info.shape[:-1] + (info.shape[-1] // QUANT_TYPES[fmt][0] * QUANT_TYPES[fmt][1],)
+                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qt[fmt])
         else:
             if info.dtype not in _FLOAT:
                 raise FormatError(f"{pkg.where}: tensor {name!r} is {info.dtype}; GGUF takes F32, F16 or BF16 here")
@@ -343,6 +394,8 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
         w.write_ti_data_to_file()
         for name in plan:
             arr = storage(name) if storage is not None else pkg.stored(name, padded=True)
+            if name in requant:
+                arr = quantize_rows(np.asarray(arr, dtype=np.float32), requant[name])
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             w.write_tensor_data(data.reshape(-1))
             if progress is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,11 @@ __all__ = ["make_llama_gguf"]
 
 
 def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int = 128, vocab: int = 256,
-                    quantized_ffn: bool = False, seed: int = 0, experts: int = 0,
+                    quantized_ffn: bool | str = False, seed: int = 0, experts: int = 0,
                     shared_ff: int = 0, rope_freqs: bool = True, k_quants: bool = False) -> Path:
     """A random-weight Llama GGUF with llama.cpp's tensor names and keys: F16 embeddings, a Q8_0
     output head, F32 attention and norms, a BF16 extra tensor, FFN in F32 (or Q8_0 with
-    ``quantized_ffn``), and metadata of several value types (string arrays included).
+    ``quantized_ffn``; ``"Q4_K_M"``: gate and up ``Q4_K``, down ``Q6_K``), and metadata of several value types (string arrays included).
     With ``experts``, every layer is a Mixtral-style MoE as llama.cpp names it: the router
     ``ffn_gate_inp`` ``(E, d)`` and stacked ``ffn_{gate,up}_exps`` ``(E, ff, d)`` and
     ``ffn_down_exps`` ``(E, d, ff)`` (top-2); ``shared_ff`` adds a Qwen2-MoE shared expert of that
@@ -79,7 +80,15 @@ def make_llama_gguf(path: str | Path, *, layers: int = 2, d: int = 64, ff: int =
                         ("ffn_down_shexp.weight", (d, shared_ff))]
         for name, shape in ffn:
             t = r(*shape)
-            tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
+            if quantized_ffn == "Q4_K_M":
+                if "down" in name:
+                    tensors.append((p + name, q6_k(math.prod(shape[:-1]), shape[-1]).reshape(*shape[:-1], -1),
+                                    gguf.GGMLQuantizationType.Q6_K))
+                else:
+                    tensors.append((p + name, q4_k(t.reshape(-1, shape[-1])).reshape(*shape[:-1], -1),
+                                    gguf.GGMLQuantizationType.Q4_K))
+            else:
+                tensors.append((p + name, gguf.quants.quantize(t, q8), q8) if quantized_ffn else (p + name, t, None))
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(layers)
     w.add_embedding_length(d)
