@@ -34,6 +34,7 @@ from spherefmt.format.chunks import ChunkError, FastArray, read_many
 from spherefmt.format.keys import core_key
 from spherefmt.format.package import Package
 from spherefmt.format.quant import block_slices, blocks_width, storage_shape
+from spherefmt.interop.llamacpp import unpermute
 
 __all__ = ["BlockLoader", "Key"]
 
@@ -87,12 +88,6 @@ def _dequantizable(qt: Any) -> bool:
 
     cls = getattr(gguf.quants, qt.name, None)
     return cls is not None and "dequantize_blocks" in vars(cls)
-
-
-def _unpermute(a: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's Q/K rows (RoPE pairs interleaved per head) in transformers' order (halves)."""
-    rows = a.shape[0]
-    return np.ascontiguousarray(a.reshape(heads, rows // heads // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
 
 
 def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -339,7 +334,7 @@ class BlockLoader:
                 a = a.reshape(self.shape_of(tensor)[0], -1)
             out[part] = _kept(a, self.format_of(tensor), self.keep)
             if part in self.permute_rows:
-                out[part] = _unpermute(out[part], self.permute_rows[part])
+                out[part] = unpermute(out[part], self.permute_rows[part])
             if part in self.offsets:
                 out[part] = out[part] + np.float32(self.offsets[part])  # a new array: views stay unchanged
         for part, (axis, names) in self.split.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -339,6 +340,9 @@ def test_a_llama_gguf_package_streams_as_transformers_reads_the_gguf(tmp_path):
     with torch.no_grad():
         ref = hf.eval()(torch.as_tensor(ids)[None]).logits[0].numpy()
     pkg = spherefmt.save(src, tmp_path / "m.sphere")
+    ours = spherefmt.interop.hf.load_model(pkg, dtype=torch.float32)  # llama.cpp's names mapped back
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(torch.as_tensor(ids)[None]).logits[0].numpy(), ref)
     for backend in started_backends():
         with Session(pkg, backend=backend) as s:
             np.testing.assert_allclose(s.logits(ids), ref, atol=1e-5, rtol=0, err_msg=backend)
@@ -348,7 +352,7 @@ def test_a_llama_gguf_package_streams_as_transformers_reads_the_gguf(tmp_path):
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=backend)
         assert st["weight_formats"] == ["F16", "F32", "Q8_0"] and st["peak_device_bytes"] <= st["budget_bytes"]
     # the permutation matters: without it the logits are far off (the test can fail)
-    from spherefmt.runtime.loader import _unpermute
+    from spherefmt.interop.llamacpp import unpermute as _unpermute
 
     q = spherefmt.open(pkg).tensor("blk.0.attn_q.weight")
     assert not np.array_equal(_unpermute(q, 4), q)
@@ -360,6 +364,9 @@ def test_a_gguf_with_what_the_runtime_does_not_implement_is_refused_by_name(tmp_
     pkg = spherefmt.save(make_llama_gguf(tmp_path / "r.gguf"), tmp_path / "r.sphere")  # with rope_freqs.weight
     with pytest.raises(FormatError, match="rope_freqs.weight"):
         Session(pkg, backend="numpy")
+    if importlib.util.find_spec("transformers") is not None:
+        with pytest.raises(FormatError, match="rope_freqs.weight"):
+            spherefmt.interop.hf.load_model(pkg)
 
 
 def test_a_k_quant_gguf_streams_q4_k_as_blocks_and_reads_q6_k(tmp_path):
@@ -378,6 +385,9 @@ def test_a_k_quant_gguf_streams_q4_k_as_blocks_and_reads_q6_k(tmp_path):
         ref = hf.eval()(torch.as_tensor(ids)[None]).logits[0].numpy()
     assert np.abs(ref).max() > 1e-3  # the Q6_K head's values reach the logits
     pkg = spherefmt.save(src, tmp_path / "k.sphere")
+    ours = spherefmt.interop.hf.load_model(pkg, dtype=torch.float32)  # raw Q4_K/Q6_K by gguf's dequantizer
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(torch.as_tensor(ids)[None]).logits[0].numpy(), ref)
     for backend in started_backends():
         with Session(pkg, backend=backend, budget="70%", weights="stored") as s:
             out = s.logits(ids)

@@ -49,6 +49,11 @@ def _transformers() -> Any:
     return transformers
 
 
+def _torch_ready(a: np.ndarray) -> np.ndarray:
+    """A writable float32 copy for ``torch.from_numpy`` (bfloat16 widened: numpy has no torch bfloat16)."""
+    return np.array(a, dtype=np.float32)
+
+
 def build(pkg: Package, dtype: Any = "auto") -> Any:
     """The ``transformers`` causal-LM model of an open package, with its weights.
 
@@ -79,7 +84,12 @@ def build(pkg: Package, dtype: Any = "auto") -> Any:
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     own = model.state_dict()
     sd = {}
-    state = fuse_state_dict(pkg.state_dict(framework="torch", padded=True), pkg.header.fused)
+    if C.GGUF_SIDE_FILE in pkg.header.files and "token_embd.weight" in pkg.keys():  # llama.cpp's names
+        from spherefmt.interop.llamacpp import hf_state_dict
+
+        state = {n: torch.from_numpy(_torch_ready(a)) for n, a in hf_state_dict(pkg).items()}
+    else:
+        state = fuse_state_dict(pkg.state_dict(framework="torch", padded=True), pkg.header.fused)
     if pkg.header.experts:  # native experts: in the stacked form transformers 5 holds in memory
         state = stacked_state_dict(state, pkg.header.experts)
     for name, value in state.items():

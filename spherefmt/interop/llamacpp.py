@@ -90,6 +90,56 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of :func:`_permute`: llama.cpp's Q/K rows (RoPE pairs interleaved per head)
+    in transformers' order (halves)."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
+    """A package converted from a dense llama GGUF as a ``transformers`` Llama state dict (numpy,
+    the package's dtypes; raw GGUF blocks as their float32 values by gguf's dequantizer): llama.cpp's
+    names mapped back, ``attn_q``/``attn_k`` permuted back.  What transformers' own Llama cannot
+    hold (``rope_freqs.weight``, llama.cpp's MoE names) is refused by name."""
+    from spherefmt.interop.gguf import read_side_file
+
+    try:
+        import gguf
+    except ImportError:
+        raise InputError("reading GGUF tensors needs the gguf package: pip install 'spherefmt[gguf]'") from None
+    cfg = dict(pkg.config or {})
+    heads = int(cfg.get("num_attention_heads") or 0)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    raw = {e["name"]: e for e in read_side_file(pkg)["tensors"] if e.get("raw")}
+    top = {v: k for k, v in _TOP.items()}
+    per = {v: k for k, v in _PER.items()}
+    out = {}
+    for name in pkg.keys():
+        parts = name.split(".")
+        if name in top:
+            hf = top[name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and ".".join(parts[2:]) in per \
+                and not name.endswith("ffn_gate_inp.weight"):
+            hf = f"model.layers.{parts[1]}.{per['.'.join(parts[2:])]}"
+        else:
+            raise FormatError(f"{pkg.where}: GGUF tensor {name!r} has no place in a transformers Llama model")
+        if name in raw:
+            e = raw[name]
+            shape = tuple(int(x) for x in reversed(e["ne"]))
+            data = np.asarray(pkg.stored(name)).reshape(shape[0], -1)
+            a = np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[e["type_name"]]), dtype=np.float32)
+            a = a.reshape(shape)
+        else:
+            a = numpy_view(np.asarray(pkg.stored(name, padded=True)), pkg.tensor_info(name, padded=True).dtype)
+        if hf.endswith("q_proj.weight"):
+            a = unpermute(a, heads)
+        elif hf.endswith("k_proj.weight"):
+            a = unpermute(a, kv)
+        out[hf] = a
+    return out
+
+
 def _tokenizer(w: Any, pkg: Package, cfg: dict[str, Any], vocab: int) -> None:
     tok = None
     if "tokenizer.json" in pkg.header.files:
