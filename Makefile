@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first, so the torch extra resolves to it (not a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	# (setuptools warns on every editable install that a folder named like the package could shadow it)
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[torch,dev,vhd,hf,bench,viz,vulkan,s3,gguf]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[torch,dev,vhd,hf,bench,viz,vulkan,s3,gguf,fast]'
 	touch $(STAMP)
 
 demo: setup

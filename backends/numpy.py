@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from spherefmt.backends import qkernels
 from spherefmt.backends.base import (
     WEIGHT_DTYPES,
     Accountant,
@@ -117,8 +118,12 @@ class _BlasThreads:
         self._steps = 0
         self._wait, self._next, self._trying = REPROBE, PROBE + REPROBE, False
 
+    def want(self, rows: int, weight_bytes: int) -> int:
+        """Threads for a product of ``rows`` activation rows over ``weight_bytes`` of float32 weights."""
+        return 1 if weight_bytes < SMALL_WEIGHTS and rows < SMALL_ROWS else (self.big if rows < SMALL_ROWS else self.full)
+
     def product(self, rows: int, weight_bytes: int) -> None:
-        want = 1 if weight_bytes < SMALL_WEIGHTS and rows < SMALL_ROWS else (self.big if rows < SMALL_ROWS else self.full)
+        want = self.want(rows, weight_bytes)
         if want != self.now and self._libs:
             for lib in self._libs:
                 lib.set_num_threads(want)
@@ -156,11 +161,14 @@ class _BlasThreads:
 class NumpyBackend(AccountedMemory, Backend):
     name = "numpy"
     weight_formats = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_K"})
-    fast_formats = frozenset({"F32"})
+    # with numba, decode-size products read Q8_0/Q4_K blocks in place at about float32's speed
+    # per value and a quarter to an eighth of its bytes (backends/qkernels.py)
+    fast_formats = frozenset({"F32", "Q8_0", "Q4_K"}) if qkernels.AVAILABLE else frozenset({"F32"})
 
     def __init__(self) -> None:
         self._acct = Accountant()
         self._blas = _BlasThreads()
+        self._kernel_threads = 0
 
     def _out(self, a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, dtype=_F32)
@@ -200,13 +208,27 @@ class NumpyBackend(AccountedMemory, Backend):
     def matmul(self, x: Any, w: Any, bias: Any = None, *, transpose_w: bool = False,
                cols: tuple[int, int] | None = None) -> np.ndarray:
         sub = None
+        whole = w  # the kernels take the whole matrix and a column range (no strided copy)
         if cols is not None:
             q = block_values(w.dtype)  # a quantized matrix is sliced by whole blocks, then by values
             b0, b1 = cols[0] // q, -(-cols[1] // q)
             w = w[:, b0:b1]  # a row-strided view: BLAS reads it in place
             if q > 1 and (cols[0] % q or cols[1] % q):
                 sub = (cols[0] - b0 * q, cols[1] - b0 * q)
-        self._blas.product(x.shape[0], w.nbytes if w.dtype == _F32 else 4 * w.shape[0] * values_shape(w)[1])
+        f32_bytes = w.nbytes if w.dtype == _F32 else 4 * w.shape[0] * values_shape(w)[1]
+        if sub is None and w.dtype in _BLOCKS and qkernels.AVAILABLE and x.shape[0] < SMALL_ROWS:
+            threads = self._blas.want(x.shape[0], f32_bytes)
+            if threads != self._kernel_threads:
+                qkernels.set_threads(threads)
+                self._kernel_threads = threads
+            fmt = "Q8_0" if w.dtype == _BLOCKS[0] else "Q4_K"
+            span = cols if cols is not None else (0, values_shape(w)[1])
+            y = qkernels.matmul_blocks(np.ascontiguousarray(x, dtype=_F32),
+                                       np.ascontiguousarray(whole).view(np.uint8), fmt, span, transpose_w)
+            if bias is not None:
+                y += bias
+            return self._out(y)
+        self._blas.product(x.shape[0], f32_bytes)
         if w.dtype == _F32:
             y = x @ (w.T if transpose_w else w)
         else:

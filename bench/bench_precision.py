@@ -97,6 +97,17 @@ def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs under bench/.venv-llama's Python (llama_cpp and numpy only)."""
     import llama_cpp
 
+    # ggml's extra CPU buffer types (AMX and repacked weights) crash this build on this CPU at
+    # the first Q8_0 product (a GGUF from llama.cpp's own quantizer too): the plain CPU buffers
+    _default = llama_cpp.llama_model_default_params
+
+    def _params() -> Any:
+        p = _default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = _params
+    llama_cpp.llama.llama_cpp.llama_model_default_params = _params
     llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=128, n_threads=2, n_threads_batch=2, n_batch=64, verbose=False)
     vocab = llm.n_vocab()
 

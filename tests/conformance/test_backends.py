@@ -373,7 +373,7 @@ def _q8_0(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return raw.view(Q8_0), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).astype(np.float64)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (7, 96, 33), (3, 32, 1)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (7, 96, 33), (3, 32, 1), (9, 64, 5)])
 def test_q8_0_weights_are_held_as_blocks(be, m, k, n):
     """GGUF ``Q8_0`` blocks stay blocks on the device (34 bytes per 32 values); products read
     the values GGUF's dequantizer gives, in float32, whole column blocks in place."""
@@ -409,7 +409,7 @@ def _q4_k(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return blocks, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).astype(np.float64)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 256, 5), (7, 512, 33), (3, 256, 1)])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 5), (7, 512, 33), (3, 256, 1), (9, 256, 5)])
 def test_q4_k_weights_are_held_as_blocks(be, m, k, n):
     """GGUF ``Q4_K`` blocks stay blocks on the device (144 bytes per 256 values, 6-bit scales
     and mins unpacked in the product); products read the values GGUF's dequantizer gives, whole
@@ -442,3 +442,30 @@ def test_q4_k_weights_are_held_as_blocks(be, m, k, n):
     np.testing.assert_array_equal(be.to_host(WT), wt64.astype(np.float32))
     rows = be.to_host(be.gather_rows(WT, np.array([n - 1, -1, 0])))
     np.testing.assert_allclose(rows, np.stack([wt64[n - 1], np.zeros(k), wt64[0]]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+def test_numpy_block_kernels_read_the_values_ggufs_dequantizer_gives(fmt):
+    """The compiled decode-size products (backends/qkernels.py) against float64 products of the
+    dequantized values, both orientations, column ranges of whole blocks, 1..7 activation rows,
+    on one thread and on all: the same results as the widening path to float32 rounding."""
+    from spherefmt.backends import qkernels
+    from spherefmt.dtypes import dequantize_blocks
+    from spherefmt.format.quant import quantize_rows
+
+    if not qkernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install 'spherefmt[fast]')")
+    k = 32 if fmt == "Q8_0" else 256
+    blocks = quantize_rows(rand(37, 6 * k) * np.linspace(0.05, 2.0, 6 * k, dtype=np.float32), fmt)
+    raw = blocks.view(np.uint8)
+    wide = dequantize_blocks(blocks).astype(np.float64)
+    for threads in (1, 2):
+        qkernels.set_threads(threads)
+        for t in (1, 3, 7):
+            for a, b in ((0, 6 * k), (k, 4 * k), (5 * k, 6 * k)):
+                x = rand(t, b - a)
+                got = qkernels.matmul_blocks(x, raw, fmt, (a, b), True)
+                np.testing.assert_allclose(got, x.astype(np.float64) @ wide[:, a:b].T, **TOL)
+                h = rand(t, 37)
+                got = qkernels.matmul_blocks(h, raw, fmt, (a, b), False)
+                np.testing.assert_allclose(got, h.astype(np.float64) @ wide[:, a:b], **TOL)
