@@ -164,6 +164,8 @@ class NumpyBackend(AccountedMemory, Backend):
     # with numba, decode-size products read Q8_0/Q4_K blocks in place at about float32's speed
     # per value and a quarter to an eighth of its bytes (backends/qkernels.py)
     fast_formats = frozenset({"F32", "Q8_0", "Q4_K"}) if qkernels.AVAILABLE else frozenset({"F32"})
+    # ... at 0.8-0.9x float32 BLAS's tokens/s once everything is resident (bench_precision.py)
+    wide_when_resident = frozenset({"Q8_0", "Q4_K"})
 
     def __init__(self) -> None:
         self._acct = Accountant()

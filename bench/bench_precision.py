@@ -46,23 +46,29 @@ PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "f
 QUANTIZED = ("q8_0", "q4_k")
 
 
-def _models(root: Path) -> dict[str, Path]:
-    """The packages, made once under ``root``."""
+def _models(root: Path, name: str = "llama155m", tags: tuple[str, ...] = tuple(PRECISIONS)) -> dict[str, Path]:
+    """The packages of one model, made once under ``root``: ``llama155m`` or ``gpt2-small``
+    (transformers' GPT-2 config: width 768, 12 layers, vocabulary cut to 512 like the Llama's)."""
     import torch
     import transformers
 
     import spherefmt
 
-    cfg = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816,
-                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=512,
-                                   max_position_embeddings=2048, tie_word_embeddings=False)
+    if name == "llama155m":
+        cfg = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816,
+                                       num_attention_heads=16, num_key_value_heads=16, vocab_size=512,
+                                       max_position_embeddings=2048, tie_word_embeddings=False)
+    else:
+        cfg = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=512, n_positions=1024)
     out = {}
     model = None
-    for tag, dtype in PRECISIONS.items():
-        hf, pkg = root / f"hf-{'f32' if tag in QUANTIZED else tag}", root / f"{tag}.sphere"
+    prefix = "" if name == "llama155m" else f"{name}-"
+    for tag in tags:
+        dtype = PRECISIONS[tag]
+        hf, pkg = root / f"{prefix}hf-{'f32' if tag in QUANTIZED else tag}", root / f"{prefix}{tag}.sphere"
         if not (hf / "config.json").exists():
             if model is None:
-                print("making llama155m ...", flush=True)
+                print(f"making {name} ...", flush=True)
                 torch.manual_seed(0)
                 model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
             model.to(getattr(torch, dtype)).save_pretrained(hf)
@@ -136,11 +142,11 @@ def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"perplexity": float(np.exp(nll / n)), "tokens": n, "weight_formats": formats}
 
 
-def _isolated(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _isolated(kind: str, cfg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     py = str(LLAMA_PY) if kind == "llamacpp" else sys.executable
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         subprocess.run([py, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
-                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
         return json.load(open(out.name))
 
 
@@ -167,6 +173,36 @@ def _tiny(root: Path) -> dict[str, Path]:
     return out
 
 
+def _decode_rows(model: str, pkgs: dict[str, Path], modes: tuple[tuple[str, str | None, str], ...]) -> list[dict[str, Any]]:
+    """Every (precision, mode) row of one model; the quantized ones also with the compiled block
+    kernels switched off (``SPHEREFMT_QKERNELS=0``: numpy widens each piece before BLAS), side by side."""
+    rows: list[dict[str, Any]] = []
+    f32_bytes: int | None = None
+    for tag, pkg in pkgs.items():
+        for mode, active, weights in modes:
+            if tag == "f32" and weights == "stored":
+                continue  # float32 is held as stored either way
+            budget = None
+            if mode != "resident":
+                if f32_bytes is None:
+                    raise RuntimeError("the float32 package runs first")
+                budget = f32_bytes // 4
+            variants = [True, False] if tag in QUANTIZED and weights == "stored" else [True]
+            for kernels in variants:
+                r = _isolated("decode", {"pkg": str(pkg), "budget": budget, "active": active, "weights": weights},
+                              None if kernels else {"SPHEREFMT_QKERNELS": "0"})
+                if tag == "f32" and mode == "resident":
+                    f32_bytes = r["stored_bytes"]
+                label = f"{tag} {mode}" + ("" if budget is None else ", 25% of f32 bytes") \
+                    + f", weights {weights}" + ("" if kernels else ", no block kernels")
+                rows.append({"model": model, "row": label, "precision": tag, "mode": mode, "weights": weights,
+                             "kernels": kernels, **r})
+                print(f"  {model} {label:<52} {r['tokens_per_s']:7.2f} tok/s  read "
+                      f"{r['bytes_read_per_token'] / 2**20:7.1f} MiB/token  uploaded "
+                      f"{r['bytes_uploaded_per_token'] / 2**20:7.1f}  held {'+'.join(r['weight_formats'])}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -180,27 +216,18 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     pkgs = _models(root)
     rows: list[dict[str, Any]] = []
-    f32_bytes: int | None = None
-    for tag, pkg in pkgs.items():
-        for mode, active, weights in (("resident", None, "auto"), ("dense", None, "auto"), ("dense", None, "stored"),
-                                      ("top-k 25%", "25%", "auto"), ("top-k 25%", "25%", "stored")):
-            if tag == "f32" and weights == "stored":
-                continue  # float32 is held as stored either way
-            budget = None
-            if mode != "resident":
-                if f32_bytes is None:
-                    raise RuntimeError("the float32 package runs first")
-                budget = f32_bytes // 4
-            r = _isolated("decode", {"pkg": str(pkg), "budget": budget, "active": active, "weights": weights})
-            if tag == "f32" and mode == "resident":
-                f32_bytes = r["stored_bytes"]
-            label = f"{tag} {mode}" + ("" if budget is None else f", 25% of f32 bytes, weights {weights}")
-            rows.append({"row": label, "precision": tag, "mode": mode, "weights": weights, **r})
-            print(f"  {label:<36} {r['tokens_per_s']:7.2f} tok/s  read {r['bytes_read_per_token'] / 2**20:7.1f} MiB/token"
-                  f"  uploaded {r['bytes_uploaded_per_token'] / 2**20:7.1f}  held {'+'.join(r['weight_formats'])}",
-                  flush=True)
-    def row(tag: str, mode: str, weights: str = "auto") -> dict[str, Any]:
-        return next(r for r in rows if r["precision"] == tag and r["mode"] == mode and r["weights"] == weights)
+    modes = (("resident", None, "auto"), ("resident", None, "stored"), ("dense", None, "auto"),
+             ("dense", None, "stored"), ("top-k 25%", "25%", "auto"), ("top-k 25%", "25%", "stored"))
+    rows += _decode_rows("llama155m", pkgs, modes)
+    # GPT-2 small: float32, bfloat16 and both quantized types, held as stored
+    gpt2 = _models(root, "gpt2-small", ("f32", "bf16", "q8_0", "q4_k"))
+    rows += _decode_rows("gpt2-small", gpt2, (("resident", None, "auto"), ("resident", None, "stored"),
+                                               ("dense", None, "auto"), ("dense", None, "stored")))
+    f32_bytes = next(r["stored_bytes"] for r in rows if r["precision"] == "f32" and r["mode"] == "resident")
+
+    def row(tag: str, mode: str, weights: str = "auto", model: str = "llama155m", kernels: bool = True) -> dict[str, Any]:
+        return next(r for r in rows if r["precision"] == tag and r["mode"] == mode and r["weights"] == weights
+                    and r["model"] == model and r.get("kernels", True) == kernels)
 
     llama: dict[str, dict[str, Any]] = {}
     if LLAMA_PY.exists():  # llama.cpp on the GGUFs spherefmt exports from the same packages
@@ -215,8 +242,8 @@ def main() -> None:
             ours = row(tag, "resident")
             r["max_logit_diff_vs_spherefmt"] = float(np.abs(np.array(r["prompt_logits"]) - np.array(ours["prompt_logits"])).max())
             r["same_tokens_as_spherefmt"] = r["tokens"] == ours["tokens"]
-            rows.append({"row": f"llama.cpp {tag} (GGUF exported by spherefmt)", "precision": tag, "mode": "llama.cpp",
-                         "weights": "stored", **{k: v for k, v in r.items() if k != "prompt_logits"}})
+            rows.append({"model": "llama155m", "row": f"llama.cpp {tag} (GGUF exported by spherefmt)", "precision": tag,
+                         "mode": "llama.cpp", "weights": "stored", **{k: v for k, v in r.items() if k != "prompt_logits"}})
             print(f"  llama.cpp {tag:<29} {r['tokens_per_s']:7.2f} tok/s  max |logit diff| vs spherefmt "
                   f"{r['max_logit_diff_vs_spherefmt']:.2e}  same tokens {r['same_tokens_as_spherefmt']}", flush=True)
     for r in rows:
@@ -266,12 +293,23 @@ def main() -> None:
             "value": row("q4_k", "resident")["tokens_per_s"] / llama["q4_k"]["tokens_per_s"], "goal": None}
     goals["q4_k_perplexity_change"] = {"value": ppl["q4_k"]["perplexity"] / ppl["f32"]["perplexity"] - 1,
                                        "goal": 0.03, "at_most": True}
+    for tag in QUANTIZED:  # the same rows with the block kernels off: what they are worth
+        for mode, weights in (("resident", "stored"), ("dense", "stored")):
+            goals[f"{tag}_{mode}_stored_kernels_vs_widening"] = {
+                "value": row(tag, mode, weights)["tokens_per_s"] / row(tag, mode, weights, kernels=False)["tokens_per_s"],
+                "goal": None}
+        g2, g2_f32 = row(tag, "dense", "stored", model="gpt2-small"), row("f32", "dense", model="gpt2-small")
+        goals[f"gpt2_{tag}_25_bytes_read_vs_f32"] = {"value": g2["bytes_read_per_token"] / g2_f32["bytes_read_per_token"],
+                                                     "goal": 0.3 if tag == "q8_0" else 0.17, "at_most": True}
+        goals[f"gpt2_{tag}_25_stored_tokens_per_s_vs_f32"] = {"value": g2["tokens_per_s"] / g2_f32["tokens_per_s"],
+                                                              "goal": 2.0 if tag == "q8_0" else None}
     for g in goals.values():
         g["met"] = None if g["goal"] is None else (g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
     # a budget changes no token of its own precision's resident run
-    same = {r["row"]: r["tokens"] == row(r["precision"], "resident")["tokens"] for r in rows if r["mode"] == "dense"}
+    same = {f"{r['model']} {r['row']}": r["tokens"] == row(r["precision"], "resident", model=r["model"])["tokens"]
+            for r in rows if r["mode"] == "dense"}
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "model": "llama155m", "prompt_tokens": PROMPT, "new_tokens": NEW, "f32_weight_bytes": f32_bytes,
+           "models": ["llama155m", "gpt2-small"], "prompt_tokens": PROMPT, "new_tokens": NEW, "f32_weight_bytes": f32_bytes,
            "rows": rows, "perplexity": ppl, "goals": goals, "budget_tokens_equal_resident": same}
     (ROOT / "bench" / "results" / "precision.json").write_text(json.dumps(doc, indent=2))
     for k, g in goals.items():

@@ -167,3 +167,19 @@ def test_info_modify_and_export_of_a_q4_k_package(model, tmp_path, capsys):
     with spherefmt.open(pkg) as p:  # the head's blocks, dequantized by gguf, are the package's values
         np.testing.assert_array_equal(
             gguf.quants.dequantize(tensors["output.weight"].data, Q4_K), p.tensor("lm_head.weight"))
+
+
+def test_auto_on_the_numpy_backend_widens_only_what_stays_resident(model):
+    """With the block kernels, ``weights="auto"`` widens Q4_K at load when everything then stays
+    resident (float32 BLAS is faster there) and holds the blocks when the weights stream."""
+    from spherefmt.backends import qkernels
+
+    if not qkernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install 'spherefmt[fast]')")
+    _, _, _, pkg, _ = model
+    with Session(pkg, backend="numpy") as s:
+        s.logits(IDS[:4])
+        assert s.stats()["weight_formats"] == ["F32"]
+    with Session(pkg, backend="numpy", budget="60%") as s:
+        s.logits(IDS[:4])
+        assert "Q4_K" in s.stats()["weight_formats"]
