@@ -111,9 +111,6 @@ class Backend(ABC):
     #: of those, the formats its products read at full speed (``None``: all of them); a runtime
     #: may widen the others on the host when it has the room (CPU backends widen in software)
     fast_formats: frozenset[str] | None = None
-    #: of the fast formats, those whose products still run faster widened to float32: a runtime
-    #: may widen them at load when every widened weight stays resident (and nothing streams)
-    wide_when_resident: frozenset[str] = frozenset()
 
     # --- memory ---------------------------------------------------------------------------
     @abstractmethod

@@ -164,8 +164,6 @@ class NumpyBackend(AccountedMemory, Backend):
     # with numba, decode-size products read Q8_0/Q4_K blocks in place at about float32's speed
     # per value and a quarter to an eighth of its bytes (backends/qkernels.py)
     fast_formats = frozenset({"F32", "Q8_0", "Q4_K"}) if qkernels.AVAILABLE else frozenset({"F32"})
-    # ... at 0.8-0.9x float32 BLAS's tokens/s once everything is resident (bench_precision.py)
-    wide_when_resident = frozenset({"Q8_0", "Q4_K"})
 
     def __init__(self) -> None:
         self._acct = Accountant()
@@ -219,7 +217,9 @@ class NumpyBackend(AccountedMemory, Backend):
                 sub = (cols[0] - b0 * q, cols[1] - b0 * q)
         f32_bytes = w.nbytes if w.dtype == _F32 else 4 * w.shape[0] * values_shape(w)[1]
         if sub is None and w.dtype in _BLOCKS and qkernels.AVAILABLE and x.shape[0] < SMALL_ROWS:
-            threads = self._blas.want(x.shape[0], f32_bytes)
+            # every decode-size kernel product on the tuned thread count (a cell's too: numba's
+            # threads wait spinning between products, so waking them costs little, unlike BLAS's)
+            threads = self._blas.big
             if threads != self._kernel_threads:
                 qkernels.set_threads(threads)
                 self._kernel_threads = threads

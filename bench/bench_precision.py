@@ -145,8 +145,11 @@ def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def _isolated(kind: str, cfg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     py = str(LLAMA_PY) if kind == "llamacpp" else sys.executable
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        # OpenMP's default wait policy for every row: llama.cpp and numba's kernels both run on
+        # OpenMP threads, and OMP_WAIT_POLICY=PASSIVE (which the transformers benchmarks set for
+        # torch) costs each about 40% here
         subprocess.run([py, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
-                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
+                       env={**os.environ, **(env or {})})
         return json.load(open(out.name))
 
 

@@ -178,16 +178,9 @@ class Session:
             # CPU backend widens each piece before its product (2-8x the time of float32), which
             # costs more than the reads the smaller blocks save from a local package
             # (bench/bench_precision.py), so it widens once at load unless only the stored
-            # blocks fit the budget.  Formats a backend reads in place nearly as fast as float32
-            # (numpy's block kernels: 0.8-0.9x) are widened only when everything then stays
-            # resident; when weights stream, their fewer bytes win (2-7x)
+            # blocks fit the budget.  numpy's block kernels read Q8_0/Q4_K in place about as fast
+            # as float32 BLAS reads float32 (a quarter to an eighth of the bytes): held as stored
             m.loader.keep = fast
-            wide = fast - frozenset(self.backend.wide_when_resident)
-            if wide != fast:  # faster widened, when every widened weight stays resident
-                m.loader.keep = wide
-                widened = sum(m.loader.nbytes(k) for k in m.all_blocks())
-                if self.budget is not None and self.budget < widened + self._kv_bytes(1) + m.scratch_bytes(1, 1):
-                    m.loader.keep = fast  # it would stream: the stored blocks move fewer bytes
             if self.budget is not None and fast != held:
                 least = max(m.loader.nbytes(k) for k in m.all_blocks())
                 small = max(m.loader.nbytes(("mlp", i)) for i in range(m.n_layers))
