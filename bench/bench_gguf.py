@@ -2,9 +2,11 @@
 
 A Llama-shaped GGUF written by the ``gguf`` package (8 layers, width 1024, FFN 2816, vocabulary
 32000: F16 embeddings, Q8_0 head, F32 attention and FFN; random weights made locally), and the
-same with Q8_0 FFN tensors.  Import: ``sphere convert`` (the FFN onto the sphere, or raw when
-quantized), default codec and ``--codec none``.  Export: back to ``.gguf``, checked byte-identical
-to the original.  Results: ``bench/results/gguf.json``.
+same with Q8_0 FFN tensors.  Import: ``sphere convert`` (the FFN onto the sphere; a quantized
+one onto a Q8_0 sphere, quantized again), default codec and ``--codec none``.  Export: back to
+``.gguf``, checked byte-identical to the original, and tensor by tensor (a quantized FFN's
+``ffn_down`` is quantized again along the neurons: the tensors whose bytes differ are counted and
+the recorded change of the FFN values is reported).  Results: ``bench/results/gguf.json``.
 
     .venv/bin/python bench/bench_gguf.py
 """
@@ -43,15 +45,24 @@ def main() -> None:
                 out = tmp / "back.gguf"
                 exp_s = timed(lambda pkg=pkg, out=out: spherefmt.export(pkg, out))
                 same = out.read_bytes() == src.read_bytes()
+                import gguf
+                import numpy as np
+
+                a = {t.name: bytes(np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(src).tensors}
+                b = {t.name: bytes(np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(out).tensors}
+                differ = sorted({n.split(".", 2)[-1] for n in a if a[n] != b.get(n)})
                 stored = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
                 with spherefmt.open(pkg) as p:
                     arch = p.architecture
+                    change = p.header.metadata.get("spherefmt.quantization_rel_rms")
                 rows.append({"ffn": "Q8_0" if quant else "F32", "codec": codec, "gguf_bytes": size,
                              "package_bytes": stored, "architecture": arch, "copy_s": copy_s, "import_s": conv_s,
                              "export_s": exp_s, "import_over_copy": conv_s / copy_s, "export_over_copy": exp_s / copy_s,
-                             "export_identical": same})
+                             "export_identical": same, "tensors_differing": differ,
+                             "ffn_rel_rms_change": None if change is None else float(change)})
                 print(f"FFN {rows[-1]['ffn']}, codec {codec}: {size / 2**20:.0f} MiB; copy {copy_s:.2f}s, import "
-                      f"{conv_s:.2f}s, export {exp_s:.2f}s; identical {same}; package {stored / 2**20:.0f} MiB",
+                      f"{conv_s:.2f}s, export {exp_s:.2f}s; identical {same} (differ: {differ}, change {change}); "
+                      f"package {stored / 2**20:.0f} MiB ({arch})",
                       flush=True)
                 shutil.rmtree(pkg)
                 out.unlink()
