@@ -132,6 +132,51 @@ def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             "llama_cpp": llama_cpp.__version__}
 
 
+def _llamacpp_quantize_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs under bench/.venv-llama's Python: llama.cpp's own quantizer (``llama_model_quantize``,
+    no importance matrix: ``quantize_row_q4_K_ref``) from an F32 GGUF to ``Q4_K_S``."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 14  # LLAMA_FTYPE_MOSTLY_Q4_K_S
+    rc = llama_cpp.llama_model_quantize(cfg["src"].encode(), cfg["dst"].encode(), ctypes.byref(params))
+    return {"rc": int(rc)}
+
+
+def _q4_k_against_llama_cpp(root: Path, f32_gguf: Path) -> dict[str, Any]:
+    """spherefmt's ``Q4_K`` quantizer against llama.cpp's on every tensor llama.cpp writes as
+    ``Q4_K`` from the same float32 rows: the share of byte-identical blocks and each one's
+    relative RMS error against the float32 values."""
+    import gguf
+
+    from spherefmt.format.quant import quantize_q4_k
+
+    out = root / "f32-llamacpp-q4_k_s.gguf"
+    if not out.exists():
+        _isolated("llamacpp_quantize", {"src": str(f32_gguf), "dst": str(out)})
+    src = {t.name: t for t in gguf.GGUFReader(f32_gguf).tensors}
+    same = total = 0
+    err_ours = err_theirs = norm = 0.0
+    tensors = 0
+    for t in gguf.GGUFReader(out).tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_K:
+            continue
+        x = np.asarray(src[t.name].data, dtype=np.float32).reshape(-1, 256)
+        theirs = np.asarray(t.data).reshape(-1, 144)
+        ours = quantize_q4_k(x).view(np.uint8).reshape(-1, 144)
+        same += int((ours == theirs).all(axis=1).sum())
+        total += len(ours)
+        qt = gguf.GGMLQuantizationType.Q4_K
+        err_ours += float(np.square(gguf.quants.dequantize(ours, qt).reshape(x.shape) - x, dtype=np.float64).sum())
+        err_theirs += float(np.square(gguf.quants.dequantize(theirs, qt).reshape(x.shape) - x, dtype=np.float64).sum())
+        norm += float(np.square(x, dtype=np.float64).sum())
+        tensors += 1
+    return {"tensors": tensors, "blocks": total, "identical_blocks": same / max(1, total),
+            "rel_rms_ours": (err_ours / norm) ** 0.5, "rel_rms_llama_cpp": (err_theirs / norm) ** 0.5}
+
+
 def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from spherefmt.runtime import Session
 
@@ -143,7 +188,7 @@ def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _isolated(kind: str, cfg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    py = str(LLAMA_PY) if kind == "llamacpp" else sys.executable
+    py = str(LLAMA_PY) if kind.startswith("llamacpp") else sys.executable
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         # OpenMP's default wait policy for every row: llama.cpp and numba's kernels both run on
         # OpenMP threads, and OMP_WAIT_POLICY=PASSIVE (which the transformers benchmarks set for
@@ -212,7 +257,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, cfg, out = args.worker
-        fn = {"ppl": _ppl_worker, "llamacpp": _llamacpp_worker}.get(kind, _decode_worker)
+        fn = {"ppl": _ppl_worker, "llamacpp": _llamacpp_worker,
+              "llamacpp_quantize": _llamacpp_quantize_worker}.get(kind, _decode_worker)
         Path(out).write_text(json.dumps(fn(json.loads(cfg))))
         return
     root = ROOT / "bench" / "out" / "precision"
@@ -249,6 +295,10 @@ def main() -> None:
                          "mode": "llama.cpp", "weights": "stored", **{k: v for k, v in r.items() if k != "prompt_logits"}})
             print(f"  llama.cpp {tag:<29} {r['tokens_per_s']:7.2f} tok/s  max |logit diff| vs spherefmt "
                   f"{r['max_logit_diff_vs_spherefmt']:.2e}  same tokens {r['same_tokens_as_spherefmt']}", flush=True)
+    q4_k_vs_llama_cpp = None
+    if LLAMA_PY.exists():
+        q4_k_vs_llama_cpp = _q4_k_against_llama_cpp(root, root / "f32.gguf")
+        print(f"  Q4_K quantizer vs llama.cpp's: {q4_k_vs_llama_cpp}", flush=True)
     for r in rows:
         r.pop("prompt_logits", None)
     heldout = ROOT / "spherefmt" / "data" / "tiny-gpt2" / "heldout.txt"
@@ -313,7 +363,7 @@ def main() -> None:
             for r in rows if r["mode"] == "dense"}
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "models": ["llama155m", "gpt2-small"], "prompt_tokens": PROMPT, "new_tokens": NEW, "f32_weight_bytes": f32_bytes,
-           "rows": rows, "perplexity": ppl, "goals": goals, "budget_tokens_equal_resident": same}
+           "rows": rows, "perplexity": ppl, "goals": goals, "q4_k_quantizer_vs_llama_cpp": q4_k_vs_llama_cpp, "budget_tokens_equal_resident": same}
     (ROOT / "bench" / "results" / "precision.json").write_text(json.dumps(doc, indent=2))
     for k, g in goals.items():
         print(f"{k:<36} {g['value']:7.3f}  {'' if g['met'] is None else ('met' if g['met'] else 'NOT met')}")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spherefmt.constants import GGUF_SIDE_FILE, MAX_NDIM, QUANT_Q4_K, QUANT_Q8_0, QUANT_TYPES
-from spherefmt.dtypes import TensorInfo
+from spherefmt.dtypes import TensorInfo, numpy_view
 from spherefmt.errors import BackendUnavailableError, FormatError, InputError
 from spherefmt.format.quant import quantize_rows
 from spherefmt.interop.base import TensorSource, written_in_place
@@ -42,7 +42,8 @@ from spherefmt.interop.base import TensorSource, written_in_place
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
 
-__all__ = ["GGUF_SIDE_FILE", "GGUFSource", "check_gguf_header", "export_gguf", "open_gguf"]
+__all__ = ["GGUF_SIDE_FILE", "GGUFSource", "check_gguf_header", "export_gguf", "hf_state_dict", "open_gguf",
+           "read_side_file"]
 
 _FLOAT = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 _MIN_FILE = 24  # magic, version, tensor count, kv count
@@ -321,6 +322,46 @@ def read_side_file(pkg: Package) -> dict[str, Any]:
         return side
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{pkg.where}: {GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
+
+
+def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
+    """A package converted from a dense llama GGUF as a ``transformers`` Llama state dict (numpy,
+    the package's dtypes; raw GGUF blocks as their float32 values by gguf's dequantizer): llama.cpp's
+    names mapped back, ``attn_q``/``attn_k`` permuted back.  What transformers' own Llama cannot
+    hold (``rope_freqs.weight``, llama.cpp's MoE names) is refused by name."""
+    from spherefmt.interop.llamacpp import HF_LAYER, HF_TOP, unpermute
+
+    gguf = _gguf()
+    cfg = dict(pkg.config or {})
+    heads = int(cfg.get("num_attention_heads") or 0)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    raw = {e["name"]: e for e in read_side_file(pkg)["tensors"] if e.get("raw")}
+    top = {v: k for k, v in HF_TOP.items()}
+    per = {v: k for k, v in HF_LAYER.items()}
+    out = {}
+    for name in pkg.keys():
+        parts = name.split(".")
+        if name in top:
+            hf = top[name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and ".".join(parts[2:]) in per \
+                and not name.endswith("ffn_gate_inp.weight"):
+            hf = f"model.layers.{parts[1]}.{per['.'.join(parts[2:])]}"
+        else:
+            raise FormatError(f"{pkg.where}: GGUF tensor {name!r} has no place in a transformers Llama model")
+        if name in raw:
+            e = raw[name]
+            shape = tuple(int(x) for x in reversed(e["ne"]))
+            data = np.asarray(pkg.stored(name)).reshape(shape[0], -1)
+            a = np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[e["type_name"]]), dtype=np.float32)
+            a = a.reshape(shape)
+        else:
+            a = numpy_view(np.asarray(pkg.stored(name, padded=True)), pkg.tensor_info(name, padded=True).dtype)
+        if hf.endswith("q_proj.weight"):
+            a = unpermute(a, heads)
+        elif hf.endswith("k_proj.weight"):
+            a = unpermute(a, kv)
+        out[hf] = a
+    return out
 
 
 def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[str], np.ndarray] | None = None,

@@ -85,7 +85,7 @@ def build(pkg: Package, dtype: Any = "auto") -> Any:
     own = model.state_dict()
     sd = {}
     if C.GGUF_SIDE_FILE in pkg.header.files and "token_embd.weight" in pkg.keys():  # llama.cpp's names
-        from spherefmt.interop.llamacpp import hf_state_dict
+        from spherefmt.interop.gguf import hf_state_dict
 
         state = {n: torch.from_numpy(_torch_ready(a)) for n, a in hf_state_dict(pkg).items()}
     else:

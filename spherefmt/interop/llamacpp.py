@@ -52,9 +52,10 @@ _FAMILY = ("llama", "mistral", "mixtral")
 #: config keys that change the computation in a way the ``llama`` GGUF cannot say
 _REFUSE = {"attention_bias": True, "mlp_bias": True}
 
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+#: transformers' names -> llama.cpp's: the top-level tensors, and a layer's (after ``model.layers.N.``)
+HF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
-_PER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+HF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
         "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
         "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
@@ -95,49 +96,6 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     in transformers' order (halves)."""
     rows = w.shape[0]
     return np.ascontiguousarray(w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
-def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
-    """A package converted from a dense llama GGUF as a ``transformers`` Llama state dict (numpy,
-    the package's dtypes; raw GGUF blocks as their float32 values by gguf's dequantizer): llama.cpp's
-    names mapped back, ``attn_q``/``attn_k`` permuted back.  What transformers' own Llama cannot
-    hold (``rope_freqs.weight``, llama.cpp's MoE names) is refused by name."""
-    from spherefmt.interop.gguf import read_side_file
-
-    try:
-        import gguf
-    except ImportError:
-        raise InputError("reading GGUF tensors needs the gguf package: pip install 'spherefmt[gguf]'") from None
-    cfg = dict(pkg.config or {})
-    heads = int(cfg.get("num_attention_heads") or 0)
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    raw = {e["name"]: e for e in read_side_file(pkg)["tensors"] if e.get("raw")}
-    top = {v: k for k, v in _TOP.items()}
-    per = {v: k for k, v in _PER.items()}
-    out = {}
-    for name in pkg.keys():
-        parts = name.split(".")
-        if name in top:
-            hf = top[name]
-        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and ".".join(parts[2:]) in per \
-                and not name.endswith("ffn_gate_inp.weight"):
-            hf = f"model.layers.{parts[1]}.{per['.'.join(parts[2:])]}"
-        else:
-            raise FormatError(f"{pkg.where}: GGUF tensor {name!r} has no place in a transformers Llama model")
-        if name in raw:
-            e = raw[name]
-            shape = tuple(int(x) for x in reversed(e["ne"]))
-            data = np.asarray(pkg.stored(name)).reshape(shape[0], -1)
-            a = np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[e["type_name"]]), dtype=np.float32)
-            a = a.reshape(shape)
-        else:
-            a = numpy_view(np.asarray(pkg.stored(name, padded=True)), pkg.tensor_info(name, padded=True).dtype)
-        if hf.endswith("q_proj.weight"):
-            a = unpermute(a, heads)
-        elif hf.endswith("k_proj.weight"):
-            a = unpermute(a, kv)
-        out[hf] = a
-    return out
 
 
 def _tokenizer(w: Any, pkg: Package, cfg: dict[str, Any], vocab: int) -> None:
@@ -211,15 +169,15 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
         if m:
             stacked.setdefault((int(m[1]), _EXPS[m[3]]), []).append(name)
             continue
-        if name in _TOP:
-            plan.append((_TOP[name], [name], 0))
+        if name in HF_TOP:
+            plan.append((HF_TOP[name], [name], 0))
             continue
         parts = name.split(".")
         rest = ".".join(parts[3:])
-        if len(parts) < 4 or parts[:2] != ["model", "layers"] or rest not in _PER:
+        if len(parts) < 4 or parts[:2] != ["model", "layers"] or rest not in HF_LAYER:
             raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
         permute = heads if rest == "self_attn.q_proj.weight" else kv if rest == "self_attn.k_proj.weight" else 0
-        plan.append((f"blk.{parts[2]}.{_PER[rest]}", [name], permute))
+        plan.append((f"blk.{parts[2]}.{HF_LAYER[rest]}", [name], permute))
     for (layer, gname), group in sorted(stacked.items()):
         order = sorted(group, key=lambda n: int(_EXPERT.match(n)[2]))  # type: ignore[index]
         if len(order) != experts:
