@@ -260,7 +260,12 @@ class Llama(Model):
 
     def __init__(self, pkg: Package) -> None:
         super().__init__(pkg)
-        s = self.spec = read_decoder_config(self.config, self.n_layers, pkg.where)
+        cfg = self.config
+        if self.gguf and cfg.get("num_local_experts"):
+            # llama.cpp's `llama` architecture with experts is Mixtral's computation (softmax over
+            # the router's logits, the top k, renormalised: its build_moe_ffn with norm_w)
+            cfg = {**cfg, "model_type": "mixtral"}
+        s = self.spec = read_decoder_config(cfg, self.n_layers, pkg.where)
         self.d, self.n_heads, self.n_kv_heads, self.head_dim = s.d, s.n_heads, s.n_kv_heads, s.head_dim
         self.eps, self.context = s.eps, s.context
         p, r = self.prefix, self.root
@@ -322,9 +327,12 @@ class Llama(Model):
         """The blocks of a package converted from a llama.cpp GGUF (``spec/FORMAT.md`` 9.1): its
         names, and Q/K rows permuted back from llama.cpp's RoPE pairs to transformers' halves."""
         s = self.spec
-        if s.model_type != "llama" or s.moe is not None or s.qk_norm or s.post_norms:
-            raise FormatError(f"{pkg.where}: the runtime runs dense llama GGUFs; this one is {s.model_type!r}"
-                              + (" with experts" if s.moe else ""))
+        if s.model_type not in ("llama", "mixtral") or s.qk_norm or s.post_norms:
+            raise FormatError(f"{pkg.where}: the runtime runs llama GGUFs (dense or with experts); this one is "
+                              f"{s.model_type!r}")
+        if s.moe is not None and (pkg.header.experts is None or pkg.header.experts["count"] != s.moe[0]):
+            raise FormatError(f"{pkg.where}: the GGUF names {s.moe[0]} experts per layer; the package does not hold "
+                              "them as native experts")
         if "rope_freqs.weight" in keys:  # llama.cpp's per-dimension RoPE factors (Llama 3 scaling)
             raise FormatError(f"{pkg.where}: rope_freqs.weight (llama.cpp's RoPE frequency factors) is not implemented")
         for i in range(self.n_layers):
@@ -344,7 +352,12 @@ class Llama(Model):
         self.embed_table = "embed" if head != embed else "head"
         self.loader = BlockLoader(pkg, core, tables, permute_rows={"q_w": s.n_heads, "k_w": s.n_kv_heads})
         self.vocab = self.loader.shape_of(head)[0]
-        self.router_names, self.shared_gates, self.routers, self.shared_gate_w = [], [], [], []
+        self.router_names = [f"blk.{i}.ffn_gate_inp.weight" for i in range(self.n_layers)] if s.moe else []
+        missing_moe = [t for t in self.router_names if t not in keys]
+        if missing_moe:
+            raise FormatError(f"{pkg.where}: llama GGUF package with experts lacks {missing_moe[0]!r}")
+        self.shared_gates, self.shared_gate_w = [], []
+        self.routers = [self.loader.host_tensor(t) for t in self.router_names]
 
     @property
     def native_moe(self) -> bool:

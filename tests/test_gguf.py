@@ -223,10 +223,10 @@ def test_a_gguf_moe_puts_its_stacked_experts_on_the_sphere_and_exports_byte_for_
     assert _tensors(out) == _tensors(src) and out.read_bytes() == src.read_bytes()
 
 
-def test_a_gguf_moe_with_quantized_experts_puts_them_on_the_sphere_as_blocks(tmp_path, capsys):
+def test_a_gguf_moe_with_quantized_experts_streams_them_from_the_sphere_as_blocks(tmp_path, capsys):
     """Q8_0 stacked experts become one cell each, quantized again on the sphere: gate and up are
-    the GGUF's blocks' values exactly, and the export gives back gate and up byte for byte
-    (ffn_down within the recorded change).  The runtime refuses a GGUF-named MoE by name."""
+    the GGUF's blocks' values exactly, the runtime streams them as blocks, and the export gives
+    back gate and up byte for byte (ffn_down within the recorded change)."""
     from spherefmt.runtime import Session
 
     src = make_llama_gguf(tmp_path / "moe.gguf", experts=4, ff=64, quantized_ffn=True, rope_freqs=False)
@@ -244,8 +244,23 @@ def test_a_gguf_moe_with_quantized_experts_puts_them_on_the_sphere_as_blocks(tmp
             if real.any():
                 j = e.index[0][real]
                 np.testing.assert_array_equal(e.field("gate")[0][real], stacked[j // 64, j % 64])
-    with pytest.raises(FormatError, match="num_experts_per_tok"):  # GGUF-named MoE: not run yet, said so
-        Session(pkg, backend="numpy")
+    # the runtime runs it as Mixtral (llama.cpp's llama architecture with experts), blocks held:
+    # transformers' Mixtral on the package's values (load_model maps llama.cpp's names back)
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.helpers import started_backends
+
+    hf = spherefmt.interop.hf.load_model(pkg, dtype=torch.float32)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = np.random.default_rng(3).integers(0, 256, 10)
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)[None]).logits[0].numpy()
+    for backend in started_backends():
+        with Session(pkg, backend=backend, budget="60%", weights="stored") as s:
+            got = s.logits(ids)
+            st = s.stats()
+        np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=backend)
+        assert "Q8_0" in st["weight_formats"] and st["peak_device_bytes"] <= st["budget_bytes"], backend
     code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
     assert code == 0, err
     back = {t.name: t for t in gguf.GGUFReader(out).tensors}

@@ -325,10 +325,11 @@ def read_side_file(pkg: Package) -> dict[str, Any]:
 
 
 def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
-    """A package converted from a dense llama GGUF as a ``transformers`` Llama state dict (numpy,
-    the package's dtypes; raw GGUF blocks as their float32 values by gguf's dequantizer): llama.cpp's
-    names mapped back, ``attn_q``/``attn_k`` permuted back.  What transformers' own Llama cannot
-    hold (``rope_freqs.weight``, llama.cpp's MoE names) is refused by name."""
+    """A package converted from a llama GGUF as a ``transformers`` Llama (or, with experts,
+    Mixtral: joined ``block_sparse_moe.experts.*_proj`` tensors) state dict (numpy, the package's
+    dtypes; raw GGUF blocks as their float32 values by gguf's dequantizer): llama.cpp's names
+    mapped back, ``attn_q``/``attn_k`` permuted back.  What transformers' model cannot hold
+    (``rope_freqs.weight``) is refused by name."""
     from spherefmt.interop.llamacpp import HF_LAYER, HF_TOP, unpermute
 
     gguf = _gguf()
@@ -338,13 +339,17 @@ def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
     raw = {e["name"]: e for e in read_side_file(pkg)["tensors"] if e.get("raw")}
     top = {v: k for k, v in HF_TOP.items()}
     per = {v: k for k, v in HF_LAYER.items()}
+    experts = pkg.header.experts is not None
+    if experts:  # joined experts (spec 9.1) in the joined form transformers' stacking starts from
+        per.update({f"ffn_{p}.weight": f"block_sparse_moe.experts.{p}_proj.weight" for p in ("gate", "up", "down")})
+    else:
+        per.pop("ffn_gate_inp.weight")
     out = {}
     for name in pkg.keys():
         parts = name.split(".")
         if name in top:
             hf = top[name]
-        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and ".".join(parts[2:]) in per \
-                and not name.endswith("ffn_gate_inp.weight"):
+        elif len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and ".".join(parts[2:]) in per:
             hf = f"model.layers.{parts[1]}.{per['.'.join(parts[2:])]}"
         else:
             raise FormatError(f"{pkg.where}: GGUF tensor {name!r} has no place in a transformers Llama model")

@@ -77,14 +77,18 @@ def build(pkg: Package, dtype: Any = "auto") -> Any:
     if dtype == "auto":
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(pkg.layout.dtype,
                                                                                           torch.float32)
+    config = dict(pkg.config)
+    gguf_names = C.GGUF_SIDE_FILE in pkg.header.files and "token_embd.weight" in pkg.keys()  # llama.cpp's names
+    if gguf_names and config.get("num_local_experts"):
+        config["model_type"] = "mixtral"  # llama.cpp's llama architecture with experts
     try:
-        cfg = transformers.AutoConfig.for_model(**pkg.config)
+        cfg = transformers.AutoConfig.for_model(**config)
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{pkg.where}: transformers cannot build a config from the package ({e})") from None
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     own = model.state_dict()
     sd = {}
-    if C.GGUF_SIDE_FILE in pkg.header.files and "token_embd.weight" in pkg.keys():  # llama.cpp's names
+    if gguf_names:
         from spherefmt.interop.gguf import hf_state_dict
 
         state = {n: torch.from_numpy(_torch_ready(a)) for n, a in hf_state_dict(pkg).items()}
