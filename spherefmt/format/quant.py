@@ -146,7 +146,7 @@ def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     bits against the super-block's float16 ``d`` and ``dmin``, then each value rounded to four
     bits against its sub-block's quantized scale and min.  Computed with numpy's sums (pairwise,
     no fused multiply-adds), so about 1 block in 80 differs from llama.cpp's where two trial scales
-    nearly tie (``bench/bench_precision.py`` compares every block of a 155M model: 98.8% the
+    nearly tie (``bench/bench_precision.py`` compares every block of a 155M model: 98.2% the
     same bytes, the same error); gguf and llama.cpp read the bytes alike (the tests check them
     against gguf's dequantizer)."""
     f = np.float32
