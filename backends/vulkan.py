@@ -229,34 +229,38 @@ fn erf_(x: f32) -> f32 {
 }
 
 
+def _reading(src: str, name: str, helper: str) -> str:
+    """``src`` with its float32 buffer ``name`` declared as 32-bit words and every ``name[i]``
+    read through ``helper``'s ``name_at(i)`` (the packed weight formats' shaders)."""
+    import re
+
+    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
+    return helper + re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
+
+
+def _byte_reader(name: str) -> str:
+    return f"fn {name}_byte(i: u32) -> u32 {{ return ({name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu; }}\n"
+
+
 def _packed16_variant(src: str, name: str, fmt: str) -> str:
     """The shader reading ``name`` (a weight) as 16-bit values packed two to a 32-bit word
     (``F16`` or ``BF16``, element ``e`` in the low half of word ``e / 2`` when ``e`` is even),
     widened exactly to float32: core WGSL, no ``shader-f16`` needed."""
-    import re
-
-    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
     widen = "bitcast<f32>(h << 16u)" if fmt == "BF16" else "unpack2x16float(h).x"
     helper = (f"fn {name}_at(e: u32) -> f32 {{\n  let word = {name}[e >> 1u];\n"
               f"  let h = select(word & 0xffffu, word >> 16u, (e & 1u) == 1u);\n  return {widen};\n}}\n")
-    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
-    return helper + body
+    return _reading(src, name, helper)
 
 
 def _q8_0_variant(src: str, name: str) -> str:
     """The shader reading ``name`` as ``Q8_0`` blocks (34 bytes: a float16 scale, 32 int8 values)
     packed in 32-bit words; element ``e`` of a row-major matrix whose rows are whole blocks is
     value ``e % 32`` of block ``e / 32``, widened to float32 as ``scale * q``."""
-    import re
-
-    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
-    helper = (f"fn {name}_byte(i: u32) -> u32 {{ return ({name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu; }}\n"
-              f"fn {name}_at(e: u32) -> f32 {{\n  let off = (e >> 5u) * 34u;\n"
+    helper = (_byte_reader(name) + f"fn {name}_at(e: u32) -> f32 {{\n  let off = (e >> 5u) * 34u;\n"
               f"  let d = unpack2x16float({name}_byte(off) | ({name}_byte(off + 1u) << 8u)).x;\n"
               f"  let q = bitcast<i32>({name}_byte(off + 2u + (e & 31u)) << 24u) >> 24u;\n"
               f"  return d * f32(q);\n}}\n")
-    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
-    return helper + body
+    return _reading(src, name, helper)
 
 
 def _q4_k_variant(src: str, name: str) -> str:
@@ -264,11 +268,8 @@ def _q4_k_variant(src: str, name: str) -> str:
     32-bit word: float16 ``d`` and ``dmin`` in its first word, 12 bytes of packed 6-bit scales
     and mins, 128 bytes of 4-bit values); element ``e`` is value ``e % 256`` of block ``e / 256``,
     widened to float32 as ``(d * sc) * q - (dmin * m)`` (llama.cpp's ``get_scale_min_k4``)."""
-    import re
-
-    src = src.replace(f"var<storage, read> {name}: array<f32>;", f"var<storage, read> {name}: array<u32>;")
-    helper = (f"fn {name}_byte(i: u32) -> u32 {{ return ({name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu; }}\n"
-              f"fn {name}_at(e: u32) -> f32 {{\n  let blk = e >> 8u; let i = e & 255u; let j = i >> 5u;\n"
+    helper = (_byte_reader(name) + f"fn {name}_at(e: u32) -> f32 {{\n  let blk = e >> 8u; let i = e & 255u; "
+              f"let j = i >> 5u;\n"
               f"  let off = blk * 144u;\n  let dd = unpack2x16float({name}[blk * 36u]);\n"
               f"  var sc: u32; var m: u32;\n"
               f"  if (j < 4u) {{ sc = {name}_byte(off + 4u + j) & 63u; m = {name}_byte(off + 8u + j) & 63u; }}\n"
@@ -278,8 +279,7 @@ def _q4_k_variant(src: str, name: str) -> str:
               f"  let b = {name}_byte(off + 16u + (i >> 6u) * 32u + (i & 31u));\n"
               f"  let q = select(b & 15u, b >> 4u, (j & 1u) == 1u);\n"
               f"  return (dd.x * f32(sc)) * f32(q) - dd.y * f32(m);\n}}\n")
-    body = re.sub(rf"\b{name}\[([^\]]+)\]", rf"{name}_at(\1)", src)
-    return helper + body
+    return _reading(src, name, helper)
 
 
 _SHADERS["matmul_Q8_0"] = _q8_0_variant(_SHADERS["matmul"], "w")
