@@ -114,7 +114,7 @@ class BlockLoader:
     offsets
         Part name -> a constant added to it on the host (Gemma's norms multiply by ``1 + w``).
     keep
-        Weight formats (``F16``, ``BF16``) whose matrices stay in their stored precision; others
+        Weight formats (``F16``, ``BF16``, ``Q8_0``, ``Q4_K``) whose matrices stay in their stored precision; others
         are widened to float32 on the host.  May be changed until the first block is read.
     permute_rows
         Part name -> heads: the part's rows are permuted from llama.cpp's RoPE pairs back to
