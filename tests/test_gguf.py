@@ -446,3 +446,21 @@ def test_a_q4_k_m_gguf_streams_its_ffn_from_the_sphere(tmp_path):
         np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=backend)
         assert st["weight_formats"] == ["F16", "F32", "Q4_K"] and st["peak_device_bytes"] <= st["budget_bytes"]
     assert np.abs(out - orig).max() / np.abs(orig).max() < 0.1
+
+
+def test_a_quantized_ffn_of_an_architecture_without_a_sphere_stays_raw_bit_for_bit(tmp_path, capsys):
+    """Only a Llama-family GGUF's quantized FFN goes onto a sphere; in any other architecture the
+    blocks stay raw in core/ (not widened to float32 values) and export byte-identical."""
+    src = make_llama_gguf(tmp_path / "m.gguf", quantized_ffn=True)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(src.read_bytes().replace(b"llama", b"zorba"))  # same lengths: a valid GGUF
+    assert gguf.GGUFReader(other).fields["general.architecture"].contents() == "zorba"
+    pkg, out = tmp_path / "o.sphere", tmp_path / "back.gguf"
+    code, _, err = run_cli(capsys, "convert", str(other), str(pkg), "-q")
+    assert code == 0, err
+    with spherefmt.open(pkg) as p:
+        assert p.architecture == "generic" and p.header.quantization is None
+        assert p.tensor_info("blk.0.ffn_gate.weight").dtype == "U8"
+    code, _, err = run_cli(capsys, "export", str(pkg), str(out), "-q")
+    assert code == 0, err
+    assert out.read_bytes() == other.read_bytes()

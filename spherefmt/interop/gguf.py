@@ -235,15 +235,15 @@ class GGUFSource(TensorSource):
             self._tensors[name] = t
             self._info[name] = info
             entries.append({"name": name, "ggml_type": int(t.tensor_type), "type_name": kind, "ne": ne, "raw": raw})
-        self._dequantize: dict[str, Any] = {}
-        #: the block type the sphere is quantized in when the FFN tensors are quantized blocks
-        self.sphere_quantize: str | None = self._quantized_ffn(entries, gguf)
         values = {m["key"]: m["value"] for m in meta}
         align = values.get("general.alignment", 32)
         embd = self._info.get("token_embd.weight")
         tokens = values.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens) if isinstance(tokens, list) else (embd.shape[0] if embd and embd.dtype != "U8" else None)
         self.config = _config(values, n_vocab)
+        self._dequantize: dict[str, Any] = {}
+        #: the block type the sphere is quantized in when the FFN tensors are quantized blocks
+        self.sphere_quantize: str | None = self._quantized_ffn(entries, gguf)
         self.metadata = {}
         side = {"version": int(reader.fields["GGUF.version"].parts[-1][0]) if "GGUF.version" in reader.fields else 3,
                 "alignment": int(align) if isinstance(align, int) else 32, "kv": meta, "tensors": entries}
@@ -252,6 +252,11 @@ class GGUFSource(TensorSource):
     def _quantized_ffn(self, entries: list[dict[str, Any]], gguf: Any) -> str | None:
         """When the FFN tensors are quantized blocks gguf can dequantize: present them as float32
         values (their entries no longer raw, marked ``dequantized``) and name the sphere's type."""
+        from spherefmt.format.arch import LLAMA_MODEL_TYPES  # noqa: PLC0415 (format imports interop lazily)
+
+        arch = str((self.config or {}).get("model_type", ""))
+        if arch not in LLAMA_MODEL_TYPES:  # no sphere for it: every quantized tensor stays raw
+            return None
         ffn = [e for e in entries if _FFN_NAME.match(e["name"])]
         blocks = [e for e in ffn if e["raw"]]
         qt = gguf.GGMLQuantizationType
@@ -420,8 +425,11 @@ def export_gguf(pkg: Package, dst: str | os.PathLike[str], storage: Callable[[st
             byte_shape = gguf.quant_shape_to_byte_shape(tuple(reversed(entry["ne"])), kind)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), info.nbytes, raw_dtype=kind)
         elif entry is not None and entry.get("dequantized") and info.dtype == "F32":
-            sphere = pkg.sphere_type or QUANT_Q8_0  # FFN values from quantized blocks: blocks again
-            fmt = next((t for t in (sphere, QUANT_Q8_0) if info.shape[-1] % QUANT_TYPES[t][0] == 0), None)
+            # FFN values from quantized blocks: blocks again, in their own type where spherefmt
+            # writes it, else the sphere's, else Q8_0 (a Q6_K ffn_down of a Q4_K_M file: Q4_K)
+            own = [entry["type_name"]] if entry["type_name"] in QUANT_TYPES else []
+            kinds = own + [t for t in (pkg.sphere_type, QUANT_Q8_0) if t is not None]
+            fmt = next((t for t in kinds if info.shape[-1] % QUANT_TYPES[t][0] == 0), None)
             if fmt is None:
                 w.add_tensor_info(name, info.shape, np.dtype(np.float32), info.nbytes, raw_dtype=qt.F32)
             else:
