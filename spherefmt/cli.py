@@ -92,7 +92,11 @@ def package_info(pkg: Package) -> dict[str, Any]:
                                      "cells": where}
         if h.quantization is not None:
             out["quantization"] = {"type": h.quantization["type"], "sphere": h.quantization["sphere"],
-                                   "core_tensors": len(h.quantization["core"])}
+                                   "core_tensors": len(h.quantization["core"]),
+                                   "types": dict(h.quantization.get("types") or {})}
+            change = h.metadata.get("spherefmt.quantization_rel_rms")
+            if change is not None:  # what quantizing moved the neuron rows' values (spec 9.1)
+                out["quantization"]["sphere_rel_rms_change"] = float(change)
         from spherefmt.format.routers import read_router, router_names
 
         routers = {}
@@ -211,7 +215,11 @@ def info(pkg: str, as_json: bool) -> None:
         if "quantization" in d:
             qd = d["quantization"]
             click.echo(f"quantized     {qd['type']} blocks: " + ("every neuron row and " if qd["sphere"] else "")
-                       + f"{qd['core_tensors']} core matrices (values read as float32)")
+                       + f"{qd['core_tensors']} core matrices (values read as float32)"
+                       + (f"; {len(qd['types'])} of them in another type" if qd["types"] else ""))
+            if "sphere_rel_rms_change" in qd:
+                click.echo(f"  the neuron rows' values moved {100 * qd['sphere_rel_rms_change']:.2f}% (relative RMS) "
+                           "when quantized")
         click.echo(f"core          {_size(d['core']['stored_bytes'])} stored / {_size(d['core']['raw_bytes'])} raw")
         click.echo(f"sphere        {_size(d['sphere']['stored_bytes'])} stored / {_size(d['sphere']['raw_bytes'])} raw")
         click.echo(f"placement     {d['placement']['policy']} v{d['placement']['version']}")

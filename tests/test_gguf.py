@@ -78,7 +78,8 @@ def test_round_trip_through_the_cli(tmp_path, capsys, quantized_ffn):
         np.testing.assert_array_equal(e.field("gate")[0][real], gate[e.index[0][real]])
         if quantized_ffn:
             assert p.header.quantization == {"type": "Q8_0", "core": [], "sphere": True}
-            assert 0 < float(p.header.metadata["spherefmt.quantization_rel_rms"]) < 0.01
+            change = float(p.header.metadata["spherefmt.quantization_rel_rms"])
+            assert 0 < change < 0.01 and info["quantization"]["sphere_rel_rms_change"] == change
     # llama.cpp's RoPE factors are not implemented: refused by name, not a traceback
     code, _, err = run_cli(capsys, "run", str(pkg), "--prompt", "ab", "-n", "2", "--backend", "numpy")
     assert code == 2 and "rope_freqs.weight" in err
