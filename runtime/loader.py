@@ -52,10 +52,10 @@ def _kept(a: np.ndarray, dtype: str, keep: frozenset[str]) -> np.ndarray:
         blocks = np.ascontiguousarray(a).view(BLOCK_DTYPES[dtype])
         return blocks if dtype in keep else dequantize_blocks(blocks)
     if dtype not in C.DTYPES:  # a GGUF type the backends do not hold: float32 by gguf's dequantizer
-        import gguf
+        from spherefmt.interop.gguf import block_size, dequantize_raw
 
-        return np.ascontiguousarray(gguf.quants.dequantize(np.ascontiguousarray(a), gguf.GGMLQuantizationType[dtype]),
-                                    dtype=np.float32)
+        values = block_size(dtype)
+        return dequantize_raw(a, dtype, (a.shape[0], a.shape[1] // values[1] * values[0]) if values else a.shape)
     if dtype in keep and dtype in WEIGHT_DTYPES and a.ndim == 2:
         return np.ascontiguousarray(numpy_view(a, dtype))
     return _f32(a, dtype)
@@ -72,22 +72,6 @@ def _raw_gguf(pkg: Package) -> dict[str, tuple[str, tuple[int, ...]]]:
                 for e in read_side_file(pkg)["tensors"] if e["raw"]}
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{pkg.where}: {C.GGUF_SIDE_FILE} is malformed ({type(e).__name__})") from None
-
-
-def _raw_row_bytes(kind: str, cols: int) -> int:
-    """Bytes of one row of ``cols`` values of a GGUF tensor type."""
-    import gguf
-
-    values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-    return cols // values * size
-
-
-def _dequantizable(qt: Any) -> bool:
-    """Whether gguf's numpy dequantizer reads a GGUF type."""
-    import gguf
-
-    cls = getattr(gguf.quants, qt.name, None)
-    return cls is not None and "dequantize_blocks" in vars(cls)
 
 
 def _f32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -224,11 +208,10 @@ class BlockLoader:
         at load).  A raw tensor gguf cannot read, or not a matrix of whole blocks, is refused by name."""
         if tensor in self.raw:
             kind, shape = self.raw[tensor]
-            import gguf
+            from spherefmt.interop.gguf import block_size
 
-            qt = getattr(gguf.GGMLQuantizationType, kind, None)
-            size = gguf.GGML_QUANT_SIZES.get(qt) if qt is not None else None
-            if size is None or len(shape) != 2 or shape[1] % size[0] or not _dequantizable(qt):
+            size = block_size(kind)
+            if size is None or len(shape) != 2 or shape[1] % size[0]:
                 raise FormatError(f"{self.pkg.where}: {tensor} is GGUF {kind}{list(shape)}; the runtime reads GGUF "
                                   "matrices of whole blocks of the types gguf dequantizes (Q8_0, Q4_K, Q6_K, ...)")
             return kind
@@ -402,7 +385,10 @@ class BlockLoader:
         what = f"{self.pkg.where}: rows {start}..{stop} of {tensor}"
         try:
             if tensor in self.raw:  # a GGUF tensor's bytes: the rows' byte range
-                width = _raw_row_bytes(self.raw[tensor][0], cols)
+                from spherefmt.interop.gguf import block_size
+
+                values, size = block_size(self.raw[tensor][0]) or (1, 0)  # format_of refused the others
+                width = cols // values * size
                 if info.shape != (rows * width,):
                     raise FormatError(f"{self.pkg.where}: {tensor} holds {info.shape[0]} bytes, not {rows} rows of "
                                       f"{width}")

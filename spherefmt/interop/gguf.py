@@ -190,6 +190,26 @@ def _config(fields: dict[str, Any], n_vocab: int | None) -> dict[str, Any] | Non
     return cfg
 
 
+def block_size(kind: str) -> tuple[int, int] | None:
+    """``(values, bytes)`` per block of a GGUF type gguf's numpy dequantizer reads, else ``None``."""
+    gguf = _gguf()
+    qt = getattr(gguf.GGMLQuantizationType, kind, None)
+    cls = getattr(gguf.quants, kind, None)
+    if qt is None or qt not in gguf.GGML_QUANT_SIZES or cls is None or "dequantize_blocks" not in vars(cls):
+        return None
+    values, size = gguf.GGML_QUANT_SIZES[qt]
+    return int(values), int(size)
+
+
+def dequantize_raw(data: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values ``shape`` of a raw GGUF tensor's bytes (rows of whole blocks of ``kind``),
+    by gguf's dequantizer."""
+    gguf = _gguf()
+    rows = np.ascontiguousarray(data).reshape(math.prod(shape[:-1]), -1)
+    values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[kind])
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+
+
 class GGUFSource(TensorSource):
     """A ``.gguf`` file as a conversion source (memory-mapped: one tensor read at a time)."""
 
@@ -241,7 +261,7 @@ class GGUFSource(TensorSource):
         tokens = values.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens) if isinstance(tokens, list) else (embd.shape[0] if embd and embd.dtype != "U8" else None)
         self.config = _config(values, n_vocab)
-        self._dequantize: dict[str, Any] = {}
+        self._dequantize: dict[str, str] = {}
         #: the block type the sphere is quantized in when the FFN tensors are quantized blocks
         self.sphere_quantize: str | None = self._quantized_ffn(entries, gguf)
         self.metadata = {}
@@ -259,18 +279,16 @@ class GGUFSource(TensorSource):
             return None
         ffn = [e for e in entries if _FFN_NAME.match(e["name"])]
         blocks = [e for e in ffn if e["raw"]]
-        qt = gguf.GGMLQuantizationType
-        if not blocks or any(not hasattr(gguf.quants, e["type_name"]) or qt[e["type_name"]] not in
-                             gguf.GGML_QUANT_SIZES or len(e["ne"]) not in (2, 3) for e in blocks):
+        sizes = [block_size(e["type_name"]) for e in blocks]
+        if not blocks or any(sz is None or len(e["ne"]) not in (2, 3) for e, sz in zip(blocks, sizes, strict=True)):
             return None  # integer or unknown types: carried raw, the model stays generic
         small = False
-        for e in blocks:
-            values, size = gguf.GGML_QUANT_SIZES[qt[e["type_name"]]]
+        for e, (values, size) in zip(blocks, sizes, strict=True):  # type: ignore[misc]
             if "_down" not in e["name"] and size * 8 / values <= 4.5:
                 small = True
             name = e["name"]
             self._info[name] = TensorInfo(name, "F32", tuple(reversed(e["ne"])))
-            self._dequantize[name] = qt[e["type_name"]]
+            self._dequantize[name] = e["type_name"]
             e["raw"], e["dequantized"] = False, True
         return QUANT_Q4_K if small else QUANT_Q8_0
 
@@ -287,10 +305,7 @@ class GGUFSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         info = self._info[name]
         if name in self._dequantize:  # quantized FFN blocks: their values, as gguf reads them
-            gguf = _gguf()
-            data = np.asarray(self._tensors[name].data)
-            values = gguf.quants.dequantize(data.reshape(-1, data.shape[-1]), self._dequantize[name])
-            return np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape)
+            return dequantize_raw(np.asarray(self._tensors[name].data), self._dequantize[name], info.shape)
         flat = self._bytes(name)
         if info.dtype == "U8":
             return flat.copy()
@@ -337,7 +352,6 @@ def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
     (``rope_freqs.weight``) is refused by name."""
     from spherefmt.interop.llamacpp import HF_LAYER, HF_TOP, unpermute
 
-    gguf = _gguf()
     cfg = dict(pkg.config or {})
     heads = int(cfg.get("num_attention_heads") or 0)
     kv = int(cfg.get("num_key_value_heads") or heads)
@@ -361,9 +375,7 @@ def hf_state_dict(pkg: Package) -> dict[str, np.ndarray]:
         if name in raw:
             e = raw[name]
             shape = tuple(int(x) for x in reversed(e["ne"]))
-            data = np.asarray(pkg.stored(name)).reshape(shape[0], -1)
-            a = np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[e["type_name"]]), dtype=np.float32)
-            a = a.reshape(shape)
+            a = dequantize_raw(np.asarray(pkg.stored(name)), str(e["type_name"]), shape)
         else:
             a = numpy_view(np.asarray(pkg.stored(name, padded=True)), pkg.tensor_info(name, padded=True).dtype)
         if hf.endswith("q_proj.weight"):
