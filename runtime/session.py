@@ -13,8 +13,8 @@ hold two of the largest block plus those is refused with the minimum that would 
 
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,7 +26,7 @@ from spherefmt.backends import get_backend
 from spherefmt.errors import BudgetExceededError, InputError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
-from spherefmt.format.routers import Router, read_router, router_names
+from spherefmt.format.routers import Router, always_on, k_for_share, read_router, router_names
 from spherefmt.heap import reusing_heap
 from spherefmt.runtime.cache import WeightCache
 from spherefmt.runtime.loader import Key
@@ -79,6 +79,10 @@ class _Router:
         self.cells = [model.loader.cells(i) for i in range(model.n_layers)]
         self.flat = [np.array([lat * m + lon for lat, lon in cells], dtype=np.int64) for cells in self.cells]
         self.name = "random" if router == "random" else router.kind
+        #: per layer, which of its cells every token computes (the package's ``routing.always_on``,
+        #: spec/FORMAT.md 7.3): the rule ``sphere sparsify`` trained with
+        on = always_on(model.pkg)
+        self.on = [np.isin(f, on[i]) for i, f in enumerate(self.flat)]
 
     def pick(self, layer: int, m_host: np.ndarray) -> np.ndarray:
         """``(T, cells)`` boolean selection for one layer (cells in ``self.cells[layer]`` order)."""
@@ -92,6 +96,7 @@ class _Router:
         if k >= n:
             sel[:] = True
             return sel
+        scores = np.where(self.on[layer], np.inf, scores)  # always-on cells first, then the best others
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         np.put_along_axis(sel, top, True, axis=1)
         return sel
@@ -196,6 +201,8 @@ class Session:
         cells = [len(m.loader.cells(i)) for i in range(m.n_layers)]
         if top_k is not None and active is not None:
             raise InputError("give top_k or active, not both")
+        self.active_share: dict[str, float] | None = None
+        self.share_warning: str | None = None
         native = bool(getattr(m, "native_moe", False))
         #: native experts: ``(experts, top_k, renormalised)`` of the model's own router
         self._moe: tuple[int, int, bool] | None = getattr(m, "spec").moe if native else None  # noqa: B009
@@ -207,7 +214,18 @@ class Session:
             share = float(str(active).rstrip("%")) / (100 if str(active).endswith("%") else 1)
             if not 0 < share <= 1:
                 raise InputError(f"active {active!r}: expected a share of the cells in (0, 1] or (0%, 100%]")
-            k_of = [max(1, math.ceil(share * c)) for c in cells]
+            on = always_on(self.pkg)
+            k_of = [k_for_share(share, c, len(on[i])) for i, c in enumerate(cells)]
+            used = sum(k_of) / sum(cells)
+            #: the share asked for and the share the package's cells give (never a silent share)
+            self.active_share = {"requested": share, "used": used}
+            if abs(used - share) > 0.005:
+                per = sorted({(k, c) for k, c in zip(k_of, cells, strict=True)})
+                self.share_warning = (
+                    f"active {share:.4g}: {', '.join(f'{k} of {c}' for k, c in per)} cells per layer, so "
+                    f"{used:.1%} of the FFN is computed (the graticule has too few cells for {share:.4g}; "
+                    "sphere sparsify --cells N places the model on more)")
+                warnings.warn(self.share_warning, stacklevel=3)
         elif top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise InputError(f"top_k {top_k!r}: expected a positive number of cells")
@@ -563,6 +581,8 @@ class Session:
             "prefetch_hits": s.prefetch_hits,
             "prefetch_hit_rate": s.prefetch_hits / s.prefetch_loads if s.prefetch_loads else None,
             "active_cell_fraction": c["routed_cells"] / c["possible_cells"] if c["possible_cells"] else None,
+            "active_share_requested": self.active_share["requested"] if self.active_share else None,
+            "active_share_used": self.active_share["used"] if self.active_share else None,
             "router_host_bytes": (self.router.host_bytes() if self.router else 0)
             + sum(int(a.nbytes) for a in getattr(self.model, "routers", []) + getattr(self.model, "shared_gate_w", [])),
             "prefill_chunk": self._last_chunk,

@@ -97,6 +97,9 @@ def package_info(pkg: Package) -> dict[str, Any]:
             change = h.metadata.get("spherefmt.quantization_rel_rms")
             if change is not None:  # what quantizing moved the neuron rows' values (spec 9.1)
                 out["quantization"]["sphere_rel_rms_change"] = float(change)
+        if h.routing is not None:  # sphere sparsify (spec 7.3)
+            out["routing"] = {"always_on_cells": [len(c) for c in h.routing["always_on"]],
+                              "always_on": h.routing["always_on"], "trained": h.routing.get("trained")}
         from spherefmt.format.routers import read_router, router_names
 
         routers = {}
@@ -128,6 +131,7 @@ def cli(verbose: bool) -> None:
       sphere grow model.sphere --neurons 64         # function-preserving, in place
       sphere run model.sphere --prompt "def " --budget 25%   # streaming inference
       sphere route-train model.sphere --text sample.txt       # a learned top-k router
+      sphere sparsify model.sphere --text domain.txt         # train top-k routing into the model
       sphere map model.sphere -o map.png                      # the graticule as world maps
       sphere verify model.sphere                              # every object against the manifest
     """
@@ -226,6 +230,20 @@ def info(pkg: str, as_json: bool) -> None:
         for g in d["placement"].get("growth", []):
             click.echo(f"  grown       +{g['count']} {g['op']}" + (f" in depth {g['depth']}" if g.get("depth") is not None else "")
                        + (f", cell {g['cell']}" if g.get("cell") else ""))
+        if "routing" in d:
+            r, t = d["routing"], d["routing"]["trained"] or {}
+            n_on = sorted(set(r["always_on_cells"]))
+            click.echo(f"routing       {'/'.join(map(str, n_on))} always-on cells per layer (the polar cap)"
+                       + (f"; sparsified: {t.get('steps')} steps at shares "
+                          + ", ".join(f"{100 * x:g}%" for x in t.get("shares", []))
+                          + f" (kept step {t.get('best_step')}, chosen at {100 * t.get('active', 0):g}%), "
+                          f"{t.get('text_tokens')} tokens of text sha256 {str(t.get('text_sha256'))[:12]}" if t else ""))
+        for name, meta in d.get("routers", {}).items():
+            if "error" in meta:
+                click.echo(f"router        {name}: {meta['error']}")
+            else:
+                click.echo(f"router        {name} ({meta.get('kind')}, hidden {meta.get('hidden')}"
+                           + (f", {meta['trained_tokens']} tokens" if "trained_tokens" in meta else "") + ")")
     if d["warning"]:
         click.echo(f"warning       {d['warning']}")
 
@@ -383,10 +401,17 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _session(pkg: str, backend: str | None, budget: str | None, top_k: int | None, active: str | None,
              router: str | None, prefetch: bool | None, weights: str = "auto") -> Any:
+    import warnings
+
     from spherefmt.runtime import Session
 
-    return Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch, router=router,
-                   weights=weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said once below, as a line of its own
+        s = Session(pkg, backend=backend, budget=budget, top_k=top_k, active=active, prefetch=prefetch,
+                    router=router, weights=weights)
+    if s.share_warning:
+        click.echo(f"warning: {s.share_warning}", err=True)
+    return s
 
 
 def _load_ids(path: str) -> np.ndarray:
@@ -498,7 +523,8 @@ def eval_cmd(pkg: str, text_file: str | None, ids_file: str | None, max_tokens: 
         st = s.stats()
     doc = {"tokens": n, "nll": total / n, "ppl": math.exp(total / n), "backend": st["backend"], "mode": st["mode"],
            "budget_bytes": st["budget_bytes"], "peak_device_bytes": st["peak_device_bytes"],
-           "active_cell_fraction": st["active_cell_fraction"], "tokens_per_s": st["prefill_tokens_per_s"]}
+           "active_cell_fraction": st["active_cell_fraction"], "active_share_requested": st["active_share_requested"],
+           "active_share_used": st["active_share_used"], "tokens_per_s": st["prefill_tokens_per_s"]}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -651,6 +677,97 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
     plt.close(fig)
     click.echo(f"loss {np.mean(losses[:5]):.4f} -> {np.mean(losses[-5:]):.4f}; wrote {len(written['experts'])} "
                f"expert(s) and {len(written['tensors'])} tensor(s), {written['bytes']} bytes, to {pkg}; curve {out}")
+
+
+def _share(text: str, what: str) -> float:
+    """A share given as a percentage (``25%`` or ``25``) or a fraction (``0.25``)."""
+    from spherefmt.errors import InputError
+
+    t = text.strip()
+    try:
+        v = float(t.rstrip("%"))
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected a percentage such as 25%") from None
+    share = v / 100 if t.endswith("%") or v > 1 else v
+    if not 0 < share <= 1:
+        raise InputError(f"{what} {text!r}: expected a share in (0%, 100%]")
+    return share
+
+
+@cli.command()
+@click.argument("pkg")
+@click.option("--text", "text_file", required=True, metavar="FILE",
+              help="UTF-8 text of the model's domain (placement, fine-tuning and the router learn from it).")
+@click.option("--active", default="25%", show_default=True,
+              help="The share of cells the model is made for (it chooses the checkpoint kept).")
+@click.option("--shares", default="12.5,25,50,100", show_default=True, metavar="LIST",
+              help="Shares of cells (percent) trained in turn, so that one package serves each of them.")
+@click.option("--cells", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Cells per layer of the new graticule (P x M closest to M = 2P).")
+@click.option("--steps", type=click.IntRange(min=1), default=600, show_default=True, help="Fine-tuning steps.")
+@click.option("--always-on", default="10%", show_default=True,
+              help="Share of cells (the polar cap) every token computes, holding the most-used neurons.")
+@click.option("--distill", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the KL divergence from the original dense model (the rest: the language-model loss).")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--plot", metavar="PNG", help="Write the loss curve here (default: PKG-sparsify.png beside PKG).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON document.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_user_errors
+def sparsify(pkg: str, text_file: str, active: str, shares: str, cells: int, steps: int, always_on: str,
+             distill: float, lr: float, batch: int, seq: int, plot: str | None, seed: int, as_json: bool,
+             quiet: bool) -> None:
+    """Make PKG sparse on its sphere, in place (directory, .zip, .vhd): place its neurons for top-k
+    routing (the most-used ones in always-on polar cells), fine-tune it with top-k cell routing
+    in the forward pass at a mix of shares, and distil a router (router/learned).  Only the
+    objects that changed are written back.  Ctrl-C stops the fine-tuning early and keeps the best
+    checkpoint so far."""
+    from spherefmt.format.package import open as open_package
+    from spherefmt.runtime.tokenizer import load_tokenizer
+    from spherefmt.training.sparsify import check
+    from spherefmt.training.sparsify import sparsify as run_sparsify
+
+    share_list = [_share(x, "--shares") for x in shares.split(",") if x.strip()]
+    with open_package(pkg) as p:
+        check(p)
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            ids = np.asarray(load_tokenizer(p).encode(f.read()), dtype=np.int64)
+    r = run_sparsify(pkg, ids, active=_share(active, "--active"), shares=share_list, cells=cells, steps=steps,
+                     always_on=0.0 if always_on.strip().rstrip("%") in ("0", "0.0") else _share(always_on, "--always-on"),
+                     distill=distill, batch=batch, seq=seq, lr=lr, seed=seed, progress=not quiet and not as_json)
+    out = plot or f"{str(pkg).rstrip('/')}-sparsify.png"
+    from spherefmt.viz import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(r["losses"], linewidth=0.6, alpha=0.6, label="training (shares in turn)")
+    if r["val"]:
+        v = np.asarray(r["val"])
+        ax.plot(v[:, 0], v[:, 1], marker="o", markersize=3, label=f"held back, {_share(active, '--active'):.0%} active")
+        ax.plot(v[:, 0], v[:, 2], marker="s", markersize=3, label="held back, dense")
+    ax.axvline(r["best_step"], color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nll per token)")
+    ax.set_title(f"sparsify: {r['graticule'][0]}x{r['graticule'][1]} cells, {r['always_on']} always on, "
+                 f"kept step {r['best_step']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    doc = {k: r[k] for k in ("graticule", "always_on", "best_step", "stopped_early", "seconds", "unchanged")}
+    doc.update({"val": r["val"], "written": len(r["written"]), "removed": len(r["removed"]), "plot": out,
+                "tensors_trained": len(r["tensors_trained"])})
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    kept = next(v for v in r["val"] if v[0] == r["best_step"])
+    held = f"{r['val'][0][1]:.4f} -> {kept[1]:.4f} at {_share(active, '--active'):.0%}, {kept[2]:.4f} dense"
+    click.echo(f"sparsified {pkg}: {r['graticule'][0]}x{r['graticule'][1]} graticule, {r['always_on']} always-on cells, "
+               f"held-back loss {held} (kept step {r['best_step']}{', stopped early' if r['stopped_early'] else ''}); "
+               f"wrote {len(r['written'])} objects, removed {len(r['removed'])}, kept {r['unchanged']}; "
+               f"{r['seconds']:.0f} s; curve {out}")
 
 
 @cli.command()

@@ -114,6 +114,8 @@ GGUF_SIDE_FILE = "gguf.json"
 PLACEMENT_POLICY = "lightning-pca-balanced"
 PLACEMENT_VERSION = 1
 PLACEMENT_COACTIVATION = "coactivation-balanced"  # cells from activations on sample text
+PLACEMENT_ROUTED = "routed-balanced"  # sphere sparsify: hot neurons always on, the rest by activations
+ROUTING_KEY = "routing"  # header member: the always-on cells and how routing was trained (section 7.3)
 DEFAULT_BEND = 0.5  # weight of a neuron's own direction against its tree parent's
 
 # --- 8. Package states -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     _sphere("eval", str(tpkg), "--text", str(evaluation), "--max-tokens", "2000", "--active", "25%",
             "--backend", "numpy", "-q")
     _sphere("map", str(tpkg), "--usage", str(evaluation), "-o", str(out / "tiny-usage.png"))
+
+    sparse = tiny.parent / "tiny-gpt2-sparse.zip"
+    if not sparse.exists():
+        return
+    print("\n# the same model made sparse by `sphere sparsify` (placed for top-k, fine-tuned with the routing in\n"
+          "# the loop at 12.5/25/50/100% of cells; the committed result of bench/bench_moe.py): dense, then a quarter")
+    spkg = out / "tiny-sparse.zip"
+    shutil.copyfile(sparse, spkg)  # sparsify and route-train write in place: work on a copy
+    _sphere("info", str(spkg))
+    _sphere("eval", str(spkg), "--text", str(evaluation), "--max-tokens", "2000", "--backend", "numpy", "-q")
+    _sphere("eval", str(spkg), "--text", str(evaluation), "--max-tokens", "2000", "--active", "25%",
+            "--backend", "numpy", "-q")
+    _sphere("run", str(spkg), "--prompt", "class Queue:\n    def __init__(self", "-n", "40", "--budget", "25%",
+            "--active", "25%", "--backend", "numpy", "--stats")
 
 
 if __name__ == "__main__":

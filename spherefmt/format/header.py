@@ -21,7 +21,7 @@ from spherefmt.format.placement import Grid, check_grid, layer_shells
 __all__ = ["Header", "LayerEntry", "NeuronLayout", "Shell", "TensorEntry", "new_header"]
 
 _KNOWN = ("format", "version", "state", "architecture", "config", "metadata", "files", "codec", "tensors", "warning",
-          "fused", "experts", C.QUANTIZATION_KEY,
+          "fused", "experts", C.QUANTIZATION_KEY, C.ROUTING_KEY,
           "graticule", "depth", "layer_depth", "shells", "neuron_layout", "layers", "placement")
 
 
@@ -107,6 +107,9 @@ class Header:
     experts: dict[str, Any] | None = None
     #: quantized tensors (``{"type": "Q8_0", "core": [names], "sphere": bool}``, section 5.1)
     quantization: dict[str, Any] | None = None
+    #: trained top-k routing (``{"always_on": [[flat cells] per layer], "trained": {...}}``,
+    #: section 7.3): the cells every token computes, and what ``sphere sparsify`` did
+    routing: dict[str, Any] | None = None
     #: members this version does not know, kept as they are when the header is written back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -157,6 +160,9 @@ class Header:
             })
             if self.placement is not None:
                 h["placement"] = self.placement
+            if self.routing is not None:
+                h[C.ROUTING_KEY] = {"always_on": [list(c) for c in self.routing["always_on"]],
+                                    **{k: v for k, v in self.routing.items() if k != "always_on"}}
         h.update(self.extra)
         return h
 
@@ -192,6 +198,7 @@ class Header:
             fused=[dict(f) for f in h.get("fused", [])],
             experts=h.get("experts") if sphere else None,
             quantization=h.get(C.QUANTIZATION_KEY),
+            routing=h.get(C.ROUTING_KEY) if sphere else None,
             extra={k: v for k, v in h.items() if k not in _KNOWN},
         )
 
@@ -313,7 +320,23 @@ def _validated(attrs: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
         raise FormatError(f"{where}: placement must be an object")
     if h.get("experts") is not None:
         _check_experts(h, tensors, p * m, where)
+    _check_routing(h, len(layers), p * m, where)
     return h
+
+
+def _check_routing(h: dict[str, Any], n_layers: int, cells: int, where: str) -> None:
+    """``routing`` (section 7.3): per layer, the always-on cells, distinct flat ids in range."""
+    r = h.get(C.ROUTING_KEY)
+    if r is None:
+        return
+    on = r.get("always_on") if isinstance(r, dict) else None
+    if not isinstance(on, list) or len(on) != n_layers or not all(
+            isinstance(c, list) and len(c) < cells and all(_is_int(v) and 0 <= v < cells for v in c)
+            and len(set(c)) == len(c) for c in on):
+        raise FormatError(f"{where}: routing.always_on must list, for each of the {n_layers} layers, distinct cells "
+                          f"0..{cells - 1} (not all of them)")
+    if h.get("experts") is not None:
+        raise FormatError(f"{where}: routing is for dense models; native experts route with the model's router")
 
 
 def _check_quantization(h: dict[str, Any], where: str) -> None:

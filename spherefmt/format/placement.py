@@ -38,7 +38,7 @@ from spherefmt.constants import (
 from spherefmt.errors import FormatError, InputError
 
 __all__ = ["Grid", "PlacementPlan", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
-           "bend", "assign", "cell_centers", "expert_grid", "expert_cells"]
+           "bend", "assign", "cell_centers", "expert_grid", "expert_cells", "always_on_cells", "routed_cells"]
 
 
 @dataclass(frozen=True)
@@ -295,3 +295,50 @@ def coactivation_cells(act: np.ndarray, dirs: np.ndarray, p: int, m: int, capaci
                       for c in range(p * m)])
     cell_of_cluster = assign(cdirs, p, m, capacity=1)
     return cell_of_cluster[label]
+
+
+def always_on_cells(p: int, m: int, share: float) -> np.ndarray:
+    """The always-on cells of policy ``routed-balanced`` (``spec/FORMAT.md`` 7.3): the first
+    ``round(share * P * M)`` flat cells, which start at the north pole and run east then south
+    (the polar cap), at least one when ``share > 0`` and never every cell."""
+    c = p * m
+    n = 0 if share <= 0 else min(c - 1, max(1, round(share * c)))
+    return np.arange(n, dtype=np.int64)
+
+
+def routed_cells(weight: np.ndarray, dirs: np.ndarray, p: int, m: int, capacity: int, always_on: np.ndarray,
+                 seed: int = 0) -> np.ndarray:
+    """Cells for one layer's neurons under policy ``routed-balanced``.
+
+    ``weight`` ``(tokens, N)`` is how much each neuron moves the FFN output on each sample token
+    (``|activation| * |out row|``).  The neurons with the largest mean weight fill the
+    ``always_on`` cells (every token computes them); the others are grouped by their activation
+    profiles (balanced k-means, as ``coactivation-balanced``) into the remaining cells, each
+    cluster taking the free cell nearest its neurons' mean direction (``dirs``, ``(N, 3)``)."""
+    n, c = weight.shape[1], p * m
+    on = np.asarray(always_on, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(c), on)
+    if capacity * c < n or len(rest) == 0:
+        raise FormatError(f"{n} neurons do not fit {c} cells of {capacity} with {len(on)} always on")
+    cell = np.full(n, -1, dtype=np.int64)
+    hot = np.argsort(-weight.mean(axis=0), kind="stable")[: min(n, capacity * len(on))]
+    for j, i in enumerate(hot):
+        cell[i] = on[j // capacity]
+    cold = np.flatnonzero(cell < 0)
+    if len(cold) == 0:
+        return cell
+    prof = weight[:, cold] - weight[:, cold].mean(axis=0, keepdims=True)
+    prof /= np.maximum(np.linalg.norm(prof, axis=0, keepdims=True), 1e-12)
+    label = balanced_kmeans(np.ascontiguousarray(prof.T), len(rest), capacity, seed=seed)
+    centers = cell_centers(p, m)[rest]
+    taken = np.zeros(len(rest), dtype=bool)
+    cdirs = [_normalize(dirs[cold][label == k].sum(axis=0)[None])[0] if (label == k).any() else np.zeros(3)
+             for k in range(len(rest))]
+    sizes = np.bincount(label, minlength=len(rest))
+    for k in np.argsort(-sizes, kind="stable"):  # the largest clusters choose their cell first
+        sc = centers @ cdirs[k]
+        sc[taken] = -np.inf
+        j = int(np.argmax(sc))
+        taken[j] = True
+        cell[cold[label == k]] = rest[j]
+    return cell

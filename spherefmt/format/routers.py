@@ -20,6 +20,7 @@ Kinds:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from zarr.core.sync import sync
 from spherefmt.errors import FormatError, InputError, ReadOnlyError
 from spherefmt.format.package import Package
 
-__all__ = ["ROUTER_VERSION", "Router", "read_router", "router_names", "write_router"]
+__all__ = ["ROUTER_VERSION", "Router", "always_on", "k_for_share", "read_router", "router_names", "write_router"]
 
 ROUTER_VERSION = 1
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -56,6 +57,20 @@ class Router:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for lay in self.layers for a in lay.values())
+
+
+def always_on(pkg: Package) -> list[list[int]]:
+    """Per layer, the flat cells every token computes under top-k routing (the header's
+    ``routing.always_on``, ``spec/FORMAT.md`` 7.3; none when the package has no such member)."""
+    r = pkg.header.routing
+    n = len(pkg.layer_depth)
+    return [list(c) for c in r["always_on"]] if r is not None else [[] for _ in range(n)]
+
+
+def k_for_share(share: float, cells: int, always: int = 0) -> int:
+    """Cells a token computes at ``share`` of a layer's ``cells`` (section 7.3): ``ceil(share *
+    cells)``, at least one, never fewer than the ``always`` always-on cells, at most ``cells``."""
+    return min(cells, max(1, always, math.ceil(share * cells - 1e-9)))
 
 
 def router_names(pkg: Package) -> list[str]:

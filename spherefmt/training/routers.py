@@ -17,14 +17,19 @@ __all__ = ["train_router"]
 
 
 def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int = 128, seed: int = 0,
-                 progress: bool = True) -> Router:
-    """Distil a ``learned`` router from the package's own dense FFN on token ``ids``."""
+                 progress: bool = True, always_on: list[list[int]] | None = None) -> Router:
+    """Distil a ``learned`` router from the package's own dense FFN on token ``ids``.
+
+    ``always_on`` (per layer, flat cells; default the package's ``routing.always_on``): cells every
+    token computes anyway, left out of the target so the router spends itself on the others."""
     import torch  # noqa: PLC0415 - torch is an optional extra
 
     loader = BlockLoader(pkg, {}, {})
     ctx = int((pkg.config or {}).get("n_positions") or (pkg.config or {}).get("max_position_embeddings") or 1024)
     xs = ffn_inputs(pkg, ids, min(ctx, 256))
     p, m = pkg.require_graticule()
+    if always_on is None:
+        always_on = (pkg.header.routing or {}).get("always_on") or [[] for _ in xs]
     torch.manual_seed(seed)
     layers = []
     bar = progress_bar(steps * len(xs), "route-train", progress, unit="step")
@@ -33,6 +38,8 @@ def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int
         t, q = cell_targets(pkg, loader, layer, x)
         quality.append(q)
         occupied = t.sum(axis=0) > 0
+        t[:, list(always_on[layer])] = 0.0
+        occupied[list(always_on[layer])] = False
         target = torch.from_numpy(t / np.maximum(t.sum(axis=1, keepdims=True), 1e-12))
         xt = torch.from_numpy(x)
         mu, sd = xt.mean(0), xt.std(0) + 1e-6  # folded into w1/b1 afterwards
