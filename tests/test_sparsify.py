@@ -13,6 +13,7 @@ from spherefmt.errors import FormatError, InputError
 from spherefmt.format.header import Header
 from spherefmt.format.placement import always_on_cells, routed_cells
 from spherefmt.format.routers import k_for_share, write_router
+from spherefmt.interop.hf import load_model
 from spherefmt.runtime import Session
 from spherefmt.runtime.routing import OracleRouter
 from spherefmt.tinymodel import corpus, default_model
@@ -137,7 +138,7 @@ def test_routing_off_equals_dense_exactly(done):
         assert s.stats()["active_share_used"] == 1.0
     assert np.array_equal(dense, full)
     # and the runtime's dense pass is the transformers model of the sparsified weights
-    m = spherefmt.load_model(done["vhd"])
+    m = load_model(done["vhd"], dtype=torch.float32)
     with torch.no_grad():
         ref = m(torch.from_numpy(ids[None])).logits[0].float().numpy()
     assert np.abs(ref - dense).max() < 2e-3
@@ -164,7 +165,7 @@ def test_training_routing_is_what_the_runtime_computes(done):
     ids = _heldout(done["vhd"])[:128]
     pkg = spherefmt.open(done["vhd"])
     try:
-        m = spherefmt.load_model(pkg)
+        m = load_model(pkg, dtype=torch.float32)
         cells = {}
         p_, m_ = pkg.require_graticule()
         for layer in range(len(pkg.layer_depth)):
@@ -177,7 +178,7 @@ def test_training_routing_is_what_the_runtime_computes(done):
                     idx = index[t, lat, lon]
                     c[idx[idx >= 0]] = lat * m_ + lon
             cells[layer] = c
-        routing = _Routing(m.float(), pkg.architecture, cells, p_ * m_, np.array([0, 1, 2]))
+        routing = _Routing(m, pkg.architecture, cells, p_ * m_, np.array([0, 1, 2]))
         routing.share = 0.25
         x = torch.from_numpy(ids[None])
         with torch.no_grad():
@@ -246,3 +247,26 @@ def test_a_malformed_routing_member_is_refused():
     with pytest.raises(InputError):
         grid_for_cells(1)
     assert grid_for_cells(128) == (8, 16) and grid_for_cells(32) == (4, 8) and grid_for_cells(2) == (1, 2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sparsify_in_place_in_a_zip(tmp_path, arch):
+    """A .zip package (unpacked, changed, zipped again) of both architectures, from token ids."""
+    from spherefmt.training.sparsify import sparsify
+
+    sd, cfg = model(arch, "F32")
+    pkg = tmp_path / "m.zip"
+    spherefmt.save(sd, pkg, config=cfg, graticule="1x2", depth=1)
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], 2000)
+    r = sparsify(pkg, ids, cells=8, steps=6, batch=2, seq=32, router_steps=5, always_on=0.125, progress=False)
+    assert r["graticule"] == [2, 4] and r["always_on"] == 1 and len(r["losses"]) == 6
+    with spherefmt.open(pkg) as p:
+        assert p.require_graticule() == (2, 4) and p.header.routing["always_on"] == [[0]] * 3
+        assert p.header.placement["policy"] == "routed-balanced"
+        after = p.state_dict()
+    embed = "transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"
+    assert np.array_equal(after[embed], sd[embed])  # frozen
+    moved = [k for k in sd if not np.array_equal(after[k], sd[k])]
+    assert (moved != []) == (r["best_step"] > 0)
+    with Session(pkg, backend="numpy", active="50%") as s:
+        assert s.top_k == [4, 4, 4] and np.isfinite(s.logits(ids[:20])).all()

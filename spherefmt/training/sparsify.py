@@ -436,11 +436,13 @@ def _write_back(pkg: Package, trained: dict[str, np.ndarray], plan: PlacementPla
             written, removed, unchanged = [], [], 0
             with pkg.transaction():
                 for key in fresh.listed():
-                    e_new, e_old = fresh.entry(key), old.entry(key)
-                    if e_old is not None and e_new is not None and (e_old.size, e_old.crc) == (e_new.size, e_new.crc):
+                    data = bytes(fresh.read(key))
+                    # the manifest entries first (cheap), then the bytes: an object ending with
+                    # its own crc32c has the same whole-object CRC as any other of its length
+                    if old.entry(key) == fresh.entry(key) and bytes(old.read(key)) == data:
                         unchanged += 1
                         continue
-                    old.write(key, bytes(fresh.read(key)))
+                    old.write(key, data)
                     written.append(key)
                 keep = set(fresh.listed())
                 for key in old.listed():
