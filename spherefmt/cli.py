@@ -743,7 +743,7 @@ def sparsify(pkg: str, text_file: str, active: str, shares: str, cells: int, ste
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(r["losses"], linewidth=0.6, alpha=0.6, label="training (shares in turn)")
+    ax.plot(r["losses"], linewidth=0.6, alpha=0.6, label="training loss (language model + KL to the dense model; shares in turn)")
     if r["val"]:
         v = np.asarray(r["val"])
         ax.plot(v[:, 0], v[:, 1], marker="o", markersize=3, label=f"held back, {_share(active, '--active'):.0%} active")

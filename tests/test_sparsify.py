@@ -258,7 +258,7 @@ def test_sparsify_in_place_in_a_zip(tmp_path, arch):
     pkg = tmp_path / "m.zip"
     spherefmt.save(sd, pkg, config=cfg, graticule="1x2", depth=1)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], 2000)
-    r = sparsify(pkg, ids, cells=8, steps=6, batch=2, seq=32, router_steps=5, always_on=0.125, progress=False)
+    r = sparsify(pkg, ids, cells=8, steps=6, batch=2, seq=32, router_steps=5, always_on=0.1, progress=False)
     assert r["graticule"] == [2, 4] and r["always_on"] == 1 and len(r["losses"]) == 6
     with spherefmt.open(pkg) as p:
         assert p.require_graticule() == (2, 4) and p.header.routing["always_on"] == [[0]] * 3
