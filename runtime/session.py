@@ -561,7 +561,9 @@ class Session:
             "prefetch": self._prefetch_ok,
             "mode": (f"native MoE (top {self._moe[1]} of {self._moe[0]} experts, the model's router)"
                      if self._moe else "dense" if self.router is None else
-                     f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells, {self.router.name} router)"),
+                     f"top-k ({'/'.join(map(str, sorted(set(self.top_k or []))))} cells"
+                     + (f" incl. {'/'.join(map(str, sorted({int(o.sum()) for o in self.router.on})))} always on"
+                        if any(o.any() for o in self.router.on) else "") + f", {self.router.name} router)"),
             "budget_bytes": self.budget,
             "weight_bytes": self.weight_bytes,
             "stored_bytes": self.stored_bytes,

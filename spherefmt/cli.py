@@ -712,14 +712,18 @@ def _share(text: str, what: str) -> float:
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seq", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--router-steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Optimiser steps per layer of the router distilled afterwards.")
+@click.option("--router-tokens", type=click.IntRange(min=16), default=20000, show_default=True,
+              help="Tokens of the text the router learns from.")
 @click.option("--plot", metavar="PNG", help="Write the loss curve here (default: PKG-sparsify.png beside PKG).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON document.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_user_errors
 def sparsify(pkg: str, text_file: str, active: str, shares: str, cells: int, steps: int, always_on: str,
-             distill: float, lr: float, batch: int, seq: int, plot: str | None, seed: int, as_json: bool,
-             quiet: bool) -> None:
+             distill: float, lr: float, batch: int, seq: int, router_steps: int, router_tokens: int,
+             plot: str | None, seed: int, as_json: bool, quiet: bool) -> None:
     """Make PKG sparse on its sphere, in place (directory, .zip, .vhd): place its neurons for top-k
     routing (the most-used ones in always-on polar cells), fine-tune it with top-k cell routing
     in the forward pass at a mix of shares, and distil a router (router/learned).  Only the
@@ -737,7 +741,8 @@ def sparsify(pkg: str, text_file: str, active: str, shares: str, cells: int, ste
             ids = np.asarray(load_tokenizer(p).encode(f.read()), dtype=np.int64)
     r = run_sparsify(pkg, ids, active=_share(active, "--active"), shares=share_list, cells=cells, steps=steps,
                      always_on=0.0 if always_on.strip().rstrip("%") in ("0", "0.0") else _share(always_on, "--always-on"),
-                     distill=distill, batch=batch, seq=seq, lr=lr, seed=seed, progress=not quiet and not as_json)
+                     distill=distill, batch=batch, seq=seq, lr=lr, router_steps=router_steps,
+                     router_tokens=router_tokens, seed=seed, progress=not quiet and not as_json)
     out = plot or f"{str(pkg).rstrip('/')}-sparsify.png"
     from spherefmt.viz import pyplot
 

@@ -19,7 +19,7 @@ from spherefmt.constants import DTYPES, MAX_NDIM
 from spherefmt.errors import FormatError
 
 __all__ = ["Q8_0", "Q4_K", "QBLOCK", "QK_K", "BLOCK_DTYPES", "block_values", "dequantize_blocks", "dequantize_q8_0",
-           "dequantize_q4_k", "values_shape", "TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32"]
+           "dequantize_q4_k", "values_shape", "TensorInfo", "check_dtype", "check_shape", "contiguous", "storage_dtype", "numpy_view", "from_numpy", "from_torch", "to_torch", "to_float32", "from_float32"]
 
 _NUMPY_USER = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -217,3 +217,13 @@ def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in ("F32", "F16", "F64"):
         return arr.astype(np.float32)
     raise FormatError(f"dtype {dtype} cannot be placed on the sphere")
+
+
+def from_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as the storage array of ``dtype`` (``BF16`` rounds to nearest even): what
+    training writes back."""
+    if dtype == "BF16":
+        import ml_dtypes  # noqa: PLC0415 - only bfloat16 needs it
+
+        return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return np.asarray(a).astype(storage_dtype(dtype))

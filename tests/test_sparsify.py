@@ -50,7 +50,7 @@ def sparsified(tmp_path_factory, text):
     spherefmt.save(orig, vhd, graticule="4x8", depth=4, codec="none")
     with spherefmt.open(orig, "r+") as p:
         ids = np.asarray(load_tokenizer(p).encode(text.read_text(encoding="utf-8")), np.int64)
-        write_router(p, "learned", train_router(p, ids[:20000], steps=300, progress=False))
+        write_router(p, "learned", train_router(p, ids[:8000], steps=150, progress=False))
     before = object_digests(vhd)
     return {"orig": orig, "vhd": vhd, "before": before, "ids": ids, "dir": d}
 
@@ -67,7 +67,7 @@ def done(sparsified, text):
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
         try:
             main(["sparsify", str(sparsified["vhd"]), "--text", str(text), "--cells", "32", "--steps", "40",
-                  "--batch", "4", "--seq", "64", "--json"])
+                  "--batch", "4", "--seq", "64", "--router-steps", "150", "--router-tokens", "8000", "--json"])
             code = 0
         except SystemExit as e:
             code = int(e.code or 0)

@@ -550,6 +550,34 @@ class Package(PackageView):
                 if a.tobytes() != b.tobytes():
                     arr[start : start + step] = b
 
+    def replace_with(self, other: Package) -> dict[str, Any]:
+        """Make this package hold exactly ``other``'s objects, in one transaction, writing only
+        those whose bytes differ and removing those ``other`` lacks (``sphere sparsify`` builds
+        its result aside, then puts it in place this way: in a ``.vhd`` or an object store, the
+        unchanged objects are never rewritten).  Returns the ``written`` and ``removed`` keys and
+        the count ``unchanged``."""
+        if self.mode != "r+":
+            raise ReadOnlyError(f"{self.where}: opened read-only; use spherefmt.open(..., mode='r+')")
+        mine, theirs = self._store, other._store
+        written, removed, unchanged = [], [], 0
+        with self.transaction():
+            keep = set(theirs.listed())
+            for key in sorted(keep):
+                data = bytes(theirs.read(key))
+                # the manifest entries first (cheap: chunk CRCs included), then the bytes: an
+                # object that ends with its own crc32c has the same whole-object CRC as any
+                # other object of its length, so the entry alone cannot tell two apart
+                if mine.entry(key) == theirs.entry(key) and bytes(mine.read(key)) == data:
+                    unchanged += 1
+                    continue
+                mine.write(key, data)
+                written.append(key)
+            for key in mine.listed():
+                if key not in keep:
+                    mine.remove(key)
+                    removed.append(key)
+        return {"written": written, "removed": removed, "unchanged": unchanged}
+
     def close(self) -> None:
         """Release the store (and the writer lock; a zip opened ``r+`` is rewritten now when
         something committed).  A store the caller passed in stays open."""

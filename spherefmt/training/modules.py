@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from spherefmt.dtypes import storage_dtype
+from spherefmt.dtypes import from_float32
 from spherefmt.errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
 from spherefmt.format.arch import rows_from_tensors
 from spherefmt.format.package import Package
@@ -219,7 +219,7 @@ class SphereModule:
                 layer, field = _owner(pkg, name)
                 axis = next(f.axis for f in layout.fields if f.name == field)
                 value = np.take(value, np.arange(layout.neurons[layer]), axis=axis)
-            current[name] = _cast(value, pkg.tensor_info(name).dtype)
+            current[name] = from_float32(value, pkg.tensor_info(name).dtype)
             if name not in self._ffn:
                 digests[name] = hashlib.blake2b(current[name].tobytes(), digest_size=16).digest()
                 if baseline is not None and baseline.get(name) != digests[name]:
@@ -298,15 +298,6 @@ class SphereModule:
         if written["router"] is not None:
             self._router_digest = now
         return written
-
-
-def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values to the package's storage array for ``dtype`` (BF16 rounds to nearest even)."""
-    if dtype == "BF16":
-        import ml_dtypes
-
-        return a.astype(ml_dtypes.bfloat16).view(np.uint16)
-    return a.astype(storage_dtype(dtype))
 
 
 def _owner(pkg: Package, name: str) -> tuple[int, str]:

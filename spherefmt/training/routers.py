@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import cast
 
 import numpy as np
@@ -67,6 +68,7 @@ def train_router(pkg: Package, ids: np.ndarray, *, steps: int = 300, hidden: int
     same = float(np.mean([q["same_cell"] for q in quality]))
     rand = float(np.mean([q["random_balanced"] for q in quality]))
     meta = {"trained_tokens": int(len(ids)), "steps": steps,
+            "sample_sha256": hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest(),
             "placement_quality": {"co_active_pairs_same_cell": same, "random_balanced_placement": rand,
                                   "lift": same / rand if rand else None,
                                   "per_layer": [round(q["same_cell"], 5) for q in quality]}}

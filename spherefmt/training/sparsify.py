@@ -25,6 +25,7 @@ routing in the forward pass (MoEfication's and LLaMA-MoE's recovery step).  The 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -36,12 +37,13 @@ import fsspec
 import numpy as np
 
 from spherefmt import constants as C
-from spherefmt.dtypes import to_float32
-from spherefmt.errors import InputError
+from spherefmt.dtypes import from_float32, to_float32
+from spherefmt.errors import BackendUnavailableError, InputError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.format.placement import PlacementPlan, always_on_cells, own_directions, routed_cells
 from spherefmt.format.routers import k_for_share, write_router
+from spherefmt.format.write import save
 from spherefmt.interop.package import PackageSource
 
 __all__ = ["DEFAULT_SHARES", "check", "grid_for_cells", "sparsify"]
@@ -74,9 +76,11 @@ def grid_for_cells(cells: int) -> tuple[int, int]:
 
 
 def _torch() -> Any:
-    from spherefmt.training.modules import _torch as t  # noqa: PLC0415 - torch is an optional extra
-
-    return t()
+    try:
+        import torch  # noqa: PLC0415 - torch is an optional extra
+    except ImportError as e:
+        raise BackendUnavailableError("sphere sparsify needs torch (pip install torch==2.13.0)") from e
+    return torch
 
 
 class _Overlay(PackageSource):
@@ -212,7 +216,8 @@ def _digest(ids: np.ndarray) -> str:
 def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAULT_ACTIVE,
              shares: Sequence[float] = DEFAULT_SHARES, cells: int | None = DEFAULT_CELLS, steps: int = DEFAULT_STEPS,
              always_on: float = DEFAULT_ALWAYS_ON, batch: int = 8, seq: int = 128, lr: float = DEFAULT_LR,
-             router_steps: int = 300, eval_every: int = 50, distill: float = DEFAULT_DISTILL, seed: int = 0, progress: bool = True,
+             router_steps: int = 300, router_tokens: int = 20000, eval_every: int = 50,
+             distill: float = DEFAULT_DISTILL, seed: int = 0, progress: bool = True,
              storage_options: dict[str, Any] | None = None,
              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Sparsify the package at ``url`` in place on token ``ids`` (module docstring); returns what
@@ -228,7 +233,6 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
     torch = _torch()
     from spherefmt.interop.hf import build  # noqa: PLC0415 - needs torch and transformers
     from spherefmt.progress import progress_bar  # noqa: PLC0415
-    from spherefmt.training.routers import train_router  # noqa: PLC0415 - needs torch
 
     t_start = time.perf_counter()
     shares = sorted({float(s) for s in shares})
@@ -285,8 +289,6 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
         # the dense model as it came, before any hook: the teacher of distillation
         teacher = None
         if distill > 0:
-            import copy  # noqa: PLC0415
-
             teacher = copy.deepcopy(model).eval()
             for q in teacher.parameters():
                 q.requires_grad_(False)
@@ -353,8 +355,6 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
         model.eval()
 
         # the trained values, in the package's own tensor names and storage dtypes
-        from spherefmt.training.modules import _cast  # noqa: PLC0415
-
         state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         trained = {}
         for name in pkg.keys():
@@ -368,7 +368,7 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
                 if owner is not None:
                     axis = next(f.axis for f in pkg.layout.fields if f.name == owner[1])
                     value = np.take(value, np.arange(pkg.layout.neurons[owner[0]]), axis=axis)
-            stored = _cast(np.ascontiguousarray(value), pkg.tensor_info(name).dtype)
+            stored = from_float32(np.ascontiguousarray(value), pkg.tensor_info(name).dtype)
             if not np.array_equal(stored.view(np.uint8), np.ascontiguousarray(pkg.stored(name)).view(np.uint8)):
                 trained[name] = stored
         record = {"policy": C.PLACEMENT_ROUTED, "version": 1, "sample_tokens": int(min(len(train_ids), PLACEMENT_TOKENS)),
@@ -382,13 +382,13 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
                         "text_tokens": int(len(ids)), "text_sha256": _digest(ids),
                         "heldback_nll": {"active": round(next(v for st, v, _ in val if st == best[1]), 6),
                                          "dense": round(next(d for st, _, d in val if st == best[1]), 6)}}}
-        result = _write_back(pkg, trained, plan, (p, m), routing_member, train_ids, on, router_steps, seed, progress)
+        result = _write_back(pkg, trained, plan, (p, m), routing_member, train_ids[:router_tokens], router_steps, seed,
+                             progress)
     finally:
         pkg.close()
     result.update({"losses": losses, "val": val, "best_step": best[1], "stopped_early": stopped,
                    "graticule": [p, m], "always_on": len(on), "seconds": time.perf_counter() - t_start,
                    "tensors_trained": sorted(trained)})
-    del train_router  # imported above so a missing torch fails before any work
     return result
 
 
@@ -407,14 +407,11 @@ def check(pkg: Package) -> None:
 
 
 def _write_back(pkg: Package, trained: dict[str, np.ndarray], plan: PlacementPlan, grid: tuple[int, int],
-                routing_member: dict[str, Any], train_ids: np.ndarray, on: np.ndarray, router_steps: int,
-                seed: int, progress: bool) -> dict[str, Any]:
+                routing_member: dict[str, Any], train_ids: np.ndarray, router_steps: int, seed: int,
+                progress: bool) -> dict[str, Any]:
     """Build the sparsified package in memory, distil its router, then write into ``pkg`` only
     the objects whose bytes differ (and drop those it no longer has), in one transaction."""
-    import copy  # noqa: PLC0415
-
-    from spherefmt.format.write import save  # noqa: PLC0415
-    from spherefmt.training.routers import train_router  # noqa: PLC0415
+    from spherefmt.training.routers import train_router  # noqa: PLC0415 - needs torch
 
     tmp = f"memory://spherefmt-sparsify-{uuid.uuid4().hex}"
     src = _Overlay(pkg, trained)
@@ -429,28 +426,12 @@ def _write_back(pkg: Package, trained: dict[str, np.ndarray], plan: PlacementPla
                 header = copy.deepcopy(new.header)
                 header.routing = routing_member
                 new.write_header(header)
-            router = train_router(new, train_ids[:20000], steps=router_steps, seed=seed, progress=progress,
+            router = train_router(new, train_ids, steps=router_steps, seed=seed, progress=progress,
                                   always_on=routing_member["always_on"])
             write_router(new, "learned", router)
-            old, fresh = pkg._store, new._store
-            written, removed, unchanged = [], [], 0
-            with pkg.transaction():
-                for key in fresh.listed():
-                    data = bytes(fresh.read(key))
-                    # the manifest entries first (cheap), then the bytes: an object ending with
-                    # its own crc32c has the same whole-object CRC as any other of its length
-                    if old.entry(key) == fresh.entry(key) and bytes(old.read(key)) == data:
-                        unchanged += 1
-                        continue
-                    old.write(key, data)
-                    written.append(key)
-                keep = set(fresh.listed())
-                for key in old.listed():
-                    if key not in keep:
-                        old.remove(key)
-                        removed.append(key)
+            result = pkg.replace_with(new)
         finally:
             new.close()
     finally:
         fsspec.filesystem("memory").rm(tmp.removeprefix("memory://"), recursive=True)
-    return {"written": written, "removed": removed, "unchanged": unchanged}
+    return result
