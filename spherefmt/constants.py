@@ -117,6 +117,13 @@ PLACEMENT_COACTIVATION = "coactivation-balanced"  # cells from activations on sa
 PLACEMENT_ROUTED = "routed-balanced"  # sphere sparsify: hot neurons always on, the rest by activations
 ROUTING_KEY = "routing"  # header member: the always-on cells and how routing was trained (section 7.3)
 DEFAULT_BEND = 0.5  # weight of a neuron's own direction against its tree parent's
+#: placement version 2 (section 7): layers whose exact tree costs more multiply-adds than this
+#: are treed in a projection of TREE_DIMS principal directions, TREE_CANDIDATES rescored exactly
+PLACEMENT_VERSION_PROJECTED = 2
+TREE_EXACT_MAX_MACS = 2**39
+TREE_DIMS = 64
+TREE_CANDIDATES = 16
+TREE_BASIS_ROWS = 2048
 
 # --- 8. Package states -----------------------------------------------------------------------
 STATE_WRITING = "writing"

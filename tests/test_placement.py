@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 import spherefmt
-from spherefmt.format.placement import assign, cell_centers, default_grid, layer_shells, own_directions, tree_parents
+from spherefmt.format.placement import (
+    assign,
+    cell_centers,
+    default_grid,
+    layer_shells,
+    own_directions,
+    tree_parents,
+    tree_parents_projected,
+)
 from tests.helpers import model
 
 
@@ -69,6 +77,34 @@ def test_tree_parent_is_the_strongest_wire():
     w_in = rng.standard_normal((30, 8))
     par = tree_parents(prev_out, w_in, block=7)
     assert np.array_equal(par, np.argmax(np.abs(prev_out @ w_in.T), axis=0))
+
+
+def test_projected_tree_finds_the_exact_parents_of_low_rank_wiring():
+    """Version 2's tree: where the wiring lies in few directions (as in trained models) every
+    parent is the exact one; with every candidate rescored it is the exact tree."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((96, 8)))[0]
+    prev_out = rng.standard_normal((300, 8)) @ basis.T + rng.normal(0, 0.01, (300, 96))
+    w_in = rng.standard_normal((400, 8)) @ basis.T + rng.normal(0, 0.01, (400, 96))
+    exact = tree_parents(prev_out, w_in)
+    assert np.array_equal(tree_parents_projected(prev_out, w_in, 16, 8, block=64), exact)
+    assert np.array_equal(tree_parents_projected(prev_out, w_in, 2, 300), exact)  # all rescored
+    noise = tree_parents_projected(rng.standard_normal((300, 96)), rng.standard_normal((400, 96)), 16, 8)
+    assert noise.dtype == np.int32 and noise.min() >= 0 and noise.max() < 300
+
+
+def test_large_layers_record_the_projected_tree(tmp_path, monkeypatch):
+    from spherefmt import constants as C
+
+    sd, cfg = model("gpt2", "F32")
+    monkeypatch.setattr(C, "TREE_EXACT_MAX_MACS", 0)  # every layer past the first is "large"
+    pkg = spherefmt.open(spherefmt.save(sd, tmp_path / "m.sphere", config=cfg, graticule="2x2", depth=3))
+    pl = pkg.header.placement
+    assert pl["version"] == 2 and pl["tree"]["method"] == "projected" and pl["tree"]["layers"] == [1, 2]
+    monkeypatch.setattr(C, "TREE_EXACT_MAX_MACS", 2**39)
+    small = spherefmt.open(spherefmt.save(sd, tmp_path / "s.sphere", config=cfg, graticule="2x2", depth=3))
+    assert small.header.placement == {"policy": "lightning-pca-balanced", "version": 1, "bend": 0.5}
+    assert np.array_equal(pkg.tensor("transformer.h.1.mlp.c_fc.weight"), sd["transformer.h.1.mlp.c_fc.weight"])
 
 
 def test_own_directions_group_similar_neurons():

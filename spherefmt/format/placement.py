@@ -33,11 +33,13 @@ from spherefmt.constants import (
     MAX_PARALLELS,
     MAX_PLANE_WASTE,
     MIN_PLANE_BYTES,
+    TREE_BASIS_ROWS,
     ZSTD_BLOCK,
 )
 from spherefmt.errors import FormatError, InputError
 
 __all__ = ["Grid", "PlacementPlan", "parse_graticule", "default_grid", "layer_shells", "own_directions", "tree_parents",
+           "tree_parents_projected",
            "bend", "assign", "cell_centers", "expert_grid", "expert_cells", "always_on_cells", "routed_cells"]
 
 
@@ -194,6 +196,44 @@ def tree_parents(prev_out_rows: np.ndarray, w_in_rows: np.ndarray, block: int = 
         scores = a @ np.asarray(w_in_rows[s : s + block], dtype=np.float32).T  # (N_prev, b)
         np.abs(scores, out=scores)
         out[s : s + block] = np.argmax(scores, axis=0)
+    return out
+
+
+def tree_parents_projected(prev_out_rows: np.ndarray, w_in_rows: np.ndarray, dims: int, candidates: int,
+                           block: int = 512) -> np.ndarray:
+    """Lightning-tree parents for placement version 2 (``spec/FORMAT.md`` 7): every pair is
+    scored in the ``dims`` principal directions of both layers' rows (subspace iteration from
+    seed 0, four rounds, on at most ``TREE_BASIS_ROWS`` evenly spaced rows of each), and each neuron's
+    ``candidates`` best are scored again exactly, ``argmax |prev_out[i] . w_in[j]|`` among them
+    (ties to the lowest index, as the exact tree).  Cost ``N_prev * N * dims + N * candidates * d``
+    against the exact tree's ``N_prev * N * d``: for a width ``d`` and an FFN ``N`` growing
+    together, width squared instead of width cubed.  On trained weights the wiring that decides
+    a parent lies in few directions (the project's small model: every parent exact at 64)."""
+    a = np.asarray(prev_out_rows, dtype=np.float32)
+    b_all = np.asarray(w_in_rows, dtype=np.float32)
+    d = a.shape[1]
+    k = min(dims, d)
+    sample = np.concatenate([r[np.linspace(0, len(r) - 1, min(len(r), TREE_BASIS_ROWS)).astype(np.int64)]
+                             for r in (a, b_all)])
+    v = np.random.default_rng(0).standard_normal((d, k)).astype(np.float32)
+    for _ in range(4):  # subspace iteration: the top-k right singular subspace of the sample
+        v, _ = np.linalg.qr(sample.T @ (sample @ v))
+    v = v.astype(np.float32)
+    ap = a @ v  # (N_prev, k)
+    t = min(candidates, a.shape[0])
+    out = np.empty(b_all.shape[0], dtype=np.int32)
+    for s in range(0, b_all.shape[0], block):
+        b = b_all[s : s + block]
+        approx = (b @ v) @ ap.T  # (blk, N_prev): candidates along the contiguous axis
+        np.abs(approx, out=approx)
+        cand = np.argpartition(-approx, t - 1, axis=1)[:, :t] if t < a.shape[0] else \
+            np.broadcast_to(np.arange(a.shape[0])[None], approx.shape)
+        cand = np.sort(cand, axis=1)
+        sub = max(1, (1 << 24) // (t * d))  # the gathered candidate rows stay within 64 MiB
+        for u in range(0, b.shape[0], sub):
+            c = cand[u : u + sub]  # (sub, t)
+            exact = np.abs(np.einsum("jtd,jd->jt", a[c], b[u : u + sub]))
+            out[s + u : s + u + c.shape[0]] = c[np.arange(c.shape[0]), np.argmax(exact, axis=1)]
     return out
 
 

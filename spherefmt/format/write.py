@@ -42,6 +42,7 @@ from spherefmt.format.placement import (
     own_directions,
     parse_graticule,
     tree_parents,
+    tree_parents_projected,
 )
 from spherefmt.format.quant import blocks_width, dequantize, pad_fields, quantize_rows, storage_shape
 from spherefmt.format.store import PackageStore
@@ -335,6 +336,7 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
     sl = layout.slices()
     prev_out: np.ndarray | None = None
     prev_dirs: np.ndarray | None = None  # set with prev_out, after the first layer
+    projected: list[int] = []  # layers whose tree is version 2's projected one
     for shell in sorted(header.shells, key=lambda s: s.layers[0]):
         depth, layers, k = shell.depth, shell.layers, shell.capacity
         g = root.require_group(shell_path(depth))
@@ -362,7 +364,13 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             if prev_out is None or prev_dirs is None:
                 dirs, par = own, np.full(rows.shape[0], C.PADDING_INDEX, dtype=np.int32)
             else:
-                par = tree_parents(prev_out, w_in)
+                if prev_out.shape[0] * w_in.shape[0] * w_in.shape[1] > C.TREE_EXACT_MAX_MACS:
+                    # version 2: the exact tree grows with width cubed (GPT-2 XL: about half the
+                    # conversion); pairs scored in a few principal directions, the best rescored
+                    par = tree_parents_projected(prev_out, w_in, C.TREE_DIMS, C.TREE_CANDIDATES)
+                    projected.append(layer)
+                else:
+                    par = tree_parents(prev_out, w_in)
                 dirs = bend(own, prev_dirs[par], C.DEFAULT_BEND)
             # peak memory is a few copies of one layer's rows: drop each as soon as it is used
             del w_in
@@ -411,6 +419,13 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
                            compressors=_compressors(codec, 4, index.nbytes), fill_value=C.PADDING_INDEX,
                            config=_ARRAY_CONFIG,
                            dimension_names=("layer", "lat", "lon", "slot"))[...] = data.reshape(len(layers), p, m, k)
+    if projected:  # the header says which trees are version 2's (written with the complete state)
+        rec = dict(header.placement or {})
+        if rec.get("policy") == C.PLACEMENT_POLICY:
+            rec["version"] = C.PLACEMENT_VERSION_PROJECTED
+        rec["tree"] = {"method": "projected", "dims": C.TREE_DIMS, "candidates": C.TREE_CANDIDATES,
+                       "basis_rows": C.TREE_BASIS_ROWS, "layers": projected}
+        header.placement = rec
     return None if qtype is None else float(np.sqrt(sq_err / sq_sum)) if sq_sum > 0 else 0.0
 
 
