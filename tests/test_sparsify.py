@@ -270,3 +270,25 @@ def test_sparsify_in_place_in_a_zip(tmp_path, arch):
     assert (moved != []) == (r["best_step"] > 0)
     with Session(pkg, backend="numpy", active="50%") as s:
         assert s.top_k == [4, 4, 4] and np.isfinite(s.logits(ids[:20])).all()
+
+
+def test_stopping_early_keeps_the_best_checkpoint(tmp_path):
+    """Ctrl-C during fine-tuning: the best checkpoint so far is written, and the record says so."""
+    from spherefmt.training.sparsify import sparsify
+
+    sd, cfg = model("gpt2", "F32")
+    pkg = tmp_path / "m.sphere"
+    spherefmt.save(sd, pkg, config=cfg, graticule="1x2", depth=1)
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], 2000)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    r = sparsify(pkg, ids, cells=8, steps=50, batch=2, seq=32, router_steps=5, eval_every=2, always_on=0.1,
+                 progress=False, on_step=interrupt)
+    assert r["stopped_early"] and len(r["losses"]) == 5 and r["best_step"] in (0, 2, 4)
+    assert r["best_step"] == min(r["val"], key=lambda v: (v[1] + v[2]) / 2)[0]
+    with spherefmt.open(pkg) as p:
+        t = p.header.routing["trained"]
+        assert t["stopped_early"] and t["steps"] == 5 and t["best_step"] == r["best_step"]
