@@ -292,3 +292,20 @@ def test_stopping_early_keeps_the_best_checkpoint(tmp_path):
     with spherefmt.open(pkg) as p:
         t = p.header.routing["trained"]
         assert t["stopped_early"] and t["steps"] == 5 and t["best_step"] == r["best_step"]
+
+
+def test_sparsify_refuses_a_package_grown_unevenly(tmp_path):
+    """Layers of different sizes (a growth of one shell) cannot be re-placed as one model: a clear
+    refusal, and the package is left as it was."""
+    from spherefmt.training.grow import grow_neurons
+    from spherefmt.training.sparsify import sparsify
+
+    sd, cfg = model("gpt2", "F32")
+    pkg = tmp_path / "g.sphere"
+    spherefmt.save(sd, pkg, config=cfg, graticule="1x2", depth=3)
+    grow_neurons(str(pkg), 16, depth=0)
+    before = object_digests(pkg)
+    ids = np.random.default_rng(2).integers(0, cfg["vocab_size"], 2000)
+    with pytest.raises(InputError, match="grown unevenly"):
+        sparsify(pkg, ids, cells=8, steps=4, batch=2, seq=32, router_steps=5, always_on=0.1, progress=False)
+    assert object_digests(pkg) == before

@@ -119,14 +119,17 @@ class _Routing:
         for layer, proj in enumerate(self.projs):
             cell = np.asarray(cells[layer], dtype=np.int64)
             n = len(cell)
+            # after uneven growth the model pads a layer with zero neurons up to the largest FFN:
+            # they compute nothing and take no cell (mask 1, the column appended to ``chosen``)
+            width = int(self.out_rows(proj).shape[0])
             occupied = np.unique(cell)
             cap = int(np.bincount(cell, minlength=n_cells).max())
             # (occupied cells, capacity) table of neuron indices, padded with n (a zero column)
-            table = np.full((len(occupied), cap), n, dtype=np.int64)
+            table = np.full((len(occupied), cap), width, dtype=np.int64)
             for j, c in enumerate(occupied):
                 members = np.flatnonzero(cell == c)
                 table[j, : len(members)] = members
-            pos = np.searchsorted(occupied, cell)
+            pos = np.concatenate([np.searchsorted(occupied, cell), np.full(width - n, len(occupied))])
             self.layers.append({"table": torch.from_numpy(table), "pos": torch.from_numpy(pos),
                                 "on": torch.from_numpy(on[occupied]), "cells": len(occupied),
                                 "always": int(on[occupied].sum())})
@@ -159,6 +162,7 @@ class _Routing:
             norms = torch.where(info["on"], torch.full_like(norms, float("inf")), norms)
             top = torch.topk(norms, k, dim=-1).indices
             chosen = torch.zeros_like(norms).scatter_(-1, top, 1.0)
+            chosen = torch.cat([chosen, torch.ones_like(chosen[..., :1])], dim=-1)  # padding neurons
             return chosen[..., info["pos"]]
 
     def remove(self) -> None:
@@ -282,7 +286,9 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
             shell = pkg.layer_depth[layer]
             cap = math.ceil(max(pkg.layout.neurons[la] for la in range(len(pkg.layout.neurons))
                                 if pkg.layer_depth[la] == shell) / n_cells)
-            cells_of[layer] = routed_cells(prof[layer], own_directions(rows[:, sl[in_field]]), p, m, cap, on, seed=seed)
+            n_layer = pkg.layout.neurons[layer]
+            cells_of[layer] = routed_cells(prof[layer][:, :n_layer], own_directions(rows[:, sl[in_field]]), p, m, cap,
+                                           on, seed=seed)
         del prof
 
         # 2. fine-tuning with the routing in the forward pass, at a mix of shares
@@ -402,6 +408,9 @@ def check(pkg: Package) -> None:
     if pkg.header.quantization is not None:
         raise InputError(f"{where} is quantized ({pkg.header.quantization['type']}): sparsify the float package it "
                          "was converted from, then quantize it (sphere convert --quantize)")
+    if len(set(pkg.layout.neurons)) > 1:
+        raise InputError(f"{where}: its layers hold different neuron counts (grown unevenly); sparsify re-places every "
+                         "layer and needs them equal: grow every layer alike (sphere grow --neurons N) first")
     if pkg.architecture not in (C.ARCH_GPT2, C.ARCH_LLAMA):
         raise InputError(f"{where}: sparsify trains GPT-2 and Llama-family packages; this one is {pkg.architecture!r}")
 
