@@ -107,6 +107,19 @@ def test_large_layers_record_the_projected_tree(tmp_path, monkeypatch):
     assert np.array_equal(pkg.tensor("transformer.h.1.mlp.c_fc.weight"), sd["transformer.h.1.mlp.c_fc.weight"])
 
 
+def test_candidate_cells_are_exactly_the_stable_sort():
+    """assign's O(C) choice of candidate cells equals the full stable sort, ties included."""
+    from spherefmt.format.placement import _top_stable
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        sc = rng.standard_normal((17, 300))
+        if trial % 2:
+            sc = np.round(sc, 1)  # many ties, some at the boundary
+        for top in (1, 7, 32, 299, 300, 400):
+            assert np.array_equal(_top_stable(sc, top), np.argsort(-sc, axis=1, kind="stable")[:, :top])
+
+
 def test_own_directions_group_similar_neurons():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((3, 16)) * 5

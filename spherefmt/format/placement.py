@@ -272,7 +272,7 @@ def assign(dirs: np.ndarray, p: int, m: int, capacity: int | None = None, candid
     best = np.empty(n)
     for s in range(0, n, 256):
         sc = dirs[s : s + 256] @ centers.T  # cosine similarity
-        idx = np.argsort(-sc, axis=1, kind="stable")[:, :top]
+        idx = _top_stable(sc, top)
         cand[s : s + 256] = idx
         best[s : s + 256] = np.take_along_axis(sc, idx[:, :1], axis=1)[:, 0]
     counts = np.zeros(c, dtype=np.int64)
@@ -288,6 +288,27 @@ def assign(dirs: np.ndarray, p: int, m: int, capacity: int | None = None, candid
         cell[j] = cc
         counts[cc] += 1
     return cell
+
+
+def _top_stable(sc: np.ndarray, top: int) -> np.ndarray:
+    """Per row, the indices of the ``top`` largest values, largest first, ties to the lower index:
+    exactly ``np.argsort(-sc, kind="stable")[:, :top]``, in ``O(C)`` per row instead of
+    ``O(C log C)`` (on the 64,800-cell Earth graticule the full sort was half of a conversion)."""
+    c = sc.shape[1]
+    if top >= c:
+        return np.argsort(-sc, axis=1, kind="stable")[:, :top]
+    part = np.argpartition(-sc, top - 1, axis=1)[:, :top]
+    vals = np.take_along_axis(sc, part, axis=1)
+    # order the chosen by value, then index (what the stable full sort does)
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    # a tie at the boundary may have let argpartition pick a higher index than the stable sort
+    # would: those rows (rare) are sorted in full
+    kth = np.take_along_axis(sc, idx[:, -1:], axis=1)
+    ties = (sc == kth).sum(axis=1) > (np.take_along_axis(sc, idx, axis=1) == kth).sum(axis=1)
+    if ties.any():
+        idx[ties] = np.argsort(-sc[ties], axis=1, kind="stable")[:, :top]
+    return idx
 
 
 def balanced_kmeans(x: np.ndarray, clusters: int, capacity: int, iters: int = 12, seed: int = 0) -> np.ndarray:
