@@ -83,6 +83,7 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(r.stderr)
             record = json.loads(r.stdout)
+            record["plot"] = str(Path(record["plot"]).resolve().relative_to(HERE.parent))
             print(f"sparsify: {sparsify_s:.0f} s, kept step {record['best_step']}", flush=True)
         with spherefmt.open(sparse) as p:
             routing = p.header.routing
