@@ -679,8 +679,9 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
                f"expert(s) and {len(written['tensors'])} tensor(s), {written['bytes']} bytes, to {pkg}; curve {out}")
 
 
-def _share(text: str, what: str) -> float:
-    """A share given as a percentage (``25%`` or ``25``) or a fraction (``0.25``)."""
+def _share(text: str, what: str, zero: bool = False) -> float:
+    """A share given as a percentage (``25%`` or ``25``) or a fraction (``0.25``); ``zero``:
+    0 is allowed too."""
     from spherefmt.errors import InputError
 
     t = text.strip()
@@ -689,8 +690,8 @@ def _share(text: str, what: str) -> float:
     except ValueError:
         raise InputError(f"{what} {text!r}: expected a percentage such as 25%") from None
     share = v / 100 if t.endswith("%") or v > 1 else v
-    if not 0 < share <= 1:
-        raise InputError(f"{what} {text!r}: expected a share in (0%, 100%]")
+    if not (0 <= share if zero else 0 < share) or share > 1:
+        raise InputError(f"{what} {text!r}: expected a share in {'[0%' if zero else '(0%'}, 100%]")
     return share
 
 
@@ -740,7 +741,7 @@ def sparsify(pkg: str, text_file: str, active: str, shares: str, cells: int, ste
         with open(text_file, encoding="utf-8", errors="replace") as f:
             ids = np.asarray(load_tokenizer(p).encode(f.read()), dtype=np.int64)
     r = run_sparsify(pkg, ids, active=_share(active, "--active"), shares=share_list, cells=cells, steps=steps,
-                     always_on=0.0 if always_on.strip().rstrip("%") in ("0", "0.0") else _share(always_on, "--always-on"),
+                     always_on=_share(always_on, "--always-on", zero=True),
                      distill=distill, batch=batch, seq=seq, lr=lr, router_steps=router_steps,
                      router_tokens=router_tokens, seed=seed, progress=not quiet and not as_json)
     out = plot or f"{str(pkg).rstrip('/')}-sparsify.png"

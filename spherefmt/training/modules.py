@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from spherefmt.dtypes import from_float32
-from spherefmt.errors import BackendUnavailableError, ExpertNotFoundError, FormatError, InputError
+from spherefmt.errors import ExpertNotFoundError, FormatError, InputError
 from spherefmt.format.arch import rows_from_tensors
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.format.routers import Router, read_router, router_names, write_router
 from spherefmt.interop.hf import build
+from spherefmt.training import require_torch
 
 __all__ = ["SphereModule", "load"]
 
@@ -37,11 +38,7 @@ _JOINED = re.compile(r"^(?P<pre>.*\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.(?P
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError as e:
-        raise BackendUnavailableError("spherefmt.training.modules needs torch (pip install torch==2.13.0)") from e
-    return torch
+    return require_torch("spherefmt.training.modules")
 
 
 class SphereModule:

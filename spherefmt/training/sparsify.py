@@ -38,13 +38,14 @@ import numpy as np
 
 from spherefmt import constants as C
 from spherefmt.dtypes import from_float32, to_float32
-from spherefmt.errors import BackendUnavailableError, InputError
+from spherefmt.errors import InputError
 from spherefmt.format.package import Package
 from spherefmt.format.package import open as open_package
 from spherefmt.format.placement import PlacementPlan, always_on_cells, own_directions, routed_cells
 from spherefmt.format.routers import k_for_share, write_router
 from spherefmt.format.write import save
 from spherefmt.interop.package import PackageSource
+from spherefmt.training import require_torch
 
 __all__ = ["DEFAULT_SHARES", "check", "grid_for_cells", "sparsify"]
 
@@ -76,11 +77,7 @@ def grid_for_cells(cells: int) -> tuple[int, int]:
 
 
 def _torch() -> Any:
-    try:
-        import torch  # noqa: PLC0415 - torch is an optional extra
-    except ImportError as e:
-        raise BackendUnavailableError("sphere sparsify needs torch (pip install torch==2.13.0)") from e
-    return torch
+    return require_torch("sphere sparsify")
 
 
 class _Overlay(PackageSource):
@@ -99,19 +96,29 @@ class _Overlay(PackageSource):
         return self.trained[name] if name in self.trained else super().read(name)
 
 
+def _projections(model: Any, arch: str) -> list[Any]:
+    """Each layer's FFN output projection (GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``)."""
+    if arch == C.ARCH_GPT2:
+        return [b.mlp.c_proj for b in model.transformer.h]
+    return [b.mlp.down_proj for b in model.model.layers]
+
+
+def _out_rows(module: Any) -> Any:
+    """``(N, d)`` output rows of a projection's neurons: a ``Linear`` (Llama) stores ``(d, N)``,
+    GPT-2's ``Conv1D`` ``(N, d)``."""
+    return module.weight.T if isinstance(module, _torch().nn.Linear) else module.weight
+
+
 class _Routing:
     """Top-k cell routing of every FFN of a ``transformers`` model, as forward pre-hooks on the
-    output projections (GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``): the activations that
-    reach the projection are multiplied by a 0/1 mask of the chosen cells' neurons."""
+    output projections: the activations that reach the projection are multiplied by a 0/1 mask
+    of the chosen cells' neurons."""
 
     def __init__(self, model: Any, arch: str, cells: dict[int, np.ndarray], n_cells: int, always_on: np.ndarray) -> None:
         torch = _torch()
         self.torch = torch
         self.share: float | None = None
-        self.n_cells = n_cells
-        blocks = model.transformer.h if arch == C.ARCH_GPT2 else model.model.layers
-        self.projs = [b.mlp.c_proj if arch == C.ARCH_GPT2 else b.mlp.down_proj for b in blocks]
-        self.gpt2 = arch == C.ARCH_GPT2
+        self.projs = _projections(model, arch)
         on = np.zeros(n_cells, dtype=bool)
         on[always_on] = True
         self.handles = []
@@ -119,18 +126,14 @@ class _Routing:
         for layer, proj in enumerate(self.projs):
             cell = np.asarray(cells[layer], dtype=np.int64)
             n = len(cell)
-            # after uneven growth the model pads a layer with zero neurons up to the largest FFN:
-            # they compute nothing and take no cell (mask 1, the column appended to ``chosen``)
-            width = int(self.out_rows(proj).shape[0])
             occupied = np.unique(cell)
             cap = int(np.bincount(cell, minlength=n_cells).max())
             # (occupied cells, capacity) table of neuron indices, padded with n (a zero column)
-            table = np.full((len(occupied), cap), width, dtype=np.int64)
+            table = np.full((len(occupied), cap), n, dtype=np.int64)
             for j, c in enumerate(occupied):
                 members = np.flatnonzero(cell == c)
                 table[j, : len(members)] = members
-            pos = np.concatenate([np.searchsorted(occupied, cell), np.full(width - n, len(occupied))])
-            self.layers.append({"table": torch.from_numpy(table), "pos": torch.from_numpy(pos),
+            self.layers.append({"table": torch.from_numpy(table), "pos": torch.from_numpy(np.searchsorted(occupied, cell)),
                                 "on": torch.from_numpy(on[occupied]), "cells": len(occupied),
                                 "always": int(on[occupied].sum())})
             self.handles.append(proj.register_forward_pre_hook(self._hook(layer)))
@@ -144,10 +147,6 @@ class _Routing:
 
         return hook
 
-    def out_rows(self, module: Any) -> Any:
-        """``(N, d)`` output rows of the projection's neurons."""
-        return module.weight if self.gpt2 else module.weight.T
-
     def mask(self, layer: int, h: Any, module: Any) -> Any:
         """``(..., N)`` 0/1 mask: per token the always-on cells and the largest-norm others."""
         torch, info = self.torch, self.layers[layer]
@@ -155,14 +154,13 @@ class _Routing:
         if k >= info["cells"]:
             return torch.ones(h.shape[-1], dtype=h.dtype)
         with torch.no_grad():
-            w = self.out_rows(module).detach()
+            w = _out_rows(module).detach()
             wz = torch.cat([w, torch.zeros(1, w.shape[1], dtype=w.dtype)])[info["table"]]  # (C, K, d)
             hz = torch.cat([h.detach(), torch.zeros(*h.shape[:-1], 1, dtype=h.dtype)], dim=-1)[..., info["table"]]
             norms = torch.linalg.vector_norm(torch.einsum("...ck,ckd->...cd", hz, wz), dim=-1)  # (..., C)
             norms = torch.where(info["on"], torch.full_like(norms, float("inf")), norms)
             top = torch.topk(norms, k, dim=-1).indices
             chosen = torch.zeros_like(norms).scatter_(-1, top, 1.0)
-            chosen = torch.cat([chosen, torch.ones_like(chosen[..., :1])], dim=-1)  # padding neurons
             return chosen[..., info["pos"]]
 
     def remove(self) -> None:
@@ -188,20 +186,21 @@ def _nll(model: Any, windows: np.ndarray, batch: int) -> float:
     return total / max(count, 1)
 
 
-def _profiles(model: Any, routing: _Routing, ids: np.ndarray, seq: int) -> list[np.ndarray]:
+def _profiles(model: Any, arch: str, ids: np.ndarray, seq: int) -> list[np.ndarray]:
     """Per layer ``(tokens, N)``: ``|activation| * |out row|`` of every neuron on ``ids`` (dense)."""
     torch = _torch()
-    got: dict[int, list[np.ndarray]] = {i: [] for i in range(len(routing.projs))}
+    projs = _projections(model, arch)
+    got: dict[int, list[np.ndarray]] = {i: [] for i in range(len(projs))}
 
     def keep(layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             h = args[0].detach().reshape(-1, args[0].shape[-1])
-            norm = torch.linalg.vector_norm(routing.out_rows(module).detach(), dim=1)
+            norm = torch.linalg.vector_norm(_out_rows(module).detach(), dim=1)
             got[layer].append((h.abs() * norm).numpy())
 
         return hook
 
-    handles = [p.register_forward_pre_hook(keep(i)) for i, p in enumerate(routing.projs)]
+    handles = [p.register_forward_pre_hook(keep(i)) for i, p in enumerate(projs)]
     try:
         windows = _windows(ids, seq)
         with torch.no_grad():
@@ -274,10 +273,7 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
         torch.manual_seed(seed)
 
         # 1. placement from activation profiles on the text
-        probe = _Routing(model, pkg.architecture, {i: np.zeros(n, np.int64) for i, n in enumerate(pkg.layout.neurons)},
-                         n_cells, np.zeros(0, np.int64))
-        prof = _profiles(model, probe, train_ids[:PLACEMENT_TOKENS], seq)
-        probe.remove()
+        prof = _profiles(model, pkg.architecture, train_ids[:PLACEMENT_TOKENS], seq)
         cells_of: dict[int, np.ndarray] = {}
         in_field = pkg.layout.in_field or pkg.layout.fields[0].name
         sl = pkg.layout.slices()
@@ -286,9 +282,7 @@ def sparsify(url: Any, ids: Sequence[int] | np.ndarray, *, active: float = DEFAU
             shell = pkg.layer_depth[layer]
             cap = math.ceil(max(pkg.layout.neurons[la] for la in range(len(pkg.layout.neurons))
                                 if pkg.layer_depth[la] == shell) / n_cells)
-            n_layer = pkg.layout.neurons[layer]
-            cells_of[layer] = routed_cells(prof[layer][:, :n_layer], own_directions(rows[:, sl[in_field]]), p, m, cap,
-                                           on, seed=seed)
+            cells_of[layer] = routed_cells(prof[layer], own_directions(rows[:, sl[in_field]]), p, m, cap, on, seed=seed)
         del prof
 
         # 2. fine-tuning with the routing in the forward pass, at a mix of shares
