@@ -7,12 +7,23 @@ include sizes that are not multiples of typical workgroup/tile sizes (1, 7, 33, 
 from __future__ import annotations
 
 import math
+import os
+import zlib
 
 import numpy as np
 import pytest
 
 from spherefmt.backends import get_backend, names, probe
 from spherefmt.errors import BackendUnavailableError, UnknownBackendError
+from spherefmt.testing.tolerance import (
+    BLOCK_ROUNDINGS,
+    U32,
+    assert_within,
+    block_magnitudes,
+    gamma,
+    product_bound,
+    rounding_bound,
+)
 
 # every registered backend; one that does not start here skips with its reason
 CANDIDATES = [c for c in ("numpy", "torch:cpu", "torch:cuda", "vulkan") if c.partition(":")[0] in names()]
@@ -30,52 +41,114 @@ def be(request):
     return _started(request.param)
 
 
-RNG = np.random.default_rng(1234)
-TOL = {"rtol": 1e-4, "atol": 1e-5}
+@pytest.fixture(autouse=True)
+def _rng(request):
+    """Each test draws from its own generator, seeded by its name (and ``SPHEREFMT_TEST_SEED``,
+    0 unless set, to try other data): the same data whatever ran before it (pytest-randomly
+    shuffles the order) and on every worker."""
+    global RNG
+    RNG = np.random.default_rng([zlib.crc32(request.node.nodeid.encode()), int(os.environ.get("SPHEREFMT_TEST_SEED", 0))])
+    yield
+    RNG = None
+
+
+RNG: np.random.Generator | None = None
 
 
 def rand(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-def close(be, t, ref) -> None:
-    np.testing.assert_allclose(be.to_host(t), ref, **TOL)
+def close(be, t, ref, bound, what: str = "") -> None:
+    """The device's result against the float64 reference, within the bound the arithmetic gives."""
+    assert_within(be.to_host(t), ref, bound, what or be.name)
+
+
+def prod(x, w, bias=None, *, transpose_w=False, weight_roundings=0):
+    """The float64 product and its float32 error bound (``spherefmt.testing.tolerance``)."""
+    w64 = np.asarray(w, np.float64).T if transpose_w else np.asarray(w, np.float64)
+    ref = np.asarray(x, np.float64) @ w64 + (0.0 if bias is None else np.asarray(bias, np.float64))
+    return ref, product_bound(x, w64, bias, weight_roundings=weight_roundings)
+
+
+def check_product(be, t, x, w, bias=None, **kw) -> None:
+    ref, bound = prod(x, w, bias, **kw)
+    close(be, t, ref, bound)
+
+
+def erf_error(be) -> float:
+    """Absolute error of the erf inside a backend's exact GELU, before float32 rounding: the
+    numpy and Vulkan backends evaluate Abramowitz & Stegun 7.1.26, whose bound is 1.5e-7; ATen's
+    vectorized CPU GELU states no bound and is seen at 6.3e-7 (x = 3.478), so torch is allowed
+    1e-6, still 470x below the 4.7e-4 that tells the tanh form from the exact one."""
+    return 1e-6 if be.name.startswith("torch") else 1.5e-7
+
+
+def library_ulps(be, arg: np.ndarray) -> np.ndarray:
+    """Documented accuracy of one float32 ``exp``/``tanh`` of argument ``arg``, in ulps: WGSL
+    allows ``3 + 2|x|`` for ``exp`` (tanh inherits it); numpy's and torch's SIMD float32 math
+    (SLEEF, numpy's own) promise at most 4."""
+    return 3 + 2 * np.abs(arg) if be.name.startswith("vulkan") else np.full_like(arg, 4.0)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 5), (7, 33, 65), (33, 64, 1), (65, 17, 130)])
 def test_matmul(be, m, k, n):
     x, w, wt, b = rand(m, k), rand(k, n), rand(n, k), rand(n)
     X, W, WT, B = be.upload(x), be.upload(w), be.upload(wt), be.upload(b)
-    close(be, be.matmul(X, W), x.astype(np.float64) @ w)
-    close(be, be.matmul(X, W, B), x.astype(np.float64) @ w + b)
-    close(be, be.matmul(X, WT, transpose_w=True), x.astype(np.float64) @ wt.T)
-    close(be, be.matmul(X, WT, B, transpose_w=True), x.astype(np.float64) @ wt.T + b)
+    check_product(be, be.matmul(X, W), x, w)
+    check_product(be, be.matmul(X, W, B), x, w, b)
+    check_product(be, be.matmul(X, WT, transpose_w=True), x, wt, transpose_w=True)
+    check_product(be, be.matmul(X, WT, B, transpose_w=True), x, wt, b, transpose_w=True)
     # a column range of a wider matrix (an expert's rows hold several matrices side by side)
     wide = rand(k, n + 9)
     WIDE = be.upload(wide)
-    close(be, be.matmul(X, WIDE, B, cols=(4, 4 + n)), x.astype(np.float64) @ wide[:, 4 : 4 + n] + b)
+    check_product(be, be.matmul(X, WIDE, B, cols=(4, 4 + n)), x, wide[:, 4 : 4 + n], b)
     rows = rand(n, 2 * k + 3)
     ROWS = be.upload(rows)
-    close(be, be.matmul(X, ROWS, B, transpose_w=True, cols=(k + 3, 2 * k + 3)),
-          x.astype(np.float64) @ rows[:, k + 3 :].T + b)
+    check_product(be, be.matmul(X, ROWS, B, transpose_w=True, cols=(k + 3, 2 * k + 3)), x, rows[:, k + 3 :], b,
+                  transpose_w=True)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (33, 65)])
 def test_elementwise(be, shape):
     a, b, v, col = rand(*shape), rand(*shape), rand(shape[1]), rand(shape[0], 1)
     A, B, V, COL = (be.upload(t) for t in (a, b, v, col))
-    close(be, be.add(A, B), a + b)
-    close(be, be.add(A, V), a + v)
-    close(be, be.mul(A, B), a * b)
-    close(be, be.mul(A, V), a * v)
-    close(be, be.mul(A, COL), a * col)
-    x = a.astype(np.float64) * 3
+    a64 = a.astype(np.float64)
+    for got, ref in ((be.add(A, B), a64 + b), (be.add(A, V), a64 + v), (be.mul(A, B), a64 * b),
+                     (be.mul(A, V), a64 * v), (be.mul(A, COL), a64 * col)):
+        close(be, got, ref, rounding_bound(ref))  # one rounding of an exact result
+    x = (a * 3).astype(np.float64)  # exactly float32
     X = be.upload(x)
-    tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    erf = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
-    close(be, be.gelu(X), tanh)
-    close(be, be.gelu(X, approximate=False), erf)
-    close(be, be.silu(X), x / (1 + np.exp(-x)))
+    # Each is a short chain of float32 steps; each step's rounding (at most `steps` of them, u
+    # each) and the library's exp/tanh error are carried to the result by the sensitivity of the
+    # result to that intermediate (Higham 3.1's running error):
+    # gelu_tanh = 0.5 x (1 + t), t = tanh(y), y = c (x + 0.044715 x^3)
+    y = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+    t = np.tanh(y)
+    tanh = 0.5 * x * (1 + t)
+    sech2 = 1 - t * t
+    steps = 8  # x*x, *x, *0.044715, +x, *c, +1, *x, *0.5 (exact)
+    bound = U32 * (steps * (np.abs(tanh) + np.abs(0.5 * x * sech2 * y) + np.abs(0.5 * x))
+                   + library_ulps(be, 2 * y) * np.abs(0.5 * x * t))
+    close(be, be.gelu(X), tanh, bound, "gelu tanh")
+    # gelu_erf = 0.5 x (1 + erf(z)), z = x / sqrt(2): erf is Abramowitz & Stegun 7.1.26 on the
+    # numpy and Vulkan backends, 1.5e-7 absolute (erf_error); rounding its result near 1 adds
+    # 2u absolute; its float32 Horner steps (5 multiply-adds over
+    # coefficients whose magnitudes sum to 4.5: gamma(10) * 4.5 < 50 u) scale exp(-z^2), whose
+    # library error and argument (z * z from a rounded z: 3 roundings, times z^2) add to it;
+    # z's own rounding moves erf by erf'(z) z u < 1.2 |z| exp(-z^2) u; 4 roundings after.
+    z = x / math.sqrt(2)
+    erf = 0.5 * x * (1 + np.vectorize(math.erf)(z))
+    gauss = np.exp(-z * z)
+    bound = (np.abs(0.5 * x) * (erf_error(be) + 2 * U32
+                                + U32 * gauss * (50 + library_ulps(be, z * z) + 3 * z * z + 1.2 * np.abs(z)))
+             + U32 * 4 * np.abs(erf))
+    close(be, be.gelu(X, approximate=False), erf, bound, "gelu erf")
+    # silu = x / (1 + exp(-x)): exp's error, the addition and the division
+    e = np.exp(-x)
+    silu = x / (1 + e)
+    bound = U32 * (3 * np.abs(silu) + library_ulps(be, x) * np.abs(silu) * e / (1 + e))
+    close(be, be.silu(X), silu, bound, "silu")
 
 
 @pytest.mark.parametrize("t,d", [(1, 8), (5, 33), (17, 64)])
@@ -83,18 +156,51 @@ def test_norms(be, t, d):
     x, w, b = rand(t, d) * 2 + 0.5, rand(d), rand(d)
     X, W, B = be.upload(x), be.upload(w), be.upload(b)
     x64 = x.astype(np.float64)
-    mu, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
-    close(be, be.layernorm(X, W, B, 1e-5), (x64 - mu) / np.sqrt(var + 1e-5) * w + b)
-    close(be, be.rmsnorm(X, W, 1e-6), x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * w)
+    ref, bound = _layernorm_ref(x64, w, b, 1e-5)
+    close(be, be.layernorm(X, W, B, 1e-5), ref, bound, "layernorm")
+    ref, bound = _rmsnorm_ref(x64, w, 1e-6)
+    close(be, be.rmsnorm(X, W, 1e-6), ref, bound, "rmsnorm")
+
+
+def _layernorm_ref(x, w, b, eps):
+    """LayerNorm in float64 and its float32 error bound: the mean of ``d`` terms is off by
+    ``gamma(d+1) mean|x|``; each centred value by that plus one rounding; the variance (a mean of
+    squares of centred values, or ``E[x^2] - mu^2``: ``gamma(d+3)`` of the mean of squares covers
+    both) plus twice the centring error times
+    ``mean|x - mu|``; the square root and the division round once or twice more (half the
+    variance's relative error reaches the scale); then ``* w + b`` rounds twice."""
+    d = x.shape[-1]
+    mu = x.mean(-1, keepdims=True)
+    c = x - mu
+    var = (c * c).mean(-1, keepdims=True)
+    e_mu = gamma(d + 1) * np.abs(x).mean(-1, keepdims=True)
+    e_c = e_mu + U32 * np.abs(c).max(-1, keepdims=True)
+    rel_var = (gamma(d + 3) * (var + mu * mu) + 2 * e_c * np.abs(c).mean(-1, keepdims=True) + e_c**2) / (var + eps)
+    sd = np.sqrt(var + eps)
+    n = c / sd
+    e_n = (U32 * np.abs(c) + e_mu) / sd + np.abs(n) * (rel_var / 2 + gamma(3))
+    ref = n * w + b
+    return ref, np.abs(w) * e_n + gamma(2) * (np.abs(n * w) + np.abs(b))
+
+
+def _rmsnorm_ref(x, w, eps, heads=1):
+    """RMSNorm (per head when ``heads`` > 1) in float64 and its float32 error bound: the mean
+    of squares is off by ``gamma(d+2)`` of itself, half of which reaches the scale, plus the
+    square root's, the division's and ``* w``'s roundings."""
+    t = x.shape[0]
+    g = x.reshape(t, heads, -1)
+    ms = (g * g).mean(-1, keepdims=True)
+    n = g / np.sqrt(ms + eps)
+    rel = gamma(g.shape[-1] + 2) * ms / (ms + eps) / 2 + gamma(4)
+    return (n * w).reshape(t, -1), (np.abs(n * w) * rel).reshape(t, -1)
 
 
 @pytest.mark.parametrize("t,heads,hd", [(1, 2, 8), (5, 3, 16), (4, 4, 5)])
 def test_rmsnorm_per_head(be, t, heads, hd):
     """Per-head norms (Qwen3's q/k norms): each head's slice is normalised on its own."""
     x, w = rand(t, heads * hd) * 2 + 0.5, rand(hd)
-    g = x.astype(np.float64).reshape(t, heads, hd)
-    ref = (g / np.sqrt((g**2).mean(-1, keepdims=True) + 1e-6) * w).reshape(t, -1)
-    close(be, be.rmsnorm(be.upload(x), be.upload(w), 1e-6, heads=heads), ref)
+    ref, bound = _rmsnorm_ref(x.astype(np.float64), w, 1e-6, heads)
+    close(be, be.rmsnorm(be.upload(x), be.upload(w), 1e-6, heads=heads), ref, bound)
 
 
 def test_gather_rows(be):
@@ -113,14 +219,25 @@ def test_rope(be):
     cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
     xh = x.reshape(t, h, hd).astype(np.float64)
     rot = np.concatenate([-xh[..., hd // 2 :], xh[..., : hd // 2]], axis=-1)
-    ref = (xh * cos[:, None] + rot * sin[:, None]).reshape(t, -1)
-    close(be, be.rope(be.upload(x), be.upload(cos), be.upload(sin), h), ref)
+    a, b = xh * cos[:, None], rot * sin[:, None]
+    ref = (a + b).reshape(t, -1)  # two products and a sum of float32 values: gamma(2) of the terms
+    close(be, be.rope(be.upload(x), be.upload(cos), be.upload(sin), h), ref,
+          (gamma(2) * (np.abs(a) + np.abs(b))).reshape(t, -1))
 
 
-def _attention_ref(q, k, v, start, h, hk, scale, window=0):
+def _attention_ref(q, k, v, start, h, hk, scale, window=0, be=None):
+    """Causal attention in float64 and (with ``be``) its float32 error bound on that backend:
+    each score is a product of ``hd`` terms and a scale (``gamma(hd+1)`` of ``|q| |k| scale``);
+    shifting by the row's maximum moves the argument of ``exp`` by two such errors and one
+    rounding; each weight ``p_j`` then has relative error at most twice that plus
+    ``gamma(n (L + 3))`` for the ``n`` exponentials of ``L`` ulps, their sum, the division and
+    any running rescaling (a streaming softmax multiplies by up to ``n`` further exponentials);
+    the output ``sum_j p_j v_j`` is off by that times ``sum_j p_j |v_j|`` plus ``gamma(n + 1)``
+    of the same sum."""
     t, n = q.shape[0], start + q.shape[0]
     hd = q.shape[1] // h
     out = np.zeros((t, h * hd))
+    bound = np.zeros((t, h * hd))
     for head in range(h):
         kh = head // (h // hk)
         qq = q[:, head * hd : (head + 1) * hd].astype(np.float64)
@@ -134,7 +251,15 @@ def _attention_ref(q, k, v, start, h, hk, scale, window=0):
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         out[:, head * hd : (head + 1) * hd] = p @ vv
-    return out
+        if be is not None:
+            live = np.isfinite(s)
+            e_s = gamma(hd + 1) * (np.abs(qq) @ np.abs(kk).T) * scale
+            shift = np.where(live, s - s.max(1, keepdims=True), 0.0)
+            delta = 2 * np.where(live, e_s, 0).max(1, keepdims=True) + U32 * np.abs(shift).max(1, keepdims=True)
+            ulps = library_ulps(be, np.abs(shift).max(1, keepdims=True))
+            rel = 2 * delta + gamma(n * (ulps + 3))
+            bound[:, head * hd : (head + 1) * hd] = (rel + gamma(n + 1)) * (p @ np.abs(vv))
+    return (out, bound) if be is not None else out
 
 
 @pytest.mark.parametrize("t,start,h,hk,hd", [(1, 0, 2, 2, 4), (1, 9, 4, 2, 8), (7, 0, 3, 1, 5), (6, 5, 4, 4, 16)])
@@ -146,7 +271,7 @@ def test_attention_with_cache(be, t, start, h, hk, hd):
     be.write_rows(kc, 0, be.upload(k))
     be.write_rows(vc, 0, be.upload(v))
     out = be.attention(be.upload(q), kc, vc, start, h, hk, 1 / math.sqrt(hd))
-    close(be, out, _attention_ref(q, k, v, start, h, hk, 1 / math.sqrt(hd)))
+    close(be, out, *_attention_ref(q, k, v, start, h, hk, 1 / math.sqrt(hd), be=be))
 
 
 @pytest.mark.parametrize("t,start,window", [(1, 9, 4), (7, 0, 3), (6, 5, 1), (3, 2, 50)])
@@ -156,8 +281,8 @@ def test_sliding_window_attention(be, t, start, window):
     q, k, v = rand(t, h * hd), rand(start + t, hk * hd), rand(start + t, hk * hd)
     kc, vc = be.upload(k), be.upload(v)
     out = be.attention(be.upload(q), kc, vc, start, h, hk, 0.3, window=window)
-    ref = _attention_ref(q, k, v, start, h, hk, 0.3, window)
-    close(be, out, ref)
+    ref, bound = _attention_ref(q, k, v, start, h, hk, 0.3, window, be=be)
+    close(be, out, ref, bound)
     if window < start + t:  # and the window changes the answer (the test can fail)
         assert not np.allclose(ref, _attention_ref(q, k, v, start, h, hk, 0.3), atol=1e-4)
 
@@ -265,9 +390,9 @@ def test_vulkan_tiled_matmul_path():
     try:
         for m, k, n in [(4, 7, 5), (17, 33, 65), (40, 64, 3)]:
             x, w, wide, b = rand(m, k), rand(k, n), rand(n, k + 5), rand(n)
-            close(be, be.matmul(be.upload(x), be.upload(w), be.upload(b)), x.astype(np.float64) @ w + b)
-            close(be, be.matmul(be.upload(x), be.upload(wide), transpose_w=True, cols=(5, k + 5)),
-                  x.astype(np.float64) @ wide[:, 5:].T)
+            check_product(be, be.matmul(be.upload(x), be.upload(w), be.upload(b)), x, w, b)
+            check_product(be, be.matmul(be.upload(x), be.upload(wide), transpose_w=True, cols=(5, k + 5)),
+                          x, wide[:, 5:], transpose_w=True)
     finally:
         be.tiled = old
 
@@ -280,9 +405,10 @@ def test_vulkan_f16_weights():
     W = be.adopt(w)
     assert be.memory_used() - base == w.size * 2
     w16 = w.astype(np.float16).astype(np.float64)
-    close(be, be.matmul(be.upload(x), W), x.astype(np.float64) @ w16)
+    check_product(be, be.matmul(be.upload(x), W), x, w16)
     wide16 = wide.astype(np.float16).astype(np.float64)
-    close(be, be.matmul(be.upload(x), be.adopt(wide), transpose_w=True, cols=(5, 38)), x @ wide16[:, 5:38].T)
+    check_product(be, be.matmul(be.upload(x), be.adopt(wide), transpose_w=True, cols=(5, 38)), x, wide16[:, 5:38],
+                  transpose_w=True)
     np.testing.assert_array_equal(be.to_host(be.gather_rows(W, np.array([3, -1]))),
                                   np.stack([w16[3], np.zeros(17)]).astype(np.float32))
     v = rand(17)
@@ -332,15 +458,16 @@ def test_weights_held_in_their_stored_precision(be, fmt, m, k, n):
     W = be.adopt(w)
     be.synchronize()
     assert be.memory_used() - base == w.size * 2  # held as stored, not widened
-    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    w64, b64 = w.astype(np.float64), b.astype(np.float64)
     B = be.upload(b.astype(np.float32))
-    close(be, be.matmul(be.upload(x), W), x64 @ w64)
-    close(be, be.matmul(be.upload(x), W, B), x64 @ w64 + b.astype(np.float64))
-    close(be, be.matmul(be.upload(x), be.adopt(wt), transpose_w=True), x64 @ wt.astype(np.float64).T)
-    close(be, be.matmul(be.upload(x), be.adopt(wide), B, transpose_w=True, cols=(k + 3, 2 * k + 3)),
-          x64 @ wide.astype(np.float64)[:, k + 3 :].T + b.astype(np.float64))
+    check_product(be, be.matmul(be.upload(x), W), x, w64)
+    check_product(be, be.matmul(be.upload(x), W, B), x, w64, b64)
+    check_product(be, be.matmul(be.upload(x), be.adopt(wt), transpose_w=True), x, wt.astype(np.float64), transpose_w=True)
+    check_product(be, be.matmul(be.upload(x), be.adopt(wide), B, transpose_w=True, cols=(k + 3, 2 * k + 3)),
+                  x, wide.astype(np.float64)[:, k + 3 :], b64, transpose_w=True)
     big = rand(k, 3 * n + 2).astype(dt)  # a column range read in place, not transposed
-    close(be, be.matmul(be.upload(x), be.adopt(big), cols=(n + 1, 2 * n + 1)), x64 @ big.astype(np.float64)[:, n + 1 : 2 * n + 1])
+    check_product(be, be.matmul(be.upload(x), be.adopt(big), cols=(n + 1, 2 * n + 1)), x,
+                  big.astype(np.float64)[:, n + 1 : 2 * n + 1])
     np.testing.assert_array_equal(be.to_host(W), w.astype(np.float32))
     rows = be.to_host(be.gather_rows(W, np.array([k - 1, -1, 0])))
     assert rows.dtype == np.float32
@@ -391,31 +518,37 @@ def test_quantized_weights_are_held_as_blocks(be, fmt, m, blocks, n):
     a[-1, 32:64] = np.abs(a[-1, 32:64]) + 1.0  # one that needs no offset
     wt, wt64 = _blocks(fmt, a)  # (n, k): quantized along its rows, as GGUF's matrices
     wide, wide64 = _blocks(fmt, rand(n, 3 * k))
+    wt_mag, wide_mag = block_magnitudes(wt), block_magnitudes(wide)
     x = rand(m, k)
     be.synchronize()
     base = be.memory_used()
     WT = be.adopt(wt)
     be.synchronize()
     assert be.memory_used() - base == wt.nbytes == n * k // size * nbytes
-    x64 = x.astype(np.float64)
     b = rand(n)
-    close(be, be.matmul(be.upload(x), WT, transpose_w=True), x64 @ wt64.T)
-    close(be, be.matmul(be.upload(x), be.adopt(wide), be.upload(b), transpose_w=True, cols=(k, 2 * k)),
-          x64 @ wide64[:, k : 2 * k].T + b)
+    def check(t, x, w64, mag, bias=None, transpose_w=False):
+        # a kernel may scale a block's sum or widen each value first (spherefmt.testing.tolerance)
+        ref = x.astype(np.float64) @ (w64.T if transpose_w else w64) + (0.0 if bias is None else bias)
+        bound = product_bound(x, mag.T if transpose_w else mag, bias, weight_roundings=BLOCK_ROUNDINGS[fmt])
+        close(be, t, ref, bound, f"{be.name} {fmt}")
+
+    check(be.matmul(be.upload(x), WT, transpose_w=True), x, wt64, wt_mag, transpose_w=True)
+    check(be.matmul(be.upload(x), be.adopt(wide), be.upload(b), transpose_w=True, cols=(k, 2 * k)),
+          x, wide64[:, k : 2 * k], wide_mag[:, k : 2 * k], b, transpose_w=True)
     h = rand(m, n)  # an expert's down rows: (neurons, d), read untransposed, a block range of columns
-    close(be, be.matmul(be.upload(h), be.adopt(wide), cols=(2 * k, 3 * k)), h.astype(np.float64) @ wide64[:, 2 * k :])
+    check(be.matmul(be.upload(h), be.adopt(wide), cols=(2 * k, 3 * k)), h, wide64[:, 2 * k :], wide_mag[:, 2 * k :])
     lo, hi = k + 5, 2 * k + 21  # inside blocks at both ends
     xs = rand(m, hi - lo)
-    close(be, be.matmul(be.upload(xs), be.adopt(wide), transpose_w=True, cols=(lo, hi)),
-          xs.astype(np.float64) @ wide64[:, lo:hi].T)
-    close(be, be.matmul(be.upload(h), be.adopt(wide), cols=(lo, hi)), h.astype(np.float64) @ wide64[:, lo:hi])
+    check(be.matmul(be.upload(xs), be.adopt(wide), transpose_w=True, cols=(lo, hi)),
+          xs, wide64[:, lo:hi], wide_mag[:, lo:hi], transpose_w=True)
+    check(be.matmul(be.upload(h), be.adopt(wide), cols=(lo, hi)), h, wide64[:, lo:hi], wide_mag[:, lo:hi])
     np.testing.assert_array_equal(be.to_host(WT), wt64.astype(np.float32))
     rows = be.to_host(be.gather_rows(WT, np.array([n - 1, -1, 0])))
     want = np.stack([wt64[n - 1], np.zeros(k), wt64[0]])
     if fmt == "Q8_0":  # one product per value: exact everywhere
         np.testing.assert_array_equal(rows, want.astype(np.float32))
     else:  # GPUs may fuse Q4_K's multiply and subtract: within a rounding of the exact values
-        np.testing.assert_allclose(rows, want, rtol=1e-6, atol=1e-7)
+        assert_within(rows, want, rounding_bound(want), "Q4_K rows")
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
@@ -433,13 +566,17 @@ def test_numpy_block_kernels_read_the_values_ggufs_dequantizer_gives(fmt):
     blocks = quantize_rows(rand(37, 6 * k) * np.linspace(0.05, 2.0, 6 * k, dtype=np.float32), fmt)
     raw = blocks.view(np.uint8)
     wide = dequantize_blocks(blocks).astype(np.float64)
+    mag = block_magnitudes(blocks)
     for threads in (1, 2):
         qkernels.set_threads(threads)
         for t in (1, 3, 7):
             for a, b in ((0, 6 * k), (k, 4 * k), (5 * k, 6 * k)):
                 x = rand(t, b - a)
+                wr = BLOCK_ROUNDINGS[fmt]  # block sums scaled after (spherefmt.testing.tolerance)
                 got = qkernels.matmul_blocks(x, raw, fmt, (a, b), True)
-                np.testing.assert_allclose(got, x.astype(np.float64) @ wide[:, a:b].T, **TOL)
+                ref = x.astype(np.float64) @ wide[:, a:b].T
+                assert_within(got, ref, product_bound(x, mag[:, a:b].T, weight_roundings=wr), f"{fmt} x @ w.T")
                 h = rand(t, 37)
                 got = qkernels.matmul_blocks(h, raw, fmt, (a, b), False)
-                np.testing.assert_allclose(got, h.astype(np.float64) @ wide[:, a:b], **TOL)
+                ref = h.astype(np.float64) @ wide[:, a:b]
+                assert_within(got, ref, product_bound(h, mag[:, a:b], weight_roundings=wr), f"{fmt} h @ w")
