@@ -40,8 +40,11 @@ check: setup
 fuzz: setup
 	$(PY) -m spherefmt.testing.fuzz --cases 2000
 
+# the suite on both cores (pytest-xdist; a module marked xdist_group keeps its fixtures on one worker),
+# in a shuffled order whose seed pytest-randomly prints
+# first ("Using --randomly-seed=N": pass it to rerun that order)
 test: setup check
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 # llama.cpp for bench/bench_decode.py: llama-cpp-python built from its sdist (several minutes, once)
 bench-deps: setup

@@ -29,16 +29,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-
-def _rss_mib(field: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` (current) of this process in MiB, from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+import common
+from common import rss_mib  # bench/ is on the path: this file runs as a script or is imported from bench/
 
 
 def _greedy(model: Any, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float]:
@@ -65,7 +60,7 @@ def _decode_result(model: Any, prompt_ids: list[int], new_tokens: int, load_s: f
         raise ValueError("new_tokens must be >= 2: the first token comes from the untimed prefill")
     tokens, secs = _greedy(model, prompt_ids, new_tokens)
     return {"tokens_per_s": (new_tokens - 1) / secs, "decode_s": secs, "tokens": tokens,
-            "peak_rss_mib": _rss_mib("VmHWM"), "load_s": load_s}
+            "peak_rss_mib": rss_mib("VmHWM"), "load_s": load_s}
 
 
 def hf_decode(model_dir: str, prompt_ids: list[int], new_tokens: int, *, threads: int = 2) -> dict[str, Any]:
@@ -151,7 +146,7 @@ def accelerate_offload_decode(model_dir: str, prompt_ids: list[int], new_tokens:
             "device_map_counts": dict(Counter(str(d) for d in dmap.values()))}
 
 
-_FNS = {"hf_decode": hf_decode, "accelerate_offload_decode": accelerate_offload_decode}
+_FNS: dict[str, Callable[..., dict[str, Any]]] = {"hf_decode": hf_decode, "accelerate_offload_decode": accelerate_offload_decode}
 
 
 def run_isolated(fn_name: str, **kwargs: Any) -> dict[str, Any]:
@@ -179,6 +174,11 @@ def run_isolated(fn_name: str, **kwargs: Any) -> dict[str, Any]:
     """
     if fn_name not in _FNS:
         raise ValueError(f"unknown anchor {fn_name!r}; one of {sorted(_FNS)}")
+    if common.INLINE:  # a smoke run: in this process
+        t0 = time.perf_counter()
+        res = json.loads(json.dumps(_FNS[fn_name](**kwargs)))
+        return {**res, "import_rss_mib": rss_mib("VmRSS"), "wall_s": time.perf_counter() - t0,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def _worker(fn_name: str, kwargs_json: str, out: str) -> None:
     import torch  # noqa: F401  imported before the baseline so that it counts as import cost
     import transformers  # noqa: F401
 
-    base = _rss_mib("VmRSS")
+    base = rss_mib("VmRSS")
     res = _FNS[fn_name](**json.loads(kwargs_json))
     with open(out, "w") as f:
         json.dump({**res, "import_rss_mib": base}, f)

@@ -14,8 +14,6 @@ Writes ``bench/results/architecture.json`` and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -27,6 +25,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import parser, result_path, write_result  # noqa: E402 - bench/ is on the path as the script's folder
 
 from spherefmt.testing import architecture as A  # noqa: E402 - after the path above
 
@@ -71,29 +71,38 @@ def duplicates(root: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--before", default="4acf7b9", help="git revision of the tree before (default: %(default)s)")
     ap.add_argument("--suite-before", type=float, help="seconds `make test` took on the tree before")
     ap.add_argument("--suite-after", type=float, help="seconds `make test` takes now")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "architecture.json")
     args = ap.parse_args(argv)
+    if args.smoke:  # this tree on both sides: no worktree, no second scan
+        before = measure(REPO)
+        before["layer_violations"] = None
+    else:
+        before = _measure_revision(args.before)
+    after = before if args.smoke else measure(REPO)
+    doc = {"benchmark": "architecture", "command": "python bench/bench_architecture.py " + " ".join(argv or sys.argv[1:]),
+           "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+           "before": {"revision": "HEAD" if args.smoke else args.before, **before}, "after": after,
+           "suite_wall_s": {"before": args.suite_before, "after": args.suite_after}}
+    write_result(result_path(args, "architecture"), doc)
+    print(markdown(doc))
+    return 0
+
+
+def _measure_revision(rev: str) -> dict[str, Any]:
+    """:func:`measure` on ``rev``, checked out in a temporary worktree."""
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.before], check=True,
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), rev], check=True,
                        capture_output=True)
         try:
             before = measure(old)
             before["layer_violations"] = None  # the flat tree had no layers to point against
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
-    after = measure(REPO)
-    doc = {"benchmark": "architecture", "command": "python bench/bench_architecture.py " + " ".join(argv or sys.argv[1:]),
-           "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-           "before": {"revision": args.before, **before}, "after": after,
-           "suite_wall_s": {"before": args.suite_before, "after": args.suite_after}}
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(markdown(doc))
-    return 0
+    return before
 
 
 def markdown(doc: dict[str, Any]) -> str:

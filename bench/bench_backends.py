@@ -10,13 +10,14 @@ Results: ``bench/results/backends.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 from spherefmt.backends import get_backend
@@ -43,8 +44,10 @@ def gflops(be, m: int, k: int, n: int, repeat: int) -> float:
 
 
 def main() -> None:
+    args = parser(__doc__).parse_args()
+    shapes = [(1, 64, 96), (4, 64, 64)] if args.smoke else SHAPES
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "tiny.sphere"
         spherefmt.save(default_model(), pkg, graticule="4x8", depth=4, codec="none")
@@ -57,11 +60,11 @@ def main() -> None:
                 continue
             row = {"backend": name, "available": True, **be.describe(),
                    "matmul_gflops": {f"{m}x{k}x{n}": gflops(be, m, k, n, 3 if name.startswith("vulkan") else 20)
-                                     for m, k, n in SHAPES}}
+                                     for m, k, n in shapes}}
             with Session(pkg, backend=be, prefetch=False) as s:
                 s.generate(prompt, 8, stop_at_eos=False)
             with Session(pkg, backend=be, prefetch=False) as s:
-                tokens = s.generate(prompt, 32, stop_at_eos=False)
+                tokens = s.generate(prompt, 8 if args.smoke else 32, stop_at_eos=False)
                 row["decode_tokens_per_s"] = s.stats()["tokens_per_s"]
                 row["first_tokens"] = tokens[:8]
             rows.append(row)
@@ -69,7 +72,7 @@ def main() -> None:
                   f"decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
     same = len({tuple(r["first_tokens"]) for r in rows if r.get("available") and not r["backend"].endswith("f16")}) == 1
     doc = {"benchmark": "backends", "cpus": os.cpu_count(), "rows": rows, "same_tokens_on_every_backend": same}
-    (HERE / "results" / "backends.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(result_path(args, "backends"), doc)
     print("same greedy tokens on every float32 backend:", same)
 
 

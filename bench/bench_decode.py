@@ -45,80 +45,27 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-LLAMA_PY = HERE / ".venv-llama" / "bin" / "python"
+from common import LLAMA_PY, busy, llama_gguf, parser, prompt, result_path, rss_mib, run_worker, write_result  # noqa: E402
+
 PROMPT, NEW = 16, 32
 
 
 # --- the models ----------------------------------------------------------------------------------
-def _llama_gguf(hf: Path, out: Path) -> None:
-    """An F32 GGUF of a Hugging Face Llama folder: llama.cpp's names, and Q/K rows permuted as
-    ``convert_hf_to_gguf.py`` (``LlamaModel.permute``) permutes them for llama.cpp's RoPE."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((hf / "config.json").read_text())
-    sd: dict[str, np.ndarray] = {}
-    for f in sorted(hf.glob("*.safetensors")):
-        sd.update(load_file(f))
-    heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-
-    from spherefmt.interop.llamacpp import _PER, _TOP, _permute  # llama.cpp's names, the library's table
-
-    permute, top, per = _permute, dict(_TOP), {k: v for k, v in _PER.items() if not k.startswith("block_sparse_moe")}
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(d)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_rope_dimension_count(d // heads)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
-    experts = cfg.get("num_local_experts")
-    if experts:  # Mixtral: llama.cpp's stacked expert tensors and the router, as convert_hf_to_gguf.py writes
-        w.add_expert_count(experts)
-        w.add_expert_used_count(cfg["num_experts_per_tok"])
-        for layer in range(cfg["num_hidden_layers"]):
-            pre = f"model.layers.{layer}.block_sparse_moe."
-            for hf_name, gg in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
-                sd[f"{pre}{gg}"] = np.stack([sd.pop(f"{pre}experts.{e}.{hf_name}.weight") for e in range(experts)])
-        per.update({f"block_sparse_moe.{g}": g for g in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")})
-        per["block_sparse_moe.gate.weight"] = "ffn_gate_inp.weight"
-    w.add_file_type(0)  # all F32
-    vocab = cfg["vocab_size"]
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"tok{i}" for i in range(vocab)])
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types([1] * vocab)
-    for name, v in sd.items():
-        if name in top:
-            w.add_tensor(top[name], np.ascontiguousarray(v, dtype=np.float32))
-            continue
-        layer, rest = name.split(".")[2], ".".join(name.split(".")[3:])
-        if rest == "self_attn.q_proj.weight":
-            v = permute(v, heads)
-        elif rest == "self_attn.k_proj.weight":
-            v = permute(v, kv)
-        w.add_tensor(f"blk.{layer}.{per[rest]}" + (".weight" if rest.endswith("_exps") else ""),
-                     np.ascontiguousarray(v, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _models(root: Path, quick: bool) -> dict[str, dict[str, Any]]:
+def _models(root: Path, quick: bool, smoke: bool = False) -> dict[str, dict[str, Any]]:
     """Hugging Face folders, packages and the GGUF, made once under ``root``."""
     import torch
     import transformers
 
     import spherefmt
 
-    shapes = {"llama155m": transformers.LlamaConfig(
+    shapes: dict[str, Any] = {"llama155m": transformers.LlamaConfig(
         hidden_size=1024, num_hidden_layers=12, intermediate_size=2816, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=False)}
-    if not quick:
+    if smoke:
+        shapes = {"llama-smoke": transformers.LlamaConfig(
+            hidden_size=64, num_hidden_layers=4, intermediate_size=1024, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=64, max_position_embeddings=128, tie_word_embeddings=False)}
+    if not quick and not smoke:
         shapes["gpt2-small"] = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
     out = {}
     for name, cfg in shapes.items():
@@ -132,31 +79,26 @@ def _models(root: Path, quick: bool) -> dict[str, dict[str, Any]]:
         for kind, codec in (("none", "none"), ("vhd", "none"), ("default", "default"), ("vhd_default", "default")):
             if not paths[kind].exists():
                 t0 = time.perf_counter()
-                spherefmt.save(paths["hf"], paths[kind], codec=codec)
+                # (the smoke model is too small for the default graticule to leave budgets room)
+                spherefmt.save(paths["hf"], paths[kind], codec=codec, **({"graticule": "4x4"} if smoke else {}))
                 print(f"  converted {paths[kind].name} in {time.perf_counter() - t0:.1f}s", flush=True)
-        if name.startswith("llama") and not paths["gguf"].exists():
-            _llama_gguf(paths["hf"], paths["gguf"])
+        if name.startswith("llama") and not smoke and not paths["gguf"].exists():
+            llama_gguf(paths["hf"], paths["gguf"])
         paths["vocab"] = cfg.vocab_size
         out[name] = paths
     return out
 
 
 # --- the rows, each in its own process -----------------------------------------------------------
-def _prompt(vocab: int) -> list[int]:
-    return [int(i) for i in np.random.default_rng(0).integers(0, vocab, PROMPT)]
-
-
 def _sphere_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    from anchors import _rss_mib  # noqa: PLC0415
-
     from spherefmt.runtime import Session
 
     with Session(cfg["pkg"], backend="numpy", budget=cfg["budget"], active=cfg["active"]) as s:
-        tokens = s.generate(_prompt(cfg["vocab"]), NEW, stop_at_eos=False)
+        tokens = s.generate(prompt(cfg["vocab"], PROMPT), NEW, stop_at_eos=False)
         st = s.stats()
         fused = s.model.fused_ffn
     return {"tokens_per_s": st["tokens_per_s"], "tokens": tokens, "peak_device_bytes": st["peak_device_bytes"],
-            "budget_bytes": st["budget_bytes"], "weight_bytes": st["weight_bytes"], "peak_rss_mib": _rss_mib("VmHWM"),
+            "budget_bytes": st["budget_bytes"], "weight_bytes": st["weight_bytes"], "peak_rss_mib": rss_mib("VmHWM"),
             "bytes_read_per_token": st["bytes_read"] / (st["decode_tokens"] + 1), "fused_ffn": fused,
             "cache_hit_rate": st["cache_hit_rate"], "decode_bytes_per_token": st["decode_bytes_per_token"],
             "experts_loaded": st["experts_loaded"], "decode_tokens": st["decode_tokens"]}
@@ -173,7 +115,7 @@ def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     def last() -> int:
         return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
 
-    llm.eval(_prompt(cfg["vocab"]))
+    llm.eval(prompt(cfg["vocab"], PROMPT))
     tokens = [last()]
     t0 = time.perf_counter()
     for _ in range(NEW - 1):
@@ -183,32 +125,19 @@ def _llamacpp_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_s": (NEW - 1) / dt, "tokens": tokens, "llama_cpp": llama_cpp.__version__}
 
 
-def _isolated(kind: str, cfg: dict[str, Any], busy: bool) -> dict[str, Any]:
-    py = str(LLAMA_PY) if kind == "llamacpp" else sys.executable
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-    try:
-        if busy:
-            time.sleep(0.5)
-        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-            subprocess.run([py, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True, env=env)
-            return json.load(open(out.name))
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
+def isolated(kind: str, cfg: dict[str, Any], beside_busy: bool) -> dict[str, Any]:
+    """One row in its own process (``kind``: ``sphere`` or ``llamacpp``, under llama.cpp's venv)."""
+    with busy(beside_busy):
+        return run_worker(__file__, kind, cfg, python=LLAMA_PY if kind == "llamacpp" else None,
+                          inline=_sphere_worker if kind == "sphere" else None)
 
 
-def _anchor(fn: str, busy: bool, **kw: Any) -> dict[str, Any]:
+def anchor(fn: str, beside_busy: bool, **kw: Any) -> dict[str, Any]:
+    """A transformers / accelerate row (``bench/anchors.py``) in its own process."""
     import anchors
 
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-    try:
+    with busy(beside_busy):
         return anchors.run_isolated(fn, **kw)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
 
 
 def _codec_decode_bps(pkg: Path) -> float:
@@ -223,7 +152,10 @@ def _codec_decode_bps(pkg: Path) -> float:
 
     g = zarr.open_group(str(pkg), mode="r")
     work = []
-    for k in sorted(g["sphere"].group_keys()):
+    sphere = g["sphere"]
+    if not isinstance(sphere, zarr.Group):
+        raise RuntimeError(f"{pkg}: sphere is not a group")
+    for k in sorted(sphere.group_keys()):
         fa = FastArray.maybe(g[f"sphere/{k}/neurons"])
         if fa is None:
             raise RuntimeError(f"{pkg}: sphere/{k}/neurons has no fast path")
@@ -238,37 +170,38 @@ def _codec_decode_bps(pkg: Path) -> float:
     return raw / (time.perf_counter() - t0)
 
 
-def bench(name: str, paths: dict[str, Any], quick: bool) -> dict[str, Any]:
+def bench(name: str, paths: dict[str, Any], quick: bool, smoke: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     vocab = paths["vocab"]
-    llama = name.startswith("llama") and LLAMA_PY.exists()
+    llama = name.startswith("llama") and LLAMA_PY.exists() and not smoke
+    tags = ("idle",) if smoke else ("idle", "busy")
 
     def add(label: str, r: dict[str, Any], **extra: Any) -> None:
         row = {"row": label, **extra, **{k: v for k, v in r.items() if k != "tokens"}, "tokens": r["tokens"][:8]}
         rows.append(row)
         print(f"  {label:<44} {r['tokens_per_s']:7.2f} tok/s", flush=True)
 
-    for busy in (False, True):
-        tag = "busy" if busy else "idle"
+    for tag in tags:
+        hog = tag == "busy"
         if llama:
-            add(f"llama.cpp F32 ({tag})", _isolated("llamacpp", {"gguf": str(paths["gguf"]), "vocab": vocab}, busy),
+            add(f"llama.cpp F32 ({tag})", isolated("llamacpp", {"gguf": str(paths["gguf"]), "vocab": vocab}, hog),
                 engine="llama.cpp", load=tag, budget="100%", mode="dense", store="gguf")
-        hf = _anchor("hf_decode", busy, model_dir=str(paths["hf"]), prompt_ids=_prompt(vocab), new_tokens=NEW)
+        hf = anchor("hf_decode", hog, model_dir=str(paths["hf"]), prompt_ids=prompt(vocab, PROMPT), new_tokens=NEW)
         add(f"transformers resident ({tag})", hf, engine="transformers", load=tag, budget="100%", mode="dense",
             store="hf")
         add(f"spherefmt resident, dir, codec none ({tag})",
-            _isolated("sphere", {"pkg": str(paths["none"]), "vocab": vocab, "budget": None, "active": None}, busy),
+            isolated("sphere", {"pkg": str(paths["none"]), "vocab": vocab, "budget": None, "active": None}, hog),
             engine="spherefmt", load=tag, budget="100%", mode="dense", store="dir")
     weight_bytes = next(r["weight_bytes"] for r in rows if r["engine"] == "spherefmt")
-    shares = ["100%", "50%", "25%"] if quick else ["100%", "50%", "35%", "25%", "15%"]
+    shares = ["100%", "25%"] if smoke else ["100%", "50%", "25%"] if quick else ["100%", "50%", "35%", "25%", "15%"]
     for store in ("dir", "vhd"):
         for share in shares:
-            for active in (None, "25%"):
+            for active in (None,) if smoke else (None, "25%"):
                 if store == "dir" and share == "100%" and active is None:
                     continue  # the resident idle row above
                 pkg = paths["none" if store == "dir" else "vhd"]
                 try:
-                    r = _isolated("sphere", {"pkg": str(pkg), "vocab": vocab, "budget": None if share == "100%" else share,
+                    r = isolated("sphere", {"pkg": str(pkg), "vocab": vocab, "budget": None if share == "100%" else share,
                                              "active": active}, False)
                 except subprocess.CalledProcessError:
                     print(f"  {store} {share} {active}: does not run at this budget", flush=True)
@@ -278,10 +211,10 @@ def bench(name: str, paths: dict[str, Any], quick: bool) -> dict[str, Any]:
                     store=store, codec="none")
     for store, key in (("dir", "default"), ("vhd", "vhd_default")):
         add(f"spherefmt 25%, dense, {store}, default codec",
-            _isolated("sphere", {"pkg": str(paths[key]), "vocab": vocab, "budget": "25%", "active": None}, False),
+            isolated("sphere", {"pkg": str(paths[key]), "vocab": vocab, "budget": "25%", "active": None}, False),
             engine="spherefmt", load="idle", budget="25%", mode="dense", store=store, codec="default")
     with tempfile.TemporaryDirectory() as off:
-        acc = _anchor("accelerate_offload_decode", False, model_dir=str(paths["hf"]), prompt_ids=_prompt(vocab),
+        acc = anchor("accelerate_offload_decode", False, model_dir=str(paths["hf"]), prompt_ids=prompt(vocab, PROMPT),
                       new_tokens=NEW, cap_bytes=weight_bytes // 4, offload_dir=off)
     add("accelerate disk offload 25%", acc, engine="accelerate", load="idle", budget="25%", mode="dense", store="hf")
     decode_bps = _codec_decode_bps(paths["default"])
@@ -292,7 +225,7 @@ def bench(name: str, paths: dict[str, Any], quick: bool) -> dict[str, Any]:
     codec25 = next(r for r in rows if r.get("codec") == "default" and r["store"] == "dir")
     bound = decode_bps / codec25["bytes_read_per_token"]
     goals: dict[str, dict[str, Any]] = {}
-    for tag in ("idle", "busy"):
+    for tag in tags:
         ours = tps(engine="spherefmt", load=tag, budget="100%")
         goals[f"resident_vs_transformers_{tag}"] = {"value": ours / tps(engine="transformers", load=tag), "goal": 1.0}
         if llama:
@@ -344,7 +277,7 @@ def _plot(results: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="the Llama shape only, fewer budgets")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -356,13 +289,14 @@ def main() -> None:
     root = ROOT / "bench" / "out" / "decode"
     root.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, paths in _models(root, args.quick).items():
+    for name, paths in _models(root, args.quick, args.smoke).items():
         print(f"{name}:", flush=True)
-        results.append(bench(name, paths, args.quick))
+        results.append(bench(name, paths, args.quick, args.smoke))
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "prompt_tokens": PROMPT, "new_tokens": NEW, "llama_cpp_built": LLAMA_PY.exists(), "results": results}
-    (ROOT / "bench" / "results" / "decode.json").write_text(json.dumps(doc, indent=2))
-    _plot(results, ROOT / "bench" / "results" / "decode-budget.png")
+    out = result_path(args, "decode")
+    write_result(out, doc)
+    _plot(results, out.with_name(out.stem.replace("decode", "decode-budget") + ".png"))
     for res in results:
         for k, g in res["goals"].items():
             print(f"{res['model']:<11} {k:<36} {g['value']:6.2f}  (goal >= {g['goal']})  {'met' if g['met'] else 'NOT met'}")

@@ -42,11 +42,9 @@ addresses for the expert latency (default 20), ``--keep`` keeps the temporary fo
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,6 +53,16 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import common
+from common import (  # shared /proc readers and the machine record
+    git_state,
+    loadavg,
+    machine,
+    parser,
+    result_path,
+    status_kib,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -75,18 +83,6 @@ LOAD_VARIANTS = {"default_threads": None, "one_thread": 1}
 
 # ------------------------------------------------------------------------------------------
 # helpers shared by parent and workers
-
-
-def _status_kib(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``), or ``None``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def drop_caches() -> str | None:
@@ -148,15 +144,15 @@ def worker_convert(spec: dict[str, Any]) -> dict[str, Any]:
     import spherefmt
 
     gc.collect()
-    rss0 = _status_kib("VmRSS")
-    hwm0 = _status_kib("VmHWM")
+    rss0 = status_kib("VmRSS")
+    hwm0 = status_kib("VmHWM")
     t0 = time.perf_counter()
     spherefmt.save(spec["src"], spec["dst"], codec=spec["codec"])
     dt = time.perf_counter() - t0
     import resource
 
     return {"seconds": dt, "rss_after_imports_kib": rss0, "hwm_after_imports_kib": hwm0,
-            "vmhwm_kib": _status_kib("VmHWM"), "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "vmhwm_kib": status_kib("VmHWM"), "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
 def _loader(fmt: str, path: str) -> Any:
@@ -221,7 +217,7 @@ def worker_load(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         out["cold"] = None
         out["cold_reason"] = spec.get("cold_reason")
-    out["vmhwm_kib"] = _status_kib("VmHWM")
+    out["vmhwm_kib"] = status_kib("VmHWM")
     return out
 
 
@@ -269,6 +265,10 @@ WORKERS = {"convert": worker_convert, "load": worker_load, "experts": worker_exp
 def run_worker(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; return its JSON result."""
     t0 = time.perf_counter()
+    if common.INLINE:  # a smoke run: in this process (its memory figures are not this step's alone)
+        out = json.loads(json.dumps(WORKERS[kind](spec)))
+        out["process_wall_s"] = round(time.perf_counter() - t0, 3)
+        return out
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
                        capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     wall = time.perf_counter() - t0
@@ -282,62 +282,6 @@ def run_worker(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[s
 
 # ------------------------------------------------------------------------------------------
 # parent
-
-
-def machine() -> dict[str, Any]:
-    import numpy
-    import safetensors
-    import torch
-    import zarr
-
-    import spherefmt
-
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu, "mem_gib": mem,
-        "platform": platform.platform(), "python": platform.python_version(),
-        "spherefmt": spherefmt.__version__, "zarr": zarr.__version__, "numpy": numpy.__version__,
-        "torch": torch.__version__, "safetensors": safetensors.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
-                        if k in os.environ},
-        "loadavg_at_start": _loadavg(),
-        "git": _git(),
-    }
-
-
-def _git() -> dict[str, Any] | None:
-    """The commit measured (spherefmt is installed editable from this checkout) and local edits."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "spherefmt"], cwd=REPO, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": head.stdout.strip(), "spherefmt_uncommitted_changes": bool(dirty.stdout.strip())}
-
-
-def _loadavg() -> str | None:
-    """``/proc/loadavg``: other work on the machine during the run makes timings noisy."""
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -532,15 +476,16 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model (n_layer=2, n_embd=128) for a smoke test")
-    ap.add_argument("--out", type=Path, default=None, help="JSON output path")
+    ap = parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny model (n_layer=2, n_embd=128), results to bench/out/")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per load mode (default 3)")
     ap.add_argument("--experts", type=int, default=20, help="random expert addresses (default 20)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of BF16,F32")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder under /tmp")
     args = ap.parse_args(argv)
-    out = args.out or (REPO / "bench" / ("out/format-quick.json" if args.quick else "results/format.json"))
+    if args.smoke:  # the quick model, one run per mode, two experts
+        args.quick, args.runs, args.experts = True, 1, 2
+    out = result_path(args, "format")
     cfg = QUICK if args.quick else FULL
     t_start = time.perf_counter()
 
@@ -570,14 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for dtype in args.dtypes.split(","):
             doc["results"][dtype] = bench_dtype(dtype, cfg, tmp, args, cold_ok, log)
-            doc["results"][dtype]["loadavg_after"] = _loadavg()
+            doc["results"][dtype]["loadavg_after"] = loadavg()
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     doc["goals"] = goals(doc["results"])
     doc["total_s"] = round(time.perf_counter() - t_start, 1)
-    doc["loadavg_at_end"] = _loadavg()
-    doc["git_at_end"] = _git()
+    doc["loadavg_at_end"] = loadavg()
+    doc["git_at_end"] = git_state()
     if doc["git_at_end"] != doc["machine"]["git"]:
         log("warning: the checkout changed during the run; the figures may mix two versions")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,13 @@ the recorded change of the FFN values is reported).  Results: ``bench/results/gg
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 from spherefmt.testing.gguf import make_llama_gguf
@@ -32,11 +34,13 @@ def timed(fn) -> float:  # noqa: ANN001
 
 
 def main() -> None:
-    rows = []
-    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp:
-        tmp = Path(tmp)
+    args = parser(__doc__).parse_args()
+    shape = dict(layers=2, d=256, ff=512, vocab=512) if args.smoke else dict(layers=8, d=1024, ff=2816, vocab=32000)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=HERE / "out" if (HERE / "out").is_dir() else None) as tmp_name:
+        tmp = Path(tmp_name)
         for quant in (False, True):
-            src = make_llama_gguf(tmp / "m.gguf", layers=8, d=1024, ff=2816, vocab=32000, quantized_ffn=quant)
+            src = make_llama_gguf(tmp / "m.gguf", **shape, quantized_ffn=quant)
             size = src.stat().st_size
             copy_s = timed(lambda src=src: shutil.copyfile(src, tmp / "copy.gguf"))
             for codec in ("default", "none"):
@@ -67,7 +71,7 @@ def main() -> None:
                 shutil.rmtree(pkg)
                 out.unlink()
             src.unlink()
-    (HERE / "results" / "gguf.json").write_text(json.dumps({"benchmark": "gguf", "rows": rows}, indent=2) + "\n")
+    write_result(result_path(args, "gguf"), {"benchmark": "gguf", "rows": rows})
 
 
 if __name__ == "__main__":

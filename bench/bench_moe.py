@@ -19,7 +19,6 @@ quarter of the float32 weights (held as float32), dense and top-k 25%.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -28,8 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 from spherefmt.format.routers import write_router
@@ -43,13 +44,15 @@ SHARES = ("12.5%", "25%", "50%", None)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score per text")
     ap.add_argument("--steps", type=int, help="sparsify steps (default: the command's default)")
     ap.add_argument("--package", help="measure this sparsified package instead of making one")
     ap.add_argument("--commit", action="store_true", help=f"copy the sparsified package to {COMMITTED}")
-    ap.add_argument("--out", default=str(HERE / "results" / "moe.json"))
     a = ap.parse_args()
+    out = result_path(a, "moe")
+    if a.smoke:  # a few tokens, a few steps of everything: the code path, not the figures
+        a.tokens, a.steps = 64, a.steps or 2
     t_start = time.perf_counter()
     model = default_model()
     train_texts, held_texts = corpus()
@@ -63,9 +66,10 @@ def main() -> None:
         spherefmt.save(model, orig, graticule="8x16", depth=4, progress=False)
         with spherefmt.open(orig, "r+") as p:
             with Session(p, backend="numpy") as s:
-                sample = np.asarray(s.encode("".join(train_texts)[:200_000]), dtype=np.int64)[:20000]
+                sample = np.asarray(s.encode("".join(train_texts)[: 4000 if a.smoke else 200_000]),
+                                    dtype=np.int64)[:20000]
                 evals = {k: np.asarray(s.encode(v), dtype=np.int64)[: a.tokens] for k, v in texts.items()}
-            write_router(p, "learned", train_router(p, sample, steps=300, progress=False))
+            write_router(p, "learned", train_router(p, sample, steps=5 if a.smoke else 300, progress=False))
         sparse = t / "sparse.zip"
         sparsify_s = None
         record: dict = {}
@@ -74,7 +78,10 @@ def main() -> None:
         else:
             spherefmt.save(model, sparse, progress=False)  # the default conversion, as a user has it
             cmd = [sys.executable, "-m", "spherefmt.cli", "sparsify", str(sparse), "--text", str(train_file), "--json",
-                   "--plot", str(HERE / "results" / "sparsify-loss.png")]
+                   "--plot", str(out.with_name("sparsify-loss.png" if out.parent == HERE / "results"
+                                               else f"{out.stem}-sparsify-loss.png"))]
+            if a.smoke:
+                cmd += ["--router-steps", "2", "--router-tokens", "256", "--seq", "32", "--batch", "2"]
             if a.steps:
                 cmd += ["--steps", str(a.steps)]
             t0 = time.perf_counter()
@@ -83,15 +90,16 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(r.stderr)
             record = json.loads(r.stdout)
-            record["plot"] = str(Path(record["plot"]).resolve().relative_to(HERE.parent))
+            plot = Path(record["plot"]).resolve()
+            record["plot"] = str(plot.relative_to(HERE.parent) if plot.is_relative_to(HERE.parent) else plot)
             print(f"sparsify: {sparsify_s:.0f} s, kept step {record['best_step']}", flush=True)
         with spherefmt.open(sparse) as p:
             routing = p.header.routing
             f32_bytes = sum(4 * math.prod(p.tensor_info(n).shape) for n in p.keys())
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, path in (("original", orig), ("sparsified", sparse)):
             for active in SHARES:
-                row = {"package": name, "active": active or "100% (dense)"}
+                row: dict[str, Any] = {"package": name, "active": active or "100% (dense)"}
                 for text, ids in evals.items():
                     with Session(path, backend="numpy", active=active) as s:
                         total, n = s.nll(ids)
@@ -103,7 +111,7 @@ def main() -> None:
                     # a quarter of the float32 weights, held as float32 (the float16 package's
                     # own quarter cannot hold its 2 MiB embedding table beside the KV cache)
                     with Session(path, backend="numpy", active=active, budget=f32_bytes // 4, weights="float32") as s:
-                        s.generate(evals["heldout"][:32], 48, stop_at_eos=False)
+                        s.generate(evals["heldout"][: 8 if a.smoke else 32], 4 if a.smoke else 48, stop_at_eos=False)
                         dec = s.stats()
                     row.update({"decode_tokens_per_s_at_25pct_budget": dec["tokens_per_s"],
                                 "decode_peak_device_bytes": dec["peak_device_bytes"], "budget_bytes": dec["budget_bytes"]})
@@ -136,7 +144,7 @@ def main() -> None:
            "original": "8x16 graticule, PCA placement, learned router on the same text",
            "texts": {k: {"chars": len(v), "tokens": int(len(evals[k]))} for k, v in texts.items()},
            "runs": rows, "goals": goals, "seconds": time.perf_counter() - t_start}
-    Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(out, doc)
     for k, g in goals.items():
         print(f"{k}: {g['value']:+.4f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
 

@@ -26,8 +26,6 @@ Results: ``bench/results/moe_native.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -39,14 +37,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import bench_decode as bd  # noqa: E402 - the rows' workers and the GGUF writer are shared
+import bench_decode as bd  # noqa: E402 - the decode rows' workers are shared
+from common import LLAMA_PY, llama_gguf, parser, prompt, result_path, write_result  # noqa: E402
 
-SHAPE = {"hidden_size": 1024, "num_hidden_layers": 8, "intermediate_size": 2816, "num_local_experts": 8,
+SHAPE: dict[str, Any] = {"hidden_size": 1024, "num_hidden_layers": 8, "intermediate_size": 2816, "num_local_experts": 8,
          "num_experts_per_tok": 2, "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 512,
          "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
-def _model(root: Path, quick: bool) -> dict[str, Any]:
+#: ``--smoke``: every row at a tiny size (seconds)
+SMOKE = dict(SHAPE, hidden_size=64, num_hidden_layers=4, intermediate_size=256, num_local_experts=8,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=128)
+
+
+def _model(root: Path, quick: bool, smoke: bool = False) -> dict[str, Any]:
     import time
 
     import torch
@@ -54,8 +58,8 @@ def _model(root: Path, quick: bool) -> dict[str, Any]:
 
     import spherefmt
 
-    shape = dict(SHAPE, num_hidden_layers=2) if quick else SHAPE
-    d = root / ("mixtral-quick" if quick else "mixtral")
+    shape = SMOKE if smoke else dict(SHAPE, num_hidden_layers=2) if quick else SHAPE
+    d = root / ("mixtral-smoke" if smoke else "mixtral-quick" if quick else "mixtral")
     paths: dict[str, Any] = {"hf": d / "hf", "none": d / "none.sphere", "vhd": d / "none.vhd",
                              "default": d / "default.sphere", "gguf": d / "f32.gguf", "vocab": shape["vocab_size"]}
     if not (paths["hf"] / "config.json").exists():
@@ -74,8 +78,8 @@ def _model(root: Path, quick: bool) -> dict[str, Any]:
             print(f"  converted {paths[kind].name} in {time.perf_counter() - t0:.1f}s", flush=True)
     if not paths["bf16"].exists():
         spherefmt.save(paths["hf_bf16"], paths["bf16"], codec="none")
-    if bd.LLAMA_PY.exists() and not paths["gguf"].exists():
-        bd._llama_gguf(paths["hf"], paths["gguf"])
+    if LLAMA_PY.exists() and not smoke and not paths["gguf"].exists():
+        llama_gguf(paths["hf"], paths["gguf"])
     return paths
 
 
@@ -93,10 +97,11 @@ def _router_minimum(pkg: Path) -> tuple[int, int]:
         return always + k * m.n_layers * expert, s.weight_bytes
 
 
-def bench(paths: dict[str, Any]) -> dict[str, Any]:
+def bench(paths: dict[str, Any], smoke: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     vocab = paths["vocab"]
-    prompt = bd._prompt(vocab)
+    ids = prompt(vocab, bd.PROMPT)
+    llama = LLAMA_PY.exists() and not smoke
 
     def add(label: str, r: dict[str, Any], **extra: Any) -> None:
         extra.setdefault("dtype", "F32")
@@ -104,30 +109,30 @@ def bench(paths: dict[str, Any]) -> dict[str, Any]:
         print(f"  {label:<44} {r['tokens_per_s']:7.2f} tok/s", flush=True)
 
     minimum, weight_bytes = _router_minimum(paths["none"])
-    if bd.LLAMA_PY.exists():
-        add("llama.cpp F32", bd._isolated("llamacpp", {"gguf": str(paths["gguf"]), "vocab": vocab}, False),
+    if llama:
+        add("llama.cpp F32", bd.isolated("llamacpp", {"gguf": str(paths["gguf"]), "vocab": vocab}, False),
             engine="llama.cpp", budget="100%", store="gguf")
-    add("transformers resident", bd._anchor("hf_decode", False, model_dir=str(paths["hf"]), prompt_ids=prompt,
+    add("transformers resident", bd.anchor("hf_decode", False, model_dir=str(paths["hf"]), prompt_ids=ids,
                                             new_tokens=bd.NEW), engine="transformers", budget="100%", store="hf")
     with tempfile.TemporaryDirectory() as off:
         add("accelerate disk offload 25%",
-            bd._anchor("accelerate_offload_decode", False, model_dir=str(paths["hf"]), prompt_ids=prompt,
+            bd.anchor("accelerate_offload_decode", False, model_dir=str(paths["hf"]), prompt_ids=ids,
                        new_tokens=bd.NEW, cap_bytes=weight_bytes // 4, offload_dir=off),
             engine="accelerate", budget="25%", store="hf")
     for store, key in (("dir", "none"), ("vhd", "vhd")):
-        for share in ("100%", "50%", "25%"):
-            r = bd._isolated("sphere", {"pkg": str(paths[key]), "vocab": vocab,
+        for share in ("100%", "25%") if smoke else ("100%", "50%", "25%"):
+            r = bd.isolated("sphere", {"pkg": str(paths[key]), "vocab": vocab,
                                         "budget": None if share == "100%" else share, "active": None}, False)
             add(f"spherefmt {share}, {store}, codec none", r, engine="spherefmt", budget=share, store=store,
                 codec="none")
-    r = bd._isolated("sphere", {"pkg": str(paths["default"]), "vocab": vocab, "budget": "25%", "active": None}, False)
+    r = bd.isolated("sphere", {"pkg": str(paths["default"]), "vocab": vocab, "budget": "25%", "active": None}, False)
     add("spherefmt 25%, dir, default codec", r, engine="spherefmt", budget="25%", store="dir", codec="default")
     # bfloat16: the checkpoint in bf16, computed in float32 by both (transformers' reference for it)
-    add("transformers resident, bf16 checkpoint", bd._anchor("hf_decode", False, model_dir=str(paths["hf_bf16"]),
-                                                             prompt_ids=prompt, new_tokens=bd.NEW),
+    add("transformers resident, bf16 checkpoint", bd.anchor("hf_decode", False, model_dir=str(paths["hf_bf16"]),
+                                                             prompt_ids=ids, new_tokens=bd.NEW),
         engine="transformers", budget="100%", store="hf", dtype="BF16")
-    for share in ("100%", "25%"):
-        r = bd._isolated("sphere", {"pkg": str(paths["bf16"]), "vocab": vocab,
+    for share in ("100%",) if smoke else ("100%", "25%"):
+        r = bd.isolated("sphere", {"pkg": str(paths["bf16"]), "vocab": vocab,
                                     "budget": None if share == "100%" else share, "active": None}, False)
         add(f"spherefmt {share}, dir, bf16 checkpoint", r, engine="spherefmt", budget=share, store="dir",
             codec="none", dtype="BF16")
@@ -144,7 +149,7 @@ def bench(paths: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_token_25_vs_router_minimum": {"value": ours25["decode_bytes_per_token"] / minimum, "goal": 1.3,
                                                  "at_most": True, "router_minimum_bytes": minimum},
     }
-    if bd.LLAMA_PY.exists():
+    if llama:
         goals["resident_vs_llama_cpp"] = {"value": row(engine="spherefmt", budget="100%", store="dir", dtype="F32")["tokens_per_s"]
                                           / row(engine="llama.cpp")["tokens_per_s"], "goal": None}
     for g in goals.values():
@@ -153,20 +158,19 @@ def bench(paths: dict[str, Any]) -> dict[str, Any]:
     same = {r["row"]: r["tokens"] == refs[r["dtype"]] for r in rows}
     for r in rows:
         r["tokens"] = r["tokens"][:8]
-    return {"model": "mixtral", "shape": SHAPE, "weight_bytes": weight_bytes, "rows": rows, "goals": goals,
+    return {"model": "mixtral", "shape": SMOKE if smoke else SHAPE, "weight_bytes": weight_bytes, "rows": rows, "goals": goals,
             "same_tokens_as_transformers": same}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 layers instead of 8 (a smoke run; results not written)")
+    ap = parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="2 layers instead of 8 (results to bench/out/)")
     args = ap.parse_args()
-    paths = _model(ROOT / "bench" / "out" / "moe_native", args.quick)
-    res = bench(paths)
+    paths = _model(ROOT / "bench" / "out" / "moe_native", args.quick, args.smoke)
+    res = bench(paths, args.smoke)
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "prompt_tokens": bd.PROMPT, "new_tokens": bd.NEW, "llama_cpp_built": bd.LLAMA_PY.exists(), **res}
-    if not args.quick:
-        (ROOT / "bench" / "results" / "moe_native.json").write_text(json.dumps(doc, indent=2))
+           "prompt_tokens": bd.PROMPT, "new_tokens": bd.NEW, "llama_cpp_built": LLAMA_PY.exists(), **res}
+    write_result(result_path(args, "moe_native"), doc)
     for k, g in res["goals"].items():
         print(f"{k:<40} {g['value']:6.2f}  (goal {'<=' if g.get('at_most') else '>='} {g['goal']})  "
               f"{'met' if g['met'] else 'NOT met' if g['met'] is False else ''}")

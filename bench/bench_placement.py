@@ -15,13 +15,12 @@ than ``--exact-limit`` multiply-adds.  Results: ``bench/results/placement.json``
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 from safetensors.numpy import load_file
 
 from spherefmt import constants as C
@@ -32,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 SHAPES = [("gpt2-small", 768, 3072), ("gpt2-medium", 1024, 4096), ("gpt2-large", 1280, 5120),
           ("gpt2-xl", 1600, 6400), ("llama-7b", 4096, 11008), ("llama-13b", 5120, 13824),
           ("llama-70b", 8192, 28672)]
+#: ``--smoke``: two small widths (the growth exponent still has two points)
+SMOKE_SHAPES = [("smoke-128", 128, 512), ("smoke-256", 256, 1024)]
 
 
 def rows(n: int, d: int, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -63,10 +64,10 @@ def timed(fn, *args):  # noqa: ANN001, ANN202 - a bench helper
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--exact-limit", type=float, default=6e11, help="skip exact trees above this many MACs")
-    ap.add_argument("--out", default=str(HERE / "results" / "placement.json"))
     a = ap.parse_args()
+    shapes = SMOKE_SHAPES if a.smoke else SHAPES
     t_start = time.perf_counter()
     rows_out = []
     sd = load_file(str(default_model() / "model.safetensors"))
@@ -78,7 +79,7 @@ def main() -> None:
         rows_out.append({"shape": f"tiny-gpt2 layers {layer - 1}->{layer}", "weights": "trained", "d": 256, "N": 1024,
                          "exact_s": te, "projected_s": tp, **quality(prev, cur, ex, pr)})
         print(rows_out[-1], flush=True)
-    for name, d, n in SHAPES:
+    for name, d, n in shapes:
         for kind in ("structured", "random"):
             rng = np.random.default_rng(0)
             prev, cur = rows(n, d, kind, rng), rows(n, d, kind, rng)
@@ -104,7 +105,7 @@ def main() -> None:
     doc = {"benchmark": "placement", "tree_dims": C.TREE_DIMS, "tree_candidates": C.TREE_CANDIDATES,
            "tree_exact_max_macs": C.TREE_EXACT_MAX_MACS, "rows": rows_out,
            "exact_time_exponent_in_width": ex_slope, "goals": goals, "seconds": time.perf_counter() - t_start}
-    Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(result_path(a, "placement"), doc)
     for k, g in goals.items():
         print(f"{k}: {g['value']:.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     print(f"exact tree time exponent in width: {ex_slope:.2f}; {math.ceil(time.perf_counter() - t_start)} s")

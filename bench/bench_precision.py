@@ -29,9 +29,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,26 +38,37 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-LLAMA_PY = HERE / ".venv-llama" / "bin" / "python"  # make bench-deps
+sys.path.insert(0, str(HERE))
+from common import LLAMA_PY, parser, result_path, run_worker, write_result  # noqa: E402
+
 PROMPT, NEW = 16, 32
 PRECISIONS = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "float32", "q4_k": "float32"}
 QUANTIZED = ("q8_0", "q4_k")
 
 
-def _models(root: Path, name: str = "llama155m", tags: tuple[str, ...] = tuple(PRECISIONS)) -> dict[str, Path]:
+def _models(root: Path, name: str = "llama155m", tags: tuple[str, ...] = tuple(PRECISIONS), smoke: bool = False
+            ) -> dict[str, Path]:
     """The packages of one model, made once under ``root``: ``llama155m`` or ``gpt2-small``
-    (transformers' GPT-2 config: width 768, 12 layers, vocabulary cut to 512 like the Llama's)."""
+    (transformers' GPT-2 config: width 768, 12 layers, vocabulary cut to 512 like the Llama's);
+    ``smoke``: the same kinds at width 256 (one Q4_K block), 2 layers."""
     import torch
     import transformers
 
     import spherefmt
 
+    cfg: Any
     if name == "llama155m":
         cfg = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816,
                                        num_attention_heads=16, num_key_value_heads=16, vocab_size=512,
                                        max_position_embeddings=2048, tie_word_embeddings=False)
+        if smoke:
+            cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=2, intermediate_size=2048,
+                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+                                           max_position_embeddings=128, tie_word_embeddings=False)
     else:
         cfg = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=512, n_positions=1024)
+        if smoke:
+            cfg = transformers.GPT2Config(n_embd=256, n_layer=2, n_head=4, n_inner=2048, vocab_size=512, n_positions=128)
     out = {}
     model = None
     prefix = "" if name == "llama155m" else f"{name}-"
@@ -74,7 +83,8 @@ def _models(root: Path, name: str = "llama155m", tags: tuple[str, ...] = tuple(P
             model.to(getattr(torch, dtype)).save_pretrained(hf)
         if not pkg.exists():
             t0 = time.perf_counter()
-            spherefmt.save(hf, pkg, codec="none", quantize=tag if tag in QUANTIZED else None)
+            spherefmt.save(hf, pkg, codec="none", quantize=tag if tag in QUANTIZED else None,
+                           **({"graticule": "4x4"} if smoke else {}))  # room for a 25% budget
             print(f"  converted {pkg.name} in {time.perf_counter() - t0:.1f}s", flush=True)
         out[tag] = pkg
     return out
@@ -188,14 +198,11 @@ def _ppl_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _isolated(kind: str, cfg: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    py = str(LLAMA_PY) if kind.startswith("llamacpp") else sys.executable
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        # OpenMP's default wait policy for every row: llama.cpp and numba's kernels both run on
-        # OpenMP threads, and OMP_WAIT_POLICY=PASSIVE (which the transformers benchmarks set for
-        # torch) costs each about 40% here
-        subprocess.run([py, __file__, "--worker", kind, json.dumps(cfg), out.name], check=True,
-                       env={**os.environ, **(env or {})})
-        return json.load(open(out.name))
+    # OpenMP's default wait policy for every row: llama.cpp and numba's kernels both run on
+    # OpenMP threads, and OMP_WAIT_POLICY=PASSIVE (which the transformers benchmarks set for
+    # torch) costs each about 40% here
+    return run_worker(__file__, kind, cfg, python=LLAMA_PY if kind.startswith("llamacpp") else None, env=env,
+                      passive=False, inline={"ppl": _ppl_worker, "decode": _decode_worker}.get(kind))
 
 
 def _tiny(root: Path) -> dict[str, Path]:
@@ -252,7 +259,7 @@ def _decode_rows(model: str, pkgs: dict[str, Path], modes: tuple[tuple[str, str 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -261,15 +268,16 @@ def main() -> None:
               "llamacpp_quantize": _llamacpp_quantize_worker}.get(kind, _decode_worker)
         Path(out).write_text(json.dumps(fn(json.loads(cfg))))
         return
-    root = ROOT / "bench" / "out" / "precision"
+    smoke = args.smoke
+    root = ROOT / "bench" / "out" / ("precision-smoke" if smoke else "precision")
     root.mkdir(parents=True, exist_ok=True)
-    pkgs = _models(root)
+    pkgs = _models(root, smoke=smoke)
     rows: list[dict[str, Any]] = []
     modes = (("resident", None, "auto"), ("resident", None, "stored"), ("dense", None, "auto"),
              ("dense", None, "stored"), ("top-k 25%", "25%", "auto"), ("top-k 25%", "25%", "stored"))
-    rows += _decode_rows("llama155m", pkgs, modes)
+    rows += _decode_rows("llama155m", pkgs, modes[:4] if smoke else modes)
     # GPT-2 small: float32, bfloat16 and both quantized types, held as stored
-    gpt2 = _models(root, "gpt2-small", ("f32", "bf16", "q8_0", "q4_k"))
+    gpt2 = _models(root, "gpt2-small", ("f32", "bf16", "q8_0", "q4_k"), smoke)
     rows += _decode_rows("gpt2-small", gpt2, (("resident", None, "auto"), ("resident", None, "stored"),
                                                ("dense", None, "auto"), ("dense", None, "stored")))
     f32_bytes = next(r["stored_bytes"] for r in rows if r["precision"] == "f32" and r["mode"] == "resident")
@@ -279,7 +287,8 @@ def main() -> None:
                     and r["model"] == model and r.get("kernels", True) == kernels)
 
     llama: dict[str, dict[str, Any]] = {}
-    if LLAMA_PY.exists():  # llama.cpp on the GGUFs spherefmt exports from the same packages
+    llama_cpp = LLAMA_PY.exists() and not smoke
+    if llama_cpp:  # llama.cpp on the GGUFs spherefmt exports from the same packages
         import spherefmt
 
         for tag in ("f32", "q8_0", "q4_k"):
@@ -296,13 +305,14 @@ def main() -> None:
             print(f"  llama.cpp {tag:<29} {r['tokens_per_s']:7.2f} tok/s  max |logit diff| vs spherefmt "
                   f"{r['max_logit_diff_vs_spherefmt']:.2e}  same tokens {r['same_tokens_as_spherefmt']}", flush=True)
     q4_k_vs_llama_cpp = None
-    if LLAMA_PY.exists():
+    if llama_cpp:
         q4_k_vs_llama_cpp = _q4_k_against_llama_cpp(root, root / "f32.gguf")
         print(f"  Q4_K quantizer vs llama.cpp's: {q4_k_vs_llama_cpp}", flush=True)
     for r in rows:
         r.pop("prompt_logits", None)
     heldout = ROOT / "spherefmt" / "data" / "tiny-gpt2" / "heldout.txt"
-    ppl = {tag: _isolated("ppl", {"pkg": str(p), "text": str(heldout), "tokens": 4096}) for tag, p in _tiny(root).items()}
+    ppl = {tag: _isolated("ppl", {"pkg": str(p), "text": str(heldout), "tokens": 256 if smoke else 4096})
+           for tag, p in _tiny(root).items()}
     for tag, r in ppl.items():
         print(f"  tiny-gpt2 {tag}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens", flush=True)
 
@@ -364,7 +374,7 @@ def main() -> None:
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "models": ["llama155m", "gpt2-small"], "prompt_tokens": PROMPT, "new_tokens": NEW, "f32_weight_bytes": f32_bytes,
            "rows": rows, "perplexity": ppl, "goals": goals, "q4_k_quantizer_vs_llama_cpp": q4_k_vs_llama_cpp, "budget_tokens_equal_resident": same}
-    (ROOT / "bench" / "results" / "precision.json").write_text(json.dumps(doc, indent=2))
+    write_result(result_path(args, "precision"), doc)
     for k, g in goals.items():
         print(f"{k:<36} {g['value']:7.3f}  {'' if g['met'] is None else ('met' if g['met'] else 'NOT met')}")
 

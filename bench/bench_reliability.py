@@ -22,7 +22,6 @@ and what the manifest's checks cost a full load (against version 1, side by side
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -35,9 +34,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from bench_format import machine  # noqa: E402
+from common import machine, parser, result_path  # noqa: E402
 
-CONTAINERS = (".sphere", ".zip", ".vhd")
+CONTAINERS: tuple[str, ...] = (".sphere", ".zip", ".vhd")
+KILL_OPS: tuple[str, ...] = ("grow", "train", "convert")
+READ_CONTAINERS: tuple[str, ...] = (".sphere", ".vhd")
+LOAD_DTYPES: tuple[str, ...] = ("BF16", "F32")
+
+
+def smoke_sizes() -> None:
+    """``--smoke``: one container, one change, one dtype (every step still runs)."""
+    global CONTAINERS, KILL_OPS, READ_CONTAINERS, LOAD_DTYPES
+    CONTAINERS, KILL_OPS, READ_CONTAINERS, LOAD_DTYPES = (".sphere",), ("train",), (".sphere",), ("F32",)
 V1_COMMIT = "3b141cd"  # the last commit of format version 1
 
 
@@ -61,7 +69,7 @@ def kills(tmp: Path, trials_n: int, seed: int) -> dict[str, Any]:
     for suffix in CONTAINERS:
         base = tmp / f"base{suffix}"
         spherefmt.save(src0, base, graticule="2x2", depth=2)
-        for op in ("grow", "train", "convert"):
+        for op in KILL_OPS:
             args: dict[str, Any] = {"experts": [[0, 1, 0], [1, 0, 1]], "source": str(src1), "graticule": "2x2",
                                     "depth": 2}
             ref = copy_package(base, tmp / f"ref{suffix}")
@@ -191,7 +199,7 @@ def readers(tmp: Path, seconds: float) -> dict[str, Any]:
     cfg = llama_config(num_hidden_layers=3, hidden_size=64, intermediate_size=176)
     sd = make_llama(cfg, "F32", 0)
     out: dict[str, Any] = {}
-    for suffix in (".sphere", ".vhd"):
+    for suffix in READ_CONTAINERS:
         url = spherefmt.save(sd, tmp / f"read{suffix}", config=cfg, graticule="2x2", depth=2)
         with spherefmt.open(url) as p:
             original = {(layer, a, b): p.cell_layer(a, b, layer)[0].tobytes()
@@ -270,7 +278,7 @@ def load(tmp: Path, runs: int, quick: bool) -> dict[str, Any]:
         cfg = gpt2_config(n_layer=2, n_embd=128, vocab_size=1000) if quick else \
             gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
         out: dict[str, Any] = {"model": "GPT-2-small shape" if not quick else "tiny", "rows": {}}
-        for dtype in ("BF16", "F32"):
+        for dtype in LOAD_DTYPES:
             src = tmp / f"hf-{dtype}"
             save_hf_folder(src, make_gpt2(cfg, dtype, 0), cfg)
             rows: dict[str, Any] = {}
@@ -301,12 +309,12 @@ def load(tmp: Path, runs: int, quick: bool) -> dict[str, Any]:
                        capture_output=True)
 
 
-def fuzz_targets(cases: int, seed: int) -> dict[str, Any]:
-    """Hostile files: :mod:`spherefmt.testing.fuzz` on every parser and container."""
+def fuzz_targets(cases: int, seed: int, targets: list[str] | None = None) -> dict[str, Any]:
+    """Hostile files: :mod:`spherefmt.testing.fuzz` on every parser and container (or ``targets``)."""
     from spherefmt.testing.fuzz import fuzz
 
     log(f"fuzz: {cases} mutations per target")
-    return {r["target"]: r for r in fuzz(None, cases, seed)}
+    return {r["target"]: r for r in fuzz(targets, cases, seed)}
 
 
 def fuzz_goals(f: dict[str, Any]) -> dict[str, bool]:
@@ -320,7 +328,7 @@ def fuzz_goals(f: dict[str, Any]) -> dict[str, bool]:
 
 def only_fuzz(args: Any) -> int:
     out = args.out or REPO / "bench" / "results" / "reliability.json"
-    doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "bench/bench_reliability.py"}
+    doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"benchmark": "bench/bench_reliability.py"}
     doc["fuzz"] = fuzz_targets(args.fuzz_cases, args.seed)
     doc.setdefault("goals", {}).update(fuzz_goals(doc["fuzz"]))
     doc["fuzz_command"] = " ".join([".venv/bin/python", "bench/bench_reliability.py", "--only-fuzz",
@@ -367,19 +375,21 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="a few trials of each, a tiny model for the load")
     ap.add_argument("--trials", type=int, default=50, help="SIGKILL trials per container and change (default 50)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--fuzz-cases", type=int, default=500, help="mutations per fuzz target (default 500)")
     ap.add_argument("--only-fuzz", action="store_true",
                     help="run only the fuzz targets and merge them into the existing results")
     args = ap.parse_args(argv)
     if args.only_fuzz:
         return only_fuzz(args)
-    n = 3 if args.quick else args.trials
-    out = args.out or REPO / "bench" / ("out/reliability-quick.json" if args.quick else "results/reliability.json")
+    if args.smoke:  # one trial of each kind, a few fuzz cases
+        args.quick, args.trials, args.fuzz_cases = True, 1, 5
+        smoke_sizes()
+    n = args.trials if args.smoke else 3 if args.quick else args.trials
+    out = result_path(args, "reliability")
     tmp = Path(tempfile.mkdtemp(prefix="spherefmt-reliability-"))
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"benchmark": "bench/bench_reliability.py",
@@ -387,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": machine()}
     try:
         doc["kills"] = kills(tmp, n, args.seed)
-        doc["racing"] = racing(tmp, 3, 3 if args.quick else 10, s3=True)
-        doc["readers"] = readers(tmp, 3 if args.quick else 15)
-        doc["load"] = load(tmp, 3 if args.quick else 5, args.quick)
-        doc["fuzz"] = fuzz_targets(20 if args.quick else args.fuzz_cases, args.seed)
+        doc["racing"] = racing(tmp, 2 if args.smoke else 3, 1 if args.smoke else 3 if args.quick else 10,
+                               s3=not args.smoke)
+        doc["readers"] = readers(tmp, 1 if args.smoke else 3 if args.quick else 15)
+        doc["load"] = load(tmp, 1 if args.smoke else 3 if args.quick else 5, args.quick)
+        doc["fuzz"] = fuzz_targets(args.fuzz_cases if args.smoke else 20 if args.quick else args.fuzz_cases, args.seed,
+                                   ["safetensors"] if args.smoke else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     doc["goals"] = {

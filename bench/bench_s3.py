@@ -12,12 +12,13 @@ Results: ``bench/results/s3.json``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 from spherefmt.runtime import Session
@@ -58,19 +59,22 @@ def score(url: str, ids: np.ndarray, budget: str | None, counts: list[int]) -> d
 
 
 def main() -> None:
+    args = parser(__doc__).parse_args()
     srv = S3Server()
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         srv.use()
         counts = counting_gets()
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
             cfg = gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+            if args.smoke:  # the same two kinds of model, the second tiny
+                cfg = gpt2_config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128)
             save_hf_folder(tmp / "small", make_gpt2(cfg, "BF16", 0), cfg)
             tiny = default_model()
             ids_tiny = np.asarray(spherefmt.runtime.tokenizer.load_tokenizer(spherefmt.open(
                 spherefmt.save(tiny, tmp / "probe.sphere"))).encode((tiny / "heldout.txt").read_text()[:3000]))
-            for name, src, ids in (("tiny-gpt2 (4x256, f16)", tiny, ids_tiny[:256]),
+            for name, src, ids in (("tiny-gpt2 (4x256, f16)", tiny, ids_tiny[: 32 if args.smoke else 256]),
                                    ("gpt2-small shape (124M, bf16)", tmp / "small", np.arange(1, 129) * 389 % 50257)):
                 local = tmp / f"{len(rows)}.sphere"
                 remote = f"s3://models/m{len(rows)}"
@@ -93,8 +97,7 @@ def main() -> None:
                           f"{t_local:.1f}s, s3 {t_remote:.1f}s", flush=True)
     finally:
         srv.kill()
-    (HERE / "results" / "s3.json").write_text(json.dumps({"benchmark": "s3", "server": "moto (loopback)",
-                                                           "rows": rows}, indent=2) + "\n")
+    write_result(result_path(args, "s3"), {"benchmark": "s3", "server": "moto (loopback)", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -60,11 +60,8 @@ Results: ``bench/results/scale.json`` (``--out``); a Markdown table is printed t
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -74,7 +71,15 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from bench_format import _loadavg, _status_kib  # shared /proc readers (run from bench/)
+import common
+from common import (  # shared /proc readers and the machine record
+    git_state,
+    loadavg,
+    machine,
+    parser,
+    result_path,
+    status_kib,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -87,6 +92,9 @@ SHAPES: dict[str, dict[str, int]] = {
     "large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
     "xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
 }
+#: ``--smoke``: two tiny GPT-2s (seconds; the growth analysis still has two sizes)
+SMOKE_SHAPES: dict[str, dict[str, int]] = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4},
+                                           "tiny2": {"n_layer": 4, "n_embd": 64, "n_head": 4}}
 VOCAB, N_POSITIONS = 50257, 1024
 DTYPE = "BF16"
 SLAB_BYTES = 8 * MIB  # float32 bytes drawn at a time while generating one tensor
@@ -94,43 +102,6 @@ SLAB_BYTES = 8 * MIB  # float32 bytes drawn at a time while generating one tenso
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def _git() -> dict[str, Any] | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "spherefmt", "runtime"], cwd=REPO,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": head.stdout.strip(), "spherefmt_uncommitted_changes": bool(dirty.stdout.strip())}
-
-
-def machine() -> dict[str, Any]:
-    import ml_dtypes
-    import numpy
-    import zarr
-
-    import spherefmt
-
-    cpu = mem = None
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        mem = round(int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                             if ln.startswith("MemTotal:"))) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu, "mem_gib": mem,
-        "platform": platform.platform(), "python": platform.python_version(),
-        "spherefmt": spherefmt.__version__, "zarr": zarr.__version__, "numpy": numpy.__version__,
-        "ml_dtypes": ml_dtypes.__version__, "loadavg_at_start": _loadavg(), "git": _git(),
-    }
 
 
 def gpt2_config(name: str) -> dict[str, Any]:
@@ -191,8 +162,8 @@ class _Sampler:
         self._t.start()
 
     def _sample(self) -> None:
-        self.anon = max(self.anon, _status_kib("RssAnon") or 0)
-        self.file = max(self.file, _status_kib("RssFile") or 0)
+        self.anon = max(self.anon, status_kib("RssAnon") or 0)
+        self.file = max(self.file, status_kib("RssFile") or 0)
 
     def _run(self) -> None:
         while not self._stop.wait(0.005):
@@ -212,11 +183,11 @@ def _start() -> int | None:
     global _SAMPLER
     gc.collect()
     _SAMPLER = _Sampler()
-    return _status_kib("VmRSS")
+    return status_kib("VmRSS")
 
 
 def _finish(out: dict[str, Any], rss0: int | None) -> dict[str, Any]:
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     out.update({"peak_rss_bytes": hwm * 1024 if hwm else None,
                 "rss_after_imports_bytes": rss0 * 1024 if rss0 else None})
     if _SAMPLER is not None:
@@ -378,6 +349,10 @@ WORKERS = {"generate": worker_generate, "convert": worker_convert, "export": wor
 
 def run_worker(kind: str, spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if common.INLINE:  # a smoke run: in this process (its memory figures are not this step's alone)
+        out = json.loads(json.dumps(WORKERS[kind](spec)))
+        out["process_wall_s"] = round(time.perf_counter() - t0, 3)
+        return out
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
                        capture_output=True, text=True, timeout=timeout, cwd=str(REPO), check=False)
     if r.returncode != 0:
@@ -493,10 +468,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)}")
-    ap.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/scale.json for all "
-                    "sizes, bench/out/scale-<sizes>.json otherwise)")
+    ap = parser(__doc__)
+    ap.add_argument("--sizes", default=None, help=f"comma-separated subset of {','.join(SHAPES)} (default all)")
     ap.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
                     help="max bytes per safetensors shard of the generated checkpoints (default 1GB)")
     ap.add_argument("--budget", default="25%", help="Session budget (default 25%% of the float32 weights)")
@@ -507,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="working folder (default a new one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints, packages and exports")
     args = ap.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if args.smoke:
+        SHAPES.clear()
+        SHAPES.update(SMOKE_SHAPES)
+    sizes = [s.strip() for s in (args.sizes or ",".join(SHAPES)).split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
         ap.error(f"unknown sizes {unknown}; choose from {','.join(SHAPES)}")
     sizes = [s for s in SHAPES if s in sizes]
-    full = sizes == list(SHAPES)
-    out = args.out or (REPO / "bench" / ("results/scale.json" if full else f"out/scale-{'-'.join(sizes)}.json"))
+    full = sizes == list(SHAPES) and not args.smoke
+    out = args.out or (result_path(args, "scale") if full or args.smoke else REPO / "bench" / f"out/scale-{'-'.join(sizes)}.json")
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -542,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in sizes:
             doc["results"][name] = bench_size(name, tmp, args, log)
-            doc["results"][name]["loadavg_after"] = _loadavg()
+            doc["results"][name]["loadavg_after"] = loadavg()
             r = doc["results"][name]
             log(f"{name}: convert {r['convert']['seconds']:.1f}s {_mib(r['convert']['peak_rss_bytes'])} MiB, "
                 f"export {r['export']['seconds']:.1f}s {_mib(r['export']['peak_rss_bytes'])} MiB, "
@@ -554,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     doc["analysis"] = analyse(doc["results"], args.tolerance)
     doc["total_s"] = round(time.perf_counter() - t_start, 1)
-    doc["loadavg_at_end"] = _loadavg()
-    doc["git_at_end"] = _git()
+    doc["loadavg_at_end"] = loadavg()
+    doc["git_at_end"] = git_state()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     log(f"wrote {out}")

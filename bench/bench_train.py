@@ -13,13 +13,14 @@ Results: ``bench/results/train.json``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 import spherefmt.training.modules as st
@@ -33,10 +34,13 @@ def dir_bytes(p: Path) -> int:
 
 
 def main() -> None:
+    args = parser(__doc__).parse_args()
     cfg = gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    if args.smoke:
+        cfg = gpt2_config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         save_hf_folder(tmp / "src", make_gpt2(cfg, "BF16", 0), cfg)
         for share in (0.01, 0.10, 1.0):
             pkg = tmp / f"m{share}.sphere"
@@ -47,10 +51,10 @@ def main() -> None:
             m = st.load(pkg, trainable=chosen)
             with torch.no_grad():  # move every neuron of the chosen experts
                 for lat, lon, depth in chosen:
-                    _, index, _ = m.pkg._shell_arrays(depth)
-                    for t, layer in enumerate(m.pkg._shells[depth]["layers"]):
+                    _, index, _ = m.pkg.shell_arrays(depth)
+                    for t, layer in enumerate(m.pkg.shells[depth].layers):
                         idx = torch.from_numpy(index[t, lat, lon][index[t, lat, lon] >= 0].astype(np.int64))
-                        w = m._params[m._module_name(m.pkg._layout.layers[layer]["w_in"])]
+                        w = m.parameter_for(m.pkg.layout.layers[layer]["w_in"])
                         w[:, idx] += 0.01
             before = dir_bytes(pkg)
             t0 = time.perf_counter()
@@ -74,8 +78,7 @@ def main() -> None:
                   f"{secs:.2f}s {written['bytes'] / 2**20:.1f} MiB raw; safetensors re-save {st_secs:.2f}s "
                   f"{st_bytes / 2**20:.0f} MiB", flush=True)
         growth = grow_rows(tmp)
-    (HERE / "results" / "train.json").write_text(json.dumps({"benchmark": "train", "rows": rows, "growth": growth},
-                                                            indent=2) + "\n")
+    write_result(result_path(args, "train"), {"benchmark": "train", "rows": rows, "growth": growth})
 
 
 def _snapshot(p: Path) -> dict[str, tuple[int, int]]:

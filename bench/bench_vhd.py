@@ -12,7 +12,6 @@ place inside the ``.vhd``.  Results: ``bench/results/vhd.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import parser, result_path, write_result  # bench/common.py (this script's folder is on the path)
 
 import spherefmt
 from spherefmt.testing import gpt2_config, make_gpt2, save_hf_folder
@@ -40,14 +40,14 @@ def read_all(url: str) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vhd.json")
+    ap = parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="a small GPT-2 (results to bench/out/)")
     args = ap.parse_args()
+    args.quick = args.quick or args.smoke
     cfg = gpt2_config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000) if args.quick else \
         gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         src = save_hf_folder(tmp / "hf", make_gpt2(cfg, "BF16"), cfg)
         t = time.perf_counter()
         d = spherefmt.save(src, tmp / "m.sphere")
@@ -59,7 +59,7 @@ def main() -> None:
                      "convert_s": {"dir": round(t_dir, 2), "vhd": round(t_vhd, 2)},
                      "size_bytes": {"dir": dir_bytes(Path(d)), "vhd_file": os.path.getsize(v)}}
         res["size_bytes"]["vhd_over_dir"] = round(res["size_bytes"]["vhd_file"] / res["size_bytes"]["dir"], 3)
-        runs = {"dir": [], "vhd": []}
+        runs: dict[str, list[float]] = {"dir": [], "vhd": []}
         for _ in range(3):
             for kind, url in (("dir", d), ("vhd", v)):
                 s, n = read_all(url)
@@ -102,8 +102,7 @@ def main() -> None:
                     "met": {"read_all": res["read_all_ratio_vhd_over_dir"] >= 0.8,
                             "one_expert": res["one_expert_ratio_vhd_over_pread"] <= 2.0}}
     res["machine"] = {"nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+    write_result(result_path(args, "vhd"), res)
     print(json.dumps(res, indent=2))
 
 

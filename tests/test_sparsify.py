@@ -25,7 +25,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 TINY = default_model()
-pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the small trained model is absent")
+pytestmark = [pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the small trained model is absent"),
+              pytest.mark.xdist_group("sparsify")]  # its module fixtures are built once, on one worker
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from spherefmt.testing import save_hf_folder
 from tests.helpers import model, partition_raw, same_bytes
 
 TOOLS = ("qemu-img", "fsck.vfat", "mcopy")
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                                reason="needs qemu-utils, dosfstools and mtools")
+pytestmark = [pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="needs qemu-utils, dosfstools and mtools"),
+              pytest.mark.xdist_group("vhd_package")]  # its module fixtures are built once, on one worker
 
 
 def sphere(*args):

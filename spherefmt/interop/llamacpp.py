@@ -46,7 +46,7 @@ from spherefmt.interop.base import written_in_place
 if TYPE_CHECKING:
     from spherefmt.format.package import Package
 
-__all__ = ["export_llama_cpp"]
+__all__ = ["export_llama_cpp", "HF_TOP", "HF_LAYER", "permute", "unpermute"]
 
 _FAMILY = ("llama", "mistral", "mixtral")
 #: config keys that change the computation in a way the ``llama`` GGUF cannot say
@@ -86,13 +86,13 @@ def _check(cfg: dict[str, Any], where: str) -> None:
         raise FormatError(f"{where}: head_dim {cfg['head_dim']} differs from hidden_size / heads")
 
 
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
     """``convert_hf_to_gguf.py``'s ``LlamaModel.permute``: per head, halves to interleaved pairs."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """The inverse of :func:`_permute`: llama.cpp's Q/K rows (RoPE pairs interleaved per head)
+    """The inverse of :func:`permute`: llama.cpp's Q/K rows (RoPE pairs interleaved per head)
     in transformers' order (halves)."""
     rows = w.shape[0]
     return np.ascontiguousarray(w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
@@ -176,8 +176,8 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
         rest = ".".join(parts[3:])
         if len(parts) < 4 or parts[:2] != ["model", "layers"] or rest not in HF_LAYER:
             raise FormatError(f"{where}: tensor {name!r} has no llama.cpp name")
-        permute = heads if rest == "self_attn.q_proj.weight" else kv if rest == "self_attn.k_proj.weight" else 0
-        plan.append((f"blk.{parts[2]}.{HF_LAYER[rest]}", [name], permute))
+        by = heads if rest == "self_attn.q_proj.weight" else kv if rest == "self_attn.k_proj.weight" else 0
+        plan.append((f"blk.{parts[2]}.{HF_LAYER[rest]}", [name], by))
     for (layer, gname), group in sorted(stacked.items()):
         order = sorted(group, key=lambda n: int(_EXPERT.match(n)[2]))  # type: ignore[index]
         if len(order) != experts:
@@ -206,10 +206,10 @@ def export_llama_cpp(pkg: Package, dst: str | os.PathLike[str], storage: Callabl
     w.add_file_type(int(file_type))
     _tokenizer(w, pkg, cfg, vocab)
     with written_in_place(w, tmp, dst):
-        for gname, sources, permute in plan:
+        for gname, sources, by in plan:
             arr = np.stack([values(n) for n in sources]) if len(sources) > 1 else values(sources[0])
-            if permute:
-                arr = _permute(arr, permute)
+            if by:
+                arr = permute(arr, by)
             router = gname.endswith("ffn_gate_inp.weight")
             if arr.ndim >= 2 and qtype and not router and arr.shape[-1] % 32 == 0:
                 kind = qtype if arr.shape[-1] % C.QUANT_TYPES[qtype][0] == 0 else "Q8_0"

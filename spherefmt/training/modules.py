@@ -180,6 +180,18 @@ class SphereModule:
                 return prefix + source
         raise FormatError(f"{self.pkg.where}: no parameter for tensor {source!r}")
 
+    def parameter_for(self, source: str) -> Any:
+        """The model's parameter that holds the package's tensor ``source`` (a name of the
+        package's layout, such as a layer's ``w_in``): the one training changes and
+        :meth:`save_changes` writes back.
+
+        Raises
+        ------
+        FormatError
+            When the model has no such parameter.
+        """
+        return self._params[self._module_name(source)]
+
     def parameters(self) -> Iterable[Any]:
         """The trainable parameters (for an optimiser)."""
         own = list(self.router.parameters()) if self.router is not None else []
