@@ -40,11 +40,12 @@ check: setup
 fuzz: setup
 	$(PY) -m spherefmt.testing.fuzz --cases 2000
 
-# the suite on both cores (pytest-xdist; a module marked xdist_group keeps its fixtures on one worker),
-# in a shuffled order whose seed pytest-randomly prints
-# first ("Using --randomly-seed=N": pass it to rerun that order)
+# the suite on both cores (pytest-xdist; an idle worker steals queued tests: durations are uneven),
+# in a shuffled order (pytest-randomly) whose seed is printed first: `SEED=N make test` repeats it
 test: setup check
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+	@seed=$${SEED:-$$($(PY) -c 'import random; print(random.randrange(1 << 32))')}; \
+	echo "test order: shuffled, seed $$seed (SEED=$$seed make test repeats it)"; \
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --randomly-seed=$$seed
 
 # llama.cpp for bench/bench_decode.py: llama-cpp-python built from its sdist (several minutes, once)
 bench-deps: setup

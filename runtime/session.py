@@ -488,7 +488,7 @@ class Session:
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="eval", unit="window")
+            starts = tqdm(starts, desc="eval", unit="window", disable=None)  # (off unless stderr is a terminal)
         for s in starts:
             window = ids[s : s + w + 1]
             if len(window) < 2:

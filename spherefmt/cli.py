@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from spherefmt import constants as C
-from spherefmt.errors import SpherefmtError
+from spherefmt.errors import InputError, SpherefmtError
 from spherefmt.units import format_size as _size
 from spherefmt.units import parse_size
 
@@ -25,6 +25,33 @@ if TYPE_CHECKING:  # the CLI imports its commands' modules lazily: `sphere --hel
     from spherefmt.format.package import Package
 
 __all__ = ["main", "cli", "package_info"]
+
+
+def _settle_async_work() -> None:
+    """After an error: cancel and await what is left on zarr's event loop, quietly.  A read that
+    fails in one chunk of a batch leaves its sibling tasks pending (or failed, unretrieved);
+    without this, interpreter exit prints "Task was destroyed but it is pending!" and their
+    tracebacks by the hundred under the one-line error."""
+    import asyncio
+
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    sync = sys.modules.get("zarr.core.sync")
+    loop = None if sync is None else sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+    # what is left belongs to the error just reported (also for tasks other threads start later)
+    loop.set_exception_handler(lambda _loop, _context: None)
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=10)
+    except Exception:  # noqa: BLE001 - a stopped or busy loop: the exception handler above still applies
+        pass
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,6 +62,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (SpherefmtError, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             click.echo(f"sphere: error: {msg}", err=True)
+            _settle_async_work()
             sys.exit(2)
 
     return wrapper
@@ -262,7 +290,7 @@ def verify(pkg: str, as_json: bool, quiet: bool) -> None:
     from spherefmt.format.package import open as open_package
 
     with open_package(pkg) as p:
-        with tqdm(total=p.stored_bytes(), unit="B", unit_scale=True, desc="verify", disable=quiet or as_json,
+        with tqdm(total=p.stored_bytes(), unit="B", unit_scale=True, desc="verify", disable=True if quiet or as_json else None,
                   leave=False) as bar:
             d = {"package": p.where, **p.verify(progress=bar.update)}
     d["ok"] = not d["missing"] and not d["mismatched"]
@@ -351,18 +379,23 @@ def export_cmd(pkg: str, dst: str, overwrite: bool, fmt: str | None, quantize: s
 @cli.command(name="mount")
 @click.argument("pkg")
 @click.argument("directory")
-@click.option("--rw", is_flag=True, help="Mount read-write (default read-only).")
+@click.option("--rw", is_flag=True, hidden=True)  # refused with the reason (files written there bypass the manifest)
 @_user_errors
 def mount_cmd(pkg: str, directory: str, rw: bool) -> None:
-    """Mount the files inside PKG (a .vhd package) on DIRECTORY with libguestfs (guestmount).
+    """Mount the files inside PKG (a .vhd package) on DIRECTORY, read-only, with libguestfs
+    (guestmount).  Change a package with `sphere` commands or spherefmt.open(PKG, "r+"): they
+    commit through its manifest; files written under a mount would not (`sphere verify` fails).
 
     Windows mounts the same file natively: Disk Management > Attach VHD, or in PowerShell
     `Mount-DiskImage -ImagePath C:\\path\\model.vhd`."""
     from spherefmt.containers.vhd.mount import mount
 
-    mount(pkg, directory, rw=rw)
-    click.echo(f"mounted {pkg} on {directory} ({'read-write' if rw else 'read-only'}); `sphere unmount {directory}` "
-               "releases it")
+    if rw:
+        raise InputError(f"{pkg}: a package mounts read-only: files written under a mount bypass its manifest "
+                         "(`sphere verify` then fails); change it with `sphere` commands or "
+                         "spherefmt.open(PKG, 'r+'), which commit through the manifest")
+    mount(pkg, directory)
+    click.echo(f"mounted {pkg} on {directory} (read-only); `sphere unmount {directory}` releases it")
 
 
 @cli.command(name="unmount")
@@ -653,7 +686,7 @@ def train(pkg: str, text_file: str, steps: int, experts: tuple[str, ...], train_
         opt = torch.optim.Adam(m.parameters(), lr=lr)
         losses = []
         m.model.train()
-        for _ in tqdm(range(steps), desc="train", disable=quiet):
+        for _ in tqdm(range(steps), desc="train", disable=True if quiet else None):
             starts = rng.integers(0, len(ids) - seq - 1, batch)
             x = torch.from_numpy(np.stack([ids[s : s + seq] for s in starts]))
             loss = m.model(x, labels=x).loss
@@ -846,6 +879,9 @@ def backends(as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sphere`` command."""
+    # pyfatfs warns in two lines about what it meets in a damaged volume; the command reports
+    # what that breaks in its one line (the container keeps the notes: VHDFileSystem.fat_notes)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pyfatfs")
     cli.main(args=argv, prog_name="sphere")
 
 

@@ -8,7 +8,10 @@ __all__ = ["progress_bar"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B") -> Any:
-    """A tqdm bar over ``total`` units (bytes by default), hidden unless ``enabled``."""
+    """A tqdm bar over ``total`` units (bytes by default), hidden unless ``enabled`` and stderr is
+    a terminal (a log file or a pipe gets no carriage-return lines: an error stays one line)."""
     from tqdm.auto import tqdm  # noqa: PLC0415 - only long work pays for importing tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=not enabled, leave=False)
+    # disable=None: tqdm's own "off unless the stream is a terminal"
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=None if enabled else True,
+                leave=False)

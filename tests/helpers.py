@@ -111,3 +111,26 @@ def started_backends() -> list[str]:
         except (BackendUnavailableError, UnknownBackendError):
             pass
     return out
+
+
+def once_per_run(tmp_path_factory, name: str, make):
+    """``make(folder) -> dict`` (JSON-able) run once per test run and shared by every pytest-xdist
+    worker (pytest-xdist's documented pattern: a file lock in the run's shared base folder); the
+    other workers wait for it and read its result.  For costly fixtures whose results tests only
+    read (the sparsified small model)."""
+    import json
+    import os
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's base folder is in
+    folder = root / f"once-{name}"
+    result = folder / "result.json"
+    with FileLock(str(folder) + ".lock"):
+        if not result.exists():
+            folder.mkdir(exist_ok=True)
+            doc = make(folder)
+            result.write_text(json.dumps(doc))
+    return json.loads(result.read_text())

@@ -325,6 +325,62 @@ def test_zip_bombs_are_refused_before_they_inflate(tmp_path, member):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: not 200 MiB
 
 
+def _truthful_stream_bomb(good: Path, bomb: Path, member: str, extra: int) -> None:
+    """``good`` with ``member`` replaced by a deflate stream that inflates to its real bytes and
+    then ``extra`` zero bytes, while the headers declare the real size and CRC-32."""
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(good) as src:
+        real = src.read(member)
+        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        stream = c.compress(real) + c.compress(bytes(extra)) + c.flush()
+        with zipfile.ZipFile(bomb, "w") as out:
+            for info in src.infolist():
+                data = stream if info.filename == member else src.read(info)
+                out.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    raw = bytearray(bomb.read_bytes())
+    name = member.encode()
+    crc, size = zlib.crc32(real), len(real)
+    for sig, method_at, crc_at, usize_at, name_at in ((b"PK\x03\x04", 8, 14, 22, 30), (b"PK\x01\x02", 10, 16, 24, 46)):
+        at = 0
+        while (at := raw.find(sig, at)) >= 0:
+            if raw[at + name_at : at + name_at + len(name)] == name:
+                struct.pack_into("<H", raw, at + method_at, 8)  # deflated
+                struct.pack_into("<I", raw, at + crc_at, crc)
+                struct.pack_into("<I", raw, at + usize_at, size)
+                break
+            at += 4
+    bomb.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("member", ["zarr.json", "core/transformer.wte.weight/c/0/0"])
+def test_zip_members_that_tell_the_truth_and_inflate_further_are_refused(tmp_path, member):
+    """A member whose declared size and CRC-32 are the real ones while its deflate stream goes on
+    to 200 MiB of zeros: reading stops one byte past the declared size and refuses it (zipfile
+    inflated the whole stream first: 2.16 GB for a 9.9 MB file), also when a writer unpacks it."""
+    import resource
+
+    sd, cfg = model("gpt2", "F32")
+    good = spherefmt.save(sd, tmp_path / "m.zip", config=cfg)
+    bomb = tmp_path / "bomb.zip"
+    _truthful_stream_bomb(Path(good), bomb, member, 200 * 1024**2)
+    assert bomb.stat().st_size < 2 * 1024**2
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match="inflates past its declared") as e:
+        with spherefmt.open(bomb) as p:
+            p.state_dict()
+    _one_line(e, bomb)
+    with pytest.raises(FormatError, match="inflates past its declared"):
+        with spherefmt.open(bomb, "r+") as p:  # a writer unpacks the zip to edit it
+            pass
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: not 200 MiB
+    ok = tmp_path / "ok.zip"  # the same construction without the tail reads back
+    _truthful_stream_bomb(Path(good), ok, member, 0)
+    with spherefmt.open(ok) as p, spherefmt.open(good) as q:
+        assert p.keys() == q.keys()
+
+
 def test_symbolic_links_are_not_followed_out_of_a_model_folder(tmp_path):
     from spherefmt.testing import save_hf_folder
 
@@ -389,3 +445,38 @@ def test_zero_chunk_shapes_are_a_format_error(tmp_path, target):
     remanifest(url)
     with spherefmt.open(url) as p, pytest.raises(FormatError, match="chunk shape .* (positive|tile)|malformed metadata"):
         p.state_dict()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_non_finite_ffn_weights_are_refused_by_name(tmp_path, bad, dtype):
+    """A NaN or infinity in an FFN weight (a broken fine-tune) is refused in one line naming the
+    tensor and the first bad index, by the API and the CLI (exit 2), before anything is written;
+    placement never sees it (it raised LinAlgError from its SVD)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file, save_file
+
+    sd, cfg = model("gpt2", dtype)
+    src = save_hf_folder(tmp_path / "src", sd, cfg)
+    weights = load_file(src / "model.safetensors")
+    name = next(n for n in weights if n.endswith("h.0.mlp.c_fc.weight"))
+    w = weights[name].copy()
+    values = w.view(np.uint16).astype(np.uint32) << 16 if dtype == "BF16" else w
+    row = np.asarray(values, dtype=np.uint32 if dtype == "BF16" else np.float32)
+    if dtype == "BF16":
+        row[3, 5] = np.float32(bad).view(np.uint32)
+        w = (row >> 16).astype(np.uint16).view(w.dtype)
+    else:
+        w[3, 5] = bad
+    weights[name] = w
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"{name}.*non-finite.*index \[3, 5\]") as e:
+        spherefmt.save(src, tmp_path / "out.sphere")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out.sphere").exists()
+    r = subprocess.run([sys.executable, "-m", "spherefmt.cli", "convert", str(src), str(tmp_path / "o.sphere")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and name in r.stderr, r.stderr
+    assert not (tmp_path / "o.sphere").exists()

@@ -61,6 +61,7 @@ def test_convert_info_cell_export(hf, tmp_path):
         (["convert", "{hf}", "{tmp}/x.sphere", "--graticule", "3y3"], "expected PxM"),
         (["convert", "{tmp}/missing.safetensors", "{tmp}/y.sphere"], "no such file"),
         (["export", "{pkg}", "{tmp}/out.txt"], "unknown export format"),
+        (["mount", "{tmp}/m.vhd", "{tmp}", "--rw"], "mounts read-only"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(hf, tmp_path, args, match):
@@ -71,6 +72,7 @@ def test_user_errors_exit_2_with_one_line(hf, tmp_path, args, match):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("sphere: error:") and match in lines[0], r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr  # nothing else: no progress bar, no warning, no blank line
 
 
 def test_help_and_usage_errors():

@@ -16,9 +16,8 @@ import spherefmt
 from spherefmt.containers.vhd.filesystem import VHDFileSystem
 from tests.helpers import model, partition_raw
 
-pytestmark = [pytest.mark.skipif(shutil.which("guestmount") is None or not os.path.exists("/usr/lib/python3/dist-packages/guestfs.py"),
-                                reason="needs libguestfs-tools and python3-guestfs"),
-              pytest.mark.xdist_group("guestfs")]  # its module fixtures are built once, on one worker
+pytestmark = pytest.mark.skipif(shutil.which("guestmount") is None or not os.path.exists("/usr/lib/python3/dist-packages/guestfs.py"),
+                                reason="needs libguestfs-tools and python3-guestfs")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,8 +21,7 @@ pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
 MODEL = default_model()
-pytestmark = [pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reason="the small model is not built"),
-              pytest.mark.xdist_group("moe")]  # its module fixtures are built once, on one worker
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reason="the small model is not built")
 
 
 @pytest.fixture(scope="module")

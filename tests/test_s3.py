@@ -22,8 +22,6 @@ from spherefmt.runtime import Session
 from spherefmt.testing.s3 import S3Server
 from tests.helpers import run_cli
 
-pytestmark = pytest.mark.xdist_group("s3")  # its module fixtures are built once, on one worker (make test: --dist loadgroup)
-
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 

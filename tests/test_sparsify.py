@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +20,13 @@ from spherefmt.runtime import Session
 from spherefmt.runtime.routing import OracleRouter
 from spherefmt.tinymodel import corpus, default_model
 from spherefmt.training.sparsify import grid_for_cells
-from tests.helpers import changed_keys, model, object_digests, run_cli
+from tests.helpers import changed_keys, model, object_digests, once_per_run, run_cli
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 TINY = default_model()
-pytestmark = [pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the small trained model is absent"),
-              pytest.mark.xdist_group("sparsify")]  # its module fixtures are built once, on one worker
+pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the small trained model is absent")
 
 
 @pytest.fixture(scope="module")
@@ -38,44 +38,44 @@ def text(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def sparsified(tmp_path_factory, text):
+def _sparsify_once(folder: Path, text: Path) -> dict:
     """The small model on a 4x8 graticule twice: as converted (with a learned router trained on the
-    same text), and inside a .vhd sparsified by the CLI with a short recipe."""
-    from spherefmt.runtime.tokenizer import load_tokenizer
-    from spherefmt.training.routers import train_router
-
-    d = tmp_path_factory.mktemp("sparsify")
-    orig = d / "orig.sphere"
-    spherefmt.save(TINY, orig, graticule="4x8", depth=4, codec="none")
-    vhd = d / "tiny.vhd"
-    spherefmt.save(orig, vhd, graticule="4x8", depth=4, codec="none")
-    with spherefmt.open(orig, "r+") as p:
-        ids = np.asarray(load_tokenizer(p).encode(text.read_text(encoding="utf-8")), np.int64)
-        write_router(p, "learned", train_router(p, ids[:8000], steps=150, progress=False))
-    before = object_digests(vhd)
-    return {"orig": orig, "vhd": vhd, "before": before, "ids": ids, "dir": d}
-
-
-@pytest.fixture(scope="module")
-def done(sparsified, text):
-    """Run ``sphere sparsify`` on the .vhd (in-process CLI, JSON out)."""
+    same text), and inside a .vhd sparsified by the CLI with a short recipe (in-process, JSON out)."""
     import contextlib
     import io
 
     from spherefmt.cli import main
+    from spherefmt.runtime.tokenizer import load_tokenizer
+    from spherefmt.training.routers import train_router
 
+    orig = folder / "orig.sphere"
+    spherefmt.save(TINY, orig, graticule="4x8", depth=4, codec="none")
+    vhd = folder / "tiny.vhd"
+    spherefmt.save(orig, vhd, graticule="4x8", depth=4, codec="none")
+    with spherefmt.open(orig, "r+") as p:
+        ids = np.asarray(load_tokenizer(p).encode(text.read_text(encoding="utf-8")), np.int64)
+        write_router(p, "learned", train_router(p, ids[:8000], steps=150, progress=False))
+    np.save(folder / "ids.npy", ids)
+    before = object_digests(vhd)
     buf, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
         try:
-            main(["sparsify", str(sparsified["vhd"]), "--text", str(text), "--cells", "32", "--steps", "40",
+            main(["sparsify", str(vhd), "--text", str(text), "--cells", "32", "--steps", "40",
                   "--batch", "4", "--seq", "64", "--router-steps", "150", "--router-tokens", "8000", "--json"])
             code = 0
         except SystemExit as e:
             code = int(e.code or 0)
     assert code == 0, err.getvalue()
-    doc = json.loads(buf.getvalue())
-    return {**sparsified, "doc": doc, "after": object_digests(sparsified["vhd"])}
+    return {"orig": str(orig), "vhd": str(vhd), "dir": str(folder), "before": before, "doc": json.loads(buf.getvalue()),
+            "after": object_digests(vhd)}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, text):
+    """:func:`_sparsify_once`, made once per test run whichever workers ask (tests only read it)."""
+    got = once_per_run(tmp_path_factory, "sparsify", lambda folder: _sparsify_once(folder, text))
+    return {**got, "orig": Path(got["orig"]), "vhd": Path(got["vhd"]), "dir": Path(got["dir"]),
+            "ids": np.load(Path(got["dir"]) / "ids.npy")}
 
 
 def _heldout(pkg) -> np.ndarray:

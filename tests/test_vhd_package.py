@@ -24,9 +24,8 @@ from spherefmt.testing import save_hf_folder
 from tests.helpers import model, partition_raw, same_bytes
 
 TOOLS = ("qemu-img", "fsck.vfat", "mcopy")
-pytestmark = [pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                                reason="needs qemu-utils, dosfstools and mtools"),
-              pytest.mark.xdist_group("vhd_package")]  # its module fixtures are built once, on one worker
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="needs qemu-utils, dosfstools and mtools")
 
 
 def sphere(*args):
@@ -273,6 +272,36 @@ def test_a_boot_sector_that_does_not_fit_the_disk_is_refused_at_once(tmp_path):
     with pytest.raises(FormatError, match="does not fit"):
         spherefmt.open(img)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+
+
+def test_a_fat_larger_than_its_volume_needs_is_refused_at_once(tmp_path):
+    """BPB_FATSz32 swept from the real value up: every FAT that fits the 4 GiB disk but is larger
+    than its volume can use (0x100000 sectors made readers load a 512 MiB FAT: minutes, 2.3 GB)
+    is refused in one line, within a second, before any FAT is read; the real value opens."""
+    import resource
+    import struct
+    import time
+
+    sd, cfg = model("gpt2", "F32")
+    img = Path(spherefmt.save(sd, tmp_path / "m.vhd", config=cfg))
+    at = PARTITION_START * 512 + 36
+    with VHDImage(img, "r") as v:
+        real = struct.unpack("<I", v.read(at, 4))[0]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for fatsz in (2 * real, 0x100000, 0x200000, 0x3FFFFF, 0x400000, 0xFFFFFF, 0xFFFFFFFF):
+        with VHDImage(img, "r+") as v:
+            v.write(at, struct.pack("<I", fatsz))
+        t0 = time.perf_counter()
+        with pytest.raises(FormatError, match="malformed FAT32 boot sector|does not fit"):
+            spherefmt.open(img)
+        assert time.perf_counter() - t0 < 1.0, fatsz
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+    r = sphere("info", str(img))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    with VHDImage(img, "r+") as v:
+        v.write(at, struct.pack("<I", real))
+    with spherefmt.open(img) as p:
+        assert p.keys()
 
 
 def test_writes_into_an_image_made_by_other_tools_keep_one_entry_per_name(tmp_path):

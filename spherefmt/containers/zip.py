@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -59,20 +58,12 @@ class ZipContainer(Container):
         # a member with an empty name is no object (zipfile's is_dir() fails on one)
         self._members = {i.filename: i for i in self._zip.infolist() if i.filename and not i.is_dir()}
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._offsets: dict[str, int] = {}
-        self._io = threading.Lock()  # zipfile's file object is shared by every member read
+        self._offsets: dict[str, int] = {}  # members are read with pread: no shared file position
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         off = self._offsets.get(info.filename)
         if off is None:
-            raw = os.pread(self._fd, _LOCAL_HEADER.size, info.header_offset)
-            if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
-                raise FormatError(f"{self.where}: member {info.filename[:120]!r} has no local header")
-            name_len, extra_len = _LOCAL_HEADER.unpack(raw)[-2:]
-            off = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-            if off + info.compress_size > os.fstat(self._fd).st_size:
-                raise FormatError(f"{self.where}: member {info.filename[:120]!r} runs past the end of the file")
-            self._offsets[info.filename] = off
+            off = self._offsets[info.filename] = data_offset(self._fd, info, self.where)
         return off
 
     def get(self, key: str, start: int | None = None, end: int | None = None, *, mapped: bool = False
@@ -85,8 +76,9 @@ class ZipContainer(Container):
             if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
                 lo, hi = clip(info.file_size, start, end)
                 return os.pread(self._fd, hi - lo, self._data_offset(info) + lo)
-            with self._io:
-                data = self._zip.read(info)  # zipfile stops inflating at the declared size
+            data = read_member(self._fd, self._data_offset(info), info, self.where)
+        except FormatError:
+            raise
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, IndexError,
                 KeyError, OverflowError, struct.error) as e:
             raise FormatError(f"{self.where}: cannot read member {key[:120]!r} ({type(e).__name__}: "
@@ -174,14 +166,85 @@ def check_inflation(info: zipfile.ZipInfo, where: str) -> None:
                           "refused as a zip bomb")
 
 
+def data_offset(fd: int, info: zipfile.ZipInfo, where: str) -> int:
+    """Where a member's data starts: after its local header (whose name and extra field lengths
+    may differ from the central directory's), checked to lie inside the file."""
+    raw = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
+    if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
+        raise FormatError(f"{where}: member {info.filename[:120]!r} has no local header")
+    name_len, extra_len = _LOCAL_HEADER.unpack(raw)[-2:]
+    off = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if off + info.compress_size > os.fstat(fd).st_size:
+        raise FormatError(f"{where}: member {info.filename[:120]!r} runs past the end of the file")
+    return off
+
+
+#: compressed bytes fed to the inflater at a time (its output is bounded separately)
+_INFLATE_STEP = 1 << 20
+
+
+def read_member(fd: int, offset: int, info: zipfile.ZipInfo, where: str) -> bytes:
+    """The bytes of a stored or deflated member whose data starts at ``offset`` of ``fd``,
+    checked against the declared size and CRC-32.  Inflation stops at the declared size plus one
+    byte, whatever the stream holds: a member that tells the truth about its size and CRC but
+    whose deflate stream expands to gigabytes is refused having made at most that much
+    (zipfile inflates up to 2 GiB per read before cutting to the declared size)."""
+    name = info.filename[:120]
+    if info.flag_bits & 0x1:
+        raise FormatError(f"{where}: member {name!r} is encrypted")
+    size, packed = info.file_size, info.compress_size
+    if info.compress_type == zipfile.ZIP_STORED:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise FormatError(f"{where}: member {name!r} runs past the end of the file")
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as zip stores it
+        parts: list[bytes] = []
+        made = read = 0
+        while not d.eof:
+            if d.unconsumed_tail:
+                chunk = d.unconsumed_tail
+            elif read < packed:
+                chunk = os.pread(fd, min(_INFLATE_STEP, packed - read), offset + read)
+                if not chunk:
+                    raise FormatError(f"{where}: member {name!r} runs past the end of the file")
+                read += len(chunk)
+            else:
+                break  # the declared compressed bytes end before the stream does
+            out = d.decompress(chunk, size + 1 - made)
+            made += len(out)
+            parts.append(out)
+            if made > size:
+                raise FormatError(f"{where}: member {name!r} inflates past its declared {size} bytes: refused as a "
+                                  "zip bomb")
+        data = b"".join(parts)
+        if not d.eof or len(data) != size:
+            raise FormatError(f"{where}: member {name!r} inflates to {len(data)} bytes, declared {size}")
+    else:
+        raise FormatError(f"{where}: member {name!r} uses compression method {info.compress_type}; spherefmt "
+                          "reads stored and deflated members")
+    if zlib.crc32(data) != info.CRC:
+        raise FormatError(f"{where}: member {name!r} fails its CRC-32")
+    return data
+
+
 def unpack(src: Path, folder: Path) -> None:
-    """Every member of a zip into ``folder`` (zipfile drops absolute paths and ``..``; members
-    that would inflate like a zip bomb are refused first)."""
+    """Every member of a zip into ``folder``: safe keys only (no absolute paths, no ``..``),
+    members that would inflate like a zip bomb refused first, each inflated no further than its
+    declared size (:func:`read_member`)."""
     try:
-        with zipfile.ZipFile(src) as z:
+        with zipfile.ZipFile(src) as z, open(src, "rb") as f:
+            fd = f.fileno()
             for info in z.infolist():
                 check_inflation(info, str(src))
-            z.extractall(folder)
+            for info in z.infolist():
+                if not info.filename or info.is_dir():
+                    continue
+                dst = folder / safe_key(info.filename, str(src))
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(read_member(fd, data_offset(fd, info, str(src)), info, str(src)))
+    except FormatError:
+        raise
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, IndexError,
             KeyError, OverflowError, struct.error) as e:
         raise FormatError(f"{src}: not a readable zip file ({type(e).__name__}: {str(e)[:120]})") from None

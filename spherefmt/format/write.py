@@ -318,6 +318,18 @@ def _check_read(data: np.ndarray, info: TensorInfo, where: str) -> None:
                           f"expected {info.dtype}{list(info.shape)}")
 
 
+def _check_finite(values: np.ndarray, name: str, where: str) -> None:
+    """Refuse an FFN tensor with a NaN or an infinity (a broken fine-tune, or block data whose
+    type byte lies): placement's directions and trees are not defined on them.  The message
+    names the tensor, the first bad index and how many there are."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
+        raise InputError(f"{where}: FFN tensor {name!r} holds {int(bad.sum())} non-finite value(s), the first "
+                         f"{values[first]} at index {list(first)}: placement needs finite weights (fix or drop "
+                         f"them before converting)")
+
+
 def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout: Layout, grid: Grid, codec: str,
                   root: zarr.Group, header: Header, bar: Any, cells_of: Mapping[int, np.ndarray] | None = None,
                   qtype: str | None = None) -> float | None:
@@ -355,8 +367,12 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
             for name in layout.layers[layer].values():
                 tensors[name] = source.read(name)
                 _check_read(tensors[name], infos[name], source.where)
+                wide = to_float32(tensors[name], infos[name].dtype)
+                # (float64 checked as read: a finite value beyond float32's range is not an error)
+                _check_finite(tensors[name] if infos[name].dtype == "F64" else wide, name, source.where)
                 if quantized:
-                    tensors[name] = to_float32(tensors[name], infos[name].dtype)
+                    tensors[name] = wide
+                del wide
             rows = rows_from_tensors(layout, tensors, layer)
             del tensors
             w_in = to_float32(rows[:, sl[layout.in_field]], layout.dtype)

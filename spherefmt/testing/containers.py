@@ -10,6 +10,7 @@ that rest on it (``spec/FORMAT.md`` section 10), once for all containers.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,8 @@ class ContainerSuite:
     #: cached view of the FAT, and a ``.zip`` reader, with the file it opened, keep reading the
     #: generation they opened until a check fails or they reopen: consistent, not newest)
     reader_follows = True
+    #: whether another process (the ``sphere`` command) can open this container's URLs
+    shared_across_processes = True
 
     def location(self, tmp_path: Any) -> Any:
         """Where a new package of this container goes (unique per call)."""
@@ -130,6 +133,32 @@ class ContainerSuite:
         self.remove_object(url, "core/transformer.wte.weight/zarr.json")
         with spherefmt.open(url) as p, pytest.raises(IntegrityError, match="weight/zarr.json"):
             p.tensor("transformer.wte.weight")
+
+    def test_a_missing_object_is_one_line_from_the_command_line(self, tmp_path: Any) -> None:
+        """With a shard gone, ``sphere export`` and ``sphere verify`` print exactly one line on
+        stderr (no asyncio task noise at exit, no library warnings) and exit 2 and 1; the
+        export leaves nothing behind.  Several runs: the noise depended on thread timing."""
+        import subprocess
+        import sys
+
+        if not self.shared_across_processes:
+            pytest.skip("another process cannot open this container's URLs")
+        sd, cfg = make_gpt2(gpt2_config(n_layer=4, n_embd=64, vocab_size=80), "F32", 0), \
+            gpt2_config(n_layer=4, n_embd=64, vocab_size=80)
+        url = self.location(tmp_path)
+        spherefmt.save(sd, url, config=cfg, graticule="4x8", depth=2)
+        with spherefmt.open(url) as p:
+            shard = p.shard_key(0, 0, 1)
+        self.remove_object(url, shard)
+        out = Path(tmp_path) / "out.safetensors"
+        for _ in range(4):
+            r = subprocess.run([sys.executable, "-m", "spherefmt.cli", "export", str(url), str(out)],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "missing" in r.stderr, r.stderr[-2000:]
+            assert not out.exists()
+        r = subprocess.run([sys.executable, "-m", "spherefmt.cli", "verify", str(url)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 1 and r.stderr.count("\n") <= 1, r.stderr[-2000:]
 
     def test_a_change_commits_whole_or_not_at_all(self, tmp_path: Any) -> None:
         url = self.package(tmp_path)

@@ -17,6 +17,15 @@ a user would.  A case ends as one of
 
     python -m spherefmt.testing.fuzz --cases 2000        # what `make fuzz` runs
 
+Four targets aim at shapes found by an outside harness rather than at random bytes:
+``vhd-fat-size`` writes FAT sizes from the real one up to ``0xFFFFFFFF`` into the boot sector
+(a 512 MiB FAT on a 4 GiB disk took minutes and 2.3 GB); ``non-finite`` puts NaN or infinity
+into an FFN weight of a source and converts it (placement raised LinAlgError);
+``zip-stream`` gives a package member a deflate stream that inflates to its real bytes and then
+up to 64 MiB more under truthful size and CRC headers; ``exit-noise`` removes one object of a
+package and runs ``sphere export`` in a fresh process, whose stderr must be exactly one line.
+``error_lines`` is the most lines any clean error took (goal 1).
+
 Each target runs in a child process, so that the worst resident memory above the child's own
 baseline (after its imports and the valid file are made) is measured per target.
 """
@@ -95,6 +104,8 @@ class Target:
     read: Callable[[Path], dict[str, bytes]]
     #: every byte is checked (a package): a changed tensor is a failure
     checked: bool
+    #: writes a hostile variant of the valid file (first path) to the second; default: :func:`mutate`
+    shape: Callable[[Path, Path, random.Random], None] | None = None
 
 
 def _model() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -158,6 +169,106 @@ def _read_source(path: Path) -> dict[str, bytes]:
         return {k: np.ascontiguousarray(src.read(k)).tobytes() for k in src.keys()}
 
 
+def _fat_size(valid: Path, work: Path, rng: random.Random) -> None:
+    import struct
+
+    from spherefmt.containers.vhd.filesystem import PARTITION_START
+    from spherefmt.containers.vhd.image import VHDImage
+
+    shutil.copyfile(valid, work)
+    at = PARTITION_START * 512 + 36
+    with VHDImage(work, "r+") as v:
+        real = struct.unpack("<I", v.read(at, 4))[0]
+        size = rng.choice((real + rng.randint(1, 4096), real * rng.randint(2, 64), 0x100000, 0x200000,
+                           rng.randint(real, 0xFFFFFFFF), 0xFFFFFFFF))
+        v.write(at, struct.pack("<I", min(size, 0xFFFFFFFF)))
+
+
+def _non_finite(valid: Path, work: Path, rng: random.Random) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(valid)
+    name = rng.choice(sorted(k for k in sd if ".mlp." in k and k.endswith("weight")))
+    w = sd[name].copy()
+    for _ in range(rng.randint(1, 3)):
+        w.flat[rng.randrange(w.size)] = rng.choice((np.nan, np.inf, -np.inf))
+    sd[name] = w
+    save_file(sd, work)
+
+
+def _convert(path: Path) -> dict[str, bytes]:
+    import spherefmt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = spherefmt.save(path, Path(tmp) / "out.sphere", progress=False)
+        return _package_bytes(url)
+
+
+def _zip_stream(valid: Path, work: Path, rng: random.Random) -> None:
+    import struct
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(valid) as src:
+        infos = src.infolist()
+        member = rng.choice(infos).filename
+        members = {i.filename: src.read(i) for i in infos}
+    real = members[member]
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)  # the tail, a MiB at a time (the fuzzing process's memory is measured)
+    stream = c.compress(real) + b"".join(c.compress(zeros) for _ in range(rng.randint(1, 64))) + c.flush()
+    with zipfile.ZipFile(work, "w") as out:
+        for name, data in members.items():
+            out.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), stream if name == member else data)
+    raw = bytearray(work.read_bytes())
+    for sig, method, crc, usize, name_at in ((b"PK\x03\x04", 8, 14, 22, 30), (b"PK\x01\x02", 10, 16, 24, 46)):
+        at = 0
+        while (at := raw.find(sig, at)) >= 0:  # the member's local and central headers: deflated, real size and CRC
+            if raw[at + name_at : at + name_at + len(member)] == member.encode():
+                struct.pack_into("<H", raw, at + method, 8)
+                struct.pack_into("<I", raw, at + crc, zlib.crc32(real))
+                struct.pack_into("<I", raw, at + usize, len(real))
+                break
+            at += 4
+    work.write_bytes(bytes(raw))
+
+
+def _missing_object(valid: Path, work: Path, rng: random.Random) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(valid, work)
+    objects = sorted(p for p in work.rglob("*") if p.is_file() and "manifest" not in p.parts and p.name != "zarr.json")
+    rng.choice(objects).unlink()
+
+
+class _Noisy(Exception):
+    """A command that failed with more than one line on stderr (``lines`` of them)."""
+
+    def __init__(self, msg: str, lines: int) -> None:
+        super().__init__(msg)
+        self.lines = lines
+
+
+def _export_in_a_process(url: Path) -> dict[str, bytes]:
+    """``sphere export`` in a fresh interpreter: a clean error is exit 2 with exactly one line
+    on stderr (anything more, such as asyncio's noise at exit, counts as a traceback)."""
+    import subprocess
+
+    from spherefmt.errors import SpherefmtError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.safetensors"
+        r = subprocess.run([sys.executable, "-m", "spherefmt.cli", "export", str(url), str(out)], capture_output=True,
+                           text=True, timeout=HANG_S)
+        lines = r.stderr.splitlines()
+        if r.returncode == 2 and len(lines) == 1:
+            raise SpherefmtError(lines[0])
+        if r.returncode == 0:
+            from safetensors.numpy import load_file
+
+            return {k: np.ascontiguousarray(v).tobytes() for k, v in load_file(out).items()}
+        raise _Noisy(f"exit {r.returncode} with {len(lines)} lines on stderr", len(lines))
+
+
 TARGETS: dict[str, Target] = {
     "zip": Target("zip", _make_package(".zip"), _package_bytes, True),
     "directory": Target("directory", _make_package(".sphere"), _package_bytes, True),
@@ -165,6 +276,10 @@ TARGETS: dict[str, Target] = {
     "safetensors": Target("safetensors", _make_source("safetensors"), _read_source, False),
     "gguf": Target("gguf", _make_source("gguf"), _read_source, False),
     "torch": Target("torch", _make_source("torch"), _read_source, False),
+    "vhd-fat-size": Target("vhd-fat-size", _make_package(".vhd"), _package_bytes, True, _fat_size),
+    "non-finite": Target("non-finite", _make_source("safetensors"), _convert, False, _non_finite),
+    "zip-stream": Target("zip-stream", _make_package(".zip"), _package_bytes, True, _zip_stream),
+    "exit-noise": Target("exit-noise", _make_package(".sphere"), _export_in_a_process, True, _missing_object),
 }
 
 
@@ -177,11 +292,14 @@ def _alarm(*_: object) -> None:
 
 
 def _case(target: Target, valid: Path, original: dict[str, bytes], rng: random.Random, scratch: Path
-          ) -> tuple[str, str | None]:
+          ) -> tuple[str, str | None, int]:
+    """One case: (outcome, why, lines of its error message: 0 when it read)."""
     from spherefmt.errors import SpherefmtError
 
     work = scratch / f"case{valid.suffix}"
-    if valid.is_dir():  # a directory package: mutate one of its objects
+    if target.shape is not None:
+        target.shape(valid, work, rng)
+    elif valid.is_dir():  # a directory package: mutate one of its objects
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(valid, work)
         files = sorted(p for p in work.rglob("*") if p.is_file())
@@ -195,15 +313,18 @@ def _case(target: Target, valid: Path, original: dict[str, bytes], rng: random.R
             warnings.simplefilter("ignore")
             got = target.read(work)
         if got == original or not target.checked:
-            return "same", None
-        return "wrong", "read without error, tensors differ"
+            return "same", None, 0
+        return "wrong", "read without error, tensors differ", 0
     except _Hang:
-        return "hang", None
+        return "hang", None, 0
     except SpherefmtError as e:
-        return ("clean", None) if "\n" not in str(e) else ("traceback", f"multi-line {type(e).__name__}")
+        lines = max(1, len(str(e).splitlines()))
+        return ("clean", None, 1) if lines == 1 else ("traceback", f"multi-line {type(e).__name__}: {str(e)[:100]}", lines)
+    except _Noisy as e:
+        return "traceback", str(e), e.lines
     except Exception as e:  # noqa: BLE001 - what the fuzzer is looking for
         tb = traceback.extract_tb(e.__traceback__)[-1]
-        return "traceback", f"{type(e).__name__}: {str(e)[:100]} ({Path(tb.filename).name}:{tb.lineno})"
+        return "traceback", f"{type(e).__name__}: {str(e)[:100]} ({Path(tb.filename).name}:{tb.lineno})", 0
     finally:
         signal.alarm(0)
 
@@ -220,14 +341,16 @@ def _run(name: str, cases: int, seed: int, out: Any) -> None:
         examples: dict[str, list[str]] = {}
         t0 = time.monotonic()
         size = valid.stat().st_size if valid.is_file() else sum(p.stat().st_size for p in valid.rglob("*") if p.is_file())
+        lines = 0
         for _ in range(cases):
-            kind, why = _case(target, valid, original, rng, folder)
+            kind, why, n = _case(target, valid, original, rng, folder)
+            lines = max(lines, n)
             counts[kind] += 1
             if why and len(examples.setdefault(kind, [])) < 5:
                 examples[kind].append(why)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
         out.put({"target": name, "cases": cases, "seed": seed, "input_bytes": size, **{k: counts.get(k, 0) for k in
-                 ("same", "clean", "traceback", "hang", "wrong")}, "examples": examples,
+                 ("same", "clean", "traceback", "hang", "wrong")}, "examples": examples, "error_lines": lines,
                  "peak_rss_above_baseline_mib": round(peak / 1024, 1), "seconds": round(time.monotonic() - t0, 1)})
 
 
@@ -247,7 +370,7 @@ def fuzz(targets: list[str] | None = None, cases: int = 100, seed: int = 0) -> l
                 except queue.Empty:
                     if not p.is_alive():  # the child died (a crash is a finding too)
                         results.append({"target": name, "cases": cases, "seed": seed, "same": 0, "clean": 0,
-                                        "traceback": cases, "hang": 0, "wrong": 0, "seconds": 0,
+                                        "traceback": cases, "hang": 0, "wrong": 0, "seconds": 0, "error_lines": None,
                                         "examples": {"traceback": [f"the fuzzing process exited {p.exitcode}"]},
                                         "peak_rss_above_baseline_mib": None, "input_bytes": 0})
                         break
@@ -272,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"{r['target']:12} {r['cases']:6} cases: {r['clean']} clean errors, {r['same']} read the same, "
                   f"{r['traceback']} tracebacks, {r['hang']} hangs, {r['wrong']} wrong, "
-                  f"peak +{r['peak_rss_above_baseline_mib']} MiB, {r['seconds']} s")
+                  f"peak +{r['peak_rss_above_baseline_mib']} MiB, error lines {r['error_lines']}, {r['seconds']} s")
             for kind, ex in r["examples"].items():
                 for e in ex:
                     print(f"    {kind}: {e}")

@@ -52,6 +52,7 @@ class TestVHD(ContainerSuite):
 
 class TestMemoryURL(ContainerSuite):
     locks = False
+    shared_across_processes = False
 
     def location(self, tmp_path):
         return f"memory://conformance-{tmp_path.name}-{next(_n)}"
@@ -64,6 +65,7 @@ class TestMemoryURL(ContainerSuite):
 
 class TestZarrStore(ContainerSuite):
     locks = False
+    shared_across_processes = False
 
     def location(self, tmp_path):
         return MemoryStore()
@@ -77,6 +79,7 @@ class TestZarrStore(ContainerSuite):
 @pytest.mark.usefixtures("s3_server")
 class TestS3(ContainerSuite):
     locks = False
+    shared_across_processes = False  # (the command line reaches it too; its endpoint is this process's setting)
 
     def location(self, tmp_path):
         return f"s3://conformance/p{next(_n)}"

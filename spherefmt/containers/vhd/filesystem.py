@@ -203,6 +203,14 @@ def find_fat32(vhd: VHDImage, where: str) -> int:
         raise FormatError(f"{where}: the FAT32 volume ({total} sectors, FATs of {fatsz}) does not fit its "
                           f"{disk - start}-sector disk")
     clusters = (total - reserved - nfats * fatsz) // spc
+    # The FAT's size must also be consistent with the volume, not only fit in it: the largest a
+    # formatter makes it is Microsoft's FATSz (fatgen103: the data sectors over (256 spc + nfats)
+    # / 2, which overestimates), plus one cluster of slack for alignment.  A larger one is
+    # hostile: readers load the whole FAT (a 512 MiB FAT on a big, mostly unallocated disk).
+    most = -(-(total - reserved) * 2 // (256 * spc + nfats)) + spc
+    if fatsz > most:
+        raise FormatError(f"{where}: malformed FAT32 boot sector (FAT of {fatsz} sectors; a {total}-sector volume "
+                          f"of {spc}-sector clusters needs at most {most})")
     if fatsz * SECTOR // 4 < clusters + 2 or not 2 <= root < clusters + 2:
         raise FormatError(f"{where}: malformed FAT32 boot sector (FAT of {fatsz} sectors for {clusters} clusters, "
                           f"root at cluster {root})")
@@ -331,7 +339,13 @@ class VHDFileSystem(AbstractFileSystem):
             from pyfatfs.PyFatFS import PyFatBytesIOFS
         try:
             self._start = find_fat32(self._vhd, self.where)
-            self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=self._start * SECTOR, lazy_load=True)
+            # pyfatfs warns ("One or more FATs differ...") on stderr in two lines: kept here as
+            # notes instead (``fat_notes``; a damaged volume shows in what is then read, by name)
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                self._fat = PyFatBytesIOFS(DiskFile(self._vhd), offset=self._start * SECTOR, lazy_load=True)
+            #: what pyfatfs noticed while mounting (one line each)
+            self.fat_notes = [" ".join(str(n.message).split()) for n in notes]
         except FormatError:
             if close_on_error:
                 self.close()

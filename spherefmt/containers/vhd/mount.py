@@ -96,15 +96,17 @@ def _attempts() -> list[bool]:
     return [True] if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") == "force_tcg" or not kvm_works() else [False, True]
 
 
-def mount(pkg: str, directory: str, *, rw: bool = False) -> None:
-    """Mount the filesystem inside ``pkg`` (a package .vhd) on ``directory`` with guestmount."""
+def mount(pkg: str, directory: str) -> None:
+    """Mount the filesystem inside ``pkg`` (a package .vhd) on ``directory`` with guestmount,
+    read-only: a package changes only through its manifest (files written under a read-write
+    mount would be unlisted or damaged objects)."""
     if shutil.which("guestmount") is None:
         raise BackendUnavailableError(f"guestmount not found: {INSTALL_HINT}")
     if not os.path.isfile(pkg):
         raise SpherefmtError(f"{pkg}: no such file")
     if not os.path.isdir(directory):
         raise SpherefmtError(f"{directory}: not a directory")
-    cmd = ["guestmount", "--format=vpc", "-a", pkg, "-m", PARTITION, *([] if rw else ["--ro"]), directory]
+    cmd = ["guestmount", "--format=vpc", "-a", pkg, "-m", PARTITION, "--ro", directory]
     for tcg in _attempts():
         r = subprocess.run(cmd, env=guest_env(tcg), capture_output=True, text=True)
         if r.returncode == 0:
