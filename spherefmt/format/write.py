@@ -364,15 +364,19 @@ def _write_sphere(source: TensorSource, infos: Mapping[str, TensorInfo], layout:
         parent = np.full_like(index, C.PADDING_INDEX)
         for t, layer in enumerate(layers):
             tensors = {}
+            # the tensors placement computes with (and, when quantizing, every one: a block's scale
+            # is not defined over a NaN) must be finite; any other keeps its values bit for bit
+            placed = {layout.layers[layer][f] for f in (layout.in_field, layout.out_field) if f in layout.layers[layer]}
             for name in layout.layers[layer].values():
                 tensors[name] = source.read(name)
                 _check_read(tensors[name], infos[name], source.where)
-                wide = to_float32(tensors[name], infos[name].dtype)
-                # (float64 checked as read: a finite value beyond float32's range is not an error)
-                _check_finite(tensors[name] if infos[name].dtype == "F64" else wide, name, source.where)
-                if quantized:
-                    tensors[name] = wide
-                del wide
+                if quantized or name in placed:
+                    wide = to_float32(tensors[name], infos[name].dtype)
+                    # (float64 checked as read: a finite value beyond float32's range is no error)
+                    _check_finite(tensors[name] if infos[name].dtype == "F64" else wide, name, source.where)
+                    if quantized:
+                        tensors[name] = wide
+                    del wide
             rows = rows_from_tensors(layout, tensors, layer)
             del tensors
             w_in = to_float32(rows[:, sl[layout.in_field]], layout.dtype)
